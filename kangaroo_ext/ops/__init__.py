@@ -1,0 +1,82 @@
+"""Public functional ops. Each validates its arguments, then runs on the chosen backend.
+
+    out, residual_out = fused_add_rms_norm(x, residual, weight, eps, backend=None)
+    accepted, committed = verify_accept(draft_tokens, target_logits, num_drafted=None, backend=None)
+
+`backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference, schemas, validate  # noqa: F401  (schemas registers torch.ops.kangaroo.*)
+from .backends import (ORDER, BackendUnavailable, available_backends, reasons_against, register,  # noqa: F401
+                       select, tensor_reasons, triton_module)
+
+
+# ---- fused residual-add + RMSNorm ----------------------------------------------------------------
+
+def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                       eps: float = 1e-6, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """residual_out = x + residual (x if residual is None); out = weight * RMSNorm(residual_out).
+
+    Args:
+        x: [..., H], float32 / float16 / bfloat16, contiguous.
+        residual: [..., H] like x, or None.
+        weight: [H], x's dtype.
+        eps: added to the mean square.
+    Returns:
+        (out [..., H], residual_out [..., H]), x's dtype. Rounding as in HF's LlamaRMSNorm.
+    """
+    validate.fused_add_rms_norm(x, residual, weight, eps)
+    return select("fused_add_rms_norm", backend, x, residual, weight, eps)(x, residual, weight, float(eps))
+
+
+def _rms_reasons(backend):
+    def reasons(x, residual, weight, eps):
+        return tensor_reasons(backend, {"x": x, "residual": residual, "weight": weight})
+    return reasons
+
+
+# ---- greedy verify-and-accept --------------------------------------------------------------------
+
+def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+                  num_drafted: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification of a chain of drafts, on the device (no host sync).
+
+    Args:
+        draft_tokens: [B, k] int64, k >= 1.
+        target_logits: [B, k+1, V]; row j scores the token after draft j-1 (row 0: after the last
+            committed token).
+        num_drafted: [B] int64, drafts actually proposed per row (the rest are padding); None = k.
+    Returns:
+        accepted [B] int64: length a of the longest prefix where draft == argmax(target_logits).
+        committed [B, k+1] int64: drafts[:a], then argmax(target_logits[:, a]), then -1.
+    """
+    validate.verify_accept(draft_tokens, target_logits, num_drafted)
+    return select("verify_accept", backend, draft_tokens, target_logits, num_drafted)(
+        draft_tokens, target_logits, num_drafted)
+
+
+def _verify_reasons(backend):
+    def reasons(draft_tokens, target_logits, num_drafted):
+        return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_logits": target_logits,
+                                        "num_drafted": num_drafted})
+    return reasons
+
+
+# ---- registrations -------------------------------------------------------------------------------
+
+def _cuda(name):
+    return lambda *args: getattr(torch.ops.kangaroo, name)(*args)
+
+
+def _triton(name):
+    return lambda *args: getattr(triton_module(), name)(*args)
+
+
+for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons)):
+    register(_name, "cuda", _cuda(_name), _reasons("cuda"))
+    register(_name, "triton", _triton(_name), _reasons("triton"))
+    register(_name, "reference", getattr(reference, _name), _reasons("reference"))

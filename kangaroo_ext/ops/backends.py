@@ -1,0 +1,125 @@
+"""Backend registry: `cuda` (compiled extension), `triton`, `reference` (PyTorch), in that order.
+
+Each backend says, for a given call, every reason it cannot run it (an empty list means it can).
+Auto-selection takes the first backend with no reasons, quietly. A forced backend (the `backend=`
+argument, else the KANGAROO_BACKEND environment variable) that cannot run raises BackendUnavailable
+listing all its reasons, so nobody benchmarks the reference while believing it is the kernel.
+"""
+import importlib
+import os
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .. import _extension
+
+ORDER = ("cuda", "triton", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot run this call; the message lists why."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+_triton_error: Optional[str] = None
+_triton_module = None
+
+
+def triton_module():
+    """kangaroo_ext.triton_kernels, imported on first use (importing triton costs ~1 s)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            _triton_module = importlib.import_module("kangaroo_ext.triton_kernels")
+        except Exception as e:  # ImportError, or triton failing to find a driver
+            _triton_error = f"{type(e).__name__}: {e}"
+    return _triton_module
+
+
+# ---- what each backend can run -------------------------------------------------------------------
+
+def _global_reasons(backend: str) -> List[str]:
+    if backend == "cuda":
+        if not _extension.loaded():
+            return [f"the compiled extension is not loaded ({_extension.LOAD_ERROR})"]
+        if not torch.cuda.is_available():
+            return ["no CUDA device is available"]
+    elif backend == "triton":
+        if triton_module() is None:
+            return [f"Triton kernels are not importable ({_triton_error})"]
+    elif backend != "reference":
+        return [f"unknown backend '{backend}' (choose one of {', '.join(ORDER)})"]
+    return []
+
+
+def tensor_reasons(backend: str, tensors: Dict[str, Optional[torch.Tensor]],
+                   float_dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> List[str]:
+    """Device and dtype rules shared by all ops. `tensors` maps argument names to tensors (or None)."""
+    reasons = []
+    for name, t in tensors.items():
+        if t is None or backend == "reference":
+            continue
+        if backend == "cuda" and t.device.type != "cuda":
+            reasons.append(f"{name} is on {t.device}, the CUDA kernels need a CUDA tensor")
+        if backend == "triton":
+            if t.device.type == "cpu" and not triton_interpreting():
+                reasons.append(f"{name} is on the CPU and TRITON_INTERPRET=1 is not set")
+            elif t.device.type not in ("cuda", "cpu"):
+                reasons.append(f"{name} is on {t.device}, Triton needs a CUDA tensor (or the CPU interpreter)")
+            elif t.device.type == "cpu" and t.dtype == torch.bfloat16:
+                # Measured: the interpreter returns garbage (~1e36) for bf16 loads (shared/ENVIRONMENT.md).
+                reasons.append(f"{name} is bf16 on the CPU, which Triton's interpreter reads wrongly")
+        if t.is_floating_point() and t.dtype not in float_dtypes:
+            reasons.append(f"{name} has dtype {t.dtype}, expected one of {[str(d) for d in float_dtypes]}")
+    return reasons
+
+
+# ---- the registry --------------------------------------------------------------------------------
+
+# op name -> backend -> (reasons(*args) -> list[str], run(*args))
+_IMPLS: Dict[str, Dict[str, tuple]] = {}
+
+
+def register(op: str, backend: str, run: Callable, reasons: Callable[..., List[str]]):
+    _IMPLS.setdefault(op, {})[backend] = (reasons, run)
+
+
+def requested_backend(backend: Optional[str]) -> Optional[str]:
+    b = backend if backend is not None else os.environ.get("KANGAROO_BACKEND", "")
+    b = b.strip().lower()
+    return None if b in ("", "auto") else b
+
+
+def reasons_against(op: str, backend: str, *args) -> List[str]:
+    """Every reason `backend` cannot run `op` on these arguments ([] if it can)."""
+    g = _global_reasons(backend)
+    if g:
+        return g
+    entry = _IMPLS.get(op, {}).get(backend)
+    if entry is None:
+        return [f"backend '{backend}' has no implementation of {op}"]
+    return entry[0](*args)
+
+
+def select(op: str, backend: Optional[str], *args) -> Callable:
+    """The implementation to run: the forced backend (or an error listing its reasons), else the first
+    backend in ORDER that can run these arguments."""
+    forced = requested_backend(backend)
+    if forced is not None:
+        why = reasons_against(op, forced, *args)
+        if why:
+            raise BackendUnavailable(f"backend '{forced}' cannot run {op}: " + "; ".join(why))
+        return _IMPLS[op][forced][1]
+    for b in ORDER:
+        if not reasons_against(op, b, *args):
+            return _IMPLS[op][b][1]
+    raise BackendUnavailable(f"no backend can run {op}")  # unreachable: reference runs everything
+
+
+def available_backends() -> Dict[str, List[str]]:
+    """Backend name -> reasons it is unavailable on this machine ([] = available)."""
+    return {b: _global_reasons(b) for b in ORDER}

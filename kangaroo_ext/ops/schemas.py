@@ -1,0 +1,85 @@
+"""The one place that defines every op of the `kangaroo` torch library: schema, fake kernel, CPU kernel.
+
+csrc/registration.cpp holds the same schema strings in TORCH_LIBRARY(kangaroo, m) and registers the
+CUDA kernels; `check_compiled_schemas()` (run at import, and by the tests) fails loudly if the two
+ever disagree, e.g. a stale build. Without the compiled extension the schemas are defined here, so
+`torch.ops.kangaroo.*` exists on every install: the CPU kernel is the PyTorch reference and the fake
+kernels let torch.compile and `torch.library.opcheck` trace the ops everywhere.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+
+from .. import _extension
+from . import reference
+
+
+@dataclass(frozen=True)
+class OpDef:
+    schema: str          # as written in csrc/registration.cpp
+    fake: Callable       # shapes and dtypes only, no data
+    reference: Callable  # the CPU kernel, and the definition of the op
+
+
+def _fake_fused_add_rms_norm(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _fake_verify_accept(draft_tokens, target_logits, num_drafted):
+    B, k = draft_tokens.shape
+    return (draft_tokens.new_empty((B,), dtype=torch.int64),
+            draft_tokens.new_empty((B, k + 1), dtype=torch.int64))
+
+
+OPS: Dict[str, OpDef] = {
+    "fused_add_rms_norm": OpDef(
+        "fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+        _fake_fused_add_rms_norm, reference.fused_add_rms_norm),
+    "verify_accept": OpDef(
+        "verify_accept(Tensor draft_tokens, Tensor target_logits, Tensor? num_drafted) -> (Tensor, Tensor)",
+        _fake_verify_accept, reference.verify_accept),
+}
+
+_libs = []  # keep torch.library.Library objects alive: dropping one unregisters its kernels
+
+
+def _normalize(schema: str) -> str:
+    return " ".join(schema.replace("kangaroo::", "").split())
+
+
+def compiled_schema(name: str) -> str:
+    """The schema string the compiled extension registered for `name`."""
+    return _normalize(str(getattr(torch.ops.kangaroo, name).default._schema))
+
+
+def check_compiled_schemas():
+    """Raise if the compiled extension's schemas differ from OPS (a stale or foreign build)."""
+    for name, op in OPS.items():
+        try:
+            got = compiled_schema(name)
+        except (AttributeError, RuntimeError) as e:
+            raise RuntimeError(f"kangaroo_ext._C does not define kangaroo::{name} ({e}); rebuild it with "
+                               "`pip install --no-build-isolation -e .`") from e
+        want = _normalize(str(torch._C.parse_schema("kangaroo::" + op.schema)))
+        if got != want:
+            raise RuntimeError(f"kangaroo_ext._C defines kangaroo::{name} as '{got}' but kangaroo_ext "
+                               f"expects '{want}': the extension is stale; rebuild it")
+
+
+def _register():
+    if _extension.loaded():
+        check_compiled_schemas()
+    else:
+        lib = torch.library.Library("kangaroo", "DEF")
+        for name, op in OPS.items():
+            lib.define(op.schema)
+        _libs.append(lib)
+    impl = torch.library.Library("kangaroo", "IMPL")
+    for name, op in OPS.items():
+        impl.impl(name, op.reference, "CPU")
+        torch.library.register_fake(f"kangaroo::{name}", op.fake, lib=impl)
+    _libs.append(impl)
+
+
+_register()
