@@ -43,3 +43,49 @@ def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
     committed = torch.where(pos < accepted[:, None], drafts_padded,
                             torch.where(pos == accepted[:, None], target, torch.full_like(target, -1)))
     return accepted, committed
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_append_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope_cos: torch.Tensor,
+                          rope_sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """RoPE on q and k, append k and v to the static cache at `positions`, causal attention over the cache.
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (Hq = G * Hkv: query head h reads kv head h // G);
+    rope_cos, rope_sin: [S, D] float32 tables; positions: [B, T] int64, consecutive per row;
+    k_cache, v_cache: [B, Hkv, S, D], written in place; window > 0 limits keys to the last `window`.
+    Key s is visible to the query at position p iff s <= p (and s > p - window). Returns [B, T, Hq*D].
+    """
+    B, T, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    cos = rope_cos[positions].to(q.dtype)[:, :, None, :]                  # [B, T, 1, D]
+    sin = rope_sin[positions].to(q.dtype)[:, :, None, :]
+    q = q * cos + rotate_half(q) * sin                                    # HF rounding: in q.dtype
+    k = k * cos + rotate_half(k) * sin
+    idx = positions[:, None, :, None].expand(B, Hkv, T, D)                # [B, Hkv, T, D]
+    k_cache.scatter_(2, idx, k.transpose(1, 2))
+    v_cache.scatter_(2, idx, v.transpose(1, 2))
+    G = Hq // Hkv
+    qg = q.transpose(1, 2).reshape(B, Hkv, G * T, D)                      # GQA without repeating K/V
+    key_pos = torch.arange(S, device=q.device)
+    qpos = positions.repeat(1, G)[:, None, :, None]                       # [B, 1, G*T, 1]
+    mask = key_pos <= qpos
+    if window > 0:
+        mask &= key_pos > qpos - window
+    out = torch.nn.functional.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
+
+
+def lm_head_argmax(hidden: torch.Tensor, lm_head: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy token and its softmax probability, from logits rounded to the model dtype as HF's lm_head.
+
+    hidden: [B, T, H]; lm_head: [V, H]. Returns token [B, T] int64 and confidence [B, T] float32.
+    """
+    logits = torch.nn.functional.linear(hidden, lm_head).float()          # [B, T, V]
+    top = logits.max(dim=-1)
+    conf = 1.0 / torch.exp(logits - top.values[..., None]).sum(dim=-1)    # max softmax probability
+    return logits.argmax(dim=-1), conf

@@ -1,0 +1,13 @@
+"""kangaroo_ext: lossless Kangaroo self-speculative decoding (double early exit) for Hugging Face
+causal LMs, with fused CUDA and Triton kernels.
+
+    import kangaroo_ext as kx
+    model, tokenizer = kx.load_default_model()
+    out = kx.speculative_generate(model, input_ids, adapter=kx.load_default_adapter(model))
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402,F401  (registers torch.ops.kangaroo.*)
+from .adapter import Adapter  # noqa: E402,F401
+from .default_model import load_default_adapter, load_default_model  # noqa: E402,F401
+from .generation import DecodeStats, GenerationOutput, generate, speculative_generate  # noqa: E402,F401

@@ -1,0 +1,321 @@
+"""`speculative_generate` and `generate`: greedy decoding on the engine, with and without Kangaroo.
+
+A round reads like the paper: draft with layers[:ℓ] + adapter until confidence < η or γ drafts, verify
+with layers[ℓ:] over the cached exit states, accept the longest agreeing prefix plus one token. On a
+GPU the round is two CUDA-graph replays and one host read (the report), the only host sync.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .adapter import Adapter
+from .engine.engine import Engine
+from .engine.graphs import CudaGraphs
+from .engine.spec import model_spec
+
+MODES = ("host", "device", "graphs")
+
+
+@dataclass
+class DecodeStats:
+    rounds: int = 0                       # verify steps (plain decoding: tokens)
+    new_tokens: int = 0                   # tokens returned, after EOS / max_new_tokens truncation
+    drafted: List[int] = field(default_factory=list)    # drafts proposed, per round
+    accepted: List[int] = field(default_factory=list)   # drafts accepted, per round (bonus not counted)
+    host_syncs: int = 0                   # times the host waited for device results
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    capture_s: float = 0.0                # CUDA-graph capture (first call with these shapes only)
+    mode: str = ""
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per verify step, bonus included (plain decoding = 1.0)."""
+        return (sum(self.accepted) + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def host_syncs_per_round(self) -> float:
+        return self.host_syncs / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def acceptance_by_position(self, max_draft: int) -> List[float]:
+        """P(draft i accepted | draft i proposed), i = 1..max_draft."""
+        out = []
+        for i in range(1, max_draft + 1):
+            proposed = sum(1 for d in self.drafted if d >= i)
+            taken = sum(1 for a in self.accepted if a >= i)
+            out.append(taken / proposed if proposed else float("nan"))
+        return out
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor               # [1, prompt + new] int64
+    stats: DecodeStats
+
+
+# ---- argument checks -----------------------------------------------------------------------------
+
+def _as_prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
+    if isinstance(input_ids, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+            raise ValueError("input_ids: a list must hold ints (token ids)")
+        input_ids = torch.tensor(input_ids, dtype=torch.int64)
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor [1, T] or [T] or a list of ints, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [1, T] or [T], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: batch size {input_ids.shape[0]} is not supported yet; only batch 1 is "
+                         "(batched decoding with per-row cache lengths is planned). Run the rows one by one.")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids: token ids must lie in [0, {vocab_size}), got [{lo}, {hi}]")
+    return input_ids.to(device=device, dtype=torch.int64)
+
+
+def _eos_ids(model, eos_token_id) -> List[int]:
+    if eos_token_id is None:
+        gc = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return ids
+
+
+def _check_common(max_new_tokens, mode):
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+
+
+def _engine_for(model) -> Engine:
+    """The engine cached on the model; rebuilt if the model moved or changed dtype."""
+    spec_key = (str(model.get_input_embeddings().weight.device), model.get_input_embeddings().weight.dtype,
+                model.get_input_embeddings().weight.data_ptr())
+    cached = model.__dict__.get("_kangaroo_engine")
+    if cached is None or cached[0] != spec_key:
+        cached = (spec_key, Engine(model_spec(model)))
+        model.__dict__["_kangaroo_engine"] = cached
+    return cached[1]
+
+
+def _pick_mode(engine: Engine, mode: Optional[str]) -> str:
+    cuda = engine.spec.device.type == "cuda"
+    if mode is None:
+        return "graphs" if cuda else "host"
+    if mode == "graphs" and not cuda:
+        raise ValueError("mode='graphs' needs the model on a CUDA device")
+    return mode
+
+
+def _check_capacity(engine: Engine, prompt_len: int, max_new_tokens: int):
+    limit = engine.spec.max_positions
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context limit of {limit} positions (max_position_embeddings)")
+    window = engine.spec.sliding_window
+    if window and prompt_len + max_new_tokens > window:
+        raise ValueError(f"prompt + max_new_tokens ({prompt_len + max_new_tokens}) exceeds the sliding window "
+                         f"({window}); sliding-window attention past the window is not supported")
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], adapter: Adapter = None,
+                         max_new_tokens: int = 128, exit_layer: Optional[int] = None, threshold: float = 0.6,
+                         max_draft: int = 6, eos_token_id=None, streamer=None,
+                         mode: Optional[str] = None) -> GenerationOutput:
+    """Greedy Kangaroo decoding; the output equals `generate` token for token.
+
+    Args:
+        model: a transformers LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM on one device.
+        input_ids: [1, T] or [T] LongTensor, or a list of ints.
+        adapter: a kangaroo_ext.Adapter for this model (kx.load_default_adapter(model) for SmolLM2).
+        exit_layer: ℓ; None = the adapter's. The draft is layers[:ℓ] + adapter.
+        threshold: η in [0, 1]; drafting stops when the draft's top-1 probability falls below it.
+        max_draft: γ >= 1, the most drafts per round.
+        eos_token_id: int or list; None = the model's generation config.
+        streamer: an object with put(LongTensor) and end() (e.g. transformers.TextStreamer).
+        mode: "graphs" (CUDA graphs, default on GPU), "device" (same steps without graphs) or "host"
+            (draft loop controlled from the host, default on CPU where reading a tensor costs nothing).
+    Returns:
+        GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
+    """
+    _check_common(max_new_tokens, mode)
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if not isinstance(max_draft, int) or isinstance(max_draft, bool) or max_draft < 1:
+        raise ValueError(f"max_draft must be an int >= 1, got {max_draft!r}")
+    if max_draft > 32:
+        raise ValueError(f"max_draft must be <= 32 (acceptance beyond a few drafts is negligible), got {max_draft}")
+    if adapter is None:
+        raise ValueError("adapter is required: kx.load_default_adapter(model) for the default model, or "
+                         "kx.Adapter.for_model(model, exit_layer=...) / Adapter.from_pretrained(dir)")
+    if not isinstance(adapter, Adapter):
+        raise ValueError(f"adapter must be a kangaroo_ext.Adapter, got {type(adapter).__name__}")
+    engine = _engine_for(model)
+    adapter.check_compatible(engine.spec)
+    if exit_layer is not None and exit_layer != adapter.exit_layer:
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer < engine.spec.num_layers:
+            raise ValueError(f"exit_layer must be an int in [1, {engine.spec.num_layers - 1}], got {exit_layer!r}")
+        raise ValueError(f"exit_layer={exit_layer} but the adapter was built for exit layer {adapter.exit_layer}")
+    prompt = _as_prompt(input_ids, engine.spec.vocab_size, engine.spec.device)
+    _check_capacity(engine, prompt.shape[1], max_new_tokens)
+    engine.bind_adapter(adapter)
+    return _decode(engine, prompt, max_new_tokens, _eos_ids(model, eos_token_id), streamer,
+                   _pick_mode(engine, mode), gamma=max_draft, threshold=float(threshold))
+
+
+@torch.inference_mode()
+def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], max_new_tokens: int = 128,
+             eos_token_id=None, streamer=None, mode: Optional[str] = None) -> GenerationOutput:
+    """Plain greedy decoding on the same engine and kernels: the honest baseline for speedups."""
+    _check_common(max_new_tokens, mode)
+    engine = _engine_for(model)
+    prompt = _as_prompt(input_ids, engine.spec.vocab_size, engine.spec.device)
+    _check_capacity(engine, prompt.shape[1], max_new_tokens)
+    return _decode(engine, prompt, max_new_tokens, _eos_ids(model, eos_token_id), streamer,
+                   _pick_mode(engine, mode), gamma=None, threshold=0.0)
+
+
+# ---- the decode loop -----------------------------------------------------------------------------
+
+class _Clock:
+    """Wall time on the CPU; CUDA events on the GPU, read once at the end (no sync in the loop)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.spans = {}
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def add(self, name, start, end):
+        self.spans.setdefault(name, []).append((start, end))
+
+    def total(self, name) -> float:
+        pairs = self.spans.get(name, [])
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+        return sum(b - a for a, b in pairs)
+
+
+def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, threshold) -> GenerationOutput:
+    speculative = gamma is not None
+    g = gamma or 1
+    T = prompt.shape[1]
+    cuda = engine.spec.device.type == "cuda"
+    stats = DecodeStats(mode=mode)
+    engine.reserve(T + max_new + g + 1, g)
+    if mode == "graphs":
+        graphs = engine.graphs
+        if graphs is None or graphs.gamma != g or graphs.speculative != speculative:
+            graphs = engine.graphs = CudaGraphs(engine, g, speculative)
+            stats.capture_s = graphs.capture_seconds
+    report_host = torch.empty(engine.report.shape, dtype=torch.int64, pin_memory=cuda)
+    engine.threshold.fill_(threshold)
+    clock = _Clock(cuda)
+    if cuda:
+        torch.cuda.synchronize()
+    t_start = time.perf_counter()
+
+    c0 = clock.mark()
+    engine.prefill(prompt, speculative)
+    clock.add("prefill", c0, clock.mark())
+    if streamer is not None:
+        streamer.put(prompt[0].cpu())
+
+    new_tokens: List[int] = []
+    eos = set(eos_ids)
+    finished = False
+    while not finished:
+        c0 = clock.mark()
+        if not speculative:
+            engine.graphs.plain.replay() if mode == "graphs" else engine.plain_step()
+            clock.add("verify", c0, clock.mark())
+        elif mode == "host":
+            engine.begin_round()
+            k = 0
+            for j in range(g + 1):
+                keep = engine.draft_step(j, g)
+                if keep is None:
+                    break
+                stats.host_syncs += 1
+                if not bool(keep.all()):
+                    break
+                k = j + 1
+            c1 = clock.mark()
+            clock.add("draft", c0, c1)
+            engine.verify(k + 1)
+            clock.add("verify", c1, clock.mark())
+        else:
+            if mode == "graphs":
+                engine.graphs.draft.replay()
+            else:
+                engine.begin_round()
+                for j in range(g + 1):
+                    engine.draft_step(j, g)
+            c1 = clock.mark()
+            clock.add("draft", c0, c1)
+            engine.graphs.verify.replay() if mode == "graphs" else engine.verify(g + 1)
+            clock.add("verify", c1, clock.mark())
+
+        report_host.copy_(engine.report, non_blocking=cuda)   # the round's one host sync
+        if cuda:
+            torch.cuda.current_stream().synchronize()
+        stats.host_syncs += 1
+        rep = report_host[0].tolist()
+        accepted, drafted = rep[1], rep[2]
+        committed = rep[3:3 + accepted + 1]
+        stats.rounds += 1
+        stats.accepted.append(accepted)
+        stats.drafted.append(drafted)
+        room = max_new - len(new_tokens)
+        emit = committed[:room]
+        for i, t in enumerate(emit):
+            if t in eos:
+                emit = emit[:i + 1]
+                finished = True
+                break
+        new_tokens.extend(emit)
+        if len(new_tokens) >= max_new:
+            finished = True
+        if streamer is not None and emit:
+            streamer.put(torch.tensor(emit))
+
+    if streamer is not None:
+        streamer.end()
+    if cuda:
+        torch.cuda.synchronize()
+    stats.total_s = time.perf_counter() - t_start
+    stats.prefill_s = clock.total("prefill")
+    stats.draft_s = clock.total("draft")
+    stats.verify_s = clock.total("verify")
+    stats.new_tokens = len(new_tokens)
+    sequences = torch.cat([prompt[0].cpu(), torch.tensor(new_tokens, dtype=torch.int64)])[None]
+    return GenerationOutput(sequences=sequences.to(prompt.device), stats=stats)

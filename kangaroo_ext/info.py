@@ -1,0 +1,37 @@
+"""`kangaroo info`: what this install can run, and why not."""
+import platform
+
+import torch
+
+from . import __version__, _extension
+from .ops import available_backends
+
+
+def collect() -> dict:
+    info = {
+        "kangaroo_ext": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+        "CUDA device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception as e:  # ImportError, or a broken install
+        info["triton"] = f"unavailable ({type(e).__name__})"
+    info["extension"] = _extension.library_path() or f"not loaded ({_extension.LOAD_ERROR})"
+    info["compiled archs"] = ", ".join(_extension.compiled_archs()) or "none"
+    info["backends"] = {b: ("available" if not why else "unavailable: " + "; ".join(why))
+                        for b, why in available_backends().items()}
+    return info
+
+
+def print_info():
+    for key, value in collect().items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<10} {v}")
+        else:
+            print(f"{key:<15} {value}")

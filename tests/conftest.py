@@ -1,0 +1,38 @@
+"""Test setup. On a machine without a GPU, Triton kernels run under the CPU interpreter, which must be
+switched on before any Triton kernel is defined."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kangaroo_ext.ops as kops  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_params():
+    """Every backend, each skipped with its reason where it cannot run on this machine."""
+    out = []
+    for b in kops.ORDER:
+        why = kops.available_backends()[b]
+        out.append(pytest.param(b, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)), id=b))
+    return out
+
+
+def device_for(backend: str) -> str:
+    """The device a backend's kernels run on here: CUDA where there is one, else the CPU."""
+    return "cuda" if (backend == "cuda" or torch.cuda.is_available()) else "cpu"
+
+
+def skip_unsupported(backend: str, device: str, dtype: torch.dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter reads bf16 wrongly (shared/ENVIRONMENT.md): bf16 runs on the GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,66 @@
+"""The torch library: schemas defined once and in sync with the build, fakes that let torch.compile
+trace the ops, opcheck on every device where the ops have a kernel."""
+import pytest
+import torch
+
+import kangaroo_ext
+from kangaroo_ext import _extension
+from kangaroo_ext.ops import schemas
+
+
+def _sample_args(name, device):
+    if name == "fused_add_rms_norm":
+        return [(torch.randn(3, 577, device=device), torch.randn(3, 577, device=device),
+                 torch.randn(577, device=device), 1e-5),
+                (torch.randn(2, 4, 64, device=device, dtype=torch.float16), None,
+                 torch.randn(64, device=device, dtype=torch.float16), 1e-6)]
+    if name == "verify_accept":
+        return [(torch.randint(0, 111, (3, 4), device=device), torch.randn(3, 5, 111, device=device),
+                 torch.tensor([4, 0, 2], device=device)),
+                (torch.randint(0, 32000, (1, 1), device=device), torch.randn(1, 2, 32000, device=device), None)]
+    raise KeyError(name)
+
+
+def test_every_op_is_defined_with_its_schema():
+    for name, op in schemas.OPS.items():
+        got = schemas.compiled_schema(name)
+        assert got == " ".join(str(torch._C.parse_schema("kangaroo::" + op.schema)).replace("kangaroo::", "").split())
+
+
+def test_extension_built_when_demanded():
+    if _extension.expected():
+        assert _extension.loaded(), f"KANGAROO_FORCE_CUDA=1 but kangaroo_ext._C did not load: {_extension.LOAD_ERROR}"
+        assert _extension.compiled_archs(), "the extension reports no compiled architectures"
+    if not _extension.loaded():
+        pytest.skip(f"extension not built here: {_extension.LOAD_ERROR}")
+    schemas.check_compiled_schemas()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _extension.loaded() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(schemas.OPS))
+def test_opcheck(name, device):
+    for args in _sample_args(name, device):
+        torch.library.opcheck(getattr(torch.ops.kangaroo, name).default, args)
+
+
+def test_torch_compile_traces_through_the_ops():
+    def step(x, r, w, drafts, logits):
+        h, r2 = torch.ops.kangaroo.fused_add_rms_norm(x, r, w, 1e-5)
+        acc, com = torch.ops.kangaroo.verify_accept(drafts, logits, None)
+        return h.sum() + r2.sum(), acc, com
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    args = (torch.randn(2, 16), torch.randn(2, 16), torch.randn(16),
+            torch.randint(0, 20, (1, 3)), torch.randn(1, 4, 20))
+    for got, want in zip(compiled(*args), step(*args)):
+        torch.testing.assert_close(got, want)
+
+
+def test_package_version_and_info_runs(capsys):
+    from kangaroo_ext import info
+    info.print_info()
+    out = capsys.readouterr().out
+    assert "torch" in out and "backends" in out and kangaroo_ext.__version__ in out

@@ -1,0 +1,208 @@
+"""Every backend of the two pipeline ops against the PyTorch reference, on awkward shapes.
+
+Float tolerances come from the reference's own error: the reference is run in the low precision and
+in float64 on the same inputs, and a backend may be off from the float64 result by at most twice the
+reference's own worst error (plus a float32 floor). Integer outputs must match exactly.
+"""
+import pytest
+import torch
+
+import kangaroo_ext.ops as kops
+from kangaroo_ext.ops import reference
+
+from conftest import backend_params, device_for, skip_unsupported
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = backend_params()
+
+
+def _allowed_error(ref_lowp: torch.Tensor, ref64: torch.Tensor) -> float:
+    own = (ref_lowp.double() - ref64).abs().max().item()
+    return 2 * own + 1e-6 * ref64.abs().max().item()
+
+
+# ---- fused residual-add + RMSNorm ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 576), (3, 4096), (1, 111), (3, 577), (2, 3, 576)], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
+def test_fused_add_rms_norm_matches_reference(backend, dtype, shape, with_residual):
+    device = device_for(backend)
+    skip_unsupported(backend, device, dtype)
+    H = shape[-1]
+    x = torch.randn(shape, device=device).to(dtype)
+    res = torch.randn(shape, device=device).to(dtype) * 4 if with_residual else None
+    w = (1 + 0.5 * torch.randn(H, device=device)).to(dtype)
+    eps = 1e-5
+
+    out, res_out = kops.fused_add_rms_norm(x, res, w, eps, backend=backend)
+    ref_out, ref_res = reference.fused_add_rms_norm(x, res, w, eps)
+    ref64_out, _ = reference.fused_add_rms_norm(x.double(), None if res is None else res.double(), w.double(), eps)
+    if res is not None:  # the float64 reference must see the same rounded residual stream as everyone
+        ref64_out, _ = reference.fused_add_rms_norm(ref_res.double(), None, w.double(), eps)
+
+    assert out.shape == x.shape and res_out.shape == x.shape
+    assert out.dtype == dtype and res_out.dtype == dtype
+    assert torch.equal(res_out, ref_res), "residual_out is one correctly rounded add: must be exact"
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref64_out).abs().max().item()
+    assert err <= _allowed_error(ref_out, ref64_out), f"max error {err}"
+    if res is None:
+        assert res_out.data_ptr() != x.data_ptr(), "residual_out must not alias x"
+
+
+# ---- greedy verify-and-accept --------------------------------------------------------------------
+
+def _make_verify_case(B, k, V, dtype, device, gen):
+    """Logits with planted exact ties, drafts that follow the target for a random prefix then differ."""
+    logits = torch.randn(B, k + 1, V, generator=gen).to(dtype)
+    # Exact ties: copy the row max to a lower index in some rows; argmax must return the lower index.
+    for b in range(B):
+        for j in range(0, k + 1, 2):
+            row = logits[b, j]
+            top = int(row.float().argmax())
+            if top > 0:
+                row[int(torch.randint(0, top, (1,), generator=gen))] = row[top].clone()
+    target = logits.float().argmax(-1)  # on float: same order as in dtype (conversion is exact)
+    drafts = torch.randint(0, V, (B, k), generator=gen)
+    prefix = torch.randint(0, k + 1, (B,), generator=gen)
+    for b in range(B):
+        p = int(prefix[b])
+        drafts[b, :p] = target[b, :p]
+        if p < k and drafts[b, p] == target[b, p]:
+            drafts[b, p] = (target[b, p] + 1) % V
+    return drafts.to(device), logits.to(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [49152, 32000, 111])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("k", range(1, 8))
+def test_verify_accept_matches_reference(backend, dtype, V, B, k):
+    device = device_for(backend)
+    skip_unsupported(backend, device, dtype)
+    gen = torch.Generator().manual_seed(1000 * k + V + B)
+    drafts, logits = _make_verify_case(B, k, V, dtype, device, gen)
+    for num_drafted in (None, torch.randint(0, k + 1, (B,), generator=gen).to(device)):
+        accepted, committed = kops.verify_accept(drafts, logits, num_drafted, backend=backend)
+        ref_acc, ref_com = reference.verify_accept(drafts, logits, num_drafted)
+        assert accepted.dtype == torch.int64 and committed.dtype == torch.int64
+        assert torch.equal(accepted, ref_acc) and torch.equal(committed, ref_com)
+        _check_verify_invariants(drafts, logits, num_drafted, accepted, committed)
+
+
+def _check_verify_invariants(drafts, logits, num_drafted, accepted, committed):
+    B, k = drafts.shape
+    n = torch.full((B,), k) if num_drafted is None else num_drafted.cpu()
+    target = logits.float().argmax(-1).cpu()
+    drafts, accepted, committed = drafts.cpu(), accepted.cpu(), committed.cpu()
+    for b in range(B):
+        a = int(accepted[b])
+        assert 0 <= a <= int(n[b])
+        assert torch.equal(committed[b, :a], drafts[b, :a]), "accepted slots hold the drafts"
+        assert torch.equal(drafts[b, :a], target[b, :a]), "every accepted draft is the target's argmax"
+        assert int(committed[b, a]) == int(target[b, a]), "slot a holds the target's correction or bonus"
+        if a < int(n[b]):
+            assert int(drafts[b, a]) != int(target[b, a]), "the first rejected draft really disagrees"
+        assert (committed[b, a + 1:] == -1).all(), "rejected slots are -1"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_verify_accept_nan_counts_as_max_like_torch_argmax(backend):
+    device = device_for(backend)
+    logits = torch.randn(1, 3, 111)
+    logits[0, 1, 7] = float("nan")
+    logits[0, 1, 50] = float("nan")
+    drafts = logits.argmax(-1)[:, :2].clone()
+    accepted, committed = kops.verify_accept(drafts.to(device), logits.to(device), backend=backend)
+    assert committed.cpu()[0].tolist() == logits.argmax(-1)[0].tolist()
+    assert committed.cpu()[0, 1] == 7 and accepted.item() == 2
+
+
+# ---- bad input: each backend's entry point names the argument ------------------------------------
+
+def _rms_args(device):
+    x = torch.randn(2, 8, device=device)
+    return x, torch.randn(2, 8, device=device), torch.ones(8, device=device)
+
+
+BAD_RMS = {
+    "x dtype": (lambda x, r, w: (x.long(), None, w), "x must be float32"),
+    "weight shape": (lambda x, r, w: (x, r, torch.ones(7, device=x.device)), r"weight must have shape \[8\]"),
+    "weight dtype": (lambda x, r, w: (x, r, w.half()), "weight must have x's dtype"),
+    "residual shape": (lambda x, r, w: (x, r[:1], w), "residual must have x's shape"),
+    "residual dtype": (lambda x, r, w: (x, r.half(), w), "residual must have x's dtype"),
+    "x non-contiguous": (lambda x, r, w: (torch.randn(8, 2, device=x.device).t(), None, w), "x must be contiguous"),
+    "x empty": (lambda x, r, w: (x[:0], None, w), "x must have shape"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_RMS))
+def test_fused_add_rms_norm_rejects_bad_input(backend, case):
+    make, msg = BAD_RMS[case]
+    args = make(*_rms_args(device_for(backend)))
+    with pytest.raises(ValueError, match=msg):
+        kops.fused_add_rms_norm(*args, 1e-5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_add_rms_norm_rejects_negative_eps_and_mixed_devices(backend):
+    x, r, w = _rms_args(device_for(backend))
+    with pytest.raises(ValueError, match="eps must be a float >= 0"):
+        kops.fused_add_rms_norm(x, r, w, -1.0, backend=backend)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+            kops.fused_add_rms_norm(x.cuda(), r.cuda(), w.cpu(), 1e-5, backend=backend)
+
+
+BAD_VERIFY = {
+    "drafts dtype": (lambda d, l, n: (d.int(), l, n), "draft_tokens must be int64"),
+    "drafts 1-D": (lambda d, l, n: (d[0], l, n), "draft_tokens must be int64 of shape"),
+    "logits shape": (lambda d, l, n: (d, l[:, :-1], n), r"target_logits must have shape \[B, k\+1, V\]"),
+    "logits dtype": (lambda d, l, n: (d, l.long(), n), "target_logits must be float32"),
+    "num_drafted shape": (lambda d, l, n: (d, l, n[:1]), "num_drafted must be int64 of shape"),
+    "num_drafted dtype": (lambda d, l, n: (d, l, n.int()), "num_drafted must be int64"),
+    "logits non-contiguous": (lambda d, l, n: (d, l.transpose(0, 1).contiguous().transpose(0, 1), n),
+                              "target_logits must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_VERIFY))
+def test_verify_accept_rejects_bad_input(backend, case):
+    device = device_for(backend)
+    d = torch.randint(0, 50, (2, 3), device=device)
+    logits = torch.randn(2, 4, 50, device=device)
+    n = torch.tensor([1, 3], device=device)
+    make, msg = BAD_VERIFY[case]
+    with pytest.raises(ValueError, match=msg):
+        kops.verify_accept(*make(d, logits, n), backend=backend)
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+
+def test_forced_unavailable_backend_lists_reasons(monkeypatch):
+    x, r, w = _rms_args("cpu")
+    with pytest.raises(kops.BackendUnavailable, match="backend 'cuda' cannot run fused_add_rms_norm: .+"):
+        kops.fused_add_rms_norm(x, r, w, 1e-5, backend="cuda")
+    monkeypatch.setenv("KANGAROO_BACKEND", "nosuch")
+    with pytest.raises(kops.BackendUnavailable, match="unknown backend 'nosuch'"):
+        kops.fused_add_rms_norm(x, r, w, 1e-5)
+
+
+def test_auto_selection_falls_back_quietly(monkeypatch):
+    monkeypatch.delenv("KANGAROO_BACKEND", raising=False)
+    x, r, w = _rms_args("cpu")
+    x = x.bfloat16(); r = r.bfloat16(); w = w.bfloat16()  # no kernel backend takes CPU bf16
+    out, _ = kops.fused_add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(out, reference.fused_add_rms_norm(x, r, w, 1e-5)[0])
+    assert kops.reasons_against("fused_add_rms_norm", "cuda", x, r, w, 1e-5)
+
+
+def test_env_variable_forces_backend(monkeypatch):
+    monkeypatch.setenv("KANGAROO_BACKEND", "reference")
+    x, r, w = _rms_args("cpu")
+    assert kops.select("fused_add_rms_norm", None, x, r, w, 1e-5) is reference.fused_add_rms_norm
