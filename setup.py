@@ -109,11 +109,15 @@ def _extensions():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17", f"-DKANGAROO_CUDA_ARCHS={_arch_token(arch_list)}"],
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+            # No -std flag: torch adds the standard its headers need (C++20 since torch 2.13).
+            "cxx": ["-O3", f"-DKANGAROO_CUDA_ARCHS={_arch_token(arch_list)}"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
                     + (["-Xptxas=-v"] if _flag("KANGAROO_PTXAS_VERBOSE") else []),
         },
     )
+    # A runpath to torch's libraries, so `_C` loads even before `import torch` (CMake does the same).
+    import torch
+    ext.extra_link_args = [f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
     _say(f"CUDA extension for arch {arch_list}: {reason}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

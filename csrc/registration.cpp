@@ -1,0 +1,16 @@
+// The one place the `kangaroo` torch library is defined in C++: schemas (kept character for
+// character equal to kangaroo_ext/ops/schemas.py, which checks them at import) and CUDA kernels.
+// Fake (meta) and CPU kernels are registered from Python, in schemas.py.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(kangaroo, m) {
+  m.def("fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("verify_accept(Tensor draft_tokens, Tensor target_logits, Tensor? num_drafted) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
+  m.impl("fused_add_rms_norm", &kangaroo::fused_add_rms_norm);
+  m.impl("verify_accept", &kangaroo::verify_accept);
+}

@@ -1,0 +1,186 @@
+"""The engine against transformers, and Kangaroo's losslessness against the engine's plain decoding."""
+import itertools
+
+import pytest
+import torch
+
+import kangaroo_ext as kx
+from kangaroo_ext.engine.engine import Engine
+from kangaroo_ext.engine.spec import model_spec
+
+from models import FAMILIES, prompts, tiny_model
+
+
+def engine_logits(model, ids):
+    """Logits of every position of ids [1, T] from the engine's own forward (all layers at once)."""
+    engine = Engine(model_spec(model))
+    engine.reserve(ids.shape[1] + 8, 1)
+    pos = torch.arange(ids.shape[1])[None]
+    x, res = engine.run_layers(torch.nn.functional.embedding(ids, engine.spec.embed), pos, 0, engine.spec.num_layers)
+    return engine.logits(x, res)
+
+
+MODEL_VARIANTS = {
+    "llama-gqa": dict(family="llama"),
+    "llama-tied": dict(family="llama", tied=True),
+    "llama-mha-headdim48": dict(family="llama", heads=2, kv_heads=2, head_dim=48),
+    "llama3-rope": dict(family="llama", rope="llama3"),
+    "linear-rope": dict(family="llama", rope="linear"),
+    "mistral": dict(family="mistral"),
+    "qwen2-bias": dict(family="qwen2"),
+}
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+@torch.inference_mode()
+def test_engine_logits_match_transformers(variant):
+    model = tiny_model(**MODEL_VARIANTS[variant])
+    ids = torch.randint(0, 111, (1, 37))
+    want = model(ids).logits
+    got = engine_logits(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_engine_uses_the_model_weights_in_place():
+    model = tiny_model("qwen2")
+    spec = model_spec(model)
+    assert spec.embed.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert spec.layers[0].q.data_ptr() == model.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert spec.layers[0].q_bias is not None and spec.qkv_bias
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_plain_generate_matches_transformers(family):
+    model = tiny_model(family)
+    for ids in prompts(3, seed=1, min_len=2):
+        ours = kx.generate(model, ids, max_new_tokens=24, eos_token_id=[]).sequences
+        hf = model.generate(ids[None], max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            attention_mask=torch.ones_like(ids[None]))
+        assert torch.equal(ours, hf)
+
+
+# ---- lossless: speculative == plain, token for token, fp32 ---------------------------------------
+
+THRESHOLDS = (0.0, 0.6, 1.0)
+MAX_DRAFTS = (1, 3, 6)
+EXIT_LAYERS = (1, 2, 3)  # 3 is the middle of the 6-layer test model
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+@torch.inference_mode()
+def test_speculative_is_lossless_over_the_grid(mode):
+    """20 prompts x 64 tokens for every (η, γ, ℓ) in the grid, random and layer-copy adapters."""
+    model = tiny_model("llama", layers=6)
+    cases = prompts(20, seed=2)
+    plain = [kx.generate(model, p, max_new_tokens=64, eos_token_id=[]).sequences for p in cases]
+    accepted_any = 0
+    for (eta, gamma, ell), init in itertools.product(itertools.product(THRESHOLDS, MAX_DRAFTS, EXIT_LAYERS),
+                                                     ("random", "next_layer")):
+        adapter = kx.Adapter.for_model(model, exit_layer=ell, init=init, seed=ell)
+        # Each combination on a rotating slice of the prompts (4 in host mode, 2 in device mode), so
+        # every prompt meets many combinations and the suite stays within CI's CPU budget.
+        per = 4 if mode == "host" else 2
+        combo = THRESHOLDS.index(eta) * 9 + MAX_DRAFTS.index(gamma) * 3 + EXIT_LAYERS.index(ell)
+        for i in ((combo * per + r) % len(cases) for r in range(per)):
+            p = cases[i]
+            out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=64, threshold=eta,
+                                          max_draft=gamma, eos_token_id=[], mode=mode)
+            assert torch.equal(out.sequences, plain[i]), f"η={eta} γ={gamma} ℓ={ell} init={init} prompt {i}"
+            s = out.stats
+            assert s.new_tokens == 64 and len(s.accepted) == s.rounds == len(s.drafted)
+            assert all(0 <= a <= d <= gamma for a, d in zip(s.accepted, s.drafted))
+            if eta == 1.0 and init == "random":
+                assert max(s.drafted) <= gamma
+            accepted_any += sum(s.accepted)
+    assert accepted_any > 0, "no draft was ever accepted: the accept path went untested"
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@torch.inference_mode()
+def test_speculative_is_lossless_on_other_families(family):
+    model = tiny_model(family, tied=family == "qwen2")
+    for i, p in enumerate(prompts(6, seed=3)):
+        ref = kx.generate(model, p, max_new_tokens=48, eos_token_id=[]).sequences
+        adapter = kx.Adapter.for_model(model, exit_layer=1 + i % 4, init="next_layer")
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=48, threshold=0.3,
+                                      max_draft=4, eos_token_id=[], mode="device" if i % 2 else "host")
+        assert torch.equal(out.sequences, ref)
+
+
+@torch.inference_mode()
+def test_eos_and_max_new_tokens_are_exact():
+    model = tiny_model("llama")
+    p = prompts(2, seed=4)[1]
+    free = kx.generate(model, p, max_new_tokens=64, eos_token_id=[]).sequences[0, len(p):].tolist()
+    eos = free[17]  # a token that occurs mid-generation: output must stop right after its first occurrence
+    first = free.index(eos)
+    adapter = kx.Adapter.for_model(model, exit_layer=4, init="next_layer")
+    for n in (1, 2, 7, 63):
+        for mode in ("host", "device"):
+            out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=n, threshold=0.0, max_draft=6,
+                                          eos_token_id=[], mode=mode)
+            assert out.sequences[0, len(p):].tolist() == free[:n]
+    for mode in ("host", "device"):
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=64, threshold=0.0, max_draft=6,
+                                      eos_token_id=eos, mode=mode)
+        assert out.sequences[0, len(p):].tolist() == free[:first + 1]
+        assert kx.generate(model, p, max_new_tokens=64, eos_token_id=[5, eos]).sequences[0, len(p):].tolist() == \
+            free[:min(first, free.index(5) if 5 in free else 99) + 1]
+
+
+@torch.inference_mode()
+def test_rollback_keeps_exactly_the_accepted_cache():
+    """After speculative decoding, the committed part of every cache equals what plain decoding wrote,
+    and the device lengths agree with the emitted tokens."""
+    model = tiny_model("llama")
+    p = prompts(3, seed=5)[2]
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.0, max_draft=5,
+                                  eos_token_id=[], mode="device")
+    engine = model.__dict__["_kangaroo_engine"][1]
+    L = int(engine.out_len[0])
+    assert int(engine.cache_len[0]) == L - 1, "cache holds every emitted token but the last"
+    assert engine.out_tokens[0, :out.sequences.shape[1]].tolist() == out.sequences[0].tolist()
+    assert int(engine.tokens_in[0, 0]) == int(engine.out_tokens[0, L - 1])
+    assert sum(a + 1 for a in out.stats.accepted) == L - len(p)
+    spec_k = engine.k_cache[:engine.spec.num_layers, :, :, :L - 1].clone()
+    kx.generate(model, p, max_new_tokens=40, eos_token_id=[], mode="device")
+    plain_k = engine.k_cache[:engine.spec.num_layers, :, :, :L - 1]
+    torch.testing.assert_close(spec_k, plain_k, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_streamer_receives_prompt_then_every_token():
+    class Collect:
+        def __init__(self):
+            self.parts, self.ended = [], False
+
+        def put(self, t):
+            self.parts.append(t.tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny_model("llama")
+    p = prompts(2, seed=6)[1]
+    s = Collect()
+    out = kx.speculative_generate(model, p, adapter=kx.Adapter.for_model(model, 3), max_new_tokens=30,
+                                  eos_token_id=[], streamer=s)
+    assert s.ended and s.parts[0] == p.tolist()
+    assert sum(s.parts[1:], []) == out.sequences[0, len(p):].tolist()
+
+
+@torch.inference_mode()
+def test_stats_are_consistent():
+    model = tiny_model("llama")
+    out = kx.speculative_generate(model, prompts(2, seed=7)[1], adapter=kx.Adapter.for_model(model, 3),
+                                  max_new_tokens=50, threshold=0.0, max_draft=4, eos_token_id=[], mode="device")
+    s = out.stats
+    assert s.host_syncs == s.rounds and s.host_syncs_per_round == 1.0
+    assert s.mean_accepted == pytest.approx((sum(s.accepted) + s.rounds) / s.rounds)
+    assert 1.0 <= s.mean_accepted <= 5.0
+    assert len(s.acceptance_by_position(4)) == 4
+    plain = kx.generate(model, prompts(2, seed=7)[1], max_new_tokens=50, eos_token_id=[]).stats
+    assert plain.mean_accepted == 1.0 and plain.rounds == 50

@@ -1,0 +1,12 @@
+"""Triton kernels of kangaroo_ext (installed as kangaroo_ext.triton_kernels; see setup.py).
+
+Each op is a Triton kernel plus a thin launcher that validates its arguments (ValueError naming the
+argument), allocates outputs with torch on the input's device and launches without a host sync, so
+the launchers can be captured in a CUDA graph. Semantics: kangaroo_ext/ops/reference.py.
+
+On a machine without a GPU, set TRITON_INTERPRET=1 before importing this package.
+"""
+from .rms_norm import fused_add_rms_norm
+from .verify_accept import verify_accept
+
+__all__ = ["fused_add_rms_norm", "verify_accept"]
