@@ -232,10 +232,11 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     cuda = engine.spec.device.type == "cuda"
     stats = DecodeStats(mode=mode)
     engine.reserve(T + max_new + g + 1, g)
+    graphs = None
     if mode == "graphs":
-        graphs = engine.graphs
-        if graphs is None or graphs.gamma != g or graphs.speculative != speculative:
-            graphs = engine.graphs = CudaGraphs(engine, g, speculative)
+        graphs = engine.graphs.get((g, speculative))
+        if graphs is None:
+            graphs = engine.graphs[(g, speculative)] = CudaGraphs(engine, g, speculative)
             stats.capture_s = graphs.capture_seconds
     report_host = torch.empty(engine.report.shape, dtype=torch.int64, pin_memory=cuda)
     engine.threshold.fill_(threshold)
@@ -256,7 +257,7 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     while not finished:
         c0 = clock.mark()
         if not speculative:
-            engine.graphs.plain.replay() if mode == "graphs" else engine.plain_step()
+            graphs.plain.replay() if mode == "graphs" else engine.plain_step()
             clock.add("verify", c0, clock.mark())
         elif mode == "host":
             engine.begin_round()
@@ -275,14 +276,14 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
             clock.add("verify", c1, clock.mark())
         else:
             if mode == "graphs":
-                engine.graphs.draft.replay()
+                graphs.draft.replay()
             else:
                 engine.begin_round()
                 for j in range(g + 1):
                     engine.draft_step(j, g)
             c1 = clock.mark()
             clock.add("draft", c0, c1)
-            engine.graphs.verify.replay() if mode == "graphs" else engine.verify(g + 1)
+            graphs.verify.replay() if mode == "graphs" else engine.verify(g + 1)
             clock.add("verify", c1, clock.mark())
 
         report_host.copy_(engine.report, non_blocking=cuda)   # the round's one host sync

@@ -7,6 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The tests run many tiny ops: one thread is several times faster than two fighting over CI's two
+# cores (measured: a 64-token speculative run on the test model, 3.0 s vs 24-44 s under load).
+torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 import kangaroo_ext.ops as kops  # noqa: E402
@@ -36,3 +40,12 @@ def skip_unsupported(backend: str, device: str, dtype: torch.dtype):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def skip_missing_kernel(backend: str, op: str):
+    """Skip (with the reason) where this install's backend has no kernel for the op at all."""
+    from kangaroo_ext.ops.schemas import MISSING_FROM_EXTENSION
+    if backend == "cuda" and op in MISSING_FROM_EXTENSION:
+        pytest.skip(f"this build of the extension has no kernel for {op}")
+    if backend == "triton" and not hasattr(kops.triton_module(), op):
+        pytest.skip(f"kangaroo_ext.triton_kernels has no kernel for {op}")

@@ -71,30 +71,30 @@ EXIT_LAYERS = (1, 2, 3)  # 3 is the middle of the 6-layer test model
 @pytest.mark.parametrize("mode", ["host", "device"])
 @torch.inference_mode()
 def test_speculative_is_lossless_over_the_grid(mode):
-    """20 prompts x 64 tokens for every (η, γ, ℓ) in the grid, random and layer-copy adapters."""
+    """Every (η, γ, ℓ) in the grid, with random adapters and layer-copy adapters (which accept often,
+    so multi-token commits are exercised), on prompts that rotate through 20 prompts x 64 tokens."""
     model = tiny_model("llama", layers=6)
     cases = prompts(20, seed=2)
     plain = [kx.generate(model, p, max_new_tokens=64, eos_token_id=[]).sequences for p in cases]
-    accepted_any = 0
-    for (eta, gamma, ell), init in itertools.product(itertools.product(THRESHOLDS, MAX_DRAFTS, EXIT_LAYERS),
-                                                     ("random", "next_layer")):
-        adapter = kx.Adapter.for_model(model, exit_layer=ell, init=init, seed=ell)
-        # Each combination on a rotating slice of the prompts (4 in host mode, 2 in device mode), so
-        # every prompt meets many combinations and the suite stays within CI's CPU budget.
-        per = 4 if mode == "host" else 2
-        combo = THRESHOLDS.index(eta) * 9 + MAX_DRAFTS.index(gamma) * 3 + EXIT_LAYERS.index(ell)
-        for i in ((combo * per + r) % len(cases) for r in range(per)):
-            p = cases[i]
-            out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=64, threshold=eta,
+    # host mode: 2 prompts with a random adapter + 1 with a layer copy per combination; device mode
+    # (γ+1 draft steps every round, the GPU's schedule) 1 prompt per combination, alternating inits.
+    runs = [("random", 0), ("random", 1), ("next_layer", 2)] if mode == "host" else [(None, 0)]
+    accepted_any, covered = 0, set()
+    for combo, (eta, gamma, ell) in enumerate(itertools.product(THRESHOLDS, MAX_DRAFTS, EXIT_LAYERS)):
+        for init, r in runs:
+            init = init or ("random", "next_layer")[combo % 2]
+            i = (combo * len(runs) + r) % len(cases)
+            covered.add(i)
+            adapter = kx.Adapter.for_model(model, exit_layer=ell, init=init, seed=combo)
+            out = kx.speculative_generate(model, cases[i], adapter=adapter, max_new_tokens=64, threshold=eta,
                                           max_draft=gamma, eos_token_id=[], mode=mode)
             assert torch.equal(out.sequences, plain[i]), f"η={eta} γ={gamma} ℓ={ell} init={init} prompt {i}"
             s = out.stats
             assert s.new_tokens == 64 and len(s.accepted) == s.rounds == len(s.drafted)
             assert all(0 <= a <= d <= gamma for a, d in zip(s.accepted, s.drafted))
-            if eta == 1.0 and init == "random":
-                assert max(s.drafted) <= gamma
             accepted_any += sum(s.accepted)
     assert accepted_any > 0, "no draft was ever accepted: the accept path went untested"
+    assert len(covered) == 20 if mode == "host" else len(covered) >= 20
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

@@ -206,3 +206,10 @@ def test_env_variable_forces_backend(monkeypatch):
     monkeypatch.setenv("KANGAROO_BACKEND", "reference")
     x, r, w = _rms_args("cpu")
     assert kops.select("fused_add_rms_norm", None, x, r, w, 1e-5) is reference.fused_add_rms_norm
+
+
+def test_auto_selection_never_picks_the_triton_interpreter(monkeypatch):
+    monkeypatch.delenv("KANGAROO_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, r, w = _rms_args("cpu")
+    assert kops.select("fused_add_rms_norm", None, x, r, w, 1e-5) is reference.fused_add_rms_norm

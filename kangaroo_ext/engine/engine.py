@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops import reference
 from .spec import LayerWeights, ModelSpec
 
 
@@ -29,16 +28,18 @@ class Engine:
         self.max_draft = 0         # γ the buffers were sized for
         self.adapter = None
         self.adapter_weights: Optional[LayerWeights] = None
-        self.graphs = None         # set by engine.graphs.CudaGraphs when captured
+        self.graphs = {}           # (γ, speculative) -> engine.graphs.CudaGraphs, captured on first use
 
     # ---- buffers ---------------------------------------------------------------------------------
 
     def reserve(self, capacity: int, max_draft: int):
-        """Allocate (or keep) caches and step buffers for `capacity` positions and γ = max_draft."""
-        if capacity <= self.capacity and max_draft == self.max_draft:
+        """Allocate caches and step buffers for `capacity` positions and γ up to max_draft. Buffers only
+        grow (steps use prefixes of them), so alternating plain and speculative calls reuse everything."""
+        if capacity <= self.capacity and max_draft <= self.max_draft:
             return
         s, dev, dt, B = self.spec, self.spec.device, self.spec.dtype, self.B
         capacity = max(capacity, self.capacity)
+        max_draft = max(max_draft, self.max_draft)
         capacity = -(-capacity // 64) * 64  # round up: fewer regrowths (each one re-captures graphs)
         if capacity > s.max_positions + max_draft + 1:
             capacity = s.max_positions + max_draft + 1
@@ -64,7 +65,7 @@ class Engine:
         # What the host reads once per round: out_len, accepted, drafted, committed[γ+1].
         self.report = torch.zeros(B, 3 + g + 1, dtype=torch.int64, device=dev)
         self.capacity, self.max_draft = capacity, max_draft
-        self.graphs = None  # buffer addresses changed
+        self.graphs = {}  # buffer addresses changed
 
     def bind_adapter(self, adapter):
         """Reference the adapter's weights (the adapter checked its own compatibility)."""
@@ -80,7 +81,7 @@ class Engine:
             v=adapter.v_proj.weight.detach(), o=adapter.o_proj.weight.detach(), q_bias=b(adapter.q_proj),
             k_bias=b(adapter.k_proj), v_bias=b(adapter.v_proj), o_bias=None, post_norm=adapter.norm2.detach(),
             gate=None, up=None, down=None)
-        self.graphs = None  # the draft graph reads the adapter's weights
+        self.graphs = {}  # the draft graph reads the adapter's weights
 
     # ---- the model's forward, from the project's ops ----------------------------------------------
 
@@ -93,7 +94,7 @@ class Engine:
         q = F.linear(x, w.q, w.q_bias).view(B, T, s.num_heads, s.head_dim)
         k = F.linear(x, w.k, w.k_bias).view(B, T, s.num_kv_heads, s.head_dim)
         v = F.linear(x, w.v, w.v_bias).view(B, T, s.num_kv_heads, s.head_dim)
-        o = reference.rope_append_attention(q, k, v, self.rope_cos, self.rope_sin, positions, self.k_cache[slot],
+        o = ops.rope_append_attention(q, k, v, self.rope_cos, self.rope_sin, positions, self.k_cache[slot],
                                             self.v_cache[slot], s.attn_scale, s.sliding_window or 0)
         return F.linear(o, w.o, w.o_bias)
 
@@ -123,7 +124,7 @@ class Engine:
         if not with_head:
             return h_exit, None
         y, _ = self._norm(attn, h_exit, w.post_norm)
-        return h_exit, reference.lm_head_argmax(y, self.spec.lm_head)
+        return h_exit, ops.lm_head_argmax(y, self.spec.lm_head)
 
     def logits(self, x, res):
         y, _ = self._norm(x, res, self.spec.final_norm)
@@ -195,7 +196,7 @@ class Engine:
         h = F.embedding(self.tokens_in[:, :1], self.spec.embed)
         x, res = self.run_layers(h, pos, 0, self.spec.num_layers)
         y, _ = self._norm(x, res, self.spec.final_norm)
-        token, _ = reference.lm_head_argmax(y, self.spec.lm_head)                 # [B, 1]
+        token, _ = ops.lm_head_argmax(y, self.spec.lm_head)                       # [B, 1]
         self.num_drafted.zero_()
         self._commit(torch.zeros_like(self.num_drafted), token)
 

@@ -3,6 +3,9 @@
     out, residual_out = fused_add_rms_norm(x, residual, weight, eps, backend=None)
     accepted, committed = verify_accept(draft_tokens, target_logits, num_drafted=None, backend=None)
 
+    out = rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window=0)
+    token, confidence = lm_head_argmax(hidden, lm_head)
+
 `backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
 """
 from typing import Optional, Tuple
@@ -66,6 +69,55 @@ def _verify_reasons(backend):
     return reasons
 
 
+# ---- decode / verify attention over the static KV cache ------------------------------------------
+
+def rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale: float,
+                          window: int = 0, *, backend: Optional[str] = None) -> torch.Tensor:
+    """RoPE on q and k, append k and v to the static cache at device-side positions, causal attention.
+
+    Args:
+        q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (Hkv divides Hq; query head h reads kv head h // (Hq/Hkv)).
+        rope_cos, rope_sin: [S', D] float32 tables (HF layout: the two halves repeat the frequencies), S' >= S.
+        positions: [B, T] int64, consecutive per row, < S: where k/v are written and what q may see.
+        k_cache, v_cache: [B, Hkv, S, D], updated in place.
+        scale: softmax scale (HF's `scaling`); window: sliding window (0 = none).
+    Returns:
+        [B, T, Hq * D]: attention output of every query over keys s <= its position.
+    """
+    validate.rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window)
+    args = (q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, float(scale), int(window))
+    return select("rope_append_attention", backend, *args)(*args)
+
+
+def _attention_reasons(backend):
+    def reasons(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
+        return tensor_reasons(backend, {"q": q, "k": k, "v": v, "rope_cos": rope_cos, "rope_sin": rope_sin,
+                                        "positions": positions, "k_cache": k_cache, "v_cache": v_cache})
+    return reasons
+
+
+# ---- fused LM head + argmax + confidence (the draft's head) ---------------------------------------
+
+def lm_head_argmax(hidden: torch.Tensor, lm_head: torch.Tensor, *,
+                   backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy token and its softmax probability without writing the logits to memory.
+
+    Args:
+        hidden: [..., H]; lm_head: [V, H], same dtype.
+    Returns:
+        token [...] int64 (argmax of the logits rounded to the model dtype, first index on ties) and
+        confidence [...] float32 (the top token's softmax probability).
+    """
+    validate.lm_head_argmax(hidden, lm_head)
+    return select("lm_head_argmax", backend, hidden, lm_head)(hidden, lm_head)
+
+
+def _head_reasons(backend):
+    def reasons(hidden, lm_head):
+        return tensor_reasons(backend, {"hidden": hidden, "lm_head": lm_head})
+    return reasons
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 def _cuda(name):
@@ -76,7 +128,8 @@ def _triton(name):
     return lambda *args: getattr(triton_module(), name)(*args)
 
 
-for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons)):
+for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons),
+                        ("rope_append_attention", _attention_reasons), ("lm_head_argmax", _head_reasons)):
     register(_name, "cuda", _cuda(_name), _reasons("cuda"))
     register(_name, "triton", _triton(_name), _reasons("triton"))
     register(_name, "reference", getattr(reference, _name), _reasons("reference"))

@@ -94,11 +94,21 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return None if b in ("", "auto") else b
 
 
-def reasons_against(op: str, backend: str, *args) -> List[str]:
-    """Every reason `backend` cannot run `op` on these arguments ([] if it can)."""
+def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[str]:
+    """Every reason `backend` cannot run `op` on these arguments ([] if it can). With auto=True, also
+    the reasons auto-selection passes a backend over."""
     g = _global_reasons(backend)
     if g:
         return g
+    if auto and backend == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
+        # The interpreter is for testing kernels on machines without a GPU, ~1000x slower than PyTorch.
+        return ["auto-selection never uses Triton's CPU interpreter (force backend='triton' to test it)"]
+    if backend == "cuda":
+        from .schemas import MISSING_FROM_EXTENSION
+        if op in MISSING_FROM_EXTENSION:
+            return [f"this build of the extension has no kernel for {op} (rebuild it)"]
+    if backend == "triton" and not hasattr(triton_module(), op):
+        return [f"kangaroo_ext.triton_kernels has no kernel for {op}"]
     entry = _IMPLS.get(op, {}).get(backend)
     if entry is None:
         return [f"backend '{backend}' has no implementation of {op}"]
@@ -115,7 +125,7 @@ def select(op: str, backend: Optional[str], *args) -> Callable:
             raise BackendUnavailable(f"backend '{forced}' cannot run {op}: " + "; ".join(why))
         return _IMPLS[op][forced][1]
     for b in ORDER:
-        if not reasons_against(op, b, *args):
+        if not reasons_against(op, b, *args, auto=True):
             return _IMPLS[op][b][1]
     raise BackendUnavailable(f"no backend can run {op}")  # unreachable: reference runs everything
 

@@ -32,6 +32,16 @@ def _fake_verify_accept(draft_tokens, target_logits, num_drafted):
             draft_tokens.new_empty((B, k + 1), dtype=torch.int64))
 
 
+def _fake_rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
+    B, T, Hq, D = q.shape
+    return q.new_empty((B, T, Hq * D))
+
+
+def _fake_lm_head_argmax(hidden, lm_head):
+    lead = hidden.shape[:-1]
+    return hidden.new_empty(lead, dtype=torch.int64), hidden.new_empty(lead, dtype=torch.float32)
+
+
 OPS: Dict[str, OpDef] = {
     "fused_add_rms_norm": OpDef(
         "fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
@@ -39,6 +49,13 @@ OPS: Dict[str, OpDef] = {
     "verify_accept": OpDef(
         "verify_accept(Tensor draft_tokens, Tensor target_logits, Tensor? num_drafted) -> (Tensor, Tensor)",
         _fake_verify_accept, reference.verify_accept),
+    "rope_append_attention": OpDef(
+        "rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor",
+        _fake_rope_append_attention, reference.rope_append_attention),
+    "lm_head_argmax": OpDef(
+        "lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)",
+        _fake_lm_head_argmax, reference.lm_head_argmax),
 }
 
 _libs = []  # keep torch.library.Library objects alive: dropping one unregisters its kernels
@@ -53,27 +70,42 @@ def compiled_schema(name: str) -> str:
     return _normalize(str(getattr(torch.ops.kangaroo, name).default._schema))
 
 
+MISSING_FROM_EXTENSION = set()  # ops this build of _C lacks (built from older sources): no CUDA kernel
+
+
+def _compiled_has(name: str) -> bool:
+    try:
+        getattr(torch.ops.kangaroo, name).default
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def check_compiled_schemas():
-    """Raise if the compiled extension's schemas differ from OPS (a stale or foreign build)."""
+    """Raise if the compiled extension defines an op with another schema than OPS (a stale build)."""
     for name, op in OPS.items():
-        try:
-            got = compiled_schema(name)
-        except (AttributeError, RuntimeError) as e:
-            raise RuntimeError(f"kangaroo_ext._C does not define kangaroo::{name} ({e}); rebuild it with "
-                               "`pip install --no-build-isolation -e .`") from e
+        if name in MISSING_FROM_EXTENSION:
+            continue
+        got = compiled_schema(name)
         want = _normalize(str(torch._C.parse_schema("kangaroo::" + op.schema)))
         if got != want:
             raise RuntimeError(f"kangaroo_ext._C defines kangaroo::{name} as '{got}' but kangaroo_ext "
-                               f"expects '{want}': the extension is stale; rebuild it")
+                               f"expects '{want}': the extension is stale; rebuild it with "
+                               "`pip install --no-build-isolation -e .`")
 
 
 def _register():
     if _extension.loaded():
+        MISSING_FROM_EXTENSION.update(name for name in OPS if not _compiled_has(name))
         check_compiled_schemas()
+        to_define = sorted(MISSING_FROM_EXTENSION)
+        kind = "FRAGMENT"
     else:
-        lib = torch.library.Library("kangaroo", "DEF")
-        for name, op in OPS.items():
-            lib.define(op.schema)
+        to_define, kind = list(OPS), "DEF"
+    if to_define:
+        lib = torch.library.Library("kangaroo", kind)
+        for name in to_define:
+            lib.define(OPS[name].schema)
         _libs.append(lib)
     impl = torch.library.Library("kangaroo", "IMPL")
     for name, op in OPS.items():

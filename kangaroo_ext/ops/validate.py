@@ -72,3 +72,57 @@ def verify_accept(draft_tokens, target_logits, num_drafted: Optional[torch.Tenso
                              f"{tuple(num_drafted.shape)}")
         _same_device("num_drafted", num_drafted, "draft_tokens", draft_tokens)
         _contiguous("num_drafted", num_drafted)
+
+
+def rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
+    for name, t in (("q", q), ("k", k), ("v", v), ("rope_cos", rope_cos), ("rope_sin", rope_sin),
+                    ("positions", positions), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, t)
+        _contiguous(name, t)
+        if name != "q":
+            _same_device(name, t, "q", q)
+    if q.dtype not in FLOATS or q.dim() != 4:
+        raise ValueError(f"q must be a float32/float16/bfloat16 tensor [B, T, Hq, D], got {q.dtype} {tuple(q.shape)}")
+    B, T, Hq, D = q.shape
+    if B < 1 or T < 1 or D < 2 or D % 2:
+        raise ValueError(f"q must have B, T >= 1 and an even head dim D >= 2, got shape {tuple(q.shape)}")
+    if k.dim() != 4 or k.shape[:2] != (B, T) or k.shape[3] != D:
+        raise ValueError(f"k must have shape [B, T, Hkv, D] = [{B}, {T}, Hkv, {D}], got {tuple(k.shape)}")
+    Hkv = k.shape[2]
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"k's head count {Hkv} must divide q's head count {Hq} (grouped-query attention)")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[1] != Hkv or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must have shape [B, Hkv, S, D] = [{B}, {Hkv}, S, {D}], got {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    S = k_cache.shape[2]
+    for name, t in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != D or t.shape[0] < S:
+            raise ValueError(f"{name} must be float32 [S', D] with S' >= {S} (the cache length) and D = {D}, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if positions.dtype != torch.int64 or positions.shape != (B, T):
+        raise ValueError(f"positions must be int64 of shape [{B}, {T}], got {positions.dtype} {tuple(positions.shape)}")
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a float > 0, got {scale!r}")
+    if not (isinstance(window, int) and window >= 0):
+        raise ValueError(f"window must be an int >= 0 (0: no sliding window), got {window!r}")
+
+
+def lm_head_argmax(hidden, lm_head):
+    _tensor("hidden", hidden)
+    _tensor("lm_head", lm_head)
+    if hidden.dtype not in FLOATS or hidden.dim() < 1 or hidden.numel() == 0:
+        raise ValueError(f"hidden must be a non-empty float32/float16/bfloat16 tensor [..., H], got "
+                         f"{hidden.dtype} {tuple(hidden.shape)}")
+    if lm_head.dim() != 2 or lm_head.shape[1] != hidden.shape[-1] or lm_head.shape[0] < 1:
+        raise ValueError(f"lm_head must have shape [V, {hidden.shape[-1]}] (V >= 1), got {tuple(lm_head.shape)}")
+    if lm_head.dtype != hidden.dtype:
+        raise ValueError(f"lm_head must have hidden's dtype {hidden.dtype}, got {lm_head.dtype}")
+    _same_device("lm_head", lm_head, "hidden", hidden)
+    _contiguous("hidden", hidden)
+    _contiguous("lm_head", lm_head)

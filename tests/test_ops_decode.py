@@ -1,0 +1,141 @@
+"""Decode-path ops (attention over the static cache, fused LM head + argmax) on every backend against
+the reference, on awkward shapes. Tolerances: twice the reference's own error against float64."""
+import pytest
+import torch
+
+import kangaroo_ext.ops as kops
+from kangaroo_ext.ops import reference
+
+from conftest import backend_params, device_for, skip_missing_kernel, skip_unsupported
+
+BACKENDS = backend_params()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _rope_tables(S, D, device):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    freqs = torch.arange(S, dtype=torch.float32)[:, None] * inv[None]
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def _allowed(ref_lowp, ref64):
+    return 2 * (ref_lowp.double() - ref64).abs().max().item() + 1e-6 * ref64.abs().max().item()
+
+
+ATTN_CASES = {  # B, T, Hq, Hkv, D, S, start position, window
+    "decode-gqa3-d64": (1, 1, 9, 3, 64, 96, 40, 0),
+    "verify-7-d64": (1, 7, 9, 3, 64, 96, 50, 0),
+    "verify-4-mha-d128": (2, 4, 4, 4, 128, 64, 13, 0),
+    "d48-gqa4": (1, 3, 8, 2, 48, 40, 0, 0),
+    "d80-end-of-cache": (1, 5, 6, 2, 80, 64, 59, 0),
+    "window": (1, 3, 4, 2, 64, 64, 30, 8),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_rope_append_attention_matches_reference(backend, dtype, case):
+    device = device_for(backend)
+    skip_unsupported(backend, device, dtype)
+    skip_missing_kernel(backend, "rope_append_attention")
+    B, T, Hq, Hkv, D, S, start, window = ATTN_CASES[case]
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype).to(device) for h in (Hq, Hkv, Hkv))
+    k_cache = torch.randn(B, Hkv, S, D, generator=g).to(dtype).to(device)   # earlier keys: random
+    v_cache = torch.randn(B, Hkv, S, D, generator=g).to(dtype).to(device)
+    positions = (start + torch.arange(T))[None].repeat(B, 1).to(device)
+    positions[-1] -= B - 1  # rows at different lengths
+    cos, sin = _rope_tables(S + 3, D, device)
+    scale = D ** -0.5
+
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = kops.rope_append_attention(q, k, v, cos, sin, positions, kc, vc, scale, window, backend=backend)
+    rkc, rvc = k_cache.clone(), v_cache.clone()
+    ref = reference.rope_append_attention(q, k, v, cos, sin, positions, rkc, rvc, scale, window)
+    r64kc, r64vc = k_cache.double(), v_cache.double()
+    ref64 = reference.rope_append_attention(q.double(), k.double(), v.double(), cos.double(), sin.double(),
+                                            positions, r64kc, r64vc, scale, window)
+    assert out.shape == (B, T, Hq * D) and out.dtype == dtype
+    assert (out.double() - ref64).abs().max().item() <= _allowed(ref, ref64)
+    # The cache: new rows hold the rotated k (within rounding) and v (exactly); other rows are untouched.
+    written = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        written[b, positions[b].cpu()] = True
+    w = written[:, None, :, None].expand_as(kc).to(device)
+    assert torch.equal(kc[~w], k_cache[~w]) and torch.equal(vc[~w], v_cache[~w]), "only the new positions change"
+    assert torch.equal(vc[w], rvc[w]), "v is copied, not transformed"
+    assert (kc[w].double() - r64kc[w]).abs().max().item() <= _allowed(rkc[w], r64kc[w])
+
+
+HEAD_CASES = {"smollm2": (2, 576, 49152), "llama-7b": (1, 4096, 32000), "odd": (3, 577, 111), "verify-7": (7, 576, 1000)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+def test_lm_head_argmax_matches_reference(backend, dtype, case):
+    device = device_for(backend)
+    skip_unsupported(backend, device, dtype)
+    skip_missing_kernel(backend, "lm_head_argmax")
+    R, H, V = HEAD_CASES[case]
+    g = torch.Generator().manual_seed(R * H + V)
+    hidden = torch.randn(1, R, H, generator=g).to(dtype).to(device)
+    W = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).to(device)
+    W[V // 3] = W[V // 5]  # a planted exact tie between two rows
+    token, conf = kops.lm_head_argmax(hidden, W, backend=backend)
+    ref_tok, ref_conf = reference.lm_head_argmax(hidden, W)
+    assert token.shape == (1, R) and token.dtype == torch.int64 and conf.dtype == torch.float32
+    # The argmax may differ from the reference only where the reference's own top-2 logits are within
+    # its rounding error (the kernels sum in another order); there the chosen logit must be a top one.
+    logits64 = hidden.double() @ W.double().T
+    ref_logits = torch.nn.functional.linear(hidden, W).float()
+    slack = 2 * (ref_logits.double() - logits64).abs().max().item() + 2 * _ulp(ref_logits.abs().max().item(), dtype)
+    chosen = logits64.gather(-1, token[..., None])[..., 0]
+    assert (logits64.max(-1).values - chosen <= slack).all()
+    exact = token == ref_tok
+    if dtype == torch.float32:
+        assert exact.all(), "fp32 logits have no rounding ties here: the argmax must agree"
+    conf64 = torch.softmax(ref_logits.double(), -1).max(-1).values
+    torch.testing.assert_close(conf[exact].double(), conf64[exact], rtol=2e-2 if dtype != torch.float32 else 1e-4,
+                               atol=1e-6)
+
+
+def _ulp(x, dtype):
+    return x * {torch.float32: 2 ** -23, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_argmax_ties_take_the_first_index(backend):
+    skip_missing_kernel(backend, "lm_head_argmax")
+    device = device_for(backend)
+    hidden = torch.ones(1, 1, 16, device=device)
+    W = torch.zeros(300, 16, device=device)
+    W[[17, 42, 250]] = 1.0
+    token, conf = kops.lm_head_argmax(hidden, W, backend=backend)
+    assert token.item() == 17
+    assert conf.item() == pytest.approx(1 / (3 + 297 * torch.exp(torch.tensor(-16.0)).item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_ops_reject_bad_input(backend):
+    device = device_for(backend)  # validation runs before dispatch: every backend rejects alike
+    q = torch.randn(1, 2, 4, 16, device=device)
+    k = torch.randn(1, 2, 2, 16, device=device)
+    cache = torch.zeros(1, 2, 32, 16, device=device)
+    cos = torch.zeros(32, 16, device=device)
+    pos = torch.tensor([[3, 4]], device=device)
+    with pytest.raises(ValueError, match="k's head count 3 must divide q's head count 4"):
+        kops.rope_append_attention(q, torch.randn(1, 2, 3, 16, device=device), torch.randn(1, 2, 3, 16, device=device),
+                                   cos, cos, pos, cache, cache.clone(), 0.25, backend=backend)
+    with pytest.raises(ValueError, match="positions must be int64"):
+        kops.rope_append_attention(q, k, k.clone(), cos, cos, pos.int(), cache, cache.clone(), 0.25, backend=backend)
+    with pytest.raises(ValueError, match="rope_cos must be float32"):
+        kops.rope_append_attention(q, k, k.clone(), cos[:8], cos, pos, cache, cache.clone(), 0.25, backend=backend)
+    with pytest.raises(ValueError, match="k_cache must have q's dtype"):
+        kops.rope_append_attention(q, k, k.clone(), cos, cos, pos, cache.half(), cache.clone(), 0.25, backend=backend)
+    with pytest.raises(ValueError, match=r"lm_head must have shape \[V, 16\]"):
+        kops.lm_head_argmax(q[0, 0], torch.randn(10, 8, device=device), backend=backend)
+    with pytest.raises(ValueError, match="lm_head must have hidden's dtype"):
+        kops.lm_head_argmax(q[0, 0], torch.randn(10, 16, device=device).half(), backend=backend)
