@@ -1,0 +1,209 @@
+"""What the microbenchmarks measure, shared by test_bench_*.py and kernel_report.py:
+
+  - every op in kangaroo_ext.ops, per backend, at decode shapes of SmolLM2-135M (hidden 576, 9 query
+    and 3 KV heads of 64, vocab 49,152, γ = 6; attention after 1,024 cached positions) plus one large
+    RMSNorm where bandwidth, not launch latency, dominates;
+  - the engine's two decode phases on the default model: one draft round and one verify step, as the
+    CUDA graphs the engine itself captured (engine.graphs.draft / .verify).
+"""
+import dataclasses
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import kangaroo_ext.ops as kops
+
+DTYPE = torch.bfloat16
+MAX_DRAFT = 6     # γ of the engine phases (speculative_generate's default)
+DEVICE = "cuda"  # a module setting, so the cases can be dry-run on the CPU (reference backend)
+CHAT_PROMPTS = [
+    "Explain how a bicycle stays upright while it is moving.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the main differences between Python lists and tuples? Give examples.",
+    "Summarise the causes of the French Revolution in a few paragraphs.",
+]
+
+
+# ---- ops -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class OpCase:
+    op: str                                   # kangaroo_ext.ops function name
+    shape: str                                # the last part of the key "<op>/<backend>/<shape>"
+    launches: int                             # launches per captured graph (fewer for large shapes)
+    make: Callable[[str], Callable[[], object]]  # backend -> a call of the op on preallocated inputs
+    nbytes: int                               # bytes read + written by one launch (the op's minimum)
+
+    def key(self, backend: str) -> str:
+        return f"{self.op}/{backend}/{self.shape}"
+
+
+def _elsize(dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _rms_case(M: int, H: int, launches: int) -> OpCase:
+    def make(backend):
+        x = torch.randn(M, H, device=DEVICE, dtype=DTYPE)
+        residual = torch.randn_like(x)
+        weight = torch.rand(H, device=DEVICE, dtype=DTYPE) + 0.5
+        # Forced backend: raises BackendUnavailable with its reasons rather than timing another one.
+        kops.fused_add_rms_norm(x, residual, weight, 1e-5, backend=backend)
+        return lambda: kops.fused_add_rms_norm(x, residual, weight, 1e-5, backend=backend)
+    # reads x, residual, weight; writes out, residual_out
+    return OpCase("fused_add_rms_norm", f"{M}x{H}", launches, make, (4 * M * H + H) * _elsize(DTYPE))
+
+
+def _verify_case(B: int, k: int, V: int, launches: int) -> OpCase:
+    def make(backend):
+        logits = torch.randn(B, k + 1, V, device=DEVICE, dtype=DTYPE)
+        drafts = logits[:, :k].argmax(dim=-1)
+        drafts[:, k // 2:] = (drafts[:, k // 2:] + 1) % V   # half the chain agrees: a typical partial accept
+        num_drafted = torch.full((B,), k, dtype=torch.int64, device=DEVICE)
+        kops.verify_accept(drafts, logits, num_drafted, backend=backend)
+        return lambda: kops.verify_accept(drafts, logits, num_drafted, backend=backend)
+    # reads logits, drafts, num_drafted; writes accepted, committed
+    nbytes = B * (k + 1) * V * _elsize(DTYPE) + 8 * (B * k + B + B + B * (k + 1))
+    return OpCase("verify_accept", f"B{B}-k{k}-V{V}", launches, make, nbytes)
+
+
+def _attention_case(T: int, context: int, capacity: int, launches: int, Hq=9, Hkv=3, D=64) -> OpCase:
+    """T new positions after `context` cached ones (T = 1: a draft or plain step; T = γ+1: verify),
+    SmolLM2's heads, a static cache of `capacity` positions."""
+    def make(backend):
+        q = torch.randn(1, T, Hq, D, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(1, T, Hkv, D, device=DEVICE, dtype=DTYPE)
+        v = torch.randn_like(k)
+        inv_freq = 1.0 / (100000.0 ** (torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D))
+        freqs = torch.arange(capacity, device=DEVICE, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        cos, sin = torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([freqs, freqs], dim=-1).sin()
+        positions = torch.arange(context, context + T, device=DEVICE)[None, :]
+        k_cache = torch.randn(1, Hkv, capacity, D, device=DEVICE, dtype=DTYPE)
+        v_cache = torch.randn_like(k_cache)
+        args = (q, k, v, cos, sin, positions, k_cache, v_cache, D ** -0.5, 0)
+        kops.rope_append_attention(*args, backend=backend)
+        return lambda: kops.rope_append_attention(*args, backend=backend)
+    es = _elsize(DTYPE)
+    # minimum: q, k, v and their RoPE rows in; K and V up to the last position; k, v into the cache; output
+    nbytes = (T * (Hq + 2 * Hkv) * D * es + 2 * T * D * 4 + 2 * Hkv * (context + T) * D * es
+              + 2 * T * Hkv * D * es + T * Hq * D * es)
+    return OpCase("rope_append_attention", f"T{T}-ctx{context}-S{capacity}", launches, make, nbytes)
+
+
+def _head_case(T: int, H: int, V: int, launches: int) -> OpCase:
+    def make(backend):
+        hidden = torch.randn(1, T, H, device=DEVICE, dtype=DTYPE)
+        lm_head = torch.randn(V, H, device=DEVICE, dtype=DTYPE) * H ** -0.5
+        kops.lm_head_argmax(hidden, lm_head, backend=backend)
+        return lambda: kops.lm_head_argmax(hidden, lm_head, backend=backend)
+    # the LM head once, the hidden states, token (int64) + confidence (fp32) out; no logits written
+    return OpCase("lm_head_argmax", f"{T}x{H}-V{V}", launches, make, (V * H + T * H) * _elsize(DTYPE) + 12 * T)
+
+
+OP_CASES: Dict[str, List[OpCase]] = {
+    "fused_add_rms_norm": [_rms_case(1, 576, 200), _rms_case(7, 576, 200), _rms_case(4096, 4096, 10)],
+    "verify_accept": [_verify_case(1, 6, 49152, 200)],
+    "rope_append_attention": [_attention_case(1, 1024, 2048, 100), _attention_case(7, 1024, 2048, 100)],
+    "lm_head_argmax": [_head_case(1, 576, 49152, 50)],
+}
+
+
+def registered_ops() -> List[str]:
+    """Every op the package dispatches (its backend registry), so a new op without a case shows up."""
+    return sorted(kops.backends._IMPLS)
+
+
+def missing_cases() -> List[str]:
+    return [op for op in registered_ops() if op not in OP_CASES]
+
+
+def backends() -> Dict[str, List[str]]:
+    """Backend -> reasons it cannot run here ([] = it can)."""
+    return kops.available_backends()
+
+
+# ---- the engine on the default model -------------------------------------------------------------
+
+def chat_ids(tokenizer, prompt: str) -> List[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _weight_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for f in dataclasses.fields(layer)
+               for t in [getattr(layer, f.name)] if isinstance(t, torch.Tensor))
+
+
+class DefaultEngine:
+    """The default model (bf16, CUDA) and its engine after one Kangaroo generation: the engine holds
+    the captured draft / verify graphs and a realistic cache length. restore() puts back the decode
+    state (cache and output lengths, pending token) so every timed replay does the same work."""
+
+    def __init__(self, new_tokens: int = 128):
+        import kangaroo_ext as kx
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = kx.load_default_model(device=DEVICE, dtype=DTYPE)
+        self.load_s = time.perf_counter() - t0
+        self.adapter = kx.load_default_adapter(self.model)
+        out = kx.speculative_generate(self.model, chat_ids(self.tokenizer, CHAT_PROMPTS[0]), adapter=self.adapter,
+                                      max_new_tokens=new_tokens, max_draft=MAX_DRAFT)
+        assert out.stats.mode == "graphs", out.stats.mode
+        self.engine = self.model.__dict__["_kangaroo_engine"][1]
+        graphs = self.engine.graphs
+        # One CudaGraphs object, or (newer engines) a dict of them keyed by (γ, speculative).
+        self.graphs = graphs[(MAX_DRAFT, True)] if isinstance(graphs, dict) else graphs
+        self._saved = {n: getattr(self.engine, n).clone() for n in ("cache_len", "out_len", "tokens_in")}
+        torch.cuda.synchronize()
+
+    def restore(self):
+        for name, saved in self._saved.items():
+            getattr(self.engine, name).copy_(saved)
+
+    def restore_and_sync(self):
+        self.restore()
+        torch.cuda.synchronize()
+
+    def describe(self) -> dict:
+        e, s = self.engine, self.engine.spec
+        return {"gamma": self.graphs.gamma, "exit_layer": self.adapter.exit_layer, "layers": s.num_layers,
+                "cache_len": int(self._saved["cache_len"][0]), "cache_capacity": e.capacity}
+
+    def phase_bytes(self) -> Dict[str, int]:
+        """Minimum bytes one phase reads: weights once per step that uses them (decode GEMVs re-read
+        them), the LM head per draft, and each attention's K and V up to the last position (a kernel
+        that reads the whole static cache moves more, and its GB/s counts only this minimum)."""
+        e, s = self.engine, self.engine.spec
+        g, ell = self.graphs.gamma, self.adapter.exit_layer
+        positions = int(self._saved["cache_len"][0]) + g + 1
+        kv = 2 * e.B * s.num_kv_heads * positions * s.head_dim * e.k_cache.element_size()  # one layer's K, V
+        lm_head = s.lm_head.numel() * s.lm_head.element_size()
+        shallow = sum(_weight_bytes(w) for w in s.layers[:ell]) + _weight_bytes(e.adapter_weights)
+        deep = sum(_weight_bytes(w) for w in s.layers[ell:])
+        return {"draft_round": (g + 1) * (shallow + (ell + 1) * kv) + g * lm_head,
+                "verify_step": deep + (s.num_layers - ell) * kv + lm_head}
+
+
+def decode_speeds(model, tokenizer, adapter, prompts=CHAT_PROMPTS, max_new_tokens: int = 256) -> dict:
+    """kx.generate and kx.speculative_generate over chat prompts, after a warm-up on the longest one
+    (the engine's buffers then never grow, so no graph is re-captured while timing). Methods run one
+    after the other: they use different graphs. tok/s = total tokens / total decode time."""
+    import kangaroo_ext as kx
+    ids = [chat_ids(tokenizer, p) for p in prompts]
+    longest = max(ids, key=len)
+    eos = tokenizer.eos_token_id
+    out = {}
+    for name, run in (("plain", lambda x: kx.generate(model, x, max_new_tokens=max_new_tokens, eos_token_id=eos)),
+                      ("speculative", lambda x: kx.speculative_generate(model, x, adapter=adapter, eos_token_id=eos,
+                                                                        max_new_tokens=max_new_tokens))):
+        run(longest)
+        run(longest)
+        stats = [run(x).stats for x in ids]
+        tokens, seconds = sum(s.new_tokens for s in stats), sum(s.total_s for s in stats)
+        rounds = sum(s.rounds for s in stats)
+        out[name] = {"tok_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "rounds": rounds,
+                     "host_syncs_per_round": sum(s.host_syncs for s in stats) / rounds,
+                     "mean_accepted": (sum(sum(s.accepted) for s in stats) + rounds) / rounds,
+                     "recaptures": sum(1 for s in stats if s.capture_s > 0)}
+    return out

@@ -1,0 +1,116 @@
+"""Kernel and decode report: the measurements of `pytest bench/`, outside pytest, into one JSON file.
+
+    python bench/kernel_report.py                      # writes bench/results/kernels.json
+    python bench/kernel_report.py --out /tmp/k.json
+
+Needs a CUDA device. About a minute on an H100, half of it loading the default model. Sections:
+  copy_GBps  device-to-device copy of 1 GiB, bytes read + written, median of 10 (CUDA events)
+  ops        "<op>/<backend>/<shape>": µs per launch (CUDA graph of N launches), GB/s, fraction of copy_GBps
+  engine     one draft round / one verify step of the default model, as the engine's own CUDA graphs
+  decode     kx.generate vs kx.speculative_generate, default model and adapter, chat prompts,
+             256 new tokens, after warm-up; host syncs per round (1 = the design: one report read)
+"""
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH_DIR)
+
+import bench_cases  # noqa: E402
+import bench_timing  # noqa: E402
+import kangaroo_ext.ops as kops  # noqa: E402
+from kangaroo_ext.benchmark import device_name, git_commit, write_json  # noqa: E402
+
+DEFAULT_OUT = os.path.join(BENCH_DIR, "results", "kernels.json")
+DECODE_NEW_TOKENS = 256
+
+
+def measure_ops(copy_GBps: float):
+    ops, skipped = {}, {}
+    available = bench_cases.backends()
+    for op in bench_cases.registered_ops():
+        for case in bench_cases.OP_CASES.get(op, []):
+            for backend in kops.ORDER:
+                key = case.key(backend)
+                if available[backend]:
+                    skipped[key] = "; ".join(available[backend])
+                    continue
+                try:
+                    fn = case.make(backend)
+                except kops.BackendUnavailable as e:
+                    skipped[key] = str(e)
+                    continue
+                graph = bench_timing.capture_burst(fn, case.launches)
+                info = bench_timing.bandwidth_info(bench_timing.us_per_launch(graph, case.launches), case.nbytes,
+                                                   copy_GBps)
+                ops[key] = {"backend": backend, "us": info["us"], "GBps": info["GBps"],
+                            "fraction_of_copy": info["fraction_of_copy"], "bytes": case.nbytes,
+                            "launches_per_graph": case.launches}
+                print(f"  {key:45s} {info['us']:9.2f} us  {info['GBps']:8.1f} GB/s  "
+                      f"{100 * info['fraction_of_copy']:5.1f}% of copy", flush=True)
+                del graph, fn
+                torch.cuda.empty_cache()
+    return ops, skipped
+
+
+def measure_engine(eng, copy_GBps: float) -> dict:
+    out = {"model": "SmolLM2-135M-Instruct", "dtype": str(bench_cases.DTYPE), **eng.describe()}
+    for phase, graph in (("draft_round", eng.graphs.draft), ("verify_step", eng.graphs.verify)):
+        us = bench_timing.us_each(graph.replay, setup=eng.restore)
+        out[phase] = bench_timing.bandwidth_info(us, eng.phase_bytes()[phase], copy_GBps)
+        out[phase].pop("copy_GBps")
+        print(f"  engine/{phase:38s} {us:9.2f} us  {out[phase]['GBps']:8.1f} GB/s", flush=True)
+    eng.restore_and_sync()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"default: {os.path.relpath(DEFAULT_OUT)}")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_report: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    commit, dirty = git_commit()
+    print(f"kernel_report on {device_name('cuda')}", flush=True)
+    copy = bench_timing.copy_bandwidth_GBps()
+    print(f"  copy bandwidth {copy:.0f} GB/s", flush=True)
+    ops, skipped = measure_ops(copy)
+    engine = decode = None
+    model_error = None
+    try:
+        eng = bench_cases.DefaultEngine()
+    except (ImportError, FileNotFoundError) as e:  # e.g. no gguf package: still report the kernels
+        model_error = f"{type(e).__name__}: {e}"
+        print(f"  default model unavailable, no engine/decode numbers: {model_error}", file=sys.stderr)
+    else:
+        engine = measure_engine(eng, copy)
+        speeds = bench_cases.decode_speeds(eng.model, eng.tokenizer, eng.adapter, max_new_tokens=DECODE_NEW_TOKENS)
+        decode = {"plain_tok_per_s": speeds["plain"]["tok_per_s"],
+                  "speculative_tok_per_s": speeds["speculative"]["tok_per_s"],
+                  "host_syncs_per_round": speeds["speculative"]["host_syncs_per_round"],
+                  "speedup": speeds["speculative"]["tok_per_s"] / speeds["plain"]["tok_per_s"],
+                  "mean_accepted": speeds["speculative"]["mean_accepted"], "max_new_tokens": DECODE_NEW_TOKENS,
+                  "prompts": len(bench_cases.CHAT_PROMPTS), "adapter_trained": eng.adapter.config.get("trained"),
+                  "detail": speeds}
+        print(f"  decode: plain {decode['plain_tok_per_s']:.0f} tok/s, speculative "
+              f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
+              f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
+    report = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc)
+              .isoformat(timespec="seconds"), "commit": commit, "dirty": dirty, "torch": torch.__version__,
+              "copy_GBps": copy, "ops": ops, "skipped": skipped, "missing_cases": bench_cases.missing_cases(),
+              "engine": engine, "decode": decode, "default_model_error": model_error,
+              "seconds": time.perf_counter() - t0}
+    write_json(args.out, report)
+    print(f"wrote {args.out} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

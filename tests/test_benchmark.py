@@ -1,0 +1,271 @@
+"""`kangaroo bench` end to end on a tiny random model with a character-level chat tokenizer (CPU, fast)."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import kangaroo_ext as kx
+from kangaroo_ext import benchmark as kb
+
+from models import tiny_model
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},
+    {"question_id": 2, "category": "math", "turns": ["What is 2+2?", "And times 3?"]},
+    {"question_id": 3, "category": "writing", "turns": ["Describe a cat."]},
+    {"question_id": 4, "category": "coding", "turns": ["Sort a list.", "In C?"]},
+]
+METHODS = ["kangaroo", "plain", "hf-eager", "hf-prompt-lookup"]  # not hf-static: it compiles
+
+
+class CharChatTokenizer:
+    """Printable ASCII chars are ids 0..94, id 100 is EOS; a ChatML-like template. Logs every conversation
+    it renders, so tests can see what context each turn was given."""
+    eos_token_id = 100
+
+    def __init__(self):
+        self.rendered = []
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
+        assert tokenize is False
+        self.rendered.append([dict(m) for m in messages])
+        text = "".join(f"<|{m['role']}|>{m['content']}|" for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) - 32 if 32 <= ord(c) < 127 else 0 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(32 + i) if i < 95 else ("" if skip_special_tokens else "<?>") for i in ids)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_cpu():
+    """The harness is under test here, not the kernels (tests/test_ops.py covers those): use the PyTorch
+    reference ops rather than Triton's CPU interpreter, and one thread, since with tiny matrices intra-op
+    threads only add overhead and on a busy 2-core machine they time-slice (5 ms vs 300 ms a forward)."""
+    threads, backend = torch.get_num_threads(), os.environ.get("KANGAROO_BACKEND")
+    torch.set_num_threads(1)
+    os.environ["KANGAROO_BACKEND"] = "reference"
+    yield
+    torch.set_num_threads(threads)
+    if backend is None:
+        os.environ.pop("KANGAROO_BACKEND", None)
+    else:
+        os.environ["KANGAROO_BACKEND"] = backend
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def run(model, tmp_path_factory):
+    """One benchmark run shared by the tests below: (results, tokenizer, out_dir)."""
+    tokenizer = CharChatTokenizer()
+    adapter = kx.Adapter.for_model(model, exit_layer=2)
+    path = tmp_path_factory.mktemp("q") / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    questions = kb.load_questions(str(path))
+    # η = 0: always draft γ, so acceptance by position has data
+    results = kb.new_results(str(path), questions, "cpu", torch.float32, 12, 0.0, 4, "test", METHODS, 2)
+    results = kb.run_benchmark(model, tokenizer, questions, METHODS, adapter=adapter, max_new_tokens=12,
+                               threshold=0.0, max_draft=4, hf_max_questions=2, warmup=1, progress=False,
+                               results=results)
+    out = tmp_path_factory.mktemp("out")
+    kb.write_outputs(results, str(out))
+    return results, tokenizer, out
+
+
+def test_every_method_ran_every_turn_and_hf_fewer_questions(run):
+    results, _, _ = run
+    assert not results.get("errors"), results.get("errors")
+    assert list(results["methods"]) == METHODS
+    for m in ("kangaroo", "plain"):
+        assert len(results["methods"][m]["turns"]) == 7
+    # hf-* ran 2 questions, picked round-robin over categories (writing, math), not the first 2 in the file only
+    hf_turns = results["methods"]["hf-eager"]["turns"]
+    assert sorted({t["question_id"] for t in hf_turns}) == [1, 2]
+    for t in results["methods"]["plain"]["turns"]:
+        assert 0 < t["new_tokens"] <= 12 and t["seconds"] > 0 and t["tok_per_s"] > 0
+
+
+def test_second_turn_sees_the_methods_own_first_answer(run):
+    results, tokenizer, _ = run
+    rendered = {(c[0]["content"], c[1]["content"], c[2]["content"]) for c in tokenizer.rendered if len(c) == 3}
+    for m, r in results["methods"].items():
+        turns = {(t["question_id"], t["turn"]): t for t in r["turns"]}
+        for q in QUESTIONS:
+            if len(q["turns"]) < 2 or (q["question_id"], 1) not in turns:
+                continue
+            first = turns[(q["question_id"], 0)]
+            assert (q["turns"][0], first["output"], q["turns"][1]) in rendered, m
+            # the second prompt holds the first prompt and the first answer
+            assert turns[(q["question_id"], 1)]["prompt_tokens"] >= first["prompt_tokens"] + len(first["output"])
+
+
+def test_kangaroo_identical_to_plain_in_fp32(run):
+    results, _, _ = run
+    summary = kb.summarize(results)
+    assert summary["kangaroo"]["overall"]["identical_to_plain"] == 1.0
+    assert summary["plain"]["overall"]["identical_to_plain"] == 1.0
+    k = summary["kangaroo"]["overall"]
+    assert k["mean_accepted"] >= 1.0 and k["rounds"] == sum(k["accepted_histogram"])
+    assert len(k["acceptance_by_position"]) == 4 and all(0 <= p <= 1 for p in k["acceptance_by_position"][:1])
+    assert summary["plain"]["overall"]["speedup_vs_plain"] == pytest.approx(1.0)
+
+
+def test_summary_json_has_the_latest_json_form(run):
+    _, _, out = run
+    latest = json.loads((out / "summary.json").read_text())
+    for key, kind in (("device", str), ("date", str), ("commit", str), ("questions", str),
+                      ("max_new_tokens", int), ("methods", dict), ("per_category", dict)):
+        assert isinstance(latest[key], kind), key
+    for key in ("speedup_vs_plain", "speedup_vs_hf_eager", "identical_to_plain"):
+        assert isinstance(latest[key], float), key
+    assert set(latest["methods"]) == set(METHODS)
+    assert all(isinstance(v["tok_per_s"], float) for v in latest["methods"].values())
+    assert isinstance(latest["methods"]["kangaroo"]["mean_accepted"], float)
+    assert set(latest["per_category"]) == {"writing", "math", "coding"}
+    for block in latest["per_category"].values():
+        assert isinstance(block["speedup_vs_plain"], float) and isinstance(block["mean_accepted"], float)
+    assert latest["speedup_vs_hf_eager_questions"] == 2
+    full = json.loads((out / "results.json").read_text())
+    assert full["summary"]["kangaroo"]["overall"]["accepted_histogram"]
+
+
+def test_outputs_written_atomically_and_markdown_table(run):
+    _, _, out = run
+    names = set(os.listdir(out))
+    assert {"results.json", "summary.json", "results.md"} <= names
+    assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
+    md = (out / "results.md").read_text()
+    assert "| method | questions | turns | tok/s (mean of turns) |" in md
+    assert "| kangaroo |" in md and "| **all** |" in md
+
+
+def test_plots_written(run):
+    pytest.importorskip("matplotlib")
+    _, _, out = run
+    for name in ("speedup_by_category.png", "accepted_per_round.png", "acceptance_by_position.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "x.json"
+
+    def boom(f):
+        f.write("half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        kb.atomic_write(str(target), boom)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- bad input: one clear error, before any model loads ------------------------------------------
+
+def _args(*argv):
+    parser = argparse.ArgumentParser(prog="kangaroo")
+    kb.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.fixture
+def qfile(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return str(path)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"question_id": 1, "category": "a", "turns": ["x"]}', '{"question_id": 2, '], r"line 2 is not valid JSON"),
+    (['{"question_id": 1, "category": "a"}'], r"line 1: missing field\(s\) turns"),
+    (['{"question_id": 1, "category": "a", "turns": []}'], r"line 1: 'turns' must be a non-empty list"),
+    (['[1, 2]'], r"line 1: expected a JSON object"),
+    ([''], r"no questions"),
+])
+def test_malformed_questions_file(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        kb.run_from_args(_args("--questions", str(path)))
+
+
+def test_missing_questions_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="questions file not found: .*nope.jsonl"):
+        kb.run_from_args(_args("--questions", str(tmp_path / "nope.jsonl")))
+
+
+def test_unknown_method_lists_the_valid_ones(qfile):
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, plain, hf-eager, "
+                                         r"hf-static, hf-prompt-lookup"):
+        kb.run_from_args(_args("--questions", qfile, "--methods", "kangaroo,medusa"))
+
+
+def test_unknown_category_lists_the_present_ones(qfile):
+    with pytest.raises(ValueError, match=r"unknown category poetry; categories present: writing, math, coding"):
+        kb.run_from_args(_args("--questions", qfile, "--categories", "writing,poetry"))
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_max_new_tokens_must_be_positive(qfile, value):
+    with pytest.raises(ValueError, match=r"--max-new-tokens must be > 0"):
+        kb.run_from_args(_args("--questions", qfile, "--max-new-tokens", value))
+
+
+def test_category_filter_and_round_robin_selection():
+    qs = kb.select_questions(QUESTIONS, categories=["writing", "coding"])
+    assert [q["question_id"] for q in qs] == [1, 3, 4]
+    assert [q["question_id"] for q in kb.select_questions(QUESTIONS, max_questions=3)] == [1, 2, 4]
+
+
+def test_run_benchmark_rejects_bad_arguments(model):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        kb.run_benchmark(model, CharChatTokenizer(), QUESTIONS, ["plain"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="needs an adapter"):
+        kb.run_benchmark(model, CharChatTokenizer(), QUESTIONS, ["kangaroo"])
+
+
+def test_a_failing_method_is_recorded_and_the_others_still_run(model, monkeypatch):
+    real = kb.make_runner
+
+    def runner(method, *args):
+        if method == "hf-eager":
+            def broken(*a, **k):
+                raise RuntimeError("compile failed")
+            return broken
+        return real(method, *args)
+    monkeypatch.setattr(kb, "make_runner", runner)
+    saved = []
+    results = kb.run_benchmark(model, CharChatTokenizer(), QUESTIONS[:1], ["hf-eager", "plain"], max_new_tokens=4,
+                               warmup=0, progress=False, on_method_done=lambda r: saved.append(list(r["methods"])))
+    assert results["errors"] == {"hf-eager": "RuntimeError: compile failed"}
+    assert list(results["methods"]) == ["plain"] and saved == [[], ["plain"]]
+    assert "**hf-eager failed**" in kb.markdown_report(results, kb.summarize(results), {})
+
+
+def test_resume_keeps_finished_methods_and_refuses_other_settings(run, tmp_path):
+    results, _, _ = run
+    kb.write_json(str(tmp_path / "results.json"), results)
+    fresh = {**results, "config": dict(results["config"], methods=["hf-static"]), "methods": {}}
+    resumed = kb._resumed(str(tmp_path), fresh)
+    assert list(resumed["methods"]) == METHODS  # all kept; only hf-static would run
+    assert resumed["config"]["methods"] == METHODS + ["hf-static"]
+    other = {**results, "config": dict(results["config"], max_new_tokens=99), "methods": {}}
+    with pytest.raises(ValueError, match="different max_new_tokens"):
+        kb._resumed(str(tmp_path), other)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from kangaroo_ext import cli
+    try:
+        cli.build_parser().parse_args(["bench", "--questions", "x.jsonl"])
+    except SystemExit:
+        pytest.skip("`kangaroo bench` is not wired into kangaroo_ext/cli.py yet")
+    capsys.readouterr()
+    assert cli.main(["bench", "--questions", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kangaroo bench: error: questions file not found")
