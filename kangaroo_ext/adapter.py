@@ -76,6 +76,58 @@ class Adapter(nn.Module):
                 raise ValueError(f"init must be 'next_layer' or 'random', got {init!r}")
         return adapter.to(spec.device, spec.dtype)
 
+    # ---- training forward ------------------------------------------------------------------------
+
+    def forward(self, exit_hidden: torch.Tensor, positions: torch.Tensor, rope_cos: torch.Tensor,
+                rope_sin: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                scale: Optional[float] = None, window: int = 0) -> torch.Tensor:
+        """The adapter over whole sequences at once, differentiable, without a KV cache (for training).
+
+        exit_hidden: [B, T, H], the residual stream after layer ℓ (HF's hidden_states[ℓ], the engine's h_exit);
+        positions: [B, T] int64, consecutive per row over its real tokens; rope_cos / rope_sin: [S, D] float32
+        tables as Engine.reserve builds them; attention_mask: [B, T], 1 for real tokens, 0 for padding
+        (left or right), None = all real; scale: the target's attention scale (default head_dim**-0.5);
+        window: the target's sliding window (0 = none). Returns y [B, T, H], normed by norm2: the input of
+        the target's LM head. Op for op the engine's cached path (Engine.adapter_forward, reference
+        rounding), so training optimises exactly what the engine drafts with.
+        """
+        from .ops import reference  # the definitions the engine's cached path is built from
+        t = self.config["target"]
+        Hq, Hkv, D = t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
+        B, T, _ = exit_hidden.shape
+        normed, _ = reference.fused_add_rms_norm(exit_hidden, None, self.norm1, self.rms_norm_eps)
+        q = self.q_proj(normed).view(B, T, Hq, D)
+        k = self.k_proj(normed).view(B, T, Hkv, D)
+        v = self.v_proj(normed).view(B, T, Hkv, D)
+        cos = rope_cos[positions].to(q.dtype)[:, :, None, :]                 # [B, T, 1, D]
+        sin = rope_sin[positions].to(q.dtype)[:, :, None, :]
+        q = q * cos + reference.rotate_half(q) * sin
+        k = k * cos + reference.rotate_half(k) * sin
+        G = Hq // Hkv
+        qg = q.transpose(1, 2).reshape(B, Hkv, G * T, D)                     # GQA grouping as the engine's
+        mask = self._attention_mask(positions, attention_mask, window)       # [B, T, T]
+        mask = mask.repeat(1, G, 1)[:, None]                                 # [B, 1, G*T, T]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale if scale else D ** -0.5)
+        o = o.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
+        y, _ = reference.fused_add_rms_norm(self.o_proj(o), exit_hidden, self.norm2, self.rms_norm_eps)
+        return y
+
+    @staticmethod
+    def _attention_mask(positions, attention_mask, window: int) -> torch.Tensor:
+        """[B, Tq, Tk] bool: key s visible to query t iff s <= t, s is a real token and (window) within it.
+
+        Every query also sees itself, so a padding row never has an empty softmax (NaN); real queries
+        never see padding, so their outputs do not depend on it."""
+        T = positions.shape[1]
+        idx = torch.arange(T, device=positions.device)
+        mask = (idx[None, :] <= idx[:, None])[None].expand(positions.shape[0], T, T)
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]
+        if window > 0:
+            mask = mask & (positions[:, None, :] > positions[:, :, None] - window)
+        return mask | torch.eye(T, dtype=torch.bool, device=positions.device)[None]
+
     # ---- compatibility ---------------------------------------------------------------------------
 
     def check_compatible(self, spec: ModelSpec):

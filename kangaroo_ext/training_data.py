@@ -1,0 +1,396 @@
+"""Self-distillation data for adapter training: prompts, the target's own answers, and the teacher cache.
+
+    prompts (.jsonl) ──chat template──► HF model.generate (batched, greedy) ──► prompt + answer ids
+    ──one teacher forward per batch──► DistillCache: exit states hidden_states[ℓ] for each requested ℓ,
+                                        and the teacher's next-token targets (top-k + rest, or full)
+
+The cache holds every sequence once, flat along the token axis, so one generation and one teacher pass
+serve the training of any number of exit layers. Bad prompt records are skipped and counted, never silently.
+"""
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+SKIP_REASONS = {
+    "malformed_json": "line is not valid JSON",
+    "not_an_object": "line is not a JSON object",
+    "missing_prompt": "no 'prompt' field",
+    "prompt_not_a_string": "'prompt' is not a string",
+    "empty_prompt": "'prompt' is empty or whitespace",
+    "too_long": "prompt exceeds --max-prompt-tokens after the chat template",
+}
+
+
+def progress_bar(enabled: bool, **kw):
+    """tqdm on a terminal; into a log file (no terminal) a line every 15 s instead of a stream of updates."""
+    from tqdm.auto import tqdm
+    return tqdm(disable=not enabled, mininterval=0.5 if sys.stderr.isatty() else 15.0, **kw)
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def read_text_lines(path: str, what: str) -> List[str]:
+    """All lines of a UTF-8 file; FileNotFoundError / ValueError with one clear line otherwise."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path} is a directory, not a .jsonl file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f]  # not splitlines(): JSON strings may hold U+2028
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_prompt_records(path: str) -> Tuple[List[dict], Counter]:
+    """JSON objects of a .jsonl prompt file, and how many lines were skipped per reason."""
+    records, skipped = [], Counter()
+    for line in read_text_lines(path, "prompt file"):
+        if not line.strip():
+            continue  # blank lines separate nothing; not a record
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            skipped["malformed_json"] += 1
+    return records, skipped
+
+
+def valid_prompts(records: Sequence, skipped: Optional[Counter] = None) -> Tuple[List[str], Counter]:
+    """Prompt texts from strings or {"prompt": ...} records, in order; the others counted by reason."""
+    skipped = Counter() if skipped is None else skipped
+    out = []
+    for rec in records:
+        if isinstance(rec, str):
+            text = rec
+        elif not isinstance(rec, dict):
+            skipped["not_an_object"] += 1
+            continue
+        elif "prompt" not in rec:
+            skipped["missing_prompt"] += 1
+            continue
+        else:
+            text = rec["prompt"]
+        if not isinstance(text, str):
+            skipped["prompt_not_a_string"] += 1
+        elif not text.strip():
+            skipped["empty_prompt"] += 1
+        else:
+            out.append(text)
+    return out, skipped
+
+
+def read_mt_bench_first_turns(path: str, n: int) -> List[str]:
+    """First turns of `n` MT-bench questions, round-robin over categories (the file is sorted by
+    category: its first n questions would all be "writing"). Records without a usable first turn are
+    skipped; an error if none is left."""
+    by_category: Dict[str, List[str]] = {}
+    for line in read_text_lines(path, "MT-bench file"):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        turns = rec.get("turns") if isinstance(rec, dict) else None
+        if isinstance(turns, list) and turns and isinstance(turns[0], str) and turns[0].strip():
+            by_category.setdefault(str(rec.get("category", "")), []).append(turns[0])
+    if not by_category:
+        raise ValueError(f"MT-bench file {path} holds no question with a first turn ('turns' list)")
+    picked, depth = [], 0
+    while len(picked) < n and any(depth < len(q) for q in by_category.values()):
+        picked += [q[depth] for q in by_category.values() if depth < len(q)]
+        depth += 1
+    return picked[:n]
+
+
+# ---- tokens --------------------------------------------------------------------------------------
+
+def chat_token_ids(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+    """Each text as one user turn, chat template with the generation prompt. Rendered to text first:
+    apply_chat_template(tokenize=True) returns a list in transformers 4 and a dict in 5."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; self-distillation prompts the model as a chat")
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                              add_generation_prompt=True) for t in texts]
+    return [list(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int, limit: int,
+                   skipped: Counter) -> Tuple[List[List[int]], int]:
+    """Token ids of the first `limit` prompts that fit max_prompt_tokens (templated), in file order.
+    Returns (ids, prompts examined); over-long prompts are counted in skipped["too_long"]."""
+    out, examined, chunk = [], 0, 512
+    while len(out) < limit and examined < len(texts):
+        for ids in chat_token_ids(tokenizer, texts[examined:examined + chunk]):
+            examined += 1
+            if len(ids) > max_prompt_tokens:
+                skipped["too_long"] += 1
+                continue
+            out.append(ids)
+            if len(out) == limit:
+                break
+    return out, examined
+
+
+def eos_token_ids(model, tokenizer) -> List[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+# ---- generation: the target writes the answers -----------------------------------------------------
+
+def generate_answers(model, prompts: List[List[int]], max_new_tokens: int, batch_size: int, eos_ids: List[int],
+                     pad_id: int, time_limit: Optional[float] = None, seed: int = 0,
+                     progress: bool = True) -> Tuple[List[Tuple[List[int], List[int]]], dict]:
+    """Greedy answers by HF `model.generate`, batched with left padding.
+
+    Prompts are batched by length (little padding), and the batches run in a seeded random order, so a
+    time limit drops a random subset rather than all the longest prompts. Returns [(prompt ids, answer
+    ids up to and including the first EOS)] in prompt order, and statistics."""
+    from transformers import GenerationConfig
+    device = model.get_input_embeddings().weight.device
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None,
+                              pad_token_id=pad_id)  # explicit: the model's sampling defaults must not apply
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    answers: Dict[int, List[int]] = {}
+    new_tokens, eos_ended, stopped = 0, 0, False
+    eos = set(eos_ids)
+    bar = progress_bar(progress, total=len(prompts), desc="generate", unit="prompt")
+    t0 = time.perf_counter()
+    for b in order:
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            stopped = True
+            break
+        rows = batches[b]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        for r, new in enumerate(out[:, width:].tolist()):
+            cut = next((j + 1 for j, t in enumerate(new) if t in eos), None)
+            eos_ended += cut is not None
+            answers[rows[r]] = new[:cut] if cut is not None else new
+            new_tokens += len(answers[rows[r]])
+        bar.update(len(rows))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    bar.close()
+    pairs = [(prompts[i], answers[i]) for i in sorted(answers)]
+    stats = {"prompts_requested": len(prompts), "sequences": len(pairs), "new_tokens": new_tokens,
+             "ended_with_eos": eos_ended, "seconds": round(seconds, 2),
+             "tokens_per_s": round(new_tokens / seconds, 1) if seconds else 0.0, "batch_size": batch_size,
+             "max_new_tokens": max_new_tokens, "stopped_by_time_limit": stopped,
+             "prompts_not_generated": len(prompts) - len(pairs)}
+    return pairs, stats
+
+
+# ---- prompts -> the target's answers, kept in out_dir for --resume / --reuse-data ----------------------
+
+DATA_FILE = "distill_data.pt"
+
+
+def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, say):
+    """(prompt ids, answer ids) pairs, a report on the prompts (used, skipped by reason) and one on the
+    generation. opts: a training.TrainOptions. Reuses out_dir's answers when asked and the settings match."""
+    if isinstance(prompts, (str, os.PathLike)):
+        records, skipped = read_prompt_records(prompts)
+        source = {"file": os.path.abspath(prompts), "bytes": os.path.getsize(prompts)}
+    else:
+        records, skipped, source = list(prompts), Counter(), {"in_memory_records": len(prompts)}
+    settings = {"source": source, "num_prompts": opts.num_prompts, "max_prompt_tokens": opts.max_prompt_tokens,
+                "max_new_tokens": opts.max_new_tokens, "model": model_fingerprint}
+    path = os.path.join(opts.out_dir, DATA_FILE) if opts.out_dir else None
+    if path and (opts.resume or opts.reuse_data) and os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["settings"] != settings:
+            raise ValueError(f"{path} was generated with other settings ({saved['settings']}, now {settings}); "
+                             "use another --out or drop --resume / --reuse-data")
+        say(f"[train] reusing {len(saved['sequences'])} generated answers from {path}")
+        return saved["sequences"], saved["data"], dict(saved["generation"], reused=True)
+
+    texts, skipped = valid_prompts(records, skipped)
+    ids, examined = encode_prompts(tokenizer, texts, opts.max_prompt_tokens, opts.num_prompts, skipped)
+    data_report = {"source": source, "records": len(records) + skipped["malformed_json"], "valid": len(texts),
+                   "examined": examined, "used": len(ids), "skipped": dict(skipped),
+                   "skip_reasons": {k: SKIP_REASONS[k] for k in skipped}}
+    if skipped:
+        say("[train] skipped prompt records: " + ", ".join(f"{n} {k} ({SKIP_REASONS[k]})"
+                                                           for k, n in sorted(skipped.items())))
+    if len(ids) < 2:
+        raise ValueError(f"only {len(ids)} usable prompt(s) (skipped: {dict(skipped) or 'none'}); need at least 2")
+    if len(ids) < opts.num_prompts:
+        say(f"[train] note: only {len(ids)} usable prompts for num_prompts={opts.num_prompts}")
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    sequences, gen = generate_answers(model, ids, opts.max_new_tokens, opts.gen_batch_size, eos, pad,
+                                      opts.generation_time_limit, opts.seed, opts.progress)
+    say(f"[train] generation: {gen['sequences']} answers, {gen['new_tokens']} tokens in {gen['seconds']:.1f} s "
+        f"= {gen['tokens_per_s']:.0f} tok/s (batch {opts.gen_batch_size}, <= {opts.max_new_tokens} new tokens"
+        + (", stopped by the time limit" if gen["stopped_by_time_limit"] else "") + ")")
+    if len(sequences) < 2:
+        raise ValueError("fewer than 2 answers were generated; raise the generation time limit")
+    if path:
+        torch.save({"settings": settings, "sequences": sequences, "data": data_report, "generation": gen},
+                   path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return sequences, data_report, gen
+
+
+# ---- the teacher pass and its cache -----------------------------------------------------------------
+
+@dataclass
+class Batch:
+    exit_hidden: torch.Tensor    # [B, T, H], right-padded (padding repeats a real row; never a loss position)
+    positions: torch.Tensor      # [B, T]
+    loss_mask: torch.Tensor      # [B, T] bool: positions whose next token is a target
+    target_rows: torch.Tensor    # [n] int64, rows of the cache's targets for loss_mask's True entries, row-major
+
+
+class DistillCache:
+    """What training reads: per sequence, exit states at every position, and teacher targets at the loss
+    positions (a contiguous range: the answer, or the whole sequence with loss_on_prompt).
+
+    Position t's target is the teacher's distribution of token t+1, as the adapter at t drafts t+1.
+    top_k > 0: target_idx [n, k] and target_prob [n, k], the rest of the mass one extra bucket;
+    top_k == 0: target_hidden [n, H], the teacher's final normed state, its full softmax recomputed on use."""
+
+    def __init__(self, sequences: List[Tuple[List[int], List[int]]], exit_layers: Sequence[int], top_k: int,
+                 loss_on_prompt: bool, hidden_size: int, device, dtype):
+        lengths = torch.tensor([len(p) + len(a) for p, a in sequences], dtype=torch.int64)
+        first = torch.zeros_like(lengths) if loss_on_prompt else \
+            torch.tensor([len(p) - 1 for p, _ in sequences], dtype=torch.int64)
+        count = lengths - 1 - first                       # targets t+1 for t in [first, L-2]
+        self.tokens = torch.cat([torch.tensor(p + a, dtype=torch.int64) for p, a in sequences])
+        self.seq_len, self.loss_first, self.loss_count = lengths.to(device), first.to(device), count.to(device)
+        self.seq_start = (torch.cumsum(lengths, 0) - lengths).to(device)
+        self.loss_start = (torch.cumsum(count, 0) - count).to(device)
+        self.top_k = top_k
+        n_tok, n_loss = int(lengths.sum()), int(count.sum())
+        self.exit_states = {ell: torch.empty(n_tok, hidden_size, device=device, dtype=dtype) for ell in exit_layers}
+        self.teacher_top1 = torch.empty(n_loss, dtype=torch.int64, device=device)
+        if top_k > 0:
+            self.target_idx = torch.empty(n_loss, top_k, dtype=torch.int32, device=device)
+            self.target_prob = torch.empty(n_loss, top_k, dtype=torch.float32, device=device)
+        else:
+            self.target_hidden = torch.empty(n_loss, hidden_size, device=device, dtype=dtype)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.seq_len.shape[0]
+
+    @property
+    def num_targets(self) -> int:
+        return self.teacher_top1.shape[0]
+
+    def describe_targets(self) -> str:
+        return (f"teacher top-{self.top_k} probabilities plus one bucket holding the remaining mass"
+                if self.top_k > 0 else "the teacher's full softmax over the vocabulary")
+
+    def _index(self, seq_ids: torch.Tensor):
+        """Right-padded [B, T] token rows, positions and the loss mask / target rows of sequences seq_ids."""
+        seq_ids = seq_ids.to(self.seq_len.device)
+        L, first, count = self.seq_len[seq_ids], self.loss_first[seq_ids], self.loss_count[seq_ids]
+        t = torch.arange(int(L.max()), device=L.device)[None, :]                 # [1, T]
+        rows = self.seq_start[seq_ids][:, None] + torch.minimum(t, L[:, None] - 1)
+        loss_mask = (t >= first[:, None]) & (t < (first + count)[:, None])
+        target_rows = (self.loss_start[seq_ids][:, None] + t - first[:, None])[loss_mask]
+        return rows, t.expand(len(seq_ids), -1), loss_mask, target_rows
+
+    def batch(self, seq_ids: torch.Tensor, exit_layer: int) -> Batch:
+        rows, positions, loss_mask, target_rows = self._index(seq_ids)
+        return Batch(self.exit_states[exit_layer][rows], positions, loss_mask, target_rows)
+
+
+@torch.no_grad()  # not inference_mode: the cache's tensors feed autograd later
+def teacher_pass(model, sequences: List[Tuple[List[int], List[int]]], exit_layers: Sequence[int], top_k: int,
+                 loss_on_prompt: bool, tokens_per_batch: int, progress: bool = True) -> DistillCache:
+    """One forward of the frozen target per batch of full sequences (prompt + answer), right-padded:
+    causal attention keeps padding out of every real position, and positions start at 0 as in the engine.
+    hidden_states[ℓ] (the residual stream after layer ℓ-1) is the exit state the engine feeds the adapter."""
+    head = model.get_output_embeddings().weight
+    num_layers = model.config.num_hidden_layers
+    cache = DistillCache(sequences, exit_layers, top_k, loss_on_prompt, head.shape[1], head.device, head.dtype)
+    tokens = cache.tokens.to(head.device)
+    lengths = cache.seq_len.tolist()
+    by_length = sorted(range(len(sequences)), key=lambda i: -lengths[i])
+    batches, cur, width = [], [], 0
+    for i in by_length:                           # longest first: the largest batch shows memory limits at once
+        L = lengths[i]
+        if cur and (len(cur) + 1) * max(width, L) > tokens_per_batch:
+            batches.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, L)
+    batches += [cur] if cur else []
+    for seq_ids in progress_bar(progress, iterable=batches, desc="teacher", unit="batch"):
+        seq_ids = torch.tensor(seq_ids, device=cache.seq_len.device)
+        rows, _, loss_mask, target_rows = cache._index(seq_ids)
+        real = torch.arange(rows.shape[1], device=rows.device)[None, :] < cache.seq_len[seq_ids][:, None]
+        out = model.model(input_ids=tokens[rows], output_hidden_states=True, use_cache=False)
+        if len(out.hidden_states) != num_layers + 1:
+            raise RuntimeError(f"teacher: expected {num_layers + 1} hidden states, got {len(out.hidden_states)}")
+        for ell in exit_layers:
+            cache.exit_states[ell][rows[real]] = out.hidden_states[ell][real]
+        final = out.last_hidden_state[loss_mask]                              # [n, H], after the final norm
+        for lo in range(0, final.shape[0], 8192):                             # [n, V] logits in slices
+            h = final[lo:lo + 8192]
+            r = target_rows[lo:lo + 8192]
+            logits = torch.nn.functional.linear(h, head).float()              # = the model's logits, as HF rounds
+            cache.teacher_top1[r] = logits.argmax(-1)
+            if top_k > 0:
+                prob, idx = torch.softmax(logits, -1).topk(top_k, dim=-1)
+                cache.target_idx[r], cache.target_prob[r] = idx.int(), prob
+            else:
+                cache.target_hidden[r] = h
+    return cache
+
+
+def split_holdout(num_sequences: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train ids, held-out ids): a seeded random `fraction` held out, at least one each when possible."""
+    perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed + 7919))
+    if fraction == 0 or num_sequences < 2:
+        return perm.sort().values, perm[:0]
+    n_hold = min(max(1, round(fraction * num_sequences)), num_sequences - 1)
+    return perm[n_hold:].sort().values, perm[:n_hold].sort().values
+
+
+def batch_sequences(train_ids: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """The sequences of step `step`: a function of (seed, step) alone, so resuming needs no sampler state.
+    Each epoch is a fresh seeded permutation, cut into full batches."""
+    n = len(train_ids)
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return train_ids[perm[k * batch_size:(k + 1) * batch_size]]
+
+
+def distill_loss(logits: torch.Tensor, cache: DistillCache, rows: torch.Tensor, lm_head: torch.Tensor):
+    """Soft cross-entropy of the student's logits [n, V] against the teacher's targets at cache rows `rows`."""
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, -1)
+    if cache.top_k > 0:
+        idx, p = cache.target_idx[rows].long(), cache.target_prob[rows]
+        rest = (1 - p.sum(-1)).clamp_min(0)                                    # the teacher's mass outside top-k
+        log_rest = torch.logsumexp(logits.scatter(-1, idx, float("-inf")), -1) - log_z
+        ce = -(p * (logits.gather(-1, idx) - log_z[:, None])).sum(-1) - rest * log_rest
+    else:
+        p = torch.softmax(torch.nn.functional.linear(cache.target_hidden[rows], lm_head).float(), -1)
+        ce = log_z - (p * logits).sum(-1)
+    return ce.mean()
