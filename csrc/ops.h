@@ -19,4 +19,15 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
 std::tuple<at::Tensor, at::Tensor> verify_accept(const at::Tensor& draft_tokens, const at::Tensor& target_logits,
                                                  const std::optional<at::Tensor>& num_drafted);
 
+// rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions,
+//                       Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor
+// Returns out [B, T, Hq*D]; writes the new k/v rows into the caches; attention.cu.
+at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& positions,
+                                 at::Tensor& k_cache, at::Tensor& v_cache, double scale, int64_t window);
+
+// lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)
+// Returns (token [...] int64, confidence [...] float32); lm_head.cu.
+std::tuple<at::Tensor, at::Tensor> lm_head_argmax(const at::Tensor& hidden, const at::Tensor& lm_head);
+
 }  // namespace kangaroo

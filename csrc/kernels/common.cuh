@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -71,6 +72,99 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T>
 constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));  // elements in 16 bytes
 
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> vec_zero() {
+  Vec<T, N> z;
+#pragma unroll
+  for (int e = 0; e < N; ++e) z.v[e] = from_float<T>(0.f);
+  return z;
+}
+
+// N elements of T (global or shared) as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_as_float(const T* p, float (&out)[N]) {
+  Vec<T, N> x;
+  x.load(p);
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] = to_float(x.v[e]);
+}
+
+// N floats with the widest accesses the alignment of N floats allows (16 bytes at most: a Vec<float, 8>
+// would claim 32-byte alignment, which the callers only guarantee for 16).
+template <int N>
+__device__ __forceinline__ void load_floats(const float* p, float (&out)[N]) {
+  constexpr int kPiece = N % 4 == 0 ? 4 : (N % 2 == 0 ? 2 : 1);
+#pragma unroll
+  for (int i = 0; i < N; i += kPiece) {
+    Vec<float, kPiece> x;
+    x.load(p + i);
+#pragma unroll
+    for (int e = 0; e < kPiece; ++e) out[i + e] = x.v[e];
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_floats(float* p, const float (&in)[N]) {
+  constexpr int kPiece = N % 4 == 0 ? 4 : (N % 2 == 0 ? 2 : 1);
+#pragma unroll
+  for (int i = 0; i < N; i += kPiece) {
+    Vec<float, kPiece> x;
+#pragma unroll
+    for (int e = 0; e < kPiece; ++e) x.v[e] = in[i + e];
+    x.store(p + i);
+  }
+}
+
+// ---- asynchronous global -> shared copies (sm_80+) -----------------------------------------------
+// copy_async<T, N> moves N elements; 4, 8 and 16 bytes go through cp.async (16 bypasses L1), smaller
+// copies are plain loads/stores (synchronous). Either way the data is visible to the block after
+// cp_async_wait<...>() covering its group, then __syncthreads().
+
+template <typename T, int N>
+__device__ __forceinline__ void copy_async(T* smem_dst, const T* gmem_src) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * N;
+  if constexpr (kBytes == 16) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+  } else if constexpr (kBytes == 8 || kBytes == 4) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem_src), "n"(kBytes) : "memory");
+  } else {
+    Vec<T, N> x;
+    x.load(gmem_src);
+    x.store(smem_dst);
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most `kPending` of this thread's most recent groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Raises Kernel's dynamic shared-memory limit to at least `bytes` on the current device, calling the
+// driver only when a larger limit than any set before is needed (per kernel and device; a race just
+// repeats the call). cudaFuncSetAttribute is host-side state, not stream work: fine during capture.
+template <auto Kernel>
+cudaError_t ensure_dynamic_smem(int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> granted[kMaxDevices];  // zero-initialized (static storage)
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && granted[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && device < kMaxDevices) {
+    int prev = granted[device].load(std::memory_order_relaxed);
+    while (prev < bytes && !granted[device].compare_exchange_weak(prev, bytes, std::memory_order_relaxed)) {
+    }
+  }
+  return err;
+}
+
 inline bool is_aligned(const void* p, unsigned bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
@@ -82,6 +176,13 @@ __host__ __device__ constexpr inline int64_t ceil_div(int64_t a, int64_t b) { re
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// fmaxf semantics: a NaN loses to any number (callers that must propagate NaN do so separately).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 
