@@ -158,8 +158,9 @@ class DefaultEngine:
         torch.cuda.synchronize()
 
     def restore(self):
-        for name, saved in self._saved.items():
-            getattr(self.engine, name).copy_(saved)
+        with torch.inference_mode():  # the engine's buffers are inference tensors (made by speculative_generate)
+            for name, saved in self._saved.items():
+                getattr(self.engine, name).copy_(saved)
 
     def restore_and_sync(self):
         self.restore()

@@ -38,8 +38,11 @@ def plain_top2_gap(model, sequence: torch.Tensor, position: int) -> tuple:
     The prefix is prefilled in one pass here, while the plain run fed it token by token, so this is the
     plain engine's gap up to bf16 rounding of the cache: a measurement of how close the tie is."""
     engine: Engine = model.__dict__["_kangaroo_engine"][1]
-    prefix = sequence[:position]
-    kx.generate(model, prefix, max_new_tokens=1, eos_token_id=[])  # leaves the cache filled for prefix[:-1]
+    # prefill(P) feeds P[:-1] and leaves P[-1] pending: with P = sequence[:position], the pending token is
+    # sequence[position - 1] and the next plain step predicts sequence[position].
+    prefix = sequence[None, :position]
+    engine.reserve(position + 8, engine.max_draft or 1)
+    engine.prefill(prefix, speculative=False)
     pos = engine.cache_len[:, None]
     h = torch.nn.functional.embedding(engine.tokens_in[:, :1], engine.spec.embed)
     x, res = engine.run_layers(h, pos, 0, engine.spec.num_layers)
