@@ -145,7 +145,7 @@ def _check_capacity(engine: Engine, prompt_len: int, max_new_tokens: int):
 def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], adapter: Adapter = None,
                          max_new_tokens: int = 128, exit_layer: Optional[int] = None, threshold: float = 0.6,
                          max_draft: int = 6, eos_token_id=None, streamer=None,
-                         mode: Optional[str] = None) -> GenerationOutput:
+                         mode: Optional[str] = None, adaptive_draft: bool = True) -> GenerationOutput:
     """Greedy Kangaroo decoding; the output equals `generate` token for token.
 
     Args:
@@ -159,6 +159,9 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         streamer: an object with put(LongTensor) and end() (e.g. transformers.TextStreamer).
         mode: "graphs" (CUDA graphs, default on GPU), "device" (same steps without graphs) or "host"
             (draft loop controlled from the host, default on CPU where reading a tensor costs nothing).
+        adaptive_draft: in "graphs"/"device" mode, cap each round's draft steps by the draft lengths
+            seen so far (the captured draft phase computes every step it has, even after the confidence
+            exit); False always runs γ steps. Never changes the output.
     Returns:
         GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
     """
@@ -184,7 +187,8 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
     _check_capacity(engine, prompt.shape[1], max_new_tokens)
     engine.bind_adapter(adapter)
     return _decode(engine, prompt, max_new_tokens, _eos_ids(model, eos_token_id), streamer,
-                   _pick_mode(engine, mode), gamma=max_draft, threshold=float(threshold))
+                   _pick_mode(engine, mode), gamma=max_draft, threshold=float(threshold),
+                   adaptive_draft=bool(adaptive_draft))
 
 
 @torch.inference_mode()
@@ -225,19 +229,34 @@ class _Clock:
         return sum(b - a for a, b in pairs)
 
 
-def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, threshold) -> GenerationOutput:
+def _next_budget(budget: int, drafted: int, gamma: int) -> int:
+    """How many draft steps the next round may take. On the GPU a round runs every step of its captured
+    draft graph whatever the confidence exit decides (it only limits what is proposed), so the budget
+    tracks the draft lengths actually seen: a draft that stopped at k < budget gets k + 1 next time, one
+    that used the whole budget gets twice as much (up to γ). Output is unchanged: the budget only caps how
+    many drafts are proposed, and verification decides every token."""
+    return min(gamma, 2 * budget) if drafted >= budget else max(1, drafted + 1)
+
+
+def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, threshold,
+            adaptive_draft: bool = False) -> GenerationOutput:
     speculative = gamma is not None
     g = gamma or 1
     T = prompt.shape[1]
     cuda = engine.spec.device.type == "cuda"
     stats = DecodeStats(mode=mode)
     engine.reserve(T + max_new + g + 1, g)
-    graphs = None
+    # Draft budget per round (see _next_budget): one pair of graphs per budget value, captured before
+    # prefill because capture warm-ups overwrite the decode state.
+    budgets = range(1, g + 1) if speculative and adaptive_draft else [g]
+    graphs = {}
     if mode == "graphs":
-        graphs = engine.graphs.get((g, speculative))
-        if graphs is None:
-            graphs = engine.graphs[(g, speculative)] = CudaGraphs(engine, g, speculative)
-            stats.capture_s = graphs.capture_seconds
+        for b in budgets:
+            graphs[b] = engine.graphs.get((b, speculative))
+            if graphs[b] is None:
+                graphs[b] = engine.graphs[(b, speculative)] = CudaGraphs(engine, b, speculative)
+                stats.capture_s += graphs[b].capture_seconds
+    budget = g
     report_host = torch.empty(engine.report.shape, dtype=torch.int64, pin_memory=cuda)
     engine.threshold.fill_(threshold)
     clock = _Clock(cuda)
@@ -257,7 +276,7 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     while not finished:
         c0 = clock.mark()
         if not speculative:
-            graphs.plain.replay() if mode == "graphs" else engine.plain_step()
+            graphs[g].plain.replay() if mode == "graphs" else engine.plain_step()
             clock.add("verify", c0, clock.mark())
         elif mode == "host":
             engine.begin_round()
@@ -276,14 +295,14 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
             clock.add("verify", c1, clock.mark())
         else:
             if mode == "graphs":
-                graphs.draft.replay()
+                graphs[budget].draft.replay()
             else:
                 engine.begin_round()
-                for j in range(g + 1):
-                    engine.draft_step(j, g)
+                for j in range(budget + 1):
+                    engine.draft_step(j, budget)
             c1 = clock.mark()
             clock.add("draft", c0, c1)
-            graphs.verify.replay() if mode == "graphs" else engine.verify(g + 1)
+            graphs[budget].verify.replay() if mode == "graphs" else engine.verify(budget + 1)
             clock.add("verify", c1, clock.mark())
 
         report_host.copy_(engine.report, non_blocking=cuda)   # the round's one host sync
@@ -296,6 +315,8 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
         stats.rounds += 1
         stats.accepted.append(accepted)
         stats.drafted.append(drafted)
+        if adaptive_draft and speculative:
+            budget = _next_budget(budget, drafted, g)
         room = max_new - len(new_tokens)
         emit = committed[:room]
         for i, t in enumerate(emit):

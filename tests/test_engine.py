@@ -184,3 +184,30 @@ def test_stats_are_consistent():
     assert len(s.acceptance_by_position(4)) == 4
     plain = kx.generate(model, prompts(2, seed=7)[1], max_new_tokens=50, eos_token_id=[]).stats
     assert plain.mean_accepted == 1.0 and plain.rounds == 50
+
+
+def test_draft_budget_follows_the_drafts_seen():
+    from kangaroo_ext.generation import _next_budget
+    assert _next_budget(6, 0, 6) == 1          # nothing drafted: one step next time
+    assert _next_budget(1, 1, 6) == 2          # the whole budget was used: double it
+    assert _next_budget(4, 4, 6) == 6          # ... up to γ
+    assert _next_budget(6, 2, 6) == 3          # stopped at 2: 3 next time
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+@torch.inference_mode()
+def test_adaptive_draft_budget_is_lossless(adaptive):
+    model = tiny_model("llama")
+    for i, p in enumerate(prompts(6, seed=8)):
+        ref = kx.generate(model, p, max_new_tokens=48, eos_token_id=[]).sequences
+        adapter = kx.Adapter.for_model(model, exit_layer=2 + i % 3, init="next_layer" if i % 2 else "random")
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=48, threshold=0.3, max_draft=6,
+                                      eos_token_id=[], mode="device", adaptive_draft=adaptive)
+        assert torch.equal(out.sequences, ref)
+        if not adaptive:
+            continue
+        budget = 6  # replay the policy: no round may have drafted more than its budget
+        from kangaroo_ext.generation import _next_budget
+        for d in out.stats.drafted:
+            assert d <= budget
+            budget = _next_budget(budget, d, 6)
