@@ -11,20 +11,12 @@
 #include <limits>
 
 #include "checks.h"
+#include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/attention.cuh"
 #include "ops.h"
 
 namespace kangaroo {
-namespace {
-
-int device_attribute(cudaDeviceAttr attr, c10::DeviceIndex device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
-}  // namespace
 
 at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& positions,

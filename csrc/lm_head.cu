@@ -11,20 +11,12 @@
 #include <limits>
 
 #include "checks.h"
+#include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/lm_head.cuh"
 #include "ops.h"
 
 namespace kangaroo {
-namespace {
-
-int device_attribute(cudaDeviceAttr attr, c10::DeviceIndex device) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lm_head_argmax(const at::Tensor& hidden, const at::Tensor& lm_head) {
   checks::cuda(hidden, "hidden");

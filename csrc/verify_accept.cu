@@ -10,21 +10,12 @@
 #include <limits>
 
 #include "checks.h"
+#include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/verify_accept.cuh"
 #include "ops.h"
 
 namespace kangaroo {
-namespace {
-
-// A host-side attribute query: no stream work, so it is fine during CUDA-graph capture.
-int multiprocessor_count(c10::DeviceIndex device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> verify_accept(const at::Tensor& draft_tokens, const at::Tensor& target_logits,
                                                  const std::optional<at::Tensor>& num_drafted) {
@@ -60,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> verify_accept(const at::Tensor& draft_tokens,
 
   const c10::cuda::OptionalCUDAGuard guard(draft_tokens.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int num_sms = multiprocessor_count(draft_tokens.device().index());
+  const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, draft_tokens.device().index());
   const int64_t rows = batch * (k + 1);
 
   at::Tensor accepted = at::empty({batch}, draft_tokens.options());

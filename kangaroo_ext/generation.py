@@ -110,8 +110,8 @@ def _check_common(max_new_tokens, mode):
 
 def _engine_for(model) -> Engine:
     """The engine cached on the model; rebuilt if the model moved or changed dtype."""
-    spec_key = (str(model.get_input_embeddings().weight.device), model.get_input_embeddings().weight.dtype,
-                model.get_input_embeddings().weight.data_ptr())
+    embed = model.get_input_embeddings().weight
+    spec_key = (str(embed.device), embed.dtype, embed.data_ptr())
     cached = model.__dict__.get("_kangaroo_engine")
     if cached is None or cached[0] != spec_key:
         cached = (spec_key, Engine(model_spec(model)))

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import _extension
+from .schemas import MISSING_FROM_EXTENSION
 
 ORDER = ("cuda", "triton", "reference")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,10 +104,8 @@ def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[st
     if auto and backend == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
         # The interpreter is for testing kernels on machines without a GPU, ~1000x slower than PyTorch.
         return ["auto-selection never uses Triton's CPU interpreter (force backend='triton' to test it)"]
-    if backend == "cuda":
-        from .schemas import MISSING_FROM_EXTENSION
-        if op in MISSING_FROM_EXTENSION:
-            return [f"this build of the extension has no kernel for {op} (rebuild it)"]
+    if backend == "cuda" and op in MISSING_FROM_EXTENSION:
+        return [f"this build of the extension has no kernel for {op} (rebuild it)"]
     if backend == "triton" and not hasattr(triton_module(), op):
         return [f"kangaroo_ext.triton_kernels has no kernel for {op}"]
     entry = _IMPLS.get(op, {}).get(backend)
