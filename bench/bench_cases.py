@@ -101,11 +101,49 @@ def _head_case(T: int, H: int, V: int, launches: int) -> OpCase:
     return OpCase("lm_head_argmax", f"{T}x{H}-V{V}", launches, make, (V * H + T * H) * _elsize(DTYPE) + 12 * T)
 
 
+def _linear_case(op: str, M: int, K: int, Ns, launches: int, residual: bool = True) -> OpCase:
+    """The decode GEMV ops: decode_linear (one weight [N, K]), rms_norm_linear (weights [N_i, K], e.g.
+    q/k/v), rms_norm_gate_up (gate and up [N, K]); M rows of x."""
+    def make(backend):
+        x = torch.randn(M, K, device=DEVICE, dtype=DTYPE)
+        res = torch.randn_like(x) if residual else None
+        nw = torch.rand(K, device=DEVICE, dtype=DTYPE) + 0.5
+        ws = [torch.randn(n, K, device=DEVICE, dtype=DTYPE) * K ** -0.5 for n in Ns]
+        if op == "decode_linear":
+            call = lambda: kops.decode_linear(x, ws[0], None, backend=backend)  # noqa: E731
+        elif op == "rms_norm_linear":
+            call = lambda: kops.rms_norm_linear(x, res, nw, 1e-5, ws, backend=backend)  # noqa: E731
+        else:
+            call = lambda: kops.rms_norm_gate_up(x, res, nw, 1e-5, ws[0], ws[1], backend=backend)  # noqa: E731
+        call()
+        return call
+    es = _elsize(DTYPE)
+    n_out = Ns[0] if op == "rms_norm_gate_up" else sum(Ns)
+    # the weights once, x (and residual, norm weight) in, outputs (and residual_out) out
+    nbytes = (sum(Ns) * K + M * K + M * n_out) * es
+    if op != "decode_linear":
+        nbytes += (K + (2 * M * K if residual else M * K)) * es
+    shape = f"{M}x{K}-N{'+'.join(str(n) for n in Ns)}"
+    return OpCase(op, shape, launches, make, nbytes)
+
+
 OP_CASES: Dict[str, List[OpCase]] = {
     "fused_add_rms_norm": [_rms_case(1, 576, 200), _rms_case(7, 576, 200), _rms_case(4096, 4096, 10)],
     "verify_accept": [_verify_case(1, 6, 49152, 200)],
     "rope_append_attention": [_attention_case(1, 1024, 2048, 100), _attention_case(7, 1024, 2048, 100)],
     "lm_head_argmax": [_head_case(1, 576, 49152, 50)],
+    # SmolLM2-135M's layer shapes (q/k/v 576/192/192, MLP 1536) at decode (1 row) and verify (7 rows),
+    # plus Llama-7B-sized matrices, where the weight stream, not launch latency, dominates.
+    "rms_norm_linear": [_linear_case("rms_norm_linear", 1, 576, (576, 192, 192), 200),
+                        _linear_case("rms_norm_linear", 7, 576, (576, 192, 192), 200),
+                        _linear_case("rms_norm_linear", 1, 4096, (4096, 4096, 4096), 20)],
+    "rms_norm_gate_up": [_linear_case("rms_norm_gate_up", 1, 576, (1536, 1536), 200),
+                         _linear_case("rms_norm_gate_up", 7, 576, (1536, 1536), 200),
+                         _linear_case("rms_norm_gate_up", 1, 4096, (11008, 11008), 10)],
+    "decode_linear": [_linear_case("decode_linear", 1, 1536, (576,), 200, residual=False),
+                      _linear_case("decode_linear", 7, 1536, (576,), 200, residual=False),
+                      _linear_case("decode_linear", 1, 576, (576,), 200, residual=False),
+                      _linear_case("decode_linear", 1, 11008, (4096,), 20, residual=False)],
 }
 
 

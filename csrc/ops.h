@@ -6,6 +6,9 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include <ATen/core/List.h>
 
 namespace kangaroo {
 
@@ -29,5 +32,20 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
 // lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)
 // Returns (token [...] int64, confidence [...] float32); lm_head.cu.
 std::tuple<at::Tensor, at::Tensor> lm_head_argmax(const at::Tensor& hidden, const at::Tensor& lm_head);
+
+// decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor; decode_linear.cu.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+
+// rms_norm_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor[] weights, Tensor?[] biases)
+//     -> (Tensor[], Tensor); decode_linear.cu.
+std::tuple<std::vector<at::Tensor>, at::Tensor> rms_norm_linear(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& norm_weight, double eps,
+    at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases);
+
+// rms_norm_gate_up(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor gate, Tensor up)
+//     -> (Tensor, Tensor); decode_linear.cu.
+std::tuple<at::Tensor, at::Tensor> rms_norm_gate_up(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                    const at::Tensor& norm_weight, double eps,
+                                                    const at::Tensor& gate, const at::Tensor& up);
 
 }  // namespace kangaroo

@@ -11,6 +11,11 @@ TORCH_LIBRARY(kangaroo, m) {
   m.def("rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor");
   m.def("lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)");
+  m.def("rms_norm_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor[] weights, "
+        "Tensor?[] biases) -> (Tensor[], Tensor)");
+  m.def("rms_norm_gate_up(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor gate, Tensor up) "
+        "-> (Tensor, Tensor)");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
@@ -18,4 +23,7 @@ TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
   m.impl("verify_accept", &kangaroo::verify_accept);
   m.impl("rope_append_attention", &kangaroo::rope_append_attention);
   m.impl("lm_head_argmax", &kangaroo::lm_head_argmax);
+  m.impl("rms_norm_linear", &kangaroo::rms_norm_linear);
+  m.impl("rms_norm_gate_up", &kangaroo::rms_norm_gate_up);
+  m.impl("decode_linear", &kangaroo::decode_linear);
 }

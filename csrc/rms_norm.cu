@@ -54,12 +54,13 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
 
   dispatch_float_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = element_t<decltype(tag)>;
-    rms_norm::launch<T>(static_cast<T*>(out.data_ptr()), static_cast<T*>(residual_out.data_ptr()),
-                        static_cast<const T*>(x.const_data_ptr()),
-                        has_residual ? static_cast<const T*>(residual->const_data_ptr()) : nullptr,
-                        static_cast<const T*>(weight.const_data_ptr()), rows, static_cast<int>(hidden),
-                        static_cast<float>(eps), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const cudaError_t err = rms_norm::launch<T>(static_cast<T*>(out.data_ptr()), static_cast<T*>(residual_out.data_ptr()),
+                                                static_cast<const T*>(x.const_data_ptr()),
+                                                has_residual ? static_cast<const T*>(residual->const_data_ptr())
+                                                             : nullptr,
+                                                static_cast<const T*>(weight.const_data_ptr()), rows,
+                                                static_cast<int>(hidden), static_cast<float>(eps), stream);
+    C10_CUDA_CHECK(err);
   });
   return {out, residual_out};
 }

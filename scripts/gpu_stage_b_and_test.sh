@@ -2,7 +2,7 @@
 # One device call: finish staging the default model, build the extension, run the GPU tests and the
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   call 1: mkdir -p /tmp/stage && cp .carry/model_a/part_aa /tmp/stage/
-#   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]     (steps: build tests bench lossless train mtbench)
+#   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]     (steps: build tests sanitizer report bench lossless train mtbench)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
@@ -22,15 +22,22 @@ for step in $steps; do
       python3 -m kangaroo_ext info ;;
     tests)
       log tests
-      python3 -m pytest -q -x tests/test_ops.py tests/test_ops_decode.py tests/test_library.py tests/test_gpu_engine.py \
+      python3 -m pytest -q -x tests/test_ops.py tests/test_ops_decode.py tests/test_ops_linear.py tests/test_library.py \
+        tests/test_gpu_engine.py \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     sanitizer)
       log sanitizer
-      compute-sanitizer --tool memcheck python3 -m pytest -q -x tests/test_ops.py -k "cuda and (576 or 111)" 2>&1 | tail -5
-      compute-sanitizer --tool racecheck python3 -m pytest -q -x tests/test_ops.py -k "cuda and 576 and float16" 2>&1 | tail -5 ;;
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+          tests/test_ops.py tests/test_ops_decode.py tests/test_ops_linear.py -k "cuda and float16" 2>&1 | tail -4
+        echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}"
+      done 2>&1 | tee "$OUT/sanitizer.log" ;;
     lossless)
       log lossless
       python3 bench/bf16_lossless.py --prompts 40 --max-new-tokens 128 --questions .carry/data/mt_bench_question.jsonl 2>&1 | tail -30 ;;
+    report)
+      log report
+      python3 bench/kernel_report.py 2>&1 | tail -45 ;;
     bench)
       log bench
       python3 bench/kernel_report.py 2>&1 | tail -30

@@ -30,6 +30,19 @@ def _sample_args(name, device):
     if name == "lm_head_argmax":
         return [(torch.randn(1, 2, 24, device=device), torch.randn(111, 24, device=device)),
                 (torch.randn(3, 64, device=device, dtype=torch.float16), torch.randn(500, 64, device=device, dtype=torch.float16))]
+    if name in ("rms_norm_linear", "rms_norm_gate_up", "decode_linear"):
+        def case(M, K, Ns, dtype, residual, bias):
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            ws = [torch.randn(n, K, device=device, dtype=dtype) for n in Ns]
+            if name == "decode_linear":
+                return (x, ws[0], torch.randn(Ns[0], device=device, dtype=dtype) if bias else None)
+            res = torch.randn_like(x) if residual else None
+            nw = torch.randn(K, device=device, dtype=dtype)
+            if name == "rms_norm_gate_up":
+                return (x, res, nw, 1e-5, ws[0], ws[1])
+            return (x, res, nw, 1e-5, ws, [torch.randn(n, device=device, dtype=dtype) if bias else None for n in Ns])
+        return [case(3, 72, (40, 40, 24), torch.float32, True, True),
+                case(1, 64, (16, 16), torch.float16, False, False)]
     raise KeyError(name)
 
 

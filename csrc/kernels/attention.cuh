@@ -1,7 +1,7 @@
 // RoPE + KV-cache append + causal attention over the static cache, for decode and verification
 // (kangaroo_ext/ops/reference.py: rope_append_attention), torch-free.
 //
-// Launches: 1 when the plan has one key split (large batch / many heads / prefill, or a short cache),
+// Launches (programmatic dependent launch, common.cuh): 1 when the plan has one key split (large batch / many heads / prefill, or a short cache),
 // else 2 (attention_kernel writes per-split partials, combine_kernel merges them). The host cannot
 // see the context length (positions live on the device), so the split count is a maximum sized from
 // the cache capacity S; every block derives the actual key range from `positions` and a tile whose
@@ -245,6 +245,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   constexpr int M_ALLOC = kWarps * RPT;
   constexpr int UPT = units_per_thread(VEC, HD, RPT);
   extern __shared__ __align__(16) unsigned char smem[];
+  pdl_launch_dependents();  // see common.cuh: everything below may depend on the previous kernel
+  pdl_wait();
   __shared__ int2 s_red[2];
 
   const int D = HD > 0 ? HD : p.head_dim;
@@ -534,6 +536,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params<T> p) {
   extern __shared__ float wsm[];  // [m_tile][n_splits]
   __shared__ int lo_s[kMaxTileRows], hi_s[kMaxTileRows];
   __shared__ float inv_den[kMaxTileRows];
+  pdl_launch_dependents();
+  pdl_wait();
   __shared__ int2 s_red[2];
 
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
@@ -635,13 +639,10 @@ cudaError_t launch_with(const Params<T>& p, const Plan& pl, cudaStream_t stream)
   if (serr != cudaSuccess) return serr;
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(pl.n_qtiles),
                   static_cast<unsigned>(pl.n_splits));
-  kernel<<<grid, kThreads, pl.smem_bytes, stream>>>(p);
-  if (pl.n_splits > 1) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    combine_kernel<T><<<dim3(grid.x, grid.y), kThreads, pl.combine_smem_bytes, stream>>>(p);
-  }
-  return cudaGetLastError();
+  cudaError_t err = launch_pdl(kernel, grid, dim3(kThreads), static_cast<size_t>(pl.smem_bytes), stream, p);
+  if (err != cudaSuccess || pl.n_splits == 1) return err;
+  return launch_pdl(combine_kernel<T>, dim3(grid.x, grid.y), dim3(kThreads),
+                    static_cast<size_t>(pl.combine_smem_bytes), stream, p);
 }
 
 template <typename T, int VEC, int HD>

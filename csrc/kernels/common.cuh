@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 namespace kangaroo {
 
@@ -163,6 +164,44 @@ cudaError_t ensure_dynamic_smem(int bytes) {
     }
   }
   return err;
+}
+
+// ---- programmatic dependent launch (sm_90+) -------------------------------------------------------
+// A kernel launched with launch_pdl may start while the previous kernel in the stream still runs,
+// once every block of that kernel has called pdl_launch_dependents (or exited). Before touching any
+// memory an earlier kernel writes or reads, it must call pdl_wait, which returns when the previous
+// grid has completed and its writes are visible (and that grid waited on its own predecessor, so the
+// whole stream before it is done). What a kernel does before pdl_wait is only what depends on nothing
+// earlier: launch latency, block scheduling, and for the GEMVs the first weight loads. Without a PDL
+// predecessor both calls are no-ops in effect. Graph capture keeps the programmatic edges.
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 inline bool is_aligned(const void* p, unsigned bytes) {

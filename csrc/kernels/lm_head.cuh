@@ -157,6 +157,8 @@ partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int r
   constexpr int CH = HL::kChunk, P = HL::kPlanes;
   extern __shared__ __align__(16) float hs[];
   __shared__ Soft warp_soft[kWarps][kLanesPerRow];
+  pdl_launch_dependents();  // programmatic dependent launch: common.cuh
+  pdl_wait();
 
   const int H = hidden_size;
   const int nvec = H / VEC;
@@ -233,6 +235,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 combine_kernel(const Soft* __restrict__ partials, int n_blocks, int64_t* __restrict__ token,
                float* __restrict__ confidence) {
   __shared__ Soft warp_soft[kCombineThreads / kWarpSize];
+  pdl_launch_dependents();
+  pdl_wait();
   const int r = blockIdx.x;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   Soft st = soft_empty();
@@ -299,12 +303,12 @@ cudaError_t launch_with(const Plan& p, const T* hidden, const T* weight, int64_t
   constexpr auto kernel = partial_kernel<T, VEC, RB>;
   cudaError_t err = ensure_dynamic_smem<kernel>(p.smem_bytes);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(p.n_blocks), static_cast<unsigned>(p.n_rgroups)), kThreads, p.smem_bytes,
-           stream>>>(hidden, weight, static_cast<int>(rows), vocab, hidden_size, p.rows_per_block, partials);
-  err = cudaGetLastError();
+  err = launch_pdl(kernel, dim3(static_cast<unsigned>(p.n_blocks), static_cast<unsigned>(p.n_rgroups)),
+                   dim3(kThreads), static_cast<size_t>(p.smem_bytes), stream, hidden, weight, static_cast<int>(rows),
+                   vocab, hidden_size, p.rows_per_block, partials);
   if (err != cudaSuccess) return err;
-  combine_kernel<<<static_cast<unsigned>(rows), kCombineThreads, 0, stream>>>(partials, p.n_blocks, token, confidence);
-  return cudaGetLastError();
+  return launch_pdl(combine_kernel, dim3(static_cast<unsigned>(rows)), dim3(kCombineThreads), 0, stream, partials,
+                    p.n_blocks, token, confidence);
 }
 
 // Launches both kernels on `stream` for the plan's (VEC, RB); returns the launch status.

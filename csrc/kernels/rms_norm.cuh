@@ -39,6 +39,8 @@ fused_add_rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, con
   constexpr int U = kBatch<VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float warp_sums[kMaxBlockThreads / kWarpSize];
+  pdl_launch_dependents();  // programmatic dependent launch: common.cuh
+  pdl_wait();
 
   const int nvec = hidden / VEC;
   const int stride = blockDim.x;
@@ -156,29 +158,25 @@ bool can_vectorize(const T* out, const T* residual_out, const T* x, const T* res
 }
 
 template <typename T, int VEC>
-void launch_with_vec(const LaunchConfig& c, T* out, T* residual_out, const T* x, const T* residual,
-                     const T* weight, int64_t rows, int hidden, float eps, cudaStream_t stream) {
+cudaError_t launch_with_vec(const LaunchConfig& c, T* out, T* residual_out, const T* x, const T* residual,
+                            const T* weight, int64_t rows, int hidden, float eps, cudaStream_t stream) {
   if (c.cache_in_smem) {
-    fused_add_rms_norm_kernel<T, VEC, true><<<c.grid, c.block, c.smem_bytes, stream>>>(
-        out, residual_out, x, residual, weight, rows, hidden, eps);
-  } else {
-    fused_add_rms_norm_kernel<T, VEC, false><<<c.grid, c.block, 0, stream>>>(
-        out, residual_out, x, residual, weight, rows, hidden, eps);
+    return launch_pdl(fused_add_rms_norm_kernel<T, VEC, true>, c.grid, c.block, c.smem_bytes, stream, out,
+                      residual_out, x, residual, weight, rows, hidden, eps);
   }
+  return launch_pdl(fused_add_rms_norm_kernel<T, VEC, false>, c.grid, c.block, 0, stream, out, residual_out, x,
+                    residual, weight, rows, hidden, eps);
 }
 
-// Launches on `stream`; the caller checks the launch. `residual` may be null. Outputs must not
+// Launches on `stream` and returns the launch status. `residual` may be null. Outputs must not
 // alias the inputs. 1 <= rows < 2^31 (one grid dimension), hidden >= 1.
 template <typename T>
-void launch(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows,
-            int hidden, float eps, cudaStream_t stream) {
+cudaError_t launch(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows,
+                   int hidden, float eps, cudaStream_t stream) {
   const bool vectorized = can_vectorize(out, residual_out, x, residual, weight, hidden);
   const LaunchConfig c = plan(rows, hidden, sizeof(T), vectorized);
-  if (vectorized) {
-    launch_with_vec<T, kVec16<T>>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
-  } else {
-    launch_with_vec<T, 1>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
-  }
+  if (vectorized) return launch_with_vec<T, kVec16<T>>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
+  return launch_with_vec<T, 1>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
 }
 
 }  // namespace rms_norm

@@ -85,22 +85,42 @@ class Engine:
 
     # ---- the model's forward, from the project's ops ----------------------------------------------
 
+    # Decode and verify steps (at most FUSED_MAX_ROWS rows) run each layer as five launches of fused
+    # ops: norm+QKV, RoPE+append+attention (1-2), O-proj, norm+gate/up+SiLU·mul, down-proj. Prefill
+    # (many rows) is compute-bound and keeps cuBLAS GEMMs. Both compute the same reference math.
+    FUSED_MAX_ROWS = 16
+
     def _norm(self, x, residual, weight):
         return ops.fused_add_rms_norm(x, residual, weight, self.spec.rms_norm_eps)
 
-    def _attention(self, x, w: LayerWeights, positions, slot: int):
+    def _attend(self, q, k, v, positions, slot: int):
         s = self.spec
-        B, T, _ = x.shape
-        q = F.linear(x, w.q, w.q_bias).view(B, T, s.num_heads, s.head_dim)
-        k = F.linear(x, w.k, w.k_bias).view(B, T, s.num_kv_heads, s.head_dim)
-        v = F.linear(x, w.v, w.v_bias).view(B, T, s.num_kv_heads, s.head_dim)
-        o = ops.rope_append_attention(q, k, v, self.rope_cos, self.rope_sin, positions, self.k_cache[slot],
-                                            self.v_cache[slot], s.attn_scale, s.sliding_window or 0)
-        return F.linear(o, w.o, w.o_bias)
+        B, T = positions.shape
+        return ops.rope_append_attention(q.view(B, T, s.num_heads, s.head_dim), k.view(B, T, s.num_kv_heads, s.head_dim),
+                                         v.view(B, T, s.num_kv_heads, s.head_dim), self.rope_cos, self.rope_sin,
+                                         positions, self.k_cache[slot], self.v_cache[slot], s.attn_scale,
+                                         s.sliding_window or 0)
 
-    @staticmethod
-    def _mlp(x, w: LayerWeights):
-        return F.linear(F.silu(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias), w.down, w.down_bias)
+    def _attention_block(self, x, res, w: LayerWeights, positions, slot: int):
+        """(x, res) -> (attention output before the O-projection's residual add, residual stream)."""
+        B, T = positions.shape
+        if B * T <= self.FUSED_MAX_ROWS:
+            (q, k, v), res = ops.rms_norm_linear(x, res, w.input_norm, self.spec.rms_norm_eps, [w.q, w.k, w.v],
+                                                 [w.q_bias, w.k_bias, w.v_bias])
+            return ops.decode_linear(self._attend(q, k, v, positions, slot), w.o, w.o_bias), res
+        normed, res = self._norm(x, res, w.input_norm)
+        q, k, v = (F.linear(normed, wt, bt) for wt, bt in ((w.q, w.q_bias), (w.k, w.k_bias), (w.v, w.v_bias)))
+        return F.linear(self._attend(q.contiguous(), k.contiguous(), v.contiguous(), positions, slot), w.o,
+                        w.o_bias), res
+
+    def _mlp_block(self, x, res, w: LayerWeights):
+        B, T = x.shape[:2]
+        if B * T <= self.FUSED_MAX_ROWS and w.gate_bias is None and w.up_bias is None:
+            act, res = ops.rms_norm_gate_up(x, res, w.post_norm, self.spec.rms_norm_eps, w.gate, w.up)
+            return ops.decode_linear(act, w.down, w.down_bias), res
+        normed, res = self._norm(x, res, w.post_norm)
+        act = F.silu(F.linear(normed, w.gate, w.gate_bias)) * F.linear(normed, w.up, w.up_bias)
+        return F.linear(act, w.down, w.down_bias), res
 
     def run_layers(self, h, positions, start: int, end: int):
         """Layers [start, end) on the residual stream h [B, T, H] at positions [B, T].
@@ -109,18 +129,16 @@ class Engine:
         x, res = h, None
         for i in range(start, end):
             w = self.spec.layers[i]
-            normed, res = self._norm(x, res, w.input_norm)
-            attn = self._attention(normed, w, positions, slot=i)
-            normed, res = self._norm(attn, res, w.post_norm)
-            x = self._mlp(normed, w)
+            x, res = self._attention_block(x, res, w, positions, slot=i)
+            x, res = self._mlp_block(x, res, w)
         return x, res
 
     def adapter_forward(self, x, res, positions, with_head: bool = True):
         """Kangaroo adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised
-        residual stream at the exit, which verification starts from) and, with_head, (token, confidence)."""
+        residual stream at the exit, which verification starts from) and, with_head, (token, confidence).
+        Decode launches: norm+QKV, attention (1-2), O-proj, norm, LM head + argmax (2)."""
         w = self.adapter_weights
-        normed, h_exit = self._norm(x, res, w.input_norm)
-        attn = self._attention(normed, w, positions, slot=self.spec.num_layers)
+        attn, h_exit = self._attention_block(x, res, w, positions, slot=self.spec.num_layers)
         if not with_head:
             return h_exit, None
         y, _ = self._norm(attn, h_exit, w.post_norm)

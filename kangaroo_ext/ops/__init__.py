@@ -6,9 +6,13 @@
     out = rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window=0)
     token, confidence = lm_head_argmax(hidden, lm_head)
 
+    outs, residual_out = rms_norm_linear(x, residual, norm_weight, eps, weights, biases)
+    act, residual_out = rms_norm_gate_up(x, residual, norm_weight, eps, gate, up)
+    out = decode_linear(x, weight, bias)
+
 `backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -118,6 +122,81 @@ def _head_reasons(backend):
     return reasons
 
 
+# ---- decode-time linear layers: batch-invariant GEMV with fused prologues/epilogues ----------------
+# A decode step multiplies 1..γ+1 rows by each weight matrix: memory- and launch-bound. These ops read
+# every weight once for all rows, fuse the residual add + RMSNorm into the prologue and SiLU·mul into
+# the epilogue, and compute each row with the same reduction order whatever the number of rows, so a
+# verify step over k+1 positions rounds exactly like k+1 single-token steps (the GEMV part of it).
+
+def rms_norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                    weights: List[torch.Tensor], biases: Optional[List[Optional[torch.Tensor]]] = None, *,
+                    backend: Optional[str] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """fused_add_rms_norm followed by 1-3 linear layers on the normed rows (q, k, v in one launch).
+
+    Args:
+        x, residual: [..., K] (residual may be None); norm_weight: [K]; eps: RMSNorm epsilon.
+        weights: list of [N_i, K]; biases: list of [N_i] or None (None: no biases).
+    Returns:
+        ([out_i [..., N_i]], residual_out [..., K]), x's dtype.
+    """
+    biases = [None] * len(weights) if biases is None else list(biases)
+    weights = list(weights)
+    validate.rms_norm_linear(x, residual, norm_weight, eps, weights, biases)
+    args = (x, residual, norm_weight, float(eps), weights, biases)
+    outs, residual_out = select("rms_norm_linear", backend, *args)(*args)
+    return list(outs), residual_out
+
+
+def rms_norm_gate_up(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                     gate: torch.Tensor, up: torch.Tensor, *,
+                     backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm, then the MLP's gated input: silu(normed @ gate^T) * (normed @ up^T).
+
+    Args:
+        x, residual: [..., K] (residual may be None); norm_weight: [K]; gate, up: [I, K].
+    Returns:
+        (act [..., I], residual_out [..., K]), x's dtype, rounded as HF's LlamaMLP.
+    """
+    validate.rms_norm_gate_up(x, residual, norm_weight, eps, gate, up)
+    args = (x, residual, norm_weight, float(eps), gate, up)
+    return select("rms_norm_gate_up", backend, *args)(*args)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for the few rows of a decode or verify step.
+
+    Args:
+        x: [..., K]; weight: [N, K]; bias: [N] or None.
+    Returns:
+        [..., N], x's dtype.
+    """
+    validate.decode_linear(x, weight, bias)
+    return select("decode_linear", backend, x, weight, bias)(x, weight, bias)
+
+
+def _linear_reasons(backend):
+    def reasons(x, residual, norm_weight, eps, weights, biases):
+        named = {"x": x, "residual": residual, "norm_weight": norm_weight}
+        named.update({f"weights[{i}]": w for i, w in enumerate(weights)})
+        named.update({f"biases[{i}]": b for i, b in enumerate(biases)})
+        return tensor_reasons(backend, named)
+    return reasons
+
+
+def _gate_up_reasons(backend):
+    def reasons(x, residual, norm_weight, eps, gate, up):
+        return tensor_reasons(backend, {"x": x, "residual": residual, "norm_weight": norm_weight, "gate": gate,
+                                        "up": up})
+    return reasons
+
+
+def _decode_linear_reasons(backend):
+    def reasons(x, weight, bias):
+        return tensor_reasons(backend, {"x": x, "weight": weight, "bias": bias})
+    return reasons
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 def _cuda(name):
@@ -129,7 +208,9 @@ def _triton(name):
 
 
 for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons),
-                        ("rope_append_attention", _attention_reasons), ("lm_head_argmax", _head_reasons)):
+                        ("rope_append_attention", _attention_reasons), ("lm_head_argmax", _head_reasons),
+                        ("rms_norm_linear", _linear_reasons), ("rms_norm_gate_up", _gate_up_reasons),
+                        ("decode_linear", _decode_linear_reasons)):
     register(_name, "cuda", _cuda(_name), _reasons("cuda"))
     register(_name, "triton", _triton(_name), _reasons("triton"))
     register(_name, "reference", getattr(reference, _name), _reasons("reference"))

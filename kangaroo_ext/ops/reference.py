@@ -4,7 +4,7 @@ Each function is short on purpose; shapes are in the comments. Rounding follows 
 modules step by step, so that in fp32 the engine reproduces transformers and in bf16/fp16 the fused
 kernels can match the reference to within its own rounding error.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -89,3 +89,33 @@ def lm_head_argmax(hidden: torch.Tensor, lm_head: torch.Tensor) -> Tuple[torch.T
     top = logits.max(dim=-1)
     conf = 1.0 / torch.exp(logits - top.values[..., None]).sum(dim=-1)    # max softmax probability
     return logits.argmax(dim=-1), conf
+
+
+# ---- the decode-time linear layers (few rows: batch-invariant GEMV kernels on the GPU) -------------
+
+def rms_norm_linear(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                    weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]]
+                    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """fused_add_rms_norm, then one F.linear per weight on the normed rows (e.g. q, k, v projections).
+
+    x, residual: [..., K]; norm_weight: [K]; weights[i]: [N_i, K]; biases[i]: [N_i] or None.
+    Returns ([out_i [..., N_i]], residual_out [..., K]), x's dtype.
+    """
+    normed, residual_out = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return [torch.nn.functional.linear(normed, w, b) for w, b in zip(weights, biases)], residual_out
+
+
+def rms_norm_gate_up(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                     gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The MLP's input half: act = silu(normed @ gate^T) * (normed @ up^T), rounded as HF's LlamaMLP.
+
+    x, residual: [..., K]; norm_weight: [K]; gate, up: [I, K]. Returns (act [..., I], residual_out [..., K]).
+    """
+    normed, residual_out = fused_add_rms_norm(x, residual, norm_weight, eps)
+    f = torch.nn.functional
+    return f.silu(f.linear(normed, gate)) * f.linear(normed, up), residual_out
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear for the few rows of a decode or verify step. x: [..., K]; weight: [N, K]; bias: [N] or None."""
+    return torch.nn.functional.linear(x, weight, bias)

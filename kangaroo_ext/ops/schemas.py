@@ -42,6 +42,18 @@ def _fake_lm_head_argmax(hidden, lm_head):
     return hidden.new_empty(lead, dtype=torch.int64), hidden.new_empty(lead, dtype=torch.float32)
 
 
+def _fake_rms_norm_linear(x, residual, norm_weight, eps, weights, biases):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights], torch.empty_like(x)
+
+
+def _fake_rms_norm_gate_up(x, residual, norm_weight, eps, gate, up):
+    return x.new_empty((*x.shape[:-1], gate.shape[0])), torch.empty_like(x)
+
+
+def _fake_decode_linear(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 OPS: Dict[str, OpDef] = {
     "fused_add_rms_norm": OpDef(
         "fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
@@ -56,6 +68,17 @@ OPS: Dict[str, OpDef] = {
     "lm_head_argmax": OpDef(
         "lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)",
         _fake_lm_head_argmax, reference.lm_head_argmax),
+    "rms_norm_linear": OpDef(
+        "rms_norm_linear(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor[] weights, "
+        "Tensor?[] biases) -> (Tensor[], Tensor)",
+        _fake_rms_norm_linear, reference.rms_norm_linear),
+    "rms_norm_gate_up": OpDef(
+        "rms_norm_gate_up(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor gate, Tensor up) "
+        "-> (Tensor, Tensor)",
+        _fake_rms_norm_gate_up, reference.rms_norm_gate_up),
+    "decode_linear": OpDef(
+        "decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+        _fake_decode_linear, reference.decode_linear),
 }
 
 _libs = []  # keep torch.library.Library objects alive: dropping one unregisters its kernels

@@ -126,3 +126,56 @@ def lm_head_argmax(hidden, lm_head):
     _same_device("lm_head", lm_head, "hidden", hidden)
     _contiguous("hidden", hidden)
     _contiguous("lm_head", lm_head)
+
+
+def _matrix(name, w, K, x):
+    _tensor(name, w)
+    if w.dim() != 2 or w.shape[1] != K or w.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [N, {K}] (N >= 1; K = x's last dimension), got {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {w.dtype}")
+    _same_device(name, w, "x", x)
+    _contiguous(name, w)
+
+
+def _bias(name, b, N, x):
+    if b is None:
+        return
+    _tensor(name, b)
+    if b.shape != (N,):
+        raise ValueError(f"{name} must have shape [{N}] or be None, got {tuple(b.shape)}")
+    if b.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {b.dtype}")
+    _same_device(name, b, "x", x)
+    _contiguous(name, b)
+
+
+def rms_norm_linear(x, residual, norm_weight, eps, weights, biases):
+    fused_add_rms_norm(x, residual, norm_weight, eps)
+    if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
+        raise ValueError(f"weights must be a list of 1 to 3 tensors [N_i, K], got {type(weights).__name__} "
+                         f"of length {len(weights) if isinstance(weights, (list, tuple)) else '-'}")
+    if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
+        raise ValueError(f"biases must be a list with one tensor or None per weight ({len(weights)}), got {biases!r}")
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _matrix(f"weights[{i}]", w, x.shape[-1], x)
+        _bias(f"biases[{i}]", b, w.shape[0], x)
+
+
+def rms_norm_gate_up(x, residual, norm_weight, eps, gate, up):
+    fused_add_rms_norm(x, residual, norm_weight, eps)
+    _matrix("gate", gate, x.shape[-1], x)
+    _matrix("up", up, x.shape[-1], x)
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+
+
+def decode_linear(x, weight, bias):
+    _tensor("x", x)
+    if x.dtype not in FLOATS:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0 or x.numel() == 0:
+        raise ValueError(f"x must have shape [..., K] with K >= 1 and no empty dimension, got {tuple(x.shape)}")
+    _contiguous("x", x)
+    _matrix("weight", weight, x.shape[-1], x)
+    _bias("bias", bias, weight.shape[0], x)

@@ -1,0 +1,106 @@
+"""Where a decode step's time goes: per-kernel GPU time inside the engine's captured graphs.
+
+    python bench/step_profile.py                     # writes bench/results/step_profile.json
+
+For the default model (bf16, CUDA) it replays the plain step, one full draft round (γ = 6) and one
+verify step, each as the engine's own CUDA graph, under torch.profiler (CUPTI records the kernels
+inside graph replays), and reports per phase: wall time per replay (CUDA events, median), kernel count,
+summed kernel time, the gap between them (launch latency and dependencies inside the graph), and the
+kernels grouped by name with their share. Needs a CUDA device.
+"""
+import argparse
+import collections
+import datetime
+import os
+import sys
+
+import torch
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH_DIR)
+
+import bench_cases  # noqa: E402
+import bench_timing  # noqa: E402
+from kangaroo_ext.benchmark import device_name, git_commit, write_json  # noqa: E402
+
+REPLAYS = 20
+
+
+def _kernel_times(replay, setup, replays: int = REPLAYS):
+    """{kernel name: (calls, total µs)} per replay, from a profiler trace of `replays` replays."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        setup()
+        replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            setup()
+            replay()
+        torch.cuda.synchronize()
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in ev.name and "Memset" not in ev.name:
+            totals[ev.name][0] += 1
+            totals[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    return {name: (c / replays, us / replays) for name, (c, us) in totals.items()}
+
+
+def _short(name: str) -> str:
+    for key in ("gemv_kernel", "attention_kernel", "combine_kernel", "partial_kernel", "fused_add_rms_norm",
+                "verify_accept", "gemm", "gemv", "elementwise", "reduce", "index", "scatter", "gather", "copy"):
+        if key in name:
+            mode = ""
+            if key == "gemv_kernel":
+                mode = ("<gate_up>" if "kNormGateUp" in name or "(kangaroo::gemv::Mode)2" in name else
+                        "<norm_linear>" if "kNormLinear" in name or "(kangaroo::gemv::Mode)1" in name else "<linear>")
+            return key + mode
+    return name[:60]
+
+
+def profile_phase(name: str, replay, setup) -> dict:
+    wall = bench_timing.us_each(replay, setup=setup)
+    kernels = _kernel_times(replay, setup)
+    grouped = collections.defaultdict(lambda: [0.0, 0.0])
+    for k, (calls, us) in kernels.items():
+        g = grouped[_short(k)]
+        g[0] += calls
+        g[1] += us
+    busy = sum(us for _, us in grouped.values())
+    launches = sum(c for c, _ in grouped.values())
+    rows = sorted(grouped.items(), key=lambda kv: -kv[1][1])
+    print(f"{name}: {wall:8.1f} us per replay, {launches:.0f} kernels, {busy:8.1f} us in kernels "
+          f"({wall - busy:7.1f} us between them)")
+    for k, (calls, us) in rows:
+        print(f"    {k:40s} {calls:6.0f} x {us / max(calls, 1):6.2f} us = {us:8.1f} us ({100 * us / wall:4.1f}%)")
+    return {"us_per_replay": wall, "kernels": launches, "kernel_us": busy, "gap_us": wall - busy,
+            "by_kernel": {k: {"calls": c, "us": us} for k, (c, us) in rows}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(BENCH_DIR, "results", "step_profile.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("step_profile: needs a CUDA device", file=sys.stderr)
+        return 2
+    import kangaroo_ext as kx
+    commit, dirty = git_commit()
+    de = bench_cases.DefaultEngine()
+    eng = de.engine
+    # The plain step's graph: one kx.generate call captures it (same engine, same buffers).
+    kx.generate(de.model, bench_cases.chat_ids(de.tokenizer, bench_cases.CHAT_PROMPTS[0]), max_new_tokens=8)
+    plain = next(g for (gam, spec), g in eng.graphs.items() if not spec)
+    de._saved = {n: getattr(eng, n).clone() for n in ("cache_len", "out_len", "tokens_in")}
+    phases = {"plain_step": profile_phase("plain_step", plain.plain.replay, de.restore),
+              "draft_round_gamma6": profile_phase("draft_round_gamma6", de.graphs.draft.replay, de.restore),
+              "verify_step_gamma6": profile_phase("verify_step_gamma6", de.graphs.verify.replay, de.restore)}
+    result = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": commit, "dirty": dirty, "torch": torch.__version__, **de.describe(), "phases": phases}
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+// Decode-time linear layers (kangaroo_ext/ops/reference.py: decode_linear, rms_norm_linear,
+// rms_norm_gate_up), torch-free. A decode or verify step multiplies 1..γ+1 rows by each weight matrix,
+// so the work is a GEMV: memory- and latency-bound, with the weights read once for all rows.
+//
+//   decode_linear      out[m, n] = T(sum_k x[m, k] * W[n, k] + bias[n])
+//   rms_norm_linear    xn = fused_add_rms_norm(x, residual) (prologue), then 1-3 weights (q, k, v) in
+//                      one launch whose rows are the concatenation of the weights' rows
+//   rms_norm_gate_up   act[m, i] = T(T(silu(T(xn . gate[i]))) * T(xn . up[i]))   (SiLU·mul epilogue)
+//
+// One launch per op. Block = WPB warps; warp w owns one output row n (and, for gate_up, the pair of
+// rows gate[n], up[n]) for MB rows of x: grid (ceil(N / WPB), ceil(M / MB)). Each lane strides over
+// the row in 16-byte vectors, kUnroll vectors in flight, the next chunk prefetched while the current
+// one is used; the MB rows of (normalized) x sit in shared memory as T, which is exactly the value the
+// reference rounds the normed rows to before its F.linear.
+//
+// Batch invariance: a lane's partial sum visits k in the same order and the warp reduction is the
+// same butterfly whatever M and MB are, so row m's output does not depend on which other rows share
+// the launch. A verify step over k+1 positions thus rounds like k+1 single-token steps here.
+//
+// Programmatic dependent launch (sm_90): the launcher allows this kernel to start before the previous
+// kernel in the stream has finished. The weights do not depend on earlier kernels, so each warp issues
+// its first weight loads, then waits (griddepcontrol.wait) for the previous grid to complete and
+// flush, and only then reads x / residual or writes anything. Early trigger (launch_dependents) lets
+// the next PDL kernel do the same. The DRAM latency of the weight stream thus overlaps the tail of
+// the previous kernel; without a PDL predecessor the wait returns at once.
+//
+// The norm prologue is recomputed by every block (MB rows of K elements, L2-resident after the first
+// block); block x = 0 of each row group writes residual_out. Inputs must not alias outputs.
+//
+// Bytes per call: N * K * sz (weights) + M * N * sz (out) + per block M * K * sz (x, L2) ; the op moves
+// ~N * K * sz from DRAM: compare with a copy of that many bytes.
+#pragma once
+
+#include "common.cuh"
+
+namespace kangaroo {
+namespace gemv {
+
+constexpr int kMaxWarps = 8;
+constexpr int kUnroll = 4;  // 16-byte weight vectors a lane has in flight per weight row and chunk
+constexpr int kMaxSegments = 3;
+
+enum class Mode { kLinear, kNormLinear, kNormGateUp };
+
+template <typename T>
+struct Segment {
+  const T* w;     // [n, K]
+  const T* bias;  // [n] or null
+  T* out;         // [M, n]
+  int n;
+};
+
+template <typename T>
+struct Params {
+  const T* x;            // [M, K]
+  const T* residual;     // [M, K] or null
+  const T* norm_weight;  // [K] (norm modes)
+  T* residual_out;       // [M, K] (norm modes)
+  Segment<T> seg[kMaxSegments];  // gate_up: seg[0] = gate (out = act), seg[1] = up
+  int n_segments;
+  int n_total;  // output rows over the segments (gate_up: I)
+  int m, k;
+  float eps;
+};
+
+// Loads the chunk of weight row `w` starting at vector `base`: vector base + u * 32 + lane.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ w, int nvec, int base, int lane,
+                                           Vec<T, VEC> (&dst)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int i = base + u * kWarpSize + lane;
+    if (w != nullptr && i < nvec) dst[u].load(w + static_cast<int64_t>(i) * VEC);
+  }
+}
+
+// The norm prologue for one row of x: xs_row = T(nw * T(s * inv_rms)), s = T(x + residual); the warp
+// owning the row does it (lane-strided, so each lane re-reads only what it wrote: __syncwarp suffices).
+template <typename T, int VEC>
+__device__ __forceinline__ void norm_row(const Params<T>& p, int row, T* xs_row, bool write_residual, int lane) {
+  using V = Vec<T, VEC>;
+  const int nvec = p.k / VEC;
+  const int64_t off = static_cast<int64_t>(row) * p.k;
+  float sum_sq = 0.f;
+  for (int i = lane; i < nvec; i += kWarpSize) {
+    V s;
+    s.load(p.x + off + static_cast<int64_t>(i) * VEC);
+    if (p.residual != nullptr) {
+      V r;
+      r.load(p.residual + off + static_cast<int64_t>(i) * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s.v[e] = from_float<T>(to_float(s.v[e]) + to_float(r.v[e]));
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float h = to_float(s.v[e]);
+      sum_sq += h * h;
+    }
+    if (write_residual) s.store(p.residual_out + off + static_cast<int64_t>(i) * VEC);
+    s.store(xs_row + i * VEC);
+  }
+  sum_sq = warp_sum(sum_sq);
+  // Correctly rounded, as csrc/kernels/rms_norm.cuh (same per-row value whatever the launch).
+  const float inv_rms = 1.0f / sqrtf(sum_sq / static_cast<float>(p.k) + p.eps);
+  for (int i = lane; i < nvec; i += kWarpSize) {
+    V s, w;
+    s.load(xs_row + i * VEC);
+    w.load(p.norm_weight + static_cast<int64_t>(i) * VEC);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float normed = round_to<T>(to_float(s.v[e]) * inv_rms);
+      s.v[e] = from_float<T>(to_float(w.v[e]) * normed);
+    }
+    s.store(xs_row + i * VEC);
+  }
+}
+
+template <typename T, int VEC, int MB, Mode MODE>
+__global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params<T> p) {
+  constexpr int NR = MODE == Mode::kNormGateUp ? 2 : 1;  // weight rows per warp
+  using V = Vec<T, VEC>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);  // [MB][K]
+
+  pdl_launch_dependents();
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, wpb = blockDim.x / kWarpSize;
+  const int n = blockIdx.x * wpb + warp;
+  const int m0 = blockIdx.y * MB;
+  const int mb = min(MB, p.m - m0);
+  const int nvec = p.k / VEC;
+
+  // Which weight (segment) row n falls in. Warps past the end still join the block's barriers.
+  const T* w[NR] = {};
+  const T* bias = nullptr;
+  T* out = nullptr;
+  int n_local = 0, n_cols = 1;
+  if (n < p.n_total) {
+    if (MODE == Mode::kNormGateUp) {
+      w[0] = p.seg[0].w + static_cast<int64_t>(n) * p.k;
+      w[NR - 1] = p.seg[1].w + static_cast<int64_t>(n) * p.k;
+      out = p.seg[0].out;
+      n_local = n;
+      n_cols = p.seg[0].n;
+    } else {
+      int base = 0;
+#pragma unroll
+      for (int s = 0; s < kMaxSegments; ++s) {
+        if (s < p.n_segments && n >= base && n < base + p.seg[s].n) {
+          n_local = n - base;
+          w[0] = p.seg[s].w + static_cast<int64_t>(n_local) * p.k;
+          bias = p.seg[s].bias;
+          out = p.seg[s].out;
+          n_cols = p.seg[s].n;
+        }
+        base += s < p.n_segments ? p.seg[s].n : 0;
+      }
+    }
+  }
+
+  // Weights first (they do not depend on the previous kernel), then wait for it, then x.
+  V cur[NR][kUnroll];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) load_chunk<T, VEC>(w[r], nvec, 0, lane, cur[r]);
+  pdl_wait();
+
+  if (MODE == Mode::kLinear) {
+    for (int i = threadIdx.x; i < mb * nvec; i += blockDim.x) {
+      const int m = i / nvec, c = i % nvec;
+      V t;
+      t.load(p.x + static_cast<int64_t>(m0 + m) * p.k + static_cast<int64_t>(c) * VEC);
+      t.store(xs + m * p.k + c * VEC);
+    }
+  } else {
+    for (int m = warp; m < mb; m += wpb) norm_row<T, VEC>(p, m0 + m, xs + m * p.k, blockIdx.x == 0, lane);
+  }
+  __syncthreads();
+  if (out == nullptr) return;  // no barriers below
+
+  float acc[MB][NR];
+#pragma unroll
+  for (int m = 0; m < MB; ++m)
+#pragma unroll
+    for (int r = 0; r < NR; ++r) acc[m][r] = 0.f;
+
+  constexpr int kChunk = kUnroll * kWarpSize;
+  for (int base = 0; base < nvec; base += kChunk) {
+    V next[NR][kUnroll];
+    if (base + kChunk < nvec) {
+#pragma unroll
+      for (int r = 0; r < NR; ++r) load_chunk<T, VEC>(w[r], nvec, base + kChunk, lane, next[r]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      if (i >= nvec) break;
+      float wf[NR][VEC];
+#pragma unroll
+      for (int r = 0; r < NR; ++r)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) wf[r][e] = to_float(cur[r][u].v[e]);
+#pragma unroll
+      for (int m = 0; m < MB; ++m) {
+        if (m >= mb) break;
+        V xv;
+        xv.load(xs + m * p.k + i * VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float xf = to_float(xv.v[e]);
+#pragma unroll
+          for (int r = 0; r < NR; ++r) acc[m][r] = fmaf(wf[r][e], xf, acc[m][r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) cur[r][u] = next[r][u];
+  }
+
+#pragma unroll
+  for (int m = 0; m < MB; ++m) {
+    if (m >= mb) break;
+    float v[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) v[r] = warp_sum(acc[m][r]);
+    if (lane != m % kWarpSize) continue;
+    T* dst = out + static_cast<int64_t>(m0 + m) * n_cols + n_local;
+    if (MODE == Mode::kNormGateUp) {
+      // HF LlamaMLP in dtype T: act_fn(gate(x)) * up(x), each op rounded to T (F.silu in fp32 opmath).
+      const float g = round_to<T>(v[0]), u = round_to<T>(v[NR - 1]);
+      const float silu = round_to<T>(g / (1.0f + expf(-g)));
+      *dst = from_float<T>(silu * u);
+    } else {
+      *dst = from_float<T>(bias != nullptr ? v[0] + to_float(bias[n_local]) : v[0]);
+    }
+  }
+}
+
+// ---- launch plan ---------------------------------------------------------------------------------
+
+struct Plan {
+  int vec;   // elements per access (16 bytes, or 1 when sizes / pointers are not 16-byte aligned)
+  int mb;    // rows of x per block: 1 or 8
+  int wpb;   // warps per block
+  dim3 grid;
+  int smem_bytes;
+};
+
+// Warps per block: enough blocks to cover every SM (each block redoes the small prologue, so not
+// more blocks than needed), at most kMaxWarps.
+inline Plan plan(int m, int k, int n_total, int elem_size, bool vec16, int num_sms, int max_smem) {
+  Plan pl{};
+  pl.vec = vec16 ? 16 / elem_size : 1;
+  const int64_t row8 = 8LL * k * elem_size;
+  pl.mb = (m > 1 && row8 + 1024 <= max_smem) ? 8 : 1;
+  pl.wpb = 4;
+  if (ceil_div(n_total, 8) >= 2 * num_sms) pl.wpb = 8;
+  while (pl.wpb > 1 && ceil_div(n_total, pl.wpb) < num_sms) pl.wpb /= 2;
+  pl.grid = dim3(static_cast<unsigned>(ceil_div(n_total, pl.wpb)), static_cast<unsigned>(ceil_div(m, pl.mb)));
+  pl.smem_bytes = static_cast<int>(static_cast<int64_t>(pl.mb) * k * elem_size);
+  return pl;
+}
+
+template <typename T, int VEC, int MB, Mode MODE>
+cudaError_t launch_instance(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+  constexpr auto kernel = gemv_kernel<T, VEC, MB, MODE>;
+  const cudaError_t err = ensure_dynamic_smem<kernel>(pl.smem_bytes);
+  if (err != cudaSuccess) return err;
+  return launch_pdl(kernel, pl.grid, dim3(static_cast<unsigned>(pl.wpb * kWarpSize)),
+                    static_cast<size_t>(pl.smem_bytes), stream, p);
+}
+
+// Launches on `stream`. p.m >= 1, p.k >= 1, K % pl.vec == 0 and 16-byte aligned pointers when
+// pl.vec > 1; pl.smem_bytes within the device's opt-in limit (the launcher checks).
+template <typename T, Mode MODE>
+cudaError_t launch(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+  constexpr int kVec = kVec16<T>;
+  if (pl.vec == kVec) {
+    return pl.mb == 8 ? launch_instance<T, kVec, 8, MODE>(p, pl, stream)
+                      : launch_instance<T, kVec, 1, MODE>(p, pl, stream);
+  }
+  return pl.mb == 8 ? launch_instance<T, 1, 8, MODE>(p, pl, stream) : launch_instance<T, 1, 1, MODE>(p, pl, stream);
+}
+
+}  // namespace gemv
+}  // namespace kangaroo
