@@ -7,8 +7,10 @@ the launchers can be captured in a CUDA graph. Semantics: kangaroo_ext/ops/refer
 On a machine without a GPU, set TRITON_INTERPRET=1 before importing this package.
 """
 from .attention import rope_append_attention
+from .decode_linear import decode_linear, rms_norm_gate_up, rms_norm_linear
 from .lm_head import lm_head_argmax
 from .rms_norm import fused_add_rms_norm
 from .verify_accept import verify_accept
 
-__all__ = ["fused_add_rms_norm", "lm_head_argmax", "rope_append_attention", "verify_accept"]
+__all__ = ["decode_linear", "fused_add_rms_norm", "lm_head_argmax", "rms_norm_gate_up", "rms_norm_linear",
+           "rope_append_attention", "verify_accept"]

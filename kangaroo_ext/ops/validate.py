@@ -22,7 +22,7 @@ def _same_device(name, t, ref_name, ref):
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected one device")
 
 
-def fused_add_rms_norm(x, residual: Optional[torch.Tensor], weight, eps):
+def fused_add_rms_norm(x, residual: Optional[torch.Tensor], weight, eps, weight_name: str = "weight"):
     _tensor("x", x)
     if x.dtype not in FLOATS:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
@@ -37,13 +37,14 @@ def fused_add_rms_norm(x, residual: Optional[torch.Tensor], weight, eps):
             raise ValueError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
         _same_device("residual", residual, "x", x)
         _contiguous("residual", residual)
-    _tensor("weight", weight)
+    _tensor(weight_name, weight)
     if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight must have shape [{x.shape[-1]}] (x's last dimension), got {tuple(weight.shape)}")
+        raise ValueError(f"{weight_name} must have shape [{x.shape[-1]}] (x's last dimension), got "
+                         f"{tuple(weight.shape)}")
     if weight.dtype != x.dtype:
-        raise ValueError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    _same_device("weight", weight, "x", x)
-    _contiguous("weight", weight)
+        raise ValueError(f"{weight_name} must have x's dtype {x.dtype}, got {weight.dtype}")
+    _same_device(weight_name, weight, "x", x)
+    _contiguous(weight_name, weight)
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
@@ -151,7 +152,7 @@ def _bias(name, b, N, x):
 
 
 def rms_norm_linear(x, residual, norm_weight, eps, weights, biases):
-    fused_add_rms_norm(x, residual, norm_weight, eps)
+    fused_add_rms_norm(x, residual, norm_weight, eps, "norm_weight")
     if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
         raise ValueError(f"weights must be a list of 1 to 3 tensors [N_i, K], got {type(weights).__name__} "
                          f"of length {len(weights) if isinstance(weights, (list, tuple)) else '-'}")
@@ -163,7 +164,7 @@ def rms_norm_linear(x, residual, norm_weight, eps, weights, biases):
 
 
 def rms_norm_gate_up(x, residual, norm_weight, eps, gate, up):
-    fused_add_rms_norm(x, residual, norm_weight, eps)
+    fused_add_rms_norm(x, residual, norm_weight, eps, "norm_weight")
     _matrix("gate", gate, x.shape[-1], x)
     _matrix("up", up, x.shape[-1], x)
     if up.shape != gate.shape:
