@@ -7,6 +7,11 @@ verify step, each as the engine's own CUDA graph, under torch.profiler (CUPTI re
 inside graph replays), and reports per phase: wall time per replay (CUDA events, median), kernel count,
 summed kernel time, the gap between them (launch latency and dependencies inside the graph), and the
 kernels grouped by name with their share. Needs a CUDA device.
+
+With programmatic dependent launch (the default) a kernel starts before its predecessor ends and its
+recorded duration includes that wait, so per-kernel times overlap and add up to more than the step.
+Run with KANGAROO_DISABLE_PDL=1 (and --out ...) for a breakdown whose parts add up; the difference
+between the two runs' per-replay times is what PDL saves.
 """
 import argparse
 import collections
@@ -96,7 +101,8 @@ def main(argv=None) -> int:
               "draft_round_gamma6": profile_phase("draft_round_gamma6", de.graphs.draft.replay, de.restore),
               "verify_step_gamma6": profile_phase("verify_step_gamma6", de.graphs.verify.replay, de.restore)}
     result = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": commit, "dirty": dirty, "torch": torch.__version__, **de.describe(), "phases": phases}
+              "commit": commit, "dirty": dirty, "torch": torch.__version__,
+              "pdl": os.environ.get("KANGAROO_DISABLE_PDL", "0") in ("", "0"), **de.describe(), "phases": phases}
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -2,7 +2,8 @@
 
 A round reads like the paper: draft with layers[:ℓ] + adapter until confidence < η or γ drafts, verify
 with layers[ℓ:] over the cached exit states, accept the longest agreeing prefix plus one token. On a
-GPU the round is two CUDA-graph replays and one host read (the report), the only host sync.
+GPU the round is two CUDA-graph replays and one host read (the report), the only host sync, and the
+host reads round i's report while round i+1 runs.
 """
 import time
 from dataclasses import dataclass, field
@@ -257,7 +258,9 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
                 graphs[b] = engine.graphs[(b, speculative)] = CudaGraphs(engine, b, speculative)
                 stats.capture_s += graphs[b].capture_seconds
     budget = g
-    report_host = torch.empty(engine.report.shape, dtype=torch.int64, pin_memory=cuda)
+    # Two report slots: the host reads round i's report while round i+1 already runs on the GPU.
+    report_host = torch.empty((2, *engine.report.shape), dtype=torch.int64, pin_memory=cuda)
+    ready = [torch.cuda.Event() for _ in range(2)] if cuda else []
     engine.threshold.fill_(threshold)
     clock = _Clock(cuda)
     if cuda:
@@ -270,10 +273,8 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     if streamer is not None:
         streamer.put(prompt[0].cpu())
 
-    new_tokens: List[int] = []
-    eos = set(eos_ids)
-    finished = False
-    while not finished:
+    def enqueue_round(slot: int):
+        """One round (plain: one step) on the device, then its report copied to slot; no sync."""
         c0 = clock.mark()
         if not speculative:
             graphs[g].plain.replay() if mode == "graphs" else engine.plain_step()
@@ -304,12 +305,35 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
             clock.add("draft", c0, c1)
             graphs[budget].verify.replay() if mode == "graphs" else engine.verify(budget + 1)
             clock.add("verify", c1, clock.mark())
-
-        report_host.copy_(engine.report, non_blocking=cuda)   # the round's one host sync
+        report_host[slot].copy_(engine.report, non_blocking=cuda)
         if cuda:
-            torch.cuda.current_stream().synchronize()
+            ready[slot].record()
+
+    # Rounds run one ahead of the host (not in host mode, whose draft loop syncs anyway): the next
+    # round is queued before this one's report is read, so the GPU never waits for Python. The next
+    # round is queued only when the current one cannot finish the request by length (at most γ+1
+    # tokens per round), so no round runs past the reserved cache; after an EOS the one queued round
+    # is wasted work whose output is dropped. Its draft budget comes from the round before.
+    pipelined = mode != "host"
+    in_flight: List[int] = []
+    next_slot = 0
+    new_tokens: List[int] = []
+    eos = set(eos_ids)
+    finished = False
+    while not finished:
+        if not in_flight:
+            enqueue_round(next_slot)
+            in_flight.append(next_slot)
+            next_slot ^= 1
+        if pipelined and len(new_tokens) + g + 1 < max_new:
+            enqueue_round(next_slot)
+            in_flight.append(next_slot)
+            next_slot ^= 1
+        slot = in_flight.pop(0)
+        if cuda:
+            ready[slot].synchronize()                     # the round's one host sync
         stats.host_syncs += 1
-        rep = report_host[0].tolist()
+        rep = report_host[slot, 0].tolist()
         accepted, drafted = rep[1], rep[2]
         committed = rep[3:3 + accepted + 1]
         stats.rounds += 1

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 
 namespace kangaroo {
@@ -187,6 +188,16 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
+// KANGAROO_DISABLE_PDL=1 launches normally (for profiling: with PDL a kernel's recorded duration
+// includes the time it waits for its predecessor, so per-kernel times overlap). Read once.
+inline bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("KANGAROO_DISABLE_PDL");
+    return v == nullptr || v[0] == '\0' || (v[0] == '0' && v[1] == '\0');
+  }();
+  return enabled;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed.
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
@@ -200,7 +211,7 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 

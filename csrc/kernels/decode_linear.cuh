@@ -24,8 +24,8 @@
 // the next PDL kernel do the same. The DRAM latency of the weight stream thus overlaps the tail of
 // the previous kernel; without a PDL predecessor the wait returns at once.
 //
-// The norm prologue is recomputed by every block (MB rows of K elements, L2-resident after the first
-// block); block x = 0 of each row group writes residual_out. Inputs must not alias outputs.
+// The prologue (load_rows) is recomputed by every block (MB rows of K elements, L2-resident after the
+// first block); block x = 0 of each row group writes residual_out. Inputs must not alias outputs.
 //
 // Bytes per call: N * K * sz (weights) + M * N * sz (out) + per block M * K * sz (x, L2) ; the op moves
 // ~N * K * sz from DRAM: compare with a copy of that many bytes.
@@ -74,44 +74,80 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ w, int nvec, in
   }
 }
 
-// The norm prologue for one row of x: xs_row = T(nw * T(s * inv_rms)), s = T(x + residual); the warp
-// owning the row does it (lane-strided, so each lane re-reads only what it wrote: __syncwarp suffices).
-template <typename T, int VEC>
-__device__ __forceinline__ void norm_row(const Params<T>& p, int row, T* xs_row, bool write_residual, int lane) {
+// The prologue: the block's MB rows of x into shared memory, normalized in the norm modes. Every
+// global load is issued before any is used (kPrologueUnroll per thread), so the prologue costs about
+// one L2 round trip rather than one per row or per loop step:
+//   1. all threads: xs = s = T(x + residual) (block x = 0 also writes residual_out), norm weight -> nws;
+//   2. warp per row: inverse RMS from shared memory (lane-strided sum: the same order whatever M);
+//   3. all threads: xs = T(nw * T(s * inv_rms)).
+constexpr int kPrologueUnroll = 4;
+
+template <typename T, int VEC, int MB, Mode MODE>
+__device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T* xs, T* nws, float* inv_rms_s) {
   using V = Vec<T, VEC>;
+  constexpr bool kNorm = MODE != Mode::kLinear;
   const int nvec = p.k / VEC;
-  const int64_t off = static_cast<int64_t>(row) * p.k;
-  float sum_sq = 0.f;
-  for (int i = lane; i < nvec; i += kWarpSize) {
-    V s;
-    s.load(p.x + off + static_cast<int64_t>(i) * VEC);
-    if (p.residual != nullptr) {
-      V r;
-      r.load(p.residual + off + static_cast<int64_t>(i) * VEC);
+  const int total = mb * nvec;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const bool write_residual = kNorm && blockIdx.x == 0;
+  for (int base = tid; base < total; base += kPrologueUnroll * nthreads) {
+    V a[kPrologueUnroll], r[kPrologueUnroll];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) s.v[e] = from_float<T>(to_float(s.v[e]) + to_float(r.v[e]));
+    for (int u = 0; u < kPrologueUnroll; ++u) {
+      const int i = base + u * nthreads;
+      if (i >= total) break;
+      const int64_t g = static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC;  // rows are contiguous
+      a[u].load(p.x + g);
+      if (kNorm && p.residual != nullptr) r[u].load(p.residual + g);
     }
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const float h = to_float(s.v[e]);
-      sum_sq += h * h;
+    for (int u = 0; u < kPrologueUnroll; ++u) {
+      const int i = base + u * nthreads;
+      if (i >= total) break;
+      if (kNorm && p.residual != nullptr) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) a[u].v[e] = from_float<T>(to_float(a[u].v[e]) + to_float(r[u].v[e]));
+      }
+      if (write_residual) a[u].store(p.residual_out + static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC);
+      a[u].store(xs + i * VEC);
     }
-    if (write_residual) s.store(p.residual_out + off + static_cast<int64_t>(i) * VEC);
-    s.store(xs_row + i * VEC);
   }
-  sum_sq = warp_sum(sum_sq);
-  // Correctly rounded, as csrc/kernels/rms_norm.cuh (same per-row value whatever the launch).
-  const float inv_rms = 1.0f / sqrtf(sum_sq / static_cast<float>(p.k) + p.eps);
-  for (int i = lane; i < nvec; i += kWarpSize) {
-    V s, w;
-    s.load(xs_row + i * VEC);
+  if (!kNorm) return;  // the caller's __syncthreads publishes xs
+  for (int i = tid; i < nvec; i += nthreads) {
+    V w;
     w.load(p.norm_weight + static_cast<int64_t>(i) * VEC);
+    w.store(nws + i * VEC);
+  }
+  __syncthreads();
+  const int lane = tid % kWarpSize, warp = tid / kWarpSize, nwarps = nthreads / kWarpSize;
+  for (int m = warp; m < mb; m += nwarps) {
+    float sum_sq = 0.f;
+    for (int i = lane; i < nvec; i += kWarpSize) {
+      V t;
+      t.load(xs + m * p.k + i * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float h = to_float(t.v[e]);
+        sum_sq += h * h;
+      }
+    }
+    sum_sq = warp_sum(sum_sq);
+    // Correctly rounded, as csrc/kernels/rms_norm.cuh (no rsqrtf: its error would show in fp32).
+    if (lane == 0) inv_rms_s[m] = 1.0f / sqrtf(sum_sq / static_cast<float>(p.k) + p.eps);
+  }
+  __syncthreads();
+  for (int i = tid; i < total; i += nthreads) {
+    const int m = i / nvec, c = i - m * nvec;
+    const float inv_rms = inv_rms_s[m];
+    V t, w;
+    t.load(xs + i * VEC);
+    w.load(nws + c * VEC);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float normed = round_to<T>(to_float(s.v[e]) * inv_rms);
-      s.v[e] = from_float<T>(to_float(w.v[e]) * normed);
+      const float normed = round_to<T>(to_float(t.v[e]) * inv_rms);  // HF rounds before the weight
+      t.v[e] = from_float<T>(to_float(w.v[e]) * normed);
     }
-    s.store(xs_row + i * VEC);
+    t.store(xs + i * VEC);
   }
 }
 
@@ -121,6 +157,8 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
   using V = Vec<T, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);  // [MB][K]
+  T* nws = xs + MB * p.k;                   // [K] (norm modes)
+  __shared__ float inv_rms_s[MB];
 
   pdl_launch_dependents();
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, wpb = blockDim.x / kWarpSize;
@@ -163,16 +201,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
   for (int r = 0; r < NR; ++r) load_chunk<T, VEC>(w[r], nvec, 0, lane, cur[r]);
   pdl_wait();
 
-  if (MODE == Mode::kLinear) {
-    for (int i = threadIdx.x; i < mb * nvec; i += blockDim.x) {
-      const int m = i / nvec, c = i % nvec;
-      V t;
-      t.load(p.x + static_cast<int64_t>(m0 + m) * p.k + static_cast<int64_t>(c) * VEC);
-      t.store(xs + m * p.k + c * VEC);
-    }
-  } else {
-    for (int m = warp; m < mb; m += wpb) norm_row<T, VEC>(p, m0 + m, xs + m * p.k, blockIdx.x == 0, lane);
-  }
+  load_rows<T, VEC, MB, MODE>(p, m0, mb, xs, nws, inv_rms_s);
   __syncthreads();
   if (out == nullptr) return;  // no barriers below
 
@@ -251,13 +280,13 @@ struct Plan {
 inline Plan plan(int m, int k, int n_total, int elem_size, bool vec16, int num_sms, int max_smem) {
   Plan pl{};
   pl.vec = vec16 ? 16 / elem_size : 1;
-  const int64_t row8 = 8LL * k * elem_size;
+  const int64_t row8 = 9LL * k * elem_size;
   pl.mb = (m > 1 && row8 + 1024 <= max_smem) ? 8 : 1;
   pl.wpb = 4;
   if (ceil_div(n_total, 8) >= 2 * num_sms) pl.wpb = 8;
   while (pl.wpb > 1 && ceil_div(n_total, pl.wpb) < num_sms) pl.wpb /= 2;
   pl.grid = dim3(static_cast<unsigned>(ceil_div(n_total, pl.wpb)), static_cast<unsigned>(ceil_div(m, pl.mb)));
-  pl.smem_bytes = static_cast<int>(static_cast<int64_t>(pl.mb) * k * elem_size);
+  pl.smem_bytes = static_cast<int>(static_cast<int64_t>(pl.mb + 1) * k * elem_size);  // x rows + norm weight
   return pl;
 }
 
