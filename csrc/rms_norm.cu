@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
 
   dispatch_float_dtype(x.scalar_type(), "x", [&](auto tag) {
     using T = element_t<decltype(tag)>;
-    const cudaError_t err = rms_norm::launch<T>(static_cast<T*>(out.data_ptr()), static_cast<T*>(residual_out.data_ptr()),
+    T* out_ptr = static_cast<T*>(out.data_ptr());
+    const cudaError_t err = rms_norm::launch<T>(out_ptr, static_cast<T*>(residual_out.data_ptr()),
                                                 static_cast<const T*>(x.const_data_ptr()),
                                                 has_residual ? static_cast<const T*>(residual->const_data_ptr())
                                                              : nullptr,

@@ -1,7 +1,8 @@
 // RoPE + KV-cache append + causal attention over the static cache, for decode and verification
 // (kangaroo_ext/ops/reference.py: rope_append_attention), torch-free.
 //
-// Launches (programmatic dependent launch, common.cuh): 1 when the plan has one key split (large batch / many heads / prefill, or a short cache),
+// Launches (programmatic dependent launch, common.cuh): 1 when the plan has one key split (large
+// batch / many heads / prefill, or a short cache),
 // else 2 (attention_kernel writes per-split partials, combine_kernel merges them). The host cannot
 // see the context length (positions live on the device), so the split count is a maximum sized from
 // the cache capacity S; every block derives the actual key range from `positions` and a tile whose
@@ -280,6 +281,22 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   const int64_t new_stride = static_cast<int64_t>(p.hkv) * D;            // between tokens in k/v
   const int64_t new_off = static_cast<int64_t>(b) * tokens * new_stride + static_cast<int64_t>(kvh) * D;
 
+  // This block's key range, and its first K/V tile in flight (cp.async) before the append below:
+  // the tile takes new keys from the k/v inputs, never from the cache rows the append writes.
+  int chunk, n_used;
+  split_keys(klo, khi, p.n_splits, p.min_chunk, chunk, n_used);
+  const int c_lo = klo + z * chunk;
+  const int c_hi = min(c_lo + chunk, khi + 1) - 1;
+  const int n_tiles = (c_hi - c_lo + kKeyTile) / kKeyTile;
+  const T* kcache_head = p.k_cache + head_row0 * D;
+  const T* vcache_head = p.v_cache + head_row0 * D;
+  if (z < n_used) {
+    issue_tile<T, VEC, HD>(Ks, ks, kcache_head, p.k + new_off, new_stride, c_lo, c_hi, p0, tokens, D);
+    cp_async_commit();
+    issue_tile<T, VEC, HD>(Vs, ks, vcache_head, p.v + new_off, new_stride, c_lo, c_hi, p0, tokens, D);
+    cp_async_commit();
+  }
+
   if (z == 0) {
     // Append: new key t' (t' % n_qtiles == qt) to the cache, K rotated at position p0 + t'.
     for (int tn = qt; tn < tokens; tn += p.n_qtiles) {
@@ -308,19 +325,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
     }
   }
 
-  int chunk, n_used;
-  split_keys(klo, khi, p.n_splits, p.min_chunk, chunk, n_used);
   if (z >= n_used) return;  // block-uniform: no barrier is skipped by part of the block
-  const int c_lo = klo + z * chunk;
-  const int c_hi = min(c_lo + chunk, khi + 1) - 1;
-  const int n_tiles = (c_hi - c_lo + kKeyTile) / kKeyTile;
-
-  const T* kcache_head = p.k_cache + head_row0 * D;
-  const T* vcache_head = p.v_cache + head_row0 * D;
-  issue_tile<T, VEC, HD>(Ks, ks, kcache_head, p.k + new_off, new_stride, c_lo, c_hi, p0, tokens, D);
-  cp_async_commit();
-  issue_tile<T, VEC, HD>(Vs, ks, vcache_head, p.v + new_off, new_stride, c_lo, c_hi, p0, tokens, D);
-  cp_async_commit();
 
   // Q tile: RoPE at each row's position, rounded to T as the reference, then * scale * log2(e).
   for (int idx = tid; idx < M_ALLOC * half; idx += kThreads) {

@@ -229,6 +229,35 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Sums each of N values (N a power of two <= 32) over the warp, scattered: afterwards v[0] of lane l
+// holds the total of value l / (32 / N). log2(32) + N - 1 shuffles instead of 5 N. Each total is the
+// same tree of additions over the lanes as warp_sum's butterfly (only the order inside a pair differs,
+// and a + b == b + a exactly), so results are bitwise those of warp_sum.
+template <int N>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= kWarpSize && (N & (N - 1)) == 0, "N: a power of two <= 32");
+#pragma unroll
+  for (int step = 0; step < 5; ++step) {
+    const int o = 16 >> step;
+    const int cnt = N >> step;  // values still held (compile-time once unrolled)
+    if (cnt > 1) {
+      const int h = cnt / 2;
+      const bool upper = (lane & o) != 0;  // keeps the upper half, its partner the lower half
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        if (i < h) {
+          const float send = upper ? v[i] : v[i + h];
+          const float keep = upper ? v[i + h] : v[i];
+          v[i] = keep + __shfl_xor_sync(kFullMask, send, o);
+        }
+      }
+    } else {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], o);
+    }
+  }
+  return v[0];
+}
+
 // fmaxf semantics: a NaN loses to any number (callers that must propagate NaN do so separately).
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

@@ -77,7 +77,8 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ w, int nvec, in
 // The prologue: the block's MB rows of x into shared memory, normalized in the norm modes. Every
 // global load is issued before any is used (kPrologueUnroll per thread), so the prologue costs about
 // one L2 round trip rather than one per row or per loop step:
-//   1. all threads: xs = s = T(x + residual) (block x = 0 also writes residual_out), norm weight -> nws;
+//   1. all threads: norm weight -> nws (cp.async), xs = s = T(x + residual) (block x = 0 also writes
+//      residual_out), rows mb..MB-1 of xs = 0;
 //   2. warp per row: inverse RMS from shared memory (lane-strided sum: the same order whatever M);
 //   3. all threads: xs = T(nw * T(s * inv_rms)).
 constexpr int kPrologueUnroll = 4;
@@ -90,6 +91,13 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
   const int total = mb * nvec;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const bool write_residual = kNorm && blockIdx.x == 0;
+  if (kNorm) {  // norm weight -> nws, in flight while x loads
+    for (int i = tid; i < nvec; i += nthreads) {
+      copy_async<T, VEC>(nws + i * VEC, p.norm_weight + static_cast<int64_t>(i) * VEC);
+    }
+    cp_async_commit();
+  }
+  for (int i = total + tid; i < MB * nvec; i += nthreads) vec_zero<T, VEC>().store(xs + i * VEC);
   for (int base = tid; base < total; base += kPrologueUnroll * nthreads) {
     V a[kPrologueUnroll], r[kPrologueUnroll];
 #pragma unroll
@@ -108,16 +116,14 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
 #pragma unroll
         for (int e = 0; e < VEC; ++e) a[u].v[e] = from_float<T>(to_float(a[u].v[e]) + to_float(r[u].v[e]));
       }
-      if (write_residual) a[u].store(p.residual_out + static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC);
+      if (write_residual) {
+        a[u].store(p.residual_out + static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC);
+      }
       a[u].store(xs + i * VEC);
     }
   }
   if (!kNorm) return;  // the caller's __syncthreads publishes xs
-  for (int i = tid; i < nvec; i += nthreads) {
-    V w;
-    w.load(p.norm_weight + static_cast<int64_t>(i) * VEC);
-    w.store(nws + i * VEC);
-  }
+  cp_async_wait<0>();
   __syncthreads();
   const int lane = tid % kWarpSize, warp = tid / kWarpSize, nwarps = nthreads / kWarpSize;
   for (int m = warp; m < mb; m += nwarps) {
@@ -205,11 +211,10 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
   __syncthreads();
   if (out == nullptr) return;  // no barriers below
 
-  float acc[MB][NR];
+  // Rows mb..MB-1 of xs are zeros (load_rows): every row is computed, so the loops fully unroll.
+  float acc[MB * NR];
 #pragma unroll
-  for (int m = 0; m < MB; ++m)
-#pragma unroll
-    for (int r = 0; r < NR; ++r) acc[m][r] = 0.f;
+  for (int j = 0; j < MB * NR; ++j) acc[j] = 0.f;
 
   constexpr int kChunk = kUnroll * kWarpSize;
   for (int base = 0; base < nvec; base += kChunk) {
@@ -229,14 +234,13 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
         for (int e = 0; e < VEC; ++e) wf[r][e] = to_float(cur[r][u].v[e]);
 #pragma unroll
       for (int m = 0; m < MB; ++m) {
-        if (m >= mb) break;
         V xv;
         xv.load(xs + m * p.k + i * VEC);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float xf = to_float(xv.v[e]);
 #pragma unroll
-          for (int r = 0; r < NR; ++r) acc[m][r] = fmaf(wf[r][e], xf, acc[m][r]);
+          for (int r = 0; r < NR; ++r) acc[m * NR + r] = fmaf(wf[r][e], xf, acc[m * NR + r]);
         }
       }
     }
@@ -246,22 +250,22 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
       for (int u = 0; u < kUnroll; ++u) cur[r][u] = next[r][u];
   }
 
-#pragma unroll
-  for (int m = 0; m < MB; ++m) {
-    if (m >= mb) break;
-    float v[NR];
-#pragma unroll
-    for (int r = 0; r < NR; ++r) v[r] = warp_sum(acc[m][r]);
-    if (lane != m % kWarpSize) continue;
-    T* dst = out + static_cast<int64_t>(m0 + m) * n_cols + n_local;
-    if (MODE == Mode::kNormGateUp) {
-      // HF LlamaMLP in dtype T: act_fn(gate(x)) * up(x), each op rounded to T (F.silu in fp32 opmath).
-      const float g = round_to<T>(v[0]), u = round_to<T>(v[NR - 1]);
-      const float silu = round_to<T>(g / (1.0f + expf(-g)));
-      *dst = from_float<T>(silu * u);
-    } else {
-      *dst = from_float<T>(bias != nullptr ? v[0] + to_float(bias[n_local]) : v[0]);
-    }
+  // Lane l ends up with value l / G, G = 32 / (MB * NR): row m's gate (or only) value sits in lane
+  // m * NR * G, its up value G lanes further.
+  constexpr int G = kWarpSize / (MB * NR);
+  const float v0 = warp_reduce_scatter<MB * NR>(acc, lane);
+  const float v1 = NR > 1 ? __shfl_down_sync(kFullMask, v0, G) : v0;
+  const int idx = lane / G;
+  const int m = idx / NR;
+  if (lane % (NR * G) != 0 || m >= mb) return;
+  T* dst = out + static_cast<int64_t>(m0 + m) * n_cols + n_local;
+  if (MODE == Mode::kNormGateUp) {
+    // HF LlamaMLP in dtype T: act_fn(gate(x)) * up(x), each op rounded to T (F.silu in fp32 opmath).
+    const float g = round_to<T>(v0), u = round_to<T>(v1);
+    const float silu = round_to<T>(g / (1.0f + expf(-g)));
+    *dst = from_float<T>(silu * u);
+  } else {
+    *dst = from_float<T>(bias != nullptr ? v0 + to_float(bias[n_local]) : v0);
   }
 }
 

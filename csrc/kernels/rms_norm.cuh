@@ -175,7 +175,9 @@ cudaError_t launch(T* out, T* residual_out, const T* x, const T* residual, const
                    int hidden, float eps, cudaStream_t stream) {
   const bool vectorized = can_vectorize(out, residual_out, x, residual, weight, hidden);
   const LaunchConfig c = plan(rows, hidden, sizeof(T), vectorized);
-  if (vectorized) return launch_with_vec<T, kVec16<T>>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
+  if (vectorized) {
+    return launch_with_vec<T, kVec16<T>>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
+  }
   return launch_with_vec<T, 1>(c, out, residual_out, x, residual, weight, rows, hidden, eps, stream);
 }
 
