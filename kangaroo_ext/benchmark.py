@@ -308,7 +308,10 @@ def _turn_record(q, t_idx, ids, new_ids, answer, seconds, stats: Optional[Decode
 # ---- provenance and files ------------------------------------------------------------------------
 
 def git_commit():
-    """(sha, dirty): the checkout this package runs from; else $KANGAROO_COMMIT; else "unknown"."""
+    """(sha, dirty): $KANGAROO_COMMIT when set (a copied tree whose .git, if any, may be stale, as on
+    the device machines); else the checkout this package runs from; else "unknown"."""
+    if os.environ.get("KANGAROO_COMMIT"):
+        return os.environ["KANGAROO_COMMIT"], None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
