@@ -207,27 +207,41 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], max_new_token
 # ---- the decode loop -----------------------------------------------------------------------------
 
 class _Clock:
-    """Wall time on the CPU; CUDA events on the GPU, read once at the end (no sync in the loop)."""
+    """Phase times. CPU: wall time. GPU: CUDA events from a fixed pool, one set per report slot (no
+    event is created inside the decode loop); a slot's spans are read by settle(slot) once the round
+    they time has been waited for, so reading them costs no extra sync."""
 
-    def __init__(self, cuda: bool):
+    MARKS = 3  # start, end of drafting, end of the round
+
+    def __init__(self, cuda: bool, slots: int):
         self.cuda = cuda
-        self.spans = {}
+        self.totals = {}
+        self.pending = [[] for _ in range(slots)]
+        self.events = [[torch.cuda.Event(enable_timing=True) for _ in range(self.MARKS)] for _ in range(slots)] \
+            if cuda else []
 
-    def mark(self):
+    def mark(self, slot: int, i: int):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = self.events[slot][i]
+        ev.record()
+        return ev
+
+    def add(self, slot: int, name: str, start, end):
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+            self.pending[slot].append((name, start, end))
+        else:
+            self.totals[name] = self.totals.get(name, 0.0) + (end - start)
 
-    def add(self, name, start, end):
-        self.spans.setdefault(name, []).append((start, end))
+    def settle(self, slot: int):
+        """Add the slot's spans to the totals; its round must have completed (then its events may be
+        recorded again)."""
+        for name, start, end in self.pending[slot]:
+            self.totals[name] = self.totals.get(name, 0.0) + start.elapsed_time(end) / 1e3
+        self.pending[slot].clear()
 
-    def total(self, name) -> float:
-        pairs = self.spans.get(name, [])
-        if self.cuda:
-            return sum(a.elapsed_time(b) for a, b in pairs) / 1e3
-        return sum(b - a for a, b in pairs)
+    def total(self, name: str) -> float:
+        return self.totals.get(name, 0.0)
 
 
 def _next_budget(budget: int, drafted: int, gamma: int) -> int:
@@ -262,23 +276,24 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     report_host = torch.empty((2, *engine.report.shape), dtype=torch.int64, pin_memory=cuda)
     ready = [torch.cuda.Event() for _ in range(2)] if cuda else []
     engine.threshold.fill_(threshold)
-    clock = _Clock(cuda)
+    PREFILL = 2  # the clock's third slot; slots 0 and 1 follow the report slots
+    clock = _Clock(cuda, slots=3)
     if cuda:
         torch.cuda.synchronize()
     t_start = time.perf_counter()
 
-    c0 = clock.mark()
+    c0 = clock.mark(PREFILL, 0)
     engine.prefill(prompt, speculative)
-    clock.add("prefill", c0, clock.mark())
+    clock.add(PREFILL, "prefill", c0, clock.mark(PREFILL, 1))
     if streamer is not None:
         streamer.put(prompt[0].cpu())
 
     def enqueue_round(slot: int):
         """One round (plain: one step) on the device, then its report copied to slot; no sync."""
-        c0 = clock.mark()
+        c0 = clock.mark(slot, 0)
         if not speculative:
             graphs[g].plain.replay() if mode == "graphs" else engine.plain_step()
-            clock.add("verify", c0, clock.mark())
+            clock.add(slot, "verify", c0, clock.mark(slot, 2))
         elif mode == "host":
             engine.begin_round()
             k = 0
@@ -290,10 +305,10 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
                 if not bool(keep.all()):
                     break
                 k = j + 1
-            c1 = clock.mark()
-            clock.add("draft", c0, c1)
+            c1 = clock.mark(slot, 1)
+            clock.add(slot, "draft", c0, c1)
             engine.verify(k + 1)
-            clock.add("verify", c1, clock.mark())
+            clock.add(slot, "verify", c1, clock.mark(slot, 2))
         else:
             if mode == "graphs":
                 graphs[budget].draft.replay()
@@ -301,10 +316,10 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
                 engine.begin_round()
                 for j in range(budget + 1):
                     engine.draft_step(j, budget)
-            c1 = clock.mark()
-            clock.add("draft", c0, c1)
+            c1 = clock.mark(slot, 1)
+            clock.add(slot, "draft", c0, c1)
             graphs[budget].verify.replay() if mode == "graphs" else engine.verify(budget + 1)
-            clock.add("verify", c1, clock.mark())
+            clock.add(slot, "verify", c1, clock.mark(slot, 2))
         report_host[slot].copy_(engine.report, non_blocking=cuda)
         if cuda:
             ready[slot].record()
@@ -333,6 +348,7 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
         if cuda:
             ready[slot].synchronize()                     # the round's one host sync
         stats.host_syncs += 1
+        clock.settle(slot)
         rep = report_host[slot, 0].tolist()
         accepted, drafted = rep[1], rep[2]
         committed = rep[3:3 + accepted + 1]
@@ -359,6 +375,7 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     if cuda:
         torch.cuda.synchronize()
     stats.total_s = time.perf_counter() - t_start
+    clock.settle(PREFILL)  # synchronized above on the GPU; an unprocessed last round's spans are dropped
     stats.prefill_s = clock.total("prefill")
     stats.draft_s = clock.total("draft")
     stats.verify_s = clock.total("verify")
