@@ -96,10 +96,10 @@ class Engine:
     def _attend(self, q, k, v, positions, slot: int):
         s = self.spec
         B, T = positions.shape
-        return ops.rope_append_attention(q.view(B, T, s.num_heads, s.head_dim), k.view(B, T, s.num_kv_heads, s.head_dim),
-                                         v.view(B, T, s.num_kv_heads, s.head_dim), self.rope_cos, self.rope_sin,
-                                         positions, self.k_cache[slot], self.v_cache[slot], s.attn_scale,
-                                         s.sliding_window or 0)
+        q = q.view(B, T, s.num_heads, s.head_dim)
+        k, v = (t.view(B, T, s.num_kv_heads, s.head_dim) for t in (k, v))
+        return ops.rope_append_attention(q, k, v, self.rope_cos, self.rope_sin, positions, self.k_cache[slot],
+                                         self.v_cache[slot], s.attn_scale, s.sliding_window or 0)
 
     def _attention_block(self, x, res, w: LayerWeights, positions, slot: int):
         """(x, res) -> (attention output before the O-projection's residual add, residual stream)."""
@@ -110,8 +110,7 @@ class Engine:
             return ops.decode_linear(self._attend(q, k, v, positions, slot), w.o, w.o_bias), res
         normed, res = self._norm(x, res, w.input_norm)
         q, k, v = (F.linear(normed, wt, bt) for wt, bt in ((w.q, w.q_bias), (w.k, w.k_bias), (w.v, w.v_bias)))
-        return F.linear(self._attend(q.contiguous(), k.contiguous(), v.contiguous(), positions, slot), w.o,
-                        w.o_bias), res
+        return F.linear(self._attend(q, k, v, positions, slot), w.o, w.o_bias), res
 
     def _mlp_block(self, x, res, w: LayerWeights):
         B, T = x.shape[:2]

@@ -22,29 +22,37 @@ def _same_device(name, t, ref_name, ref):
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected one device")
 
 
-def fused_add_rms_norm(x, residual: Optional[torch.Tensor], weight, eps, weight_name: str = "weight"):
+def _rows(x, dim: str):
+    """x: a non-empty contiguous float tensor [..., dim] (the rows an op works on)."""
     _tensor("x", x)
     if x.dtype not in FLOATS:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0 or x.numel() == 0:
-        raise ValueError(f"x must have shape [..., H] with H >= 1 and no empty dimension, got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape [..., {dim}] with {dim} >= 1 and no empty dimension, got "
+                         f"{tuple(x.shape)}")
     _contiguous("x", x)
+
+
+def _like_x(name, t, x):
+    """t (shape already checked) has x's dtype and device and is contiguous."""
+    if t.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    _same_device(name, t, "x", x)
+    _contiguous(name, t)
+
+
+def fused_add_rms_norm(x, residual: Optional[torch.Tensor], weight, eps, weight_name: str = "weight"):
+    _rows(x, "H")
     if residual is not None:
         _tensor("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-        _same_device("residual", residual, "x", x)
-        _contiguous("residual", residual)
+        _like_x("residual", residual, x)
     _tensor(weight_name, weight)
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"{weight_name} must have shape [{x.shape[-1]}] (x's last dimension), got "
                          f"{tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"{weight_name} must have x's dtype {x.dtype}, got {weight.dtype}")
-    _same_device(weight_name, weight, "x", x)
-    _contiguous(weight_name, weight)
+    _like_x(weight_name, weight, x)
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
@@ -133,10 +141,7 @@ def _matrix(name, w, K, x):
     _tensor(name, w)
     if w.dim() != 2 or w.shape[1] != K or w.shape[0] < 1:
         raise ValueError(f"{name} must have shape [N, {K}] (N >= 1; K = x's last dimension), got {tuple(w.shape)}")
-    if w.dtype != x.dtype:
-        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {w.dtype}")
-    _same_device(name, w, "x", x)
-    _contiguous(name, w)
+    _like_x(name, w, x)
 
 
 def _bias(name, b, N, x):
@@ -145,10 +150,7 @@ def _bias(name, b, N, x):
     _tensor(name, b)
     if b.shape != (N,):
         raise ValueError(f"{name} must have shape [{N}] or be None, got {tuple(b.shape)}")
-    if b.dtype != x.dtype:
-        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {b.dtype}")
-    _same_device(name, b, "x", x)
-    _contiguous(name, b)
+    _like_x(name, b, x)
 
 
 def rms_norm_linear(x, residual, norm_weight, eps, weights, biases):
@@ -172,11 +174,6 @@ def rms_norm_gate_up(x, residual, norm_weight, eps, gate, up):
 
 
 def decode_linear(x, weight, bias):
-    _tensor("x", x)
-    if x.dtype not in FLOATS:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] == 0 or x.numel() == 0:
-        raise ValueError(f"x must have shape [..., K] with K >= 1 and no empty dimension, got {tuple(x.shape)}")
-    _contiguous("x", x)
+    _rows(x, "K")
     _matrix("weight", weight, x.shape[-1], x)
     _bias("bias", bias, weight.shape[0], x)
