@@ -1,7 +1,7 @@
-// ATen launcher for kernels/attention.cuh (1 or 2 launches: see that header). Checks arguments as
-// kangaroo_ext/ops/validate.py does, allocates the output and the split-K workspace with torch (the
-// caching allocator: during CUDA-graph capture they come from the graph's pool) and launches on the
-// current stream. positions stay on the device: no host sync, so the op is capturable.
+// ATen launcher for kernels/attention.cuh (one launch: see that header). Checks arguments as
+// kangaroo_ext/ops/validate.py does, allocates the output with torch (the caching allocator: during
+// CUDA-graph capture it comes from the graph's pool) and launches on the current stream. positions
+// stay on the device: no host sync, so the op is capturable.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -78,6 +78,7 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
   const auto device = q.device().index();
   const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const bool clusters = attention::clusters_usable();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   dispatch_float_dtype(dt, "q", [&](auto tag) {
@@ -102,12 +103,14 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     p.window = window;
     p.qscale = static_cast<float>(scale * 1.4426950408889634);
 
-    // 16-byte K/V accesses need 16-byte rows and 16-byte aligned bases (q is read element-wise, and
-    // out is ours). Otherwise (e.g. D % 8 != 0 in 16-bit, or views at odd offsets) element accesses.
+    // 16-byte K/V accesses need 16-byte rows and 16-byte aligned bases; the same condition lets q and
+    // the RoPE tables be read 4 elements at a time (out is ours). Otherwise (e.g. D % 8 != 0 in 16-bit,
+    // or views at odd offsets) element accesses.
     const bool vec16 = (D * static_cast<int64_t>(sizeof(T_))) % 16 == 0 && is_aligned(p.k, 16) &&
-                       is_aligned(p.v, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16);
-    const attention::Plan pl =
-        attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len, sizeof(T_), vec16, num_sms);
+                       is_aligned(p.v, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
+                       is_aligned(p.q, 16) && is_aligned(p.rope_cos, 16) && is_aligned(p.rope_sin, 16);
+    const attention::Plan pl = attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len,
+                                               sizeof(T_), vec16, num_sms, clusters);
     TORCH_CHECK_VALUE(pl.n_qtiles <= 65535, "q has too many query rows per kv head for one launch (T * Hq / Hkv = ",
                       T * G, ")");
     TORCH_CHECK_VALUE(pl.smem_bytes + 1024 <= max_smem, "rope_append_attention needs ", pl.smem_bytes + 1024,
@@ -117,14 +120,6 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     p.n_qtiles = pl.n_qtiles;
     p.n_splits = pl.n_splits;
     p.min_chunk = pl.min_chunk;
-
-    at::Tensor workspace;
-    if (pl.n_splits > 1) {
-      const int64_t part_rows = B * Hkv * pl.n_qtiles * pl.n_splits * pl.m_tile;
-      workspace = at::empty({part_rows * (D + 2)}, q.options().dtype(at::kFloat));
-      p.part_acc = workspace.mutable_data_ptr<float>();
-      p.part_ml = p.part_acc + part_rows * D;  // D even: 8-byte aligned, as float2 reads need
-    }
     C10_CUDA_CHECK(attention::launch<T_>(p, pl, stream));
   });
   return out;

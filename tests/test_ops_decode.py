@@ -30,6 +30,13 @@ ATTN_CASES = {  # B, T, Hq, Hkv, D, S, start position, window
     "d48-gqa4": (1, 3, 8, 2, 48, 40, 0, 0),
     "d80-end-of-cache": (1, 5, 6, 2, 80, 64, 59, 0),
     "window": (1, 3, 4, 2, 64, 64, 30, 8),
+    # Long contexts: the CUDA kernel cuts the keys into splits (up to 8) that merge across a cluster.
+    "long-decode-splits": (1, 1, 9, 3, 64, 1100, 1000, 0),
+    "long-verify-splits": (1, 7, 9, 3, 64, 1100, 900, 0),
+    "long-window-splits": (1, 4, 4, 2, 64, 700, 600, 300),
+    "long-mha-d128-b2": (2, 3, 4, 4, 128, 640, 500, 0),
+    "long-d80-b2": (2, 2, 6, 2, 80, 800, 700, 0),
+    "long-d6-elementwise": (1, 3, 4, 2, 6, 300, 250, 0),
 }
 
 

@@ -1,19 +1,20 @@
 // RoPE + KV-cache append + causal attention over the static cache, for decode and verification
 // (kangaroo_ext/ops/reference.py: rope_append_attention), torch-free.
 //
-// Launches (programmatic dependent launch, common.cuh): 1 when the plan has one key split (large
-// batch / many heads / prefill, or a short cache),
-// else 2 (attention_kernel writes per-split partials, combine_kernel merges them). The host cannot
-// see the context length (positions live on the device), so the split count is a maximum sized from
-// the cache capacity S; every block derives the actual key range from `positions` and a tile whose
-// keys fit one split writes the final output itself, which the combine step then skips.
+// One launch (programmatic dependent launch, common.cuh). A (batch row, kv head, q-tile)'s keys may be
+// cut into up to kMaxSplits splits, one block each; the splits of a tile form one thread-block cluster
+// (sm_90) and merge their partial softmax states through distributed shared memory, so no partial
+// result goes to global memory and no second kernel is needed. (It used to be a second "combine"
+// launch: 1.6 us of a plain step's ~22 us per layer on an H200, plus its launch gap.) Before sm_90
+// there are no clusters and a tile is one block. The host cannot see the context length (positions
+// live on the device), so the split count is a maximum sized from the cache capacity S; every block
+// derives the actual key range from `positions`, and a tile whose keys fit one split writes its output
+// from that block without touching the cluster.
 //
 // Bytes per call (sz = element size, ctx = keys in a row's [lowest visible, highest position]):
-//   launch 1 reads   K, V: 2 * B * Hkv * ctx * D * sz        (once per q-tile; one q-tile when T*G <= 64)
-//                    q: B*T*Hq*D*sz, k/v inputs for the new keys, 2 RoPE rows (fp32) per query row
-//            writes  cache rows: 2 * B*T*Hkv*D*sz, and either out (B*T*Hq*D*sz) or partials
-//                    (splits used * rows * (D + 2) * 4 bytes per (b, kv head))
-//   launch 2 reads   the partials, writes out (B*T*Hq*D*sz).
+//   reads   K, V: 2 * B * Hkv * ctx * D * sz        (once per q-tile; one q-tile when T*G <= 64)
+//           q: B*T*Hq*D*sz, k/v inputs for the new keys, 2 RoPE rows (fp32) per query row
+//   writes  cache rows: 2 * B*T*Hkv*D*sz, and out (B*T*Hq*D*sz)
 //
 // Why the cache append is race-free inside one launch: the new keys are the positions
 // [p0, p0 + T - 1], p0 = positions[b, 0] (positions are consecutive by contract). Every block that
@@ -39,8 +40,16 @@
 //         row's online-softmax update is a warp reduction (warps with only padding rows sit it out).
 //   PV:   a thread owns one VEC-wide column slice of rows r0, r0+RS, ...; with few rows the 64 keys are
 //         split among KG thread groups whose partial sums are added at the end.
+// Prologue: the append (new K rotated, new V copied) and the Q tile's RoPE each take one pass of the
+// block's threads for decode and verify sizes, so every thread's global loads are in flight together
+// (per-token loops made a verify step's 7 new keys 7 dependent round trips).
+// Merge (more than one split used): each block leaves its rows' (max, sum, unnormalized output) in
+// its own shared memory; after a cluster barrier, block z computes output elements z, z + n_splits, ...
+// (in units of two columns) from every split's state, read through distributed shared memory; a
+// second barrier keeps each block's shared memory alive until its peers have read it.
 #pragma once
 
+#include <atomic>
 #include <climits>
 
 #include "common.cuh"
@@ -54,7 +63,7 @@ constexpr int kKeyTile = 64;             // keys per shared-memory tile (two per
 constexpr int kPStride = kKeyTile + 4;   // floats per row of P: float4-aligned, rows 4 banks apart
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTileRows = 64;         // query rows per block
-constexpr int kMaxSplits = 256;
+constexpr int kMaxSplits = 8;            // cluster size: 8 is the portable maximum
 constexpr int kMaxKeyGroups = 16;        // PV key groups: at least 4 keys each (float4 reads of P)
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -69,15 +78,13 @@ struct Params {
   T* k_cache;           // [B, Hkv, S, D]
   T* v_cache;
   T* out;               // [B, T, Hq * D]
-  float* part_acc;      // [B*Hkv*n_qtiles, n_splits, m_tile, D]   (only when n_splits > 1)
-  float* part_ml;       // [B*Hkv*n_qtiles, n_splits, m_tile, 2]   (running max (log2 domain), sum)
   int batch, tokens, hq, hkv, group, head_dim, cache_len;
   int64_t window;       // 0 = none
   float qscale;         // scale * log2(e)
   int rows;             // tokens * group: query rows per (b, kv head)
   int m_tile;           // query rows per block
   int n_qtiles;         // ceil(rows / m_tile)
-  int n_splits;         // maximum key splits (grid z)
+  int n_splits;         // maximum key splits (grid z = the cluster's z size)
   int min_chunk;        // smallest split, in keys (a multiple of kKeyTile)
 };
 
@@ -285,12 +292,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   // the tile takes new keys from the k/v inputs, never from the cache rows the append writes.
   int chunk, n_used;
   split_keys(klo, khi, p.n_splits, p.min_chunk, chunk, n_used);
-  const int c_lo = klo + z * chunk;
-  const int c_hi = min(c_lo + chunk, khi + 1) - 1;
-  const int n_tiles = (c_hi - c_lo + kKeyTile) / kKeyTile;
+  const bool has_keys = z < n_used;  // block-uniform; also uniform over a cluster is n_used itself
+  const int c_lo = has_keys ? klo + z * chunk : 0;
+  const int c_hi = has_keys ? min(c_lo + chunk, khi + 1) - 1 : -1;
+  const int n_tiles = has_keys ? (c_hi - c_lo + kKeyTile) / kKeyTile : 0;
   const T* kcache_head = p.k_cache + head_row0 * D;
   const T* vcache_head = p.v_cache + head_row0 * D;
-  if (z < n_used) {
+  if (has_keys) {
     issue_tile<T, VEC, HD>(Ks, ks, kcache_head, p.k + new_off, new_stride, c_lo, c_hi, p0, tokens, D);
     cp_async_commit();
     issue_tile<T, VEC, HD>(Vs, ks, vcache_head, p.v + new_off, new_stride, c_lo, c_hi, p0, tokens, D);
@@ -298,23 +306,30 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   }
 
   if (z == 0) {
-    // Append: new key t' (t' % n_qtiles == qt) to the cache, K rotated at position p0 + t'.
-    for (int tn = qt; tn < tokens; tn += p.n_qtiles) {
-      const int s = p0 + tn;
+    // Append: new keys t' = qt, qt + n_qtiles, ... to the cache, K rotated at position p0 + t'.
+    // One (token, rotation pair) per thread: one pass for decode and verify sizes.
+    const int n_mine = tokens > qt ? (tokens - qt + p.n_qtiles - 1) / p.n_qtiles : 0;
+    for (int idx = tid; idx < n_mine * half; idx += kThreads) {
+      const int i = idx / half, j = idx - i * half;
+      const int s = p0 + qt + i * p.n_qtiles;
       if (s < 0 || s >= S) continue;  // positions outside the cache are not written
-      const T* ksrc = p.k + new_off + tn * new_stride;
-      const T* vsrc = p.v + new_off + tn * new_stride;
-      T* kdst = p.k_cache + (head_row0 + s) * D;
-      T* vdst = p.v_cache + (head_row0 + s) * D;
+      const T* ksrc = p.k + new_off + static_cast<int64_t>(s - p0) * new_stride;
       const float* cs = p.rope_cos + static_cast<int64_t>(s) * D;
       const float* sn = p.rope_sin + static_cast<int64_t>(s) * D;
-      for (int j = tid; j < half; j += kThreads) {
-        float y1, y2;
-        rope_pair<T>(to_float(ksrc[j]), to_float(ksrc[j + half]), cs[j], sn[j], cs[j + half], sn[j + half], y1, y2);
-        kdst[j] = from_float<T>(y1);
-        kdst[j + half] = from_float<T>(y2);
-      }
-      for (int e = tid; e < D; e += kThreads) vdst[e] = vsrc[e];
+      float y1, y2;
+      rope_pair<T>(to_float(ksrc[j]), to_float(ksrc[j + half]), cs[j], sn[j], cs[j + half], sn[j + half], y1, y2);
+      T* kdst = p.k_cache + (head_row0 + s) * D;
+      kdst[j] = from_float<T>(y1);
+      kdst[j + half] = from_float<T>(y2);
+    }
+    const int nvec = D / VEC;
+    for (int idx = tid; idx < n_mine * nvec; idx += kThreads) {
+      const int i = idx / nvec, c = idx - i * nvec;
+      const int s = p0 + qt + i * p.n_qtiles;
+      if (s < 0 || s >= S) continue;
+      Vec<T, VEC> x;
+      x.load(p.v + new_off + static_cast<int64_t>(s - p0) * new_stride + c * VEC);
+      x.store(p.v_cache + (head_row0 + s) * D + c * VEC);
     }
     // Query rows at positions outside the cache get zeros (lo_s/hi_s are visible: synced above).
     for (int idx = tid; idx < m_rows * D; idx += kThreads) {
@@ -325,24 +340,38 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
     }
   }
 
-  if (z >= n_used) return;  // block-uniform: no barrier is skipped by part of the block
-
   // Q tile: RoPE at each row's position, rounded to T as the reference, then * scale * log2(e).
-  for (int idx = tid; idx < M_ALLOC * half; idx += kThreads) {
-    const int r = idx / half, j = idx - r * half;
-    float y1 = 0.f, y2 = 0.f;
-    if (r < m_rows && lo_s[r] <= hi_s[r]) {
-      const int row = row0 + r, t = row / p.group, g = row - t * p.group;
-      const T* qr = p.q + ((static_cast<int64_t>(b) * tokens + t) * p.hq + static_cast<int64_t>(kvh) * p.group + g) * D;
-      const int64_t pos = hi_s[r];  // hi == position for a valid row
-      const float* cs = p.rope_cos + pos * D;
-      const float* sn = p.rope_sin + pos * D;
-      rope_pair<T>(to_float(qr[j]), to_float(qr[j + half]), cs[j], sn[j], cs[j + half], sn[j + half], y1, y2);
-      y1 *= p.qscale;
-      y2 *= p.qscale;
+  // QV rotation pairs per thread (vector loads of q and of the RoPE rows): one pass up to 32 rows.
+  if (has_keys) {
+    constexpr int QV = (HD > 0 && VEC > 1) ? 4 : 1;
+    const int hqv = half / QV;
+    for (int idx = tid; idx < M_ALLOC * hqv; idx += kThreads) {
+      const int r = idx / hqv, j = (idx - r * hqv) * QV;
+      float y1[QV], y2[QV];
+#pragma unroll
+      for (int e = 0; e < QV; ++e) y1[e] = y2[e] = 0.f;
+      if (r < m_rows && lo_s[r] <= hi_s[r]) {
+        const int row = row0 + r, t = row / p.group, g = row - t * p.group;
+        const T* qr =
+            p.q + ((static_cast<int64_t>(b) * tokens + t) * p.hq + static_cast<int64_t>(kvh) * p.group + g) * D;
+        const int64_t pos = hi_s[r];  // hi == position for a valid row
+        float x1[QV], x2[QV], c1[QV], s1[QV], c2[QV], s2[QV];
+        load_as_float<T, QV>(qr + j, x1);
+        load_as_float<T, QV>(qr + j + half, x2);
+        load_floats<QV>(p.rope_cos + pos * D + j, c1);
+        load_floats<QV>(p.rope_sin + pos * D + j, s1);
+        load_floats<QV>(p.rope_cos + pos * D + j + half, c2);
+        load_floats<QV>(p.rope_sin + pos * D + j + half, s2);
+#pragma unroll
+        for (int e = 0; e < QV; ++e) {
+          rope_pair<T>(x1[e], x2[e], c1[e], s1[e], c2[e], s2[e], y1[e], y2[e]);
+          y1[e] *= p.qscale;
+          y2[e] *= p.qscale;
+        }
+      }
+      store_floats<QV>(Qs + r * D + j, y1);
+      store_floats<QV>(Qs + r * D + j + half, y2);
     }
-    Qs[r * D + j] = y1;
-    Qs[r * D + j + half] = y2;
   }
 
   // Softmax state of this warp's rows (replicated across the lanes).
@@ -488,7 +517,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   }
   cp_async_wait<0>();  // only empty groups can remain; keeps the block's async state clean
 
-  // Epilogue. The K tile is free (no copy is pending into it): reuse it for the key-group sums.
+  // Epilogue. Rows' (max, sum) to shared memory; the key groups' PV sums meet in the K tile (free now).
   if (lane == 0) {
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
@@ -503,102 +532,74 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   }
   __syncthreads();
 
-  const int64_t tile = static_cast<int64_t>(bh) * p.n_qtiles + qt;
-  const int64_t part_row0 = (tile * p.n_splits + z) * p.m_tile;  // partial row of tile row 0
-  if (n_used > 1 && tid < m_rows) {
-    p.part_ml[(part_row0 + tid) * 2] = m_s[tid];
-    p.part_ml[(part_row0 + tid) * 2 + 1] = l_s[tid];
-  }
-  if (KG > 1) {
-    if (!pv_active || kg != 0) return;  // no barrier follows
+  const bool owner = pv_active && kg == 0;  // holds finished column slices once the groups are summed
+  if (KG > 1 && owner) {
     for (int g2 = 1; g2 < KG; ++g2) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[0][e] += red[((g2 * m_rows + rbase) * nd + c) * VEC + e];
     }
   }
+  const bool merge = n_used > 1;  // the same for every block of the cluster (one tile, one key range)
+  float* o_s = Qs;                // merge only: the Q tile is dead after the loop's last barrier
+  if (owner) {
 #pragma unroll
-  for (int i = 0; i < UPT; ++i) {
-    if (!ok_u[i]) continue;
-    const int r = rbase + i * RS;
-    if (n_used == 1) {
+    for (int i = 0; i < UPT; ++i) {
+      if (!ok_u[i]) continue;
+      const int r = rbase + i * RS;
+      if (merge) {
+        store_floats<VEC>(o_s + r * D + c * VEC, acc[i]);
+        continue;
+      }
       if (lo_s[r] > hi_s[r]) continue;  // zeroed by the append phase
       const float inv = 1.f / l_s[r];
       Vec<T, VEC> o;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(acc[i][e] * inv);
       o.store(p.out + out_row(b, tokens, p.hq, kvh, p.group, row0 + r) * D + c * VEC);
-    } else {
-      store_floats<VEC>(p.part_acc + (part_row0 + r) * D + c * VEC, acc[i]);
     }
   }
-}
+  if (!merge) return;
 
-// ---- the combine kernel (only when n_splits > 1) ------------------------------------------------
-// grid (B * Hkv, n_qtiles), kThreads threads, m_tile * n_splits * 4 bytes of dynamic smem (weights).
-// out = sum_z 2^(m_z - M) acc_z / sum_z 2^(m_z - M) l_z over the splits the tile used.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const Params<T> p) {
-  extern __shared__ float wsm[];  // [m_tile][n_splits]
-  __shared__ int lo_s[kMaxTileRows], hi_s[kMaxTileRows];
-  __shared__ float inv_den[kMaxTileRows];
-  pdl_launch_dependents();
-  pdl_wait();
-  __shared__ int2 s_red[2];
-
-  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int bh = blockIdx.x, b = bh / p.hkv, kvh = bh - b * p.hkv;
-  const int qt = blockIdx.y;
-  const int row0 = qt * p.m_tile;
-  const int m_rows = min(p.m_tile, p.rows - row0);
-  const int D = p.head_dim, S = p.cache_len;
-
-  int klo, khi;
-  tile_key_range<kMaxTileRows>(p.positions, b, p.tokens, p.group, row0, m_rows, S, p.window, lo_s, hi_s, s_red, klo,
-                               khi);
-  int chunk, n_used;
-  split_keys(klo, khi, p.n_splits, p.min_chunk, chunk, n_used);
-  if (n_used <= 1) return;  // the attention kernel wrote this tile's output (or there is none)
-
-  const int64_t tile = static_cast<int64_t>(bh) * p.n_qtiles + qt;
-  const int64_t split_stride = p.m_tile;  // partial rows between splits
-  const float* ml = p.part_ml + tile * p.n_splits * split_stride * 2;
-  const float* acc = p.part_acc + tile * p.n_splits * split_stride * D;
-
-  for (int r = warp; r < m_rows; r += kWarps) {
-    if (lo_s[r] > hi_s[r]) continue;  // warp-uniform
+  // Merge the splits: out = sum_z 2^(m_z - M) o_z / sum_z 2^(m_z - M) l_z, z over the splits used
+  // (a split where the row sees no key has m = -inf, l = 0, o = 0 and weighs nothing). Block z takes
+  // two-column units z, z + n_splits, ... of the tile; every split's state is read in one batch.
+  cluster_barrier();  // every block's m_s, l_s and o_s are written and visible to the cluster
+  const int pairs = D / 2;  // D is even: float2 reads of o are aligned
+  for (int u = z * kThreads + tid; u < m_rows * pairs; u += p.n_splits * kThreads) {
+    const int r = u / pairs, col = 2 * (u - r * pairs);
+    if (lo_s[r] > hi_s[r]) continue;  // zeroed by the append phase
+    float mz[kMaxSplits], lz[kMaxSplits];
+    float2 oz[kMaxSplits];
+#pragma unroll
+    for (int zz = 0; zz < kMaxSplits; ++zz) {
+      if (zz < n_used) {
+        mz[zz] = *cluster_peer(m_s + r, zz);
+        lz[zz] = *cluster_peer(l_s + r, zz);
+        oz[zz] = *reinterpret_cast<const float2*>(cluster_peer(o_s + r * D + col, zz));
+      }
+    }
     float M = -INFINITY;
-    for (int zz = lane; zz < n_used; zz += kWarpSize) M = fmaxf(M, ml[(zz * split_stride + r) * 2]);
-    M = warp_max(M);
+#pragma unroll
+    for (int zz = 0; zz < kMaxSplits; ++zz) {
+      if (zz < n_used) M = fmaxf(M, mz[zz]);
+    }
     const float m_ref = M == -INFINITY ? 0.f : M;
-    float den = 0.f;
-    for (int zz = lane; zz < n_used; zz += kWarpSize) {
-      const float w = exp2f(ml[(zz * split_stride + r) * 2] - m_ref);
-      wsm[r * p.n_splits + zz] = w;
-      den += w * ml[(zz * split_stride + r) * 2 + 1];
+    float den = 0.f, a0 = 0.f, a1 = 0.f;
+#pragma unroll
+    for (int zz = 0; zz < kMaxSplits; ++zz) {
+      if (zz < n_used) {
+        const float w = exp2f(mz[zz] - m_ref);
+        den = fmaf(w, lz[zz], den);
+        a0 = fmaf(w, oz[zz].x, a0);
+        a1 = fmaf(w, oz[zz].y, a1);
+      }
     }
-    den = warp_sum(den);
-    if (lane == 0) inv_den[r] = 1.f / den;
-  }
-  __syncthreads();
-
-  const int half = D / 2;  // column pairs: D is even, so float2 reads of the partials are aligned
-  for (int u = tid; u < m_rows * half; u += kThreads) {
-    const int r = u / half, cp = u - r * half;
-    if (lo_s[r] > hi_s[r]) continue;
-    const float* src = acc + static_cast<int64_t>(r) * D + 2 * cp;
-    const float* w = wsm + r * p.n_splits;
-    float a0 = 0.f, a1 = 0.f;
-#pragma unroll 4
-    for (int zz = 0; zz < n_used; ++zz) {
-      const float2 x = *reinterpret_cast<const float2*>(src + zz * split_stride * D);
-      a0 = fmaf(w[zz], x.x, a0);
-      a1 = fmaf(w[zz], x.y, a1);
-    }
-    const float inv = inv_den[r];
-    T* dst = p.out + out_row(b, p.tokens, p.hq, kvh, p.group, row0 + r) * D + 2 * cp;
+    const float inv = 1.f / den;
+    T* dst = p.out + out_row(b, tokens, p.hq, kvh, p.group, row0 + r) * D + col;
     dst[0] = from_float<T>(a0 * inv);
     dst[1] = from_float<T>(a1 * inv);
   }
+  cluster_barrier();  // no block exits (freeing its shared memory) while a peer may still read it
 }
 
 // ---- host side ----------------------------------------------------------------------------------
@@ -608,12 +609,34 @@ struct Plan {
   int hd;       // compile-time head dim (64, 128) or 0
   int rpt;      // rows per warp: 1, 2, 4, 8
   int m_tile, n_qtiles, n_splits, min_chunk;
-  int smem_bytes, combine_smem_bytes;
+  int smem_bytes;
 };
 
+// Whether splits may form clusters on the current device: the device supports cluster launches
+// (sm_90+) and the kernel code the runtime picked for it was compiled for sm_90+ (an sm_80 build
+// JIT-compiled from PTX would reach cluster_barrier's trap). Asked once per device; host-side only.
+inline bool clusters_usable() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < kMaxDevices) {
+    const int k = known[device].load(std::memory_order_relaxed);
+    if (k != 0) return k == 2;
+  }
+  int has = 0;
+  cudaFuncAttributes attrs{};
+  const bool ok = cudaDeviceGetAttribute(&has, cudaDevAttrClusterLaunch, device) == cudaSuccess && has != 0 &&
+                  cudaFuncGetAttributes(&attrs, attention_kernel<float, 1, 0, 1>) == cudaSuccess &&
+                  attrs.binaryVersion >= 90;
+  if (device < kMaxDevices) known[device].store(ok ? 2 : 1, std::memory_order_relaxed);
+  return ok;
+}
+
 // vec16: the head dim and every K/V pointer allow 16-byte accesses. num_sms: the device's SM count.
+// clusters: the device has thread-block clusters (sm_90+); without them a tile is never split.
 inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len, int elem_size, bool vec16,
-                 int num_sms) {
+                 int num_sms, bool clusters) {
   Plan pl{};
   pl.vec = vec16 ? 16 / elem_size : 1;
   pl.hd = (vec16 && (head_dim == 64 || head_dim == 128)) ? head_dim : 0;
@@ -623,18 +646,16 @@ inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int ca
   pl.m_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, m_cap)));
   pl.rpt = pl.m_tile <= 8 ? 1 : (pl.m_tile <= 16 ? 2 : (pl.m_tile <= 32 ? 4 : 8));
   pl.n_qtiles = static_cast<int>(std::max<int64_t>(1, ceil_div(rows, pl.m_tile)));
-  // A split reads at least ~2 keys per query row it carries, so the partials (rows * D floats per
-  // split) stay small next to the K/V bytes (2 * keys * D elements). (4 keys per row gave a verify
+  // A split reads at least ~2 keys per query row it carries, so its share of the merge (rows * D
+  // floats per split) stays small next to its K/V bytes (2 * keys * D elements). (4 keys per row gave a verify
   // step's 21-row tiles two key tiles per split: 26 us vs 9.5 us for one row at 1,024 keys, H200.)
   pl.min_chunk = static_cast<int>(ceil_div(std::max(kKeyTile, 2 * pl.m_tile), kKeyTile) * kKeyTile);
   const int64_t base_blocks = static_cast<int64_t>(batch) * hkv * pl.n_qtiles;
   const int64_t want = ceil_div(2 * static_cast<int64_t>(num_sms), base_blocks);  // ~2 resident blocks per SM
   const int64_t useful = ceil_div(cache_len, pl.min_chunk);
-  const int64_t smem_cap = 12288 / pl.m_tile;  // combine weights m_tile * n_splits floats <= 48 KB
-  pl.n_splits = static_cast<int>(
-      std::max<int64_t>(1, std::min({want, useful, smem_cap, static_cast<int64_t>(kMaxSplits)})));
+  const int64_t cap = clusters ? kMaxSplits : 1;
+  pl.n_splits = static_cast<int>(std::max<int64_t>(1, std::min({want, useful, cap})));
   pl.smem_bytes = smem_layout(head_dim, elem_size, pl.vec, kWarps * pl.rpt).total;
-  pl.combine_smem_bytes = pl.m_tile * pl.n_splits * 4;
   return pl;
 }
 
@@ -645,10 +666,8 @@ cudaError_t launch_with(const Params<T>& p, const Plan& pl, cudaStream_t stream)
   if (serr != cudaSuccess) return serr;
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(pl.n_qtiles),
                   static_cast<unsigned>(pl.n_splits));
-  cudaError_t err = launch_pdl(kernel, grid, dim3(kThreads), static_cast<size_t>(pl.smem_bytes), stream, p);
-  if (err != cudaSuccess || pl.n_splits == 1) return err;
-  return launch_pdl(combine_kernel<T>, dim3(grid.x, grid.y), dim3(kThreads),
-                    static_cast<size_t>(pl.combine_smem_bytes), stream, p);
+  const dim3 cluster(1, 1, grid.z);  // the splits of one tile; 1 x 1 x 1 launches without a cluster
+  return launch_pdl_cluster(kernel, grid, dim3(kThreads), static_cast<size_t>(pl.smem_bytes), stream, cluster, p);
 }
 
 template <typename T, int VEC, int HD>
@@ -661,9 +680,8 @@ cudaError_t launch_rpt(const Params<T>& p, const Plan& pl, cudaStream_t stream) 
   }
 }
 
-// Launches on `stream` (1 or 2 kernels, see the top of this file) and returns the launch status.
-// p's plan fields (m_tile, n_qtiles, n_splits, min_chunk) must come from `pl`; part_acc/part_ml must
-// hold B*Hkv*n_qtiles*n_splits*m_tile*(D and 2) floats when pl.n_splits > 1.
+// Launches the kernel on `stream` and returns the launch status. p's plan fields (m_tile, n_qtiles,
+// n_splits, min_chunk) must come from `pl`.
 template <typename T>
 cudaError_t launch(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
   constexpr int V16 = kVec16<T>;

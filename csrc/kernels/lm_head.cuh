@@ -11,8 +11,8 @@
 //      memory as fp32, streams a contiguous range of W rows with 16-byte loads (each W row read once
 //      for all RB hidden rows) and keeps, per hidden row, the online-softmax triple (max, argmax,
 //      sum of exp relative to that max); one triple per (row, block) goes to a workspace.
-//      n_blocks = min(ceil(V / 128), 4 * SMs): one 128-row pass per block when V allows (V = 49152:
-//      384 blocks of 512 threads, all resident on an H100).
+//      n_blocks = min(ceil(V / 128), the blocks resident at once): one 128-row pass per block when V
+//      allows (V = 49152: 384 blocks of 512 threads, 3 per SM, one wave on an H100/H200).
 //   2. combine_kernel: one block per hidden row merges the n_blocks triples.
 // Bytes: launch 1 reads V*H*sz of weights per row group (one group for R <= 8) plus the hidden rows
 // (R*H*sz per block, L2-resident) and writes 12 * R * n_blocks bytes; launch 2 reads those and writes
@@ -149,8 +149,11 @@ __device__ __forceinline__ void accumulate(const Vec<T, VEC>& x0, const Vec<T, V
 
 // grid (n_blocks, ceil(R / RB)); kThreads threads; RB * H * 4 bytes of dynamic smem.
 // partials: [R][n_blocks] triples. VEC: elements per W access (16 bytes, or 1).
+// Register budget: RB = 1 (decode and draft steps) is held to 40 registers so that 3 blocks fit an SM
+// and V = 49152 (384 blocks) runs as one wave on 132 SMs (at its natural 53 registers only 2 fit, and
+// 120 blocks ran as a second wave). Larger RB would spill at that budget.
 template <typename T, int VEC, int RB>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, RB == 1 ? 3 : 1)
 partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int rows, int vocab, int hidden_size,
                int rows_per_block, Soft* __restrict__ partials) {
   using HL = HiddenLayout<VEC>;
@@ -267,18 +270,40 @@ struct Plan {
   int smem_bytes;  // rb * H * 4
 };
 
-// How many blocks: one pass (kRowsPerPass W rows) per block, at most 4 blocks per SM (the most
-// 512-thread blocks an SM holds); when fewer fit (large H * RB in shared memory) the extra blocks run
-// as further waves, which a streaming kernel tolerates.
-inline void plan_blocks(Plan& p, int vocab, int num_sms) {
-  const int64_t cap = 4 * static_cast<int64_t>(num_sms);
+template <typename T>
+using PartialKernel = void (*)(const T*, const T*, int, int, int, int, Soft*);
+
+template <typename T>
+PartialKernel<T> partial_kernel_for(int vec, int rb) {
+  constexpr int V16 = kVec16<T>;
+  const bool v16 = vec == V16;
+  switch (rb) {
+    case 1: return v16 ? partial_kernel<T, V16, 1> : partial_kernel<T, 1, 1>;
+    case 2: return v16 ? partial_kernel<T, V16, 2> : partial_kernel<T, 1, 2>;
+    case 4: return v16 ? partial_kernel<T, V16, 4> : partial_kernel<T, 1, 4>;
+    default: return v16 ? partial_kernel<T, V16, 8> : partial_kernel<T, 1, 8>;
+  }
+}
+
+// How many blocks: one pass (kRowsPerPass W rows) per block, but no more blocks than fit the SMs at
+// once (`resident` per SM, from the occupancy calculator): a second wave of a few blocks would cost a
+// whole pass of latency for a fraction of the rows.
+inline void plan_blocks(Plan& p, int vocab, int num_sms, int resident) {
+  const int64_t cap = static_cast<int64_t>(std::max(1, resident)) * num_sms;
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(ceil_div(vocab, kRowsPerPass), cap));
   p.rows_per_block = static_cast<int>(ceil_div(vocab, n));
   p.n_blocks = static_cast<int>(ceil_div(vocab, p.rows_per_block));  // no empty blocks
 }
 
+// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+template <typename T>
+cudaError_t allow_smem(PartialKernel<T> kernel, int bytes) {
+  return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
+                           : cudaSuccess;
+}
+
 // max_smem: the device's opt-in shared memory per block. Returns rb = 0 when even one fp32 hidden
-// row does not fit (the caller reports it).
+// row does not fit (the caller reports it). Host-side queries only (no stream work).
 template <typename T>
 Plan plan(const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_size, int max_smem, int num_sms) {
   Plan p{};
@@ -293,15 +318,25 @@ Plan plan(const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_
   p.rb = rb;
   p.n_rgroups = rb > 0 ? static_cast<int>(ceil_div(rows, rb)) : 0;
   p.smem_bytes = rb * hidden_size * 4;
-  plan_blocks(p, vocab, num_sms);
+  int resident = 1;
+  if (rb > 0) {
+    const PartialKernel<T> kernel = partial_kernel_for<T>(p.vec, rb);
+    if (allow_smem<T>(kernel, p.smem_bytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, p.smem_bytes) != cudaSuccess) {
+      resident = 1;  // the launch reports the real error
+    }
+  }
+  plan_blocks(p, vocab, num_sms, resident);
   return p;
 }
 
-template <typename T, int VEC, int RB>
-cudaError_t launch_with(const Plan& p, const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_size,
-                        Soft* partials, int64_t* token, float* confidence, cudaStream_t stream) {
-  constexpr auto kernel = partial_kernel<T, VEC, RB>;
-  cudaError_t err = ensure_dynamic_smem<kernel>(p.smem_bytes);
+// Launches both kernels on `stream`; returns the launch status. partials: rows * p.n_blocks triples.
+template <typename T>
+cudaError_t launch(const Plan& p, const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_size,
+                   Soft* partials, int64_t* token, float* confidence, cudaStream_t stream) {
+  if (p.rb < 1) return cudaErrorInvalidValue;
+  const PartialKernel<T> kernel = partial_kernel_for<T>(p.vec, p.rb);
+  cudaError_t err = allow_smem<T>(kernel, p.smem_bytes);
   if (err != cudaSuccess) return err;
   err = launch_pdl(kernel, dim3(static_cast<unsigned>(p.n_blocks), static_cast<unsigned>(p.n_rgroups)),
                    dim3(kThreads), static_cast<size_t>(p.smem_bytes), stream, hidden, weight, static_cast<int>(rows),
@@ -309,28 +344,6 @@ cudaError_t launch_with(const Plan& p, const T* hidden, const T* weight, int64_t
   if (err != cudaSuccess) return err;
   return launch_pdl(combine_kernel, dim3(static_cast<unsigned>(rows)), dim3(kCombineThreads), 0, stream, partials,
                     p.n_blocks, token, confidence);
-}
-
-// Launches both kernels on `stream` for the plan's (VEC, RB); returns the launch status.
-// partials: rows * p.n_blocks triples.
-template <typename T>
-cudaError_t launch(const Plan& p, const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_size,
-                   Soft* partials, int64_t* token, float* confidence, cudaStream_t stream) {
-  constexpr int V16 = kVec16<T>;
-#define KANGAROO_HEAD_CASE(VEC_, RB_)                                                                           \
-  if (p.vec == VEC_ && p.rb == RB_)                                                                             \
-    return launch_with<T, VEC_, RB_>(p, hidden, weight, rows, vocab, hidden_size, partials, token, confidence, \
-                                     stream);
-  KANGAROO_HEAD_CASE(V16, 1)
-  KANGAROO_HEAD_CASE(V16, 2)
-  KANGAROO_HEAD_CASE(V16, 4)
-  KANGAROO_HEAD_CASE(V16, 8)
-  KANGAROO_HEAD_CASE(1, 1)
-  KANGAROO_HEAD_CASE(1, 2)
-  KANGAROO_HEAD_CASE(1, 4)
-  KANGAROO_HEAD_CASE(1, 8)
-#undef KANGAROO_HEAD_CASE
-  return cudaErrorInvalidValue;
 }
 
 }  // namespace lm_head
