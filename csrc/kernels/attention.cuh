@@ -40,8 +40,8 @@
 //         row's online-softmax update is a warp reduction (warps with only padding rows sit it out).
 //   PV:   a thread owns one VEC-wide column slice of rows r0, r0+RS, ...; with few rows the 64 keys are
 //         split among KG thread groups whose partial sums are added at the end.
-// Prologue: the append (new K rotated, new V copied) and the Q tile's RoPE each take one pass of the
-// block's threads for decode and verify sizes, so every thread's global loads are in flight together
+// Prologue: the append (new K rotated, new V copied) and the Q tile's RoPE share one pass of the
+// block's threads for decode and verify sizes, so all their global loads are in flight together
 // (per-token loops made a verify step's 7 new keys 7 dependent round trips).
 // Merge (more than one split used): each block leaves its rows' (max, sum, unnormalized output) in
 // its own shared memory; after a cluster barrier, block z computes output elements z, z + n_splits, ...
@@ -305,72 +305,90 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
     cp_async_commit();
   }
 
+  // Prologue work items, QV rotation pairs (or VEC elements of V) each, spread over the block:
+  //   [0, nq)        Q tile: RoPE at each row's position, rounded to T as the reference, then
+  //                  * scale * log2(e) (padding rows: zeros)                  (blocks with keys)
+  //   [nq, +nk)      append K: new key t' (t' = qt, qt + n_qtiles, ...) rotated at p0 + t'  (split 0)
+  //   [nq + nk, +nv) append V: copied                                                        (split 0)
+  // A thread's item of each pass loads everything first, so one pass costs one memory round trip;
+  // decode and verify sizes are one pass (T = 7, G = 3, D = 64, bf16: 128 + 56 + 56 items).
+  {
+    constexpr int QV = (HD > 0 && VEC > 1) ? VEC : 1;
+    const int hqv = half / QV, nvec = D / VEC;
+    const int n_mine = (z == 0 && tokens > qt) ? (tokens - qt + p.n_qtiles - 1) / p.n_qtiles : 0;
+    const int nq = has_keys ? M_ALLOC * hqv : 0, nk = n_mine * hqv, nv = n_mine * nvec;
+    for (int idx = tid; idx < nq + nk + nv; idx += kThreads) {
+      if (idx < nq + nk) {
+        const bool is_q = idx < nq;
+        const int it = is_q ? idx : idx - nq;
+        const int r = it / hqv, j = (it - r * hqv) * QV;  // r: tile row (Q) or new-key index (K)
+        const T* src = nullptr;
+        T* kdst = nullptr;
+        int64_t pos = 0;
+        if (is_q) {
+          if (r < m_rows && lo_s[r] <= hi_s[r]) {
+            const int row = row0 + r, t = row / p.group, g = row - t * p.group;
+            src = p.q + ((static_cast<int64_t>(b) * tokens + t) * p.hq + static_cast<int64_t>(kvh) * p.group + g) * D;
+            pos = hi_s[r];  // hi == position for a valid row
+          }
+        } else {
+          const int s = p0 + qt + r * p.n_qtiles;
+          if (s >= 0 && s < S) {  // positions outside the cache are not written
+            src = p.k + new_off + static_cast<int64_t>(s - p0) * new_stride;
+            kdst = p.k_cache + (head_row0 + s) * D;
+            pos = s;
+          }
+        }
+        float y1[QV], y2[QV];
+#pragma unroll
+        for (int e = 0; e < QV; ++e) y1[e] = y2[e] = 0.f;
+        if (src != nullptr) {
+          float x1[QV], x2[QV], c1[QV], s1[QV], c2[QV], s2[QV];
+          load_as_float<T, QV>(src + j, x1);
+          load_as_float<T, QV>(src + j + half, x2);
+          load_floats<QV>(p.rope_cos + pos * D + j, c1);
+          load_floats<QV>(p.rope_sin + pos * D + j, s1);
+          load_floats<QV>(p.rope_cos + pos * D + j + half, c2);
+          load_floats<QV>(p.rope_sin + pos * D + j + half, s2);
+#pragma unroll
+          for (int e = 0; e < QV; ++e) rope_pair<T>(x1[e], x2[e], c1[e], s1[e], c2[e], s2[e], y1[e], y2[e]);
+        }
+        if (is_q) {
+#pragma unroll
+          for (int e = 0; e < QV; ++e) {
+            y1[e] *= p.qscale;
+            y2[e] *= p.qscale;
+          }
+          store_floats<QV>(Qs + r * D + j, y1);
+          store_floats<QV>(Qs + r * D + j + half, y2);
+        } else if (kdst != nullptr) {
+          Vec<T, QV> o1, o2;
+#pragma unroll
+          for (int e = 0; e < QV; ++e) {
+            o1.v[e] = from_float<T>(y1[e]);
+            o2.v[e] = from_float<T>(y2[e]);
+          }
+          o1.store(kdst + j);
+          o2.store(kdst + j + half);
+        }
+      } else {
+        const int it = idx - nq - nk;
+        const int i = it / nvec, c = it - i * nvec;
+        const int s = p0 + qt + i * p.n_qtiles;
+        if (s < 0 || s >= S) continue;
+        Vec<T, VEC> x;
+        x.load(p.v + new_off + static_cast<int64_t>(s - p0) * new_stride + c * VEC);
+        x.store(p.v_cache + (head_row0 + s) * D + c * VEC);
+      }
+    }
+  }
+  // Query rows at positions outside the cache get zeros (lo_s/hi_s are visible: synced above).
   if (z == 0) {
-    // Append: new keys t' = qt, qt + n_qtiles, ... to the cache, K rotated at position p0 + t'.
-    // One (token, rotation pair) per thread: one pass for decode and verify sizes.
-    const int n_mine = tokens > qt ? (tokens - qt + p.n_qtiles - 1) / p.n_qtiles : 0;
-    for (int idx = tid; idx < n_mine * half; idx += kThreads) {
-      const int i = idx / half, j = idx - i * half;
-      const int s = p0 + qt + i * p.n_qtiles;
-      if (s < 0 || s >= S) continue;  // positions outside the cache are not written
-      const T* ksrc = p.k + new_off + static_cast<int64_t>(s - p0) * new_stride;
-      const float* cs = p.rope_cos + static_cast<int64_t>(s) * D;
-      const float* sn = p.rope_sin + static_cast<int64_t>(s) * D;
-      float y1, y2;
-      rope_pair<T>(to_float(ksrc[j]), to_float(ksrc[j + half]), cs[j], sn[j], cs[j + half], sn[j + half], y1, y2);
-      T* kdst = p.k_cache + (head_row0 + s) * D;
-      kdst[j] = from_float<T>(y1);
-      kdst[j + half] = from_float<T>(y2);
-    }
-    const int nvec = D / VEC;
-    for (int idx = tid; idx < n_mine * nvec; idx += kThreads) {
-      const int i = idx / nvec, c = idx - i * nvec;
-      const int s = p0 + qt + i * p.n_qtiles;
-      if (s < 0 || s >= S) continue;
-      Vec<T, VEC> x;
-      x.load(p.v + new_off + static_cast<int64_t>(s - p0) * new_stride + c * VEC);
-      x.store(p.v_cache + (head_row0 + s) * D + c * VEC);
-    }
-    // Query rows at positions outside the cache get zeros (lo_s/hi_s are visible: synced above).
     for (int idx = tid; idx < m_rows * D; idx += kThreads) {
       const int r = idx / D;
       if (lo_s[r] > hi_s[r]) {
         p.out[out_row(b, tokens, p.hq, kvh, p.group, row0 + r) * D + (idx - r * D)] = from_float<T>(0.f);
       }
-    }
-  }
-
-  // Q tile: RoPE at each row's position, rounded to T as the reference, then * scale * log2(e).
-  // QV rotation pairs per thread (vector loads of q and of the RoPE rows): one pass up to 32 rows.
-  if (has_keys) {
-    constexpr int QV = (HD > 0 && VEC > 1) ? 4 : 1;
-    const int hqv = half / QV;
-    for (int idx = tid; idx < M_ALLOC * hqv; idx += kThreads) {
-      const int r = idx / hqv, j = (idx - r * hqv) * QV;
-      float y1[QV], y2[QV];
-#pragma unroll
-      for (int e = 0; e < QV; ++e) y1[e] = y2[e] = 0.f;
-      if (r < m_rows && lo_s[r] <= hi_s[r]) {
-        const int row = row0 + r, t = row / p.group, g = row - t * p.group;
-        const T* qr =
-            p.q + ((static_cast<int64_t>(b) * tokens + t) * p.hq + static_cast<int64_t>(kvh) * p.group + g) * D;
-        const int64_t pos = hi_s[r];  // hi == position for a valid row
-        float x1[QV], x2[QV], c1[QV], s1[QV], c2[QV], s2[QV];
-        load_as_float<T, QV>(qr + j, x1);
-        load_as_float<T, QV>(qr + j + half, x2);
-        load_floats<QV>(p.rope_cos + pos * D + j, c1);
-        load_floats<QV>(p.rope_sin + pos * D + j, s1);
-        load_floats<QV>(p.rope_cos + pos * D + j + half, c2);
-        load_floats<QV>(p.rope_sin + pos * D + j + half, s2);
-#pragma unroll
-        for (int e = 0; e < QV; ++e) {
-          rope_pair<T>(x1[e], x2[e], c1[e], s1[e], c2[e], s2[e], y1[e], y2[e]);
-          y1[e] *= p.qscale;
-          y2[e] *= p.qscale;
-        }
-      }
-      store_floats<QV>(Qs + r * D + j, y1);
-      store_floats<QV>(Qs + r * D + j + half, y2);
     }
   }
 

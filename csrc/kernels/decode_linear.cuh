@@ -75,8 +75,8 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ w, int nvec, in
 }
 
 // The prologue: the block's MB rows of x into shared memory, normalized in the norm modes. Every
-// global load is issued before any is used (kPrologueUnroll per thread), so the prologue costs about
-// one L2 round trip rather than one per row or per loop step:
+// global load is issued before any is used (cp.async in the linear mode; kPrologueUnroll per thread
+// in the norm modes), so the prologue costs about one L2 round trip rather than one per row or step:
 //   1. all threads: norm weight -> nws (cp.async), xs = s = T(x + residual) (block x = 0 also writes
 //      residual_out), rows mb..MB-1 of xs = 0;
 //   2. warp per row: inverse RMS from shared memory (lane-strided sum: the same order whatever M);
@@ -98,62 +98,72 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
     cp_async_commit();
   }
   for (int i = total + tid; i < MB * nvec; i += nthreads) vec_zero<T, VEC>().store(xs + i * VEC);
-  for (int base = tid; base < total; base += kPrologueUnroll * nthreads) {
-    V a[kPrologueUnroll], r[kPrologueUnroll];
-#pragma unroll
-    for (int u = 0; u < kPrologueUnroll; ++u) {
-      const int i = base + u * nthreads;
-      if (i >= total) break;
-      const int64_t g = static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC;  // rows are contiguous
-      a[u].load(p.x + g);
-      if (kNorm && p.residual != nullptr) r[u].load(p.residual + g);
+  if constexpr (!kNorm) {
+    // Plain x rows: cp.async, all in flight at once whatever their number (a verify step's 7 rows of
+    // the down projection's 1,536 inputs were 3 dependent rounds of register loads).
+    for (int i = tid; i < total; i += nthreads) {
+      copy_async<T, VEC>(xs + i * VEC, p.x + static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC);
     }
+    cp_async_commit();
+    cp_async_wait<0>();
+    // the caller's __syncthreads publishes xs
+  } else {
+    for (int base = tid; base < total; base += kPrologueUnroll * nthreads) {
+      V a[kPrologueUnroll], r[kPrologueUnroll];
 #pragma unroll
-    for (int u = 0; u < kPrologueUnroll; ++u) {
-      const int i = base + u * nthreads;
-      if (i >= total) break;
-      if (kNorm && p.residual != nullptr) {
+      for (int u = 0; u < kPrologueUnroll; ++u) {
+        const int i = base + u * nthreads;
+        if (i >= total) break;
+        const int64_t g = static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC;  // rows are contiguous
+        a[u].load(p.x + g);
+        if (kNorm && p.residual != nullptr) r[u].load(p.residual + g);
+      }
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) a[u].v[e] = from_float<T>(to_float(a[u].v[e]) + to_float(r[u].v[e]));
+      for (int u = 0; u < kPrologueUnroll; ++u) {
+        const int i = base + u * nthreads;
+        if (i >= total) break;
+        if (kNorm && p.residual != nullptr) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) a[u].v[e] = from_float<T>(to_float(a[u].v[e]) + to_float(r[u].v[e]));
+        }
+        if (write_residual) {
+          a[u].store(p.residual_out + static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC);
+        }
+        a[u].store(xs + i * VEC);
       }
-      if (write_residual) {
-        a[u].store(p.residual_out + static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC);
-      }
-      a[u].store(xs + i * VEC);
     }
-  }
-  if (!kNorm) return;  // the caller's __syncthreads publishes xs
-  cp_async_wait<0>();
-  __syncthreads();
-  const int lane = tid % kWarpSize, warp = tid / kWarpSize, nwarps = nthreads / kWarpSize;
-  for (int m = warp; m < mb; m += nwarps) {
-    float sum_sq = 0.f;
-    for (int i = lane; i < nvec; i += kWarpSize) {
-      V t;
-      t.load(xs + m * p.k + i * VEC);
+    cp_async_wait<0>();
+    __syncthreads();
+    const int lane = tid % kWarpSize, warp = tid / kWarpSize, nwarps = nthreads / kWarpSize;
+    for (int m = warp; m < mb; m += nwarps) {
+      float sum_sq = 0.f;
+      for (int i = lane; i < nvec; i += kWarpSize) {
+        V t;
+        t.load(xs + m * p.k + i * VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float h = to_float(t.v[e]);
+          sum_sq += h * h;
+        }
+      }
+      sum_sq = warp_sum(sum_sq);
+      // Correctly rounded, as csrc/kernels/rms_norm.cuh (no rsqrtf: its error would show in fp32).
+      if (lane == 0) inv_rms_s[m] = 1.0f / sqrtf(sum_sq / static_cast<float>(p.k) + p.eps);
+    }
+    __syncthreads();
+    for (int i = tid; i < total; i += nthreads) {
+      const int m = i / nvec, c = i - m * nvec;
+      const float inv_rms = inv_rms_s[m];
+      V t, w;
+      t.load(xs + i * VEC);
+      w.load(nws + c * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float h = to_float(t.v[e]);
-        sum_sq += h * h;
+        const float normed = round_to<T>(to_float(t.v[e]) * inv_rms);  // HF rounds before the weight
+        t.v[e] = from_float<T>(to_float(w.v[e]) * normed);
       }
+      t.store(xs + i * VEC);
     }
-    sum_sq = warp_sum(sum_sq);
-    // Correctly rounded, as csrc/kernels/rms_norm.cuh (no rsqrtf: its error would show in fp32).
-    if (lane == 0) inv_rms_s[m] = 1.0f / sqrtf(sum_sq / static_cast<float>(p.k) + p.eps);
-  }
-  __syncthreads();
-  for (int i = tid; i < total; i += nthreads) {
-    const int m = i / nvec, c = i - m * nvec;
-    const float inv_rms = inv_rms_s[m];
-    V t, w;
-    t.load(xs + i * VEC);
-    w.load(nws + c * VEC);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const float normed = round_to<T>(to_float(t.v[e]) * inv_rms);  // HF rounds before the weight
-      t.v[e] = from_float<T>(to_float(w.v[e]) * normed);
-    }
-    t.store(xs + i * VEC);
   }
 }
 
