@@ -67,6 +67,7 @@ def _check_close(out, ref, ref64, what):
 LINEAR_CASES = {  # leading dims, K, N_i, residual, which weights have a bias
     "qkv-decode-576": ((1, 1), 576, (576, 192, 192), True, (False, False, False)),
     "qkv-bias-verify-7": ((1, 7), 576, (576, 192, 192), True, (True, True, True)),
+    "qkv-verify-2": ((1, 2), 576, (576, 192, 192), True, (False, False, False)),
     "odd-2w-3rows": ((3,), 577, (111, 1000), False, (True, False)),
     "1w-9rows-k64": ((9,), 64, (111,), True, (True,)),
     "1w-8rows-k1536": ((8,), 1536, (576,), True, (False,)),
@@ -103,6 +104,7 @@ def test_rms_norm_linear_matches_reference(backend, dtype, case):
 GATE_UP_CASES = {  # leading dims, K, I, residual
     "decode-576x1536": ((1, 1), 576, 1536, True),
     "verify-7-odd": ((7,), 577, 111, False),
+    "verify-2": ((2,), 576, 1536, True),
     "9rows-k64-i1000": ((9,), 64, 1000, True),
     "3rows-k1536": ((1, 3), 1536, 192, True),
 }
@@ -137,6 +139,8 @@ DECODE_LINEAR_CASES = {  # leading dims, K, N, bias
     "verify-8-odd-bias": ((8,), 577, 111, True),
     "3x3-rows-k64-bias": ((3, 3), 64, 1000, True),
     "k1536-7rows": ((7,), 1536, 576, False),
+    "k1536-5rows": ((5,), 1536, 576, False),
+    "o-proj-verify-2": ((2,), 576, 576, False),
 }
 
 
@@ -221,20 +225,21 @@ def _run_all(backend, x, res, nw, ws, bs, gate, up):
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rows_are_batch_invariant(backend, dtype):
+@pytest.mark.parametrize("K", [577, 576], ids=["k577-elementwise", "k576-vector"])
+def test_rows_are_batch_invariant(backend, dtype, K):
     """A row's result is bitwise the same whatever the number of rows (and row group) it comes with."""
     device = device_for(backend)
     skip_unsupported(backend, device, dtype)
     for op in ("rms_norm_linear", "rms_norm_gate_up", "decode_linear"):
         skip_missing_kernel(backend, op)
-    K, Ns, I = 577, (160, 48, 48), 200
+    Ns, I = (160, 48, 48), 200
     x, res, nw, g = _inputs((9,), K, dtype, device, True, seed=7)
     ws = [_matrix(N, K, dtype, device, g) for N in Ns]
     bs = [_vector(Ns[0], dtype, device, g), None, _vector(Ns[2], dtype, device, g)]
     gate, up = _matrix(I, K, dtype, device, g), _matrix(I, K, dtype, device, g)
 
     full = _run_all(backend, x, res, nw, ws, bs, gate, up)              # 9 rows: two row groups on the GPU
-    for rows in (slice(0, 1), slice(0, 7), slice(3, 4), slice(8, 9)):
+    for rows in (slice(0, 1), slice(0, 2), slice(2, 5), slice(0, 7), slice(3, 4), slice(8, 9)):
         part = _run_all(backend, x[rows], res[rows], nw, ws, bs, gate, up)
         for j, (a, b) in enumerate(zip(part, full)):
             assert torch.equal(a, b[rows]), f"output {j}, rows {rows}: differs from the same rows in a 9-row batch"

@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
 
 struct Plan {
   int vec;   // elements per access (16 bytes, or 1 when sizes / pointers are not 16-byte aligned)
-  int mb;    // rows of x per block: 1 or 8
+  int mb;    // rows of x per block: 1, 2, 4 or 8
   int wpb;   // warps per block
   dim3 grid;
   int smem_bytes;
@@ -294,8 +294,11 @@ struct Plan {
 inline Plan plan(int m, int k, int n_total, int elem_size, bool vec16, int num_sms, int max_smem) {
   Plan pl{};
   pl.vec = vec16 ? 16 / elem_size : 1;
-  const int64_t row8 = 9LL * k * elem_size;
-  pl.mb = (m > 1 && row8 + 1024 <= max_smem) ? 8 : 1;
+  // MB: the smallest of 1, 2, 4, 8 that holds m (8 for more rows, in row groups). Every block computes
+  // all MB rows, so a verify step over 2 positions costs 2 rows' arithmetic, not 8 (with MB = 8 for
+  // any m > 1, a 2-row verify step's GEMVs took ~1.6x a decode step's on an H100).
+  pl.mb = 1;
+  while (pl.mb < 8 && pl.mb < m && (2LL * pl.mb + 1) * k * elem_size + 1024 <= max_smem) pl.mb *= 2;
   pl.wpb = 4;
   if (ceil_div(n_total, 8) >= 2 * num_sms) pl.wpb = 8;
   while (pl.wpb > 1 && ceil_div(n_total, pl.wpb) < num_sms) pl.wpb /= 2;
@@ -319,10 +322,19 @@ template <typename T, Mode MODE>
 cudaError_t launch(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
   constexpr int kVec = kVec16<T>;
   if (pl.vec == kVec) {
-    return pl.mb == 8 ? launch_instance<T, kVec, 8, MODE>(p, pl, stream)
-                      : launch_instance<T, kVec, 1, MODE>(p, pl, stream);
+    switch (pl.mb) {
+      case 1: return launch_instance<T, kVec, 1, MODE>(p, pl, stream);
+      case 2: return launch_instance<T, kVec, 2, MODE>(p, pl, stream);
+      case 4: return launch_instance<T, kVec, 4, MODE>(p, pl, stream);
+      default: return launch_instance<T, kVec, 8, MODE>(p, pl, stream);
+    }
   }
-  return pl.mb == 8 ? launch_instance<T, 1, 8, MODE>(p, pl, stream) : launch_instance<T, 1, 1, MODE>(p, pl, stream);
+  switch (pl.mb) {
+    case 1: return launch_instance<T, 1, 1, MODE>(p, pl, stream);
+    case 2: return launch_instance<T, 1, 2, MODE>(p, pl, stream);
+    case 4: return launch_instance<T, 1, 4, MODE>(p, pl, stream);
+    default: return launch_instance<T, 1, 8, MODE>(p, pl, stream);
+  }
 }
 
 }  // namespace gemv
