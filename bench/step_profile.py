@@ -3,7 +3,7 @@
     python bench/step_profile.py                     # writes bench/results/step_profile.json
 
 For the default model (bf16, CUDA) it replays the plain step, one full draft round (γ = 6) and one
-verify step, each as the engine's own CUDA graph, under torch.profiler (CUPTI records the kernels
+verify step, and the budget-1 draft round and verify step (2 positions), each as the engine's own CUDA graph, under torch.profiler (CUPTI records the kernels
 inside graph replays), and reports per phase: wall time per replay (CUDA events, median), kernel count,
 summed kernel time, the gap between them (launch latency and dependencies inside the graph), and the
 kernels grouped by name with their share. Needs a CUDA device.
@@ -100,6 +100,12 @@ def main(argv=None) -> int:
     phases = {"plain_step": profile_phase("plain_step", plain.plain.replay, de.restore),
               "draft_round_gamma6": profile_phase("draft_round_gamma6", de.graphs.draft.replay, de.restore),
               "verify_step_gamma6": profile_phase("verify_step_gamma6", de.graphs.verify.replay, de.restore)}
+    # The adaptive draft budget's smallest graphs (one draft, verify over 2 positions): most MT-bench
+    # rounds run these.
+    small = eng.graphs.get((1, True))
+    if small is not None:
+        phases["draft_round_budget1"] = profile_phase("draft_round_budget1", small.draft.replay, de.restore)
+        phases["verify_step_budget1"] = profile_phase("verify_step_budget1", small.verify.replay, de.restore)
     result = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit, "dirty": dirty, "torch": torch.__version__,
               "pdl": os.environ.get("KANGAROO_DISABLE_PDL", "0") in ("", "0"), **de.describe(), "phases": phases}
