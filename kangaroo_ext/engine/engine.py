@@ -86,7 +86,7 @@ class Engine:
     # ---- the model's forward, from the project's ops ----------------------------------------------
 
     # Decode and verify steps (at most FUSED_MAX_ROWS rows) run each layer as five launches of fused
-    # ops: norm+QKV, RoPE+append+attention (1-2), O-proj, norm+gate/up+SiLU·mul, down-proj. Prefill
+    # ops: norm+QKV, RoPE+append+attention, O-proj, norm+gate/up+SiLU·mul, down-proj. Prefill
     # (many rows) is compute-bound and keeps cuBLAS GEMMs. Both compute the same reference math.
     FUSED_MAX_ROWS = 16
 
@@ -135,7 +135,7 @@ class Engine:
     def adapter_forward(self, x, res, positions, with_head: bool = True):
         """Kangaroo adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised
         residual stream at the exit, which verification starts from) and, with_head, (token, confidence).
-        Decode launches: norm+QKV, attention (1-2), O-proj, norm, LM head + argmax (2)."""
+        Decode launches: norm+QKV, attention, O-proj, norm, LM head + argmax (2)."""
         w = self.adapter_weights
         attn, h_exit = self._attention_block(x, res, w, positions, slot=self.spec.num_layers)
         if not with_head:
