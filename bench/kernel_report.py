@@ -24,7 +24,7 @@ sys.path.insert(0, BENCH_DIR)
 import bench_cases  # noqa: E402
 import bench_timing  # noqa: E402
 import kangaroo_ext.ops as kops  # noqa: E402
-from kangaroo_ext.benchmark import device_name, git_commit, write_json  # noqa: E402
+from kangaroo_ext.benchmark import code_trees, device_name, git_commit, write_json  # noqa: E402
 
 DEFAULT_OUT = os.path.join(BENCH_DIR, "results", "kernels.json")
 DECODE_NEW_TOKENS = 256
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
               f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
               f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
     report = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc)
-              .isoformat(timespec="seconds"), "commit": commit, "dirty": dirty, "torch": torch.__version__,
+              .isoformat(timespec="seconds"), "commit": commit, "dirty": dirty, "code_trees": code_trees(), "torch": torch.__version__,
               "copy_GBps": copy, "ops": ops, "skipped": skipped, "missing_cases": bench_cases.missing_cases(),
               "engine": engine, "decode": decode, "default_model_error": model_error,
               "seconds": time.perf_counter() - t0}

@@ -26,7 +26,7 @@ sys.path.insert(0, BENCH_DIR)
 
 import bench_cases  # noqa: E402
 import bench_timing  # noqa: E402
-from kangaroo_ext.benchmark import device_name, git_commit, write_json  # noqa: E402
+from kangaroo_ext.benchmark import code_trees, device_name, git_commit, write_json  # noqa: E402
 
 REPLAYS = 20
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         phases["draft_round_budget1"] = profile_phase("draft_round_budget1", small.draft.replay, de.restore)
         phases["verify_step_budget1"] = profile_phase("verify_step_budget1", small.verify.replay, de.restore)
     result = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": commit, "dirty": dirty, "torch": torch.__version__,
+              "commit": commit, "dirty": dirty, "code_trees": code_trees(), "torch": torch.__version__,
               "pdl": os.environ.get("KANGAROO_DISABLE_PDL", "0") in ("", "0"), **de.describe(), "phases": phases}
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -107,7 +107,8 @@ def latest_summary(results: dict, summary: dict) -> dict:
             methods[m]["mean_accepted"] = o["mean_accepted"]
     return {
         "device": meta.get("device"), "date": meta.get("date"), "commit": meta.get("commit"),
-        "dirty": meta.get("dirty"), "questions": cfg.get("questions"), "max_new_tokens": cfg.get("max_new_tokens"),
+        "dirty": meta.get("dirty"), "code_trees": meta.get("code_trees"),
+        "questions": cfg.get("questions"), "max_new_tokens": cfg.get("max_new_tokens"),
         "dtype": cfg.get("dtype"), "threshold": cfg.get("threshold"), "max_draft": cfg.get("max_draft"),
         "adapter": cfg.get("adapter"), "methods": methods,
         "speedup_vs_plain": ko.get("speedup_vs_plain"),

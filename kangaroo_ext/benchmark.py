@@ -18,8 +18,9 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -323,6 +324,48 @@ def git_commit():
         return os.environ.get("KANGAROO_COMMIT") or "unknown", None
 
 
+# What decides the code a measurement ran (bench/ is left out: it also holds the results themselves).
+CODE_PATHS = ("csrc", "kangaroo_ext", "triton_kernels", "setup.py")
+
+
+def _git(root, *args, env=None) -> str:
+    return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=60, check=True,
+                          env=env).stdout.strip()
+
+
+def code_trees(root: Optional[str] = None) -> Optional[Dict[str, str]]:
+    """{path: git object hash} of CODE_PATHS as they are on disk (tracked and untracked files that git does
+    not ignore), through a scratch index, so the checkout's own index is untouched. Equal bytes give equal
+    hashes in any copy of the checkout, whatever state its .git is in, so which_commit() can name the
+    commit a result was measured on even when the copy's HEAD is stale. None without a usable git."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):  # an installed package, not a checkout (or a copy)
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "GIT_INDEX_FILE": os.path.join(tmp, "index")}
+            dirs = [d for d in CODE_PATHS if os.path.exists(os.path.join(root, d))]
+            if not dirs:
+                return None
+            _git(root, "add", "-A", "--", *dirs, env=env)
+            tree = _git(root, "write-tree", env=env)
+            return {d: _git(root, "rev-parse", f"{tree}:{d}") for d in dirs}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def which_commit(trees: Dict[str, str], root: Optional[str] = None, depth: int = 500) -> List[str]:
+    """Commits among the last `depth` of HEAD whose CODE_PATHS objects equal `trees` (newest first)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for sha in _git(root, "log", f"-{depth}", "--format=%h").split():
+        listing = _git(root, "ls-tree", sha, "--", *trees)
+        have = {line.split("\t", 1)[1]: line.split()[2] for line in listing.splitlines()}
+        if have == trees:
+            found.append(sha)
+    return found
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
@@ -358,7 +401,7 @@ def new_results(questions_path: str, questions: List[dict], device, dtype, max_n
     with open(questions_path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return {"meta": {"device": device_name(device), "date": datetime.datetime.now(datetime.timezone.utc)
-                     .isoformat(timespec="seconds"), "commit": commit, "dirty": dirty,
+                     .isoformat(timespec="seconds"), "commit": commit, "dirty": dirty, "code_trees": code_trees(),
                      "torch": torch.__version__, "python": platform.python_version()},
             "config": {"questions": questions_path, "questions_sha256": sha,
                        "question_ids": [q["question_id"] for q in questions], "max_new_tokens": max_new_tokens,

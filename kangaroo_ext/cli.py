@@ -1,4 +1,4 @@
-"""The `kangaroo` command (also `python -m kangaroo_ext`): info, generate, train, bench."""
+"""The `kangaroo` command (also `python -m kangaroo_ext`): info, generate, which-commit, train, bench."""
 import argparse
 import json
 import os
@@ -87,6 +87,20 @@ def _generate(args):
     return 0
 
 
+def _which_commit(args):
+    """The commits whose code a result file was measured on (its code_trees), from this checkout."""
+    from .benchmark import which_commit
+    with open(args.file) as f:
+        data = json.load(f)
+    trees = data.get("code_trees") or data.get("meta", {}).get("code_trees")
+    if not trees:
+        raise ValueError(f"{args.file} records no code_trees (a result from before they were recorded, or "
+                         "measured without git)")
+    found = which_commit(trees)
+    print(" ".join(found) if found else "no commit among the last 500 has exactly this code (uncommitted changes?)")
+    return 0 if found else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kangaroo", description="Kangaroo self-speculative decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     g.add_argument("--compare", action="store_true", help="also run plain decoding and print the speedup")
     g.set_defaults(func=_generate)
+
+    w = sub.add_parser("which-commit", help="the commit a result file (kernels.json, results.json, ...) measured")
+    w.add_argument("file", help="a JSON result with code_trees (top level or under meta)")
+    w.set_defaults(func=_which_commit)
 
     import importlib
     import importlib.util

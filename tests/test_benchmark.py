@@ -269,3 +269,78 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert cli.main(["bench", "--questions", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("kangaroo bench: error: questions file not found")
+
+
+# ---- provenance: which commit a copied checkout measured ------------------------------------------
+
+def _git(cwd, *args):
+    import subprocess
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def _write_code(root, version: str):
+    for rel, text in (("csrc/a.cu", "// kernel " + version), ("kangaroo_ext/m.py", "X = 1"),
+                      ("triton_kernels/k.py", "Y = 2"), ("setup.py", "# setup"), ("bench/results/r.json", version)):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.mark.skipif(os.system("git --version > /dev/null 2>&1") != 0, reason="git is not installed")
+def test_code_trees_name_the_commit_of_a_copy_with_a_stale_git(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _write_code(repo, "v1")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "v1")
+    v1 = _git(repo, "log", "-1", "--format=%h")
+    _write_code(repo, "v2")
+    _git(repo, "commit", "-qam", "v2")
+    v2 = _git(repo, "log", "-1", "--format=%h")
+    # A copy of v1's files whose .git knows nothing of them (as on the device machines), plus an untracked
+    # result file under bench/ and an ignored build product: neither changes the hashes.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    _git(copy, "init", "-q")
+    _write_code(copy, "v1")
+    (copy / "bench" / "results" / "new.json").write_text("{}")
+    (copy / ".gitignore").write_text("*.so\n")
+    (copy / "kangaroo_ext" / "_C.so").write_bytes(b"\0")
+    trees = kb.code_trees(str(copy))
+    assert set(trees) == {"csrc", "kangaroo_ext", "triton_kernels", "setup.py"}
+    assert kb.which_commit(trees, str(repo)) == [v1]
+    assert _git(copy, "diff", "--cached", "--name-only") == "", "the copy's own index stays untouched"
+    _write_code(copy, "v2")
+    assert kb.which_commit(kb.code_trees(str(copy)), str(repo)) == [v2]
+    (copy / "csrc" / "a.cu").write_text("// edited")
+    assert kb.which_commit(kb.code_trees(str(copy)), str(repo)) == []
+
+
+def test_code_trees_without_a_checkout_is_none(tmp_path):
+    assert kb.code_trees(str(tmp_path / "missing")) is None
+    (tmp_path / "csrc").mkdir()
+    assert kb.code_trees(str(tmp_path)) is None  # no .git here: an installed package, not a checkout
+
+
+def test_which_commit_cli_names_this_checkouts_commit_or_says_none(tmp_path, capsys):
+    from kangaroo_ext import cli
+    trees = kb.code_trees()
+    if trees is None:
+        pytest.skip("the package does not run from a git checkout")
+    result = tmp_path / "kernels.json"
+    result.write_text(json.dumps({"commit": "stale", "code_trees": trees}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kb.__file__)))
+    dirty = _git(root, "status", "--porcelain", "--", *kb.CODE_PATHS) != ""
+    rc = cli.main(["which-commit", str(result)])
+    out = capsys.readouterr().out
+    if dirty:
+        assert rc == 1 and "no commit" in out
+    else:
+        assert rc == 0 and _git(root, "log", "-1", "--format=%h") in out.split()
+    result.write_text(json.dumps({"commit": "x"}))
+    assert cli.main(["which-commit", str(result)]) == 2
+    assert "records no code_trees" in capsys.readouterr().err
