@@ -308,24 +308,9 @@ def _turn_record(q, t_idx, ids, new_ids, answer, seconds, stats: Optional[Decode
 
 # ---- provenance and files ------------------------------------------------------------------------
 
-def git_commit():
-    """(sha, dirty): $KANGAROO_COMMIT when set (a copied tree whose .git, if any, may be stale, as on
-    the device machines); else the checkout this package runs from; else "unknown"."""
-    if os.environ.get("KANGAROO_COMMIT"):
-        return os.environ["KANGAROO_COMMIT"], None
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-        return sha, bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("KANGAROO_COMMIT") or "unknown", None
-
-
 # What decides the code a measurement ran (bench/ is left out: it also holds the results themselves).
 CODE_PATHS = ("csrc", "kangaroo_ext", "triton_kernels", "setup.py")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout this package runs from
 
 
 def _git(root, *args, env=None) -> str:
@@ -333,12 +318,23 @@ def _git(root, *args, env=None) -> str:
                           env=env).stdout.strip()
 
 
+def git_commit():
+    """(sha, dirty): $KANGAROO_COMMIT when set (a copied tree whose .git, if any, may be stale, as on
+    the device machines); else the checkout this package runs from; else "unknown"."""
+    if os.environ.get("KANGAROO_COMMIT"):
+        return os.environ["KANGAROO_COMMIT"], None
+    try:
+        return _git(_ROOT, "rev-parse", "HEAD"), bool(_git(_ROOT, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("KANGAROO_COMMIT") or "unknown", None
+
+
 def code_trees(root: Optional[str] = None) -> Optional[Dict[str, str]]:
     """{path: git object hash} of CODE_PATHS as they are on disk (tracked and untracked files that git does
     not ignore), through a scratch index, so the checkout's own index is untouched. Equal bytes give equal
     hashes in any copy of the checkout, whatever state its .git is in, so which_commit() can name the
     commit a result was measured on even when the copy's HEAD is stale. None without a usable git."""
-    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or _ROOT
     if not os.path.exists(os.path.join(root, ".git")):  # an installed package, not a checkout (or a copy)
         return None
     try:
@@ -356,7 +352,7 @@ def code_trees(root: Optional[str] = None) -> Optional[Dict[str, str]]:
 
 def which_commit(trees: Dict[str, str], root: Optional[str] = None, depth: int = 500) -> List[str]:
     """Commits among the last `depth` of HEAD whose CODE_PATHS objects equal `trees` (newest first)."""
-    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or _ROOT
     found = []
     for sha in _git(root, "log", f"-{depth}", "--format=%h").split():
         listing = _git(root, "ls-tree", sha, "--", *trees)

@@ -62,6 +62,12 @@ def _check_close(out, ref, ref64, what):
     assert err <= allowed, f"{what}: max error {err} > allowed {allowed}"
 
 
+def _check_residual_out(res_out, ref_res, x, res):
+    assert torch.equal(res_out, ref_res), "residual_out is one correctly rounded add: must be exact"
+    if res is None:
+        assert res_out.data_ptr() != x.data_ptr(), "residual_out must not alias x"
+
+
 # ---- rms_norm_linear -----------------------------------------------------------------------------
 
 LINEAR_CASES = {  # leading dims, K, N_i, residual, which weights have a bias
@@ -90,9 +96,7 @@ def test_rms_norm_linear_matches_reference(backend, dtype, case):
     ref_outs, ref_res = reference.rms_norm_linear(x, res, nw, EPS, ws, bs)
     assert isinstance(outs, list) and len(outs) == len(ws)
     assert res_out.shape == x.shape and res_out.dtype == dtype
-    assert torch.equal(res_out, ref_res), "residual_out is one correctly rounded add: must be exact"
-    if res is None:
-        assert res_out.data_ptr() != x.data_ptr(), "residual_out must not alias x"
+    _check_residual_out(res_out, ref_res, x, res)
     xn64 = _normed64(ref_res, nw, EPS)
     for i, (out, ref, w, b) in enumerate(zip(outs, ref_outs, ws, bs)):
         assert out.shape == (*lead, w.shape[0])
@@ -123,9 +127,7 @@ def test_rms_norm_gate_up_matches_reference(backend, dtype, case):
 
     act, res_out = kops.rms_norm_gate_up(x, res, nw, EPS, gate, up, backend=backend)
     ref_act, ref_res = reference.rms_norm_gate_up(x, res, nw, EPS, gate, up)
-    assert torch.equal(res_out, ref_res), "residual_out is one correctly rounded add: must be exact"
-    if res is None:
-        assert res_out.data_ptr() != x.data_ptr(), "residual_out must not alias x"
+    _check_residual_out(res_out, ref_res, x, res)
     xn64 = _normed64(ref_res, nw, EPS)
     act64 = torch.nn.functional.silu(_linear64(xn64, gate, None)) * _linear64(xn64, up, None)
     _check_close(act, ref_act, act64, "act")

@@ -479,8 +479,9 @@ inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int ca
   pl.rpt = pl.m_tile <= 8 ? 1 : (pl.m_tile <= 16 ? 2 : (pl.m_tile <= 32 ? 4 : 8));
   pl.n_qtiles = static_cast<int>(std::max<int64_t>(1, ceil_div(rows, pl.m_tile)));
   // A split reads at least ~2 keys per query row it carries, so its share of the merge (rows * D
-  // floats per split) stays small next to its K/V bytes (2 * keys * D elements). (4 keys per row gave a verify
-  // step's 21-row tiles two key tiles per split: 26 us vs 9.5 us for one row at 1,024 keys, H200.)
+  // floats per split) stays small next to its K/V bytes (2 * keys * D elements). (4 keys per row
+  // gave a verify step's 21-row tiles two key tiles per split: 26 us vs 9.5 us for one row at 1,024
+  // keys, H200.)
   pl.min_chunk = static_cast<int>(ceil_div(std::max(kKeyTile, 2 * pl.m_tile), kKeyTile) * kKeyTile);
   const int64_t base_blocks = static_cast<int64_t>(batch) * hkv * pl.n_qtiles;
   const int64_t want = ceil_div(2 * static_cast<int64_t>(num_sms), base_blocks);  // ~2 resident blocks per SM

@@ -91,7 +91,7 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
   const int total = mb * nvec;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const bool write_residual = kNorm && blockIdx.x == 0;
-  if (kNorm) {  // norm weight -> nws, in flight while x loads
+  if constexpr (kNorm) {  // norm weight -> nws, in flight while x loads
     for (int i = tid; i < nvec; i += nthreads) {
       copy_async<T, VEC>(nws + i * VEC, p.norm_weight + static_cast<int64_t>(i) * VEC);
     }
@@ -116,13 +116,13 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
         if (i >= total) break;
         const int64_t g = static_cast<int64_t>(m0) * p.k + static_cast<int64_t>(i) * VEC;  // rows are contiguous
         a[u].load(p.x + g);
-        if (kNorm && p.residual != nullptr) r[u].load(p.residual + g);
+        if (p.residual != nullptr) r[u].load(p.residual + g);
       }
 #pragma unroll
       for (int u = 0; u < kPrologueUnroll; ++u) {
         const int i = base + u * nthreads;
         if (i >= total) break;
-        if (kNorm && p.residual != nullptr) {
+        if (p.residual != nullptr) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) a[u].v[e] = from_float<T>(to_float(a[u].v[e]) + to_float(r[u].v[e]));
         }

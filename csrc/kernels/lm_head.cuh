@@ -270,18 +270,28 @@ struct Plan {
   int smem_bytes;  // rb * H * 4
 };
 
+// One partial_kernel instantiation, chosen at run time: its pointer and its dynamic shared-memory
+// opt-in (common.cuh's ensure_dynamic_smem: one driver call per kernel, device and larger size).
 template <typename T>
-using PartialKernel = void (*)(const T*, const T*, int, int, int, int, Soft*);
+struct PartialKernel {
+  void (*fn)(const T*, const T*, int, int, int, int, Soft*);
+  cudaError_t (*ensure_smem)(int bytes);
+};
+
+template <typename T, int VEC, int RB>
+PartialKernel<T> partial_instance() {
+  return {partial_kernel<T, VEC, RB>, ensure_dynamic_smem<partial_kernel<T, VEC, RB>>};
+}
 
 template <typename T>
 PartialKernel<T> partial_kernel_for(int vec, int rb) {
   constexpr int V16 = kVec16<T>;
   const bool v16 = vec == V16;
   switch (rb) {
-    case 1: return v16 ? partial_kernel<T, V16, 1> : partial_kernel<T, 1, 1>;
-    case 2: return v16 ? partial_kernel<T, V16, 2> : partial_kernel<T, 1, 2>;
-    case 4: return v16 ? partial_kernel<T, V16, 4> : partial_kernel<T, 1, 4>;
-    default: return v16 ? partial_kernel<T, V16, 8> : partial_kernel<T, 1, 8>;
+    case 1: return v16 ? partial_instance<T, V16, 1>() : partial_instance<T, 1, 1>();
+    case 2: return v16 ? partial_instance<T, V16, 2>() : partial_instance<T, 1, 2>();
+    case 4: return v16 ? partial_instance<T, V16, 4>() : partial_instance<T, 1, 4>();
+    default: return v16 ? partial_instance<T, V16, 8>() : partial_instance<T, 1, 8>();
   }
 }
 
@@ -293,13 +303,6 @@ inline void plan_blocks(Plan& p, int vocab, int num_sms, int resident) {
   const int64_t n = std::max<int64_t>(1, std::min<int64_t>(ceil_div(vocab, kRowsPerPass), cap));
   p.rows_per_block = static_cast<int>(ceil_div(vocab, n));
   p.n_blocks = static_cast<int>(ceil_div(vocab, p.rows_per_block));  // no empty blocks
-}
-
-// Raises the kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
-template <typename T>
-cudaError_t allow_smem(PartialKernel<T> kernel, int bytes) {
-  return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
-                           : cudaSuccess;
 }
 
 // max_smem: the device's opt-in shared memory per block. Returns rb = 0 when even one fp32 hidden
@@ -321,8 +324,8 @@ Plan plan(const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_
   int resident = 1;
   if (rb > 0) {
     const PartialKernel<T> kernel = partial_kernel_for<T>(p.vec, rb);
-    if (allow_smem<T>(kernel, p.smem_bytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, p.smem_bytes) != cudaSuccess) {
+    if (kernel.ensure_smem(p.smem_bytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel.fn, kThreads, p.smem_bytes) != cudaSuccess) {
       resident = 1;  // the launch reports the real error
     }
   }
@@ -336,9 +339,9 @@ cudaError_t launch(const Plan& p, const T* hidden, const T* weight, int64_t rows
                    Soft* partials, int64_t* token, float* confidence, cudaStream_t stream) {
   if (p.rb < 1) return cudaErrorInvalidValue;
   const PartialKernel<T> kernel = partial_kernel_for<T>(p.vec, p.rb);
-  cudaError_t err = allow_smem<T>(kernel, p.smem_bytes);
+  cudaError_t err = kernel.ensure_smem(p.smem_bytes);
   if (err != cudaSuccess) return err;
-  err = launch_pdl(kernel, dim3(static_cast<unsigned>(p.n_blocks), static_cast<unsigned>(p.n_rgroups)),
+  err = launch_pdl(kernel.fn, dim3(static_cast<unsigned>(p.n_blocks), static_cast<unsigned>(p.n_rgroups)),
                    dim3(kThreads), static_cast<size_t>(p.smem_bytes), stream, hidden, weight, static_cast<int>(rows),
                    vocab, hidden_size, p.rows_per_block, partials);
   if (err != cudaSuccess) return err;
