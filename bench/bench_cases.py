@@ -8,7 +8,7 @@
 """
 import dataclasses
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -195,10 +195,18 @@ class DefaultEngine:
         self._saved = {n: getattr(self.engine, n).clone() for n in ("cache_len", "out_len", "tokens_in")}
         torch.cuda.synchronize()
 
-    def restore(self):
+    def restore(self, drafts: Optional[int] = None):
+        """Put back the decode state, set for a round of `drafts` drafts (default γ: the whole round).
+        Where the GPU applies the confidence exit (graphs.device_exit) this sets the work a replay does:
+        the draft graph runs every step at η = 0 and only step 0 at η = 2 (no confidence reaches it),
+        the verify graph verifies num_drafted + 1 positions."""
+        drafts = self.graphs.gamma if drafts is None else drafts
         with torch.inference_mode():  # the engine's buffers are inference tensors (made by speculative_generate)
             for name, saved in self._saved.items():
                 getattr(self.engine, name).copy_(saved)
+            self.engine.num_drafted.fill_(drafts)
+            if drafts in (0, self.graphs.gamma):
+                self.engine.threshold.fill_(0.0 if drafts else 2.0)
 
     def restore_and_sync(self):
         self.restore()

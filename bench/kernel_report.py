@@ -59,12 +59,17 @@ def measure_ops(copy_GBps: float):
 
 
 def measure_engine(eng, copy_GBps: float) -> dict:
-    out = {"model": "SmolLM2-135M-Instruct", "dtype": str(bench_cases.DTYPE), **eng.describe()}
+    out = {"model": "SmolLM2-135M-Instruct", "dtype": str(bench_cases.DTYPE), **eng.describe(),
+           "device_exit": eng.graphs.device_exit}
     for phase, graph in (("draft_round", eng.graphs.draft), ("verify_step", eng.graphs.verify)):
         us = bench_timing.us_each(graph.replay, setup=eng.restore)
         out[phase] = bench_timing.bandwidth_info(us, eng.phase_bytes()[phase], copy_GBps)
         out[phase].pop("copy_GBps")
         print(f"  engine/{phase:38s} {us:9.2f} us  {out[phase]['GBps']:8.1f} GB/s", flush=True)
+    if eng.graphs.device_exit:  # the same graphs when no draft is proposed (the GPU skips the rest)
+        for phase, graph in (("draft_round_k0", eng.graphs.draft), ("verify_step_k0", eng.graphs.verify)):
+            out[phase] = {"us": bench_timing.us_each(graph.replay, setup=lambda: eng.restore(0))}
+            print(f"  engine/{phase:38s} {out[phase]['us']:9.2f} us", flush=True)
     eng.restore_and_sync()
     return out
 

@@ -3,7 +3,9 @@
     python bench/step_profile.py                     # writes bench/results/step_profile.json
 
 For the default model (bf16, CUDA) it replays the plain step, one full draft round (γ = 6) and one
-verify step, and the budget-1 draft round and verify step (2 positions), each as the engine's own CUDA graph, under torch.profiler (CUPTI records the kernels
+verify step (7 positions), and the rounds MT-bench runs most: with conditional graph nodes the same
+graphs with no draft proposed (step 0 only) and verifying 1 or 2 positions, without them the adaptive
+budget-1 graphs. Each is the engine's own CUDA graph, under torch.profiler (CUPTI records the kernels
 inside graph replays), and reports per phase: wall time per replay (CUDA events, median), kernel count,
 summed kernel time, the gap between them (launch latency and dependencies inside the graph), and the
 kernels grouped by name with their share. Needs a CUDA device.
@@ -100,15 +102,23 @@ def main(argv=None) -> int:
     phases = {"plain_step": profile_phase("plain_step", plain.plain.replay, de.restore),
               "draft_round_gamma6": profile_phase("draft_round_gamma6", de.graphs.draft.replay, de.restore),
               "verify_step_gamma6": profile_phase("verify_step_gamma6", de.graphs.verify.replay, de.restore)}
-    # The adaptive draft budget's smallest graphs (one draft, verify over 2 positions): most MT-bench
-    # rounds run these.
+    if de.graphs.device_exit:
+        # The GPU applies the confidence exit: the same graphs at the round sizes MT-bench runs most
+        # (no draft proposed: step 0 only, verify 1 position; one draft: verify 2 positions).
+        phases["draft_round_k0"] = profile_phase("draft_round_k0", de.graphs.draft.replay, lambda: de.restore(0))
+        for k in (0, 1):
+            phases[f"verify_step_k{k}"] = profile_phase(f"verify_step_k{k}", de.graphs.verify.replay,
+                                                        lambda k=k: de.restore(k))
     small = eng.graphs.get((1, True))
-    if small is not None:
+    if small is not None and small is not de.graphs:
+        # Without conditional nodes: the adaptive draft budget's smallest graphs (one draft, verify
+        # over 2 positions), which most MT-bench rounds run.
         phases["draft_round_budget1"] = profile_phase("draft_round_budget1", small.draft.replay, de.restore)
         phases["verify_step_budget1"] = profile_phase("verify_step_budget1", small.verify.replay, de.restore)
     result = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit, "dirty": dirty, "code_trees": code_trees(), "torch": torch.__version__,
-              "pdl": os.environ.get("KANGAROO_DISABLE_PDL", "0") in ("", "0"), **de.describe(), "phases": phases}
+              "pdl": os.environ.get("KANGAROO_DISABLE_PDL", "0") in ("", "0"), "device_exit": de.graphs.device_exit,
+              **de.describe(), "phases": phases}
     write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

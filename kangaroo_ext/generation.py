@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .adapter import Adapter
+from .engine import conditional
 from .engine.engine import Engine
 from .engine.graphs import CudaGraphs
 from .engine.spec import model_spec
@@ -32,6 +33,9 @@ class DecodeStats:
     total_s: float = 0.0
     capture_s: float = 0.0                # CUDA-graph capture (first call with these shapes only)
     mode: str = ""
+    device_exit: bool = False             # graphs mode: the GPU skips the draft steps after the confidence exit
+                                          # and verifies exactly the drafted positions (conditional nodes)
+    device_exit_off: str = ""             # why not, where it is off in graphs mode
 
     @property
     def mean_accepted(self) -> float:
@@ -160,9 +164,10 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         streamer: an object with put(LongTensor) and end() (e.g. transformers.TextStreamer).
         mode: "graphs" (CUDA graphs, default on GPU), "device" (same steps without graphs) or "host"
             (draft loop controlled from the host, default on CPU where reading a tensor costs nothing).
-        adaptive_draft: in "graphs"/"device" mode, cap each round's draft steps by the draft lengths
-            seen so far (the captured draft phase computes every step it has, even after the confidence
-            exit); False always runs γ steps. Never changes the output.
+        adaptive_draft: where the GPU cannot apply the confidence exit itself ("device" mode, or
+            "graphs" without conditional graph nodes: see stats.device_exit), cap each round's draft
+            steps by the draft lengths seen so far (such a round computes every step it has, even after
+            the exit); False always runs γ steps. Never changes the output.
     Returns:
         GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
     """
@@ -261,15 +266,19 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
     cuda = engine.spec.device.type == "cuda"
     stats = DecodeStats(mode=mode)
     engine.reserve(T + max_new + g + 1, g)
-    # Draft budget per round (see _next_budget): one pair of graphs per budget value, captured before
-    # prefill because capture warm-ups overwrite the decode state.
-    budgets = range(1, g + 1) if speculative and adaptive_draft else [g]
+    if mode == "graphs" and speculative:
+        stats.device_exit_off = conditional.unsupported_reason(engine.spec.device)
+        stats.device_exit = not stats.device_exit_off
+    # Draft budget per round (see _next_budget), where the GPU cannot exit early itself: one pair of
+    # graphs per budget value, captured before prefill because capture warm-ups overwrite the decode state.
+    budgets = range(1, g + 1) if speculative and adaptive_draft and not stats.device_exit else [g]
     graphs = {}
     if mode == "graphs":
         for b in budgets:
             graphs[b] = engine.graphs.get((b, speculative))
-            if graphs[b] is None:
-                graphs[b] = engine.graphs[(b, speculative)] = CudaGraphs(engine, b, speculative)
+            if graphs[b] is None or graphs[b].device_exit != stats.device_exit:
+                graphs[b] = engine.graphs[(b, speculative)] = CudaGraphs(engine, b, speculative,
+                                                                         device_exit=stats.device_exit)
                 stats.capture_s += graphs[b].capture_seconds
     budget = g
     # Two report slots: the host reads round i's report while round i+1 already runs on the GPU.
@@ -355,7 +364,7 @@ def _decode(engine: Engine, prompt, max_new, eos_ids, streamer, mode, gamma, thr
         stats.rounds += 1
         stats.accepted.append(accepted)
         stats.drafted.append(drafted)
-        if adaptive_draft and speculative:
+        if len(budgets) > 1:
             budget = _next_budget(budget, drafted, g)
         room = max_new - len(new_tokens)
         emit = committed[:room]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kangaroo_ext as kx
+from kangaroo_ext.engine import conditional
 
 from models import prompts, tiny_model
 
@@ -26,6 +27,7 @@ def test_cuda_graphs_are_lossless_fp32(cuda_model, eta, gamma, ell):
         out = kx.speculative_generate(cuda_model, p, adapter=adapter, max_new_tokens=48, threshold=eta,
                                       max_draft=gamma, eos_token_id=[])
         assert out.stats.mode == "graphs"
+        assert out.stats.device_exit == (conditional.unsupported_reason("cuda") == ""), out.stats.device_exit_off
         assert torch.equal(out.sequences, ref)
         assert out.stats.host_syncs == out.stats.rounds, "exactly one host sync per round"
 

@@ -198,11 +198,12 @@ class Engine:
         ell = self.adapter.exit_layer
         pos = self.cache_len[:, None] + self.steps[:n_positions]                 # [B, n]
         x, res = self.run_layers(self.exit_states[:, :n_positions], pos, ell, self.spec.num_layers)
-        logits = self.logits(x, res)                                             # [B, n, V]
-        if n_positions == 1:  # nothing was drafted (host-controlled rounds only)
+        if n_positions == 1:  # nothing was drafted: the bonus token alone, as a plain step takes it
+            y, _ = self._norm(x, res, self.spec.final_norm)
+            committed, _ = ops.lm_head_argmax(y, self.spec.lm_head)               # [B, 1]
             accepted = torch.zeros_like(self.num_drafted)
-            committed = logits.argmax(dim=-1)
         else:
+            logits = self.logits(x, res)                                         # [B, n, V]
             accepted, committed = ops.verify_accept(self.draft_tokens[:, :n_positions - 1], logits,
                                                     self.num_drafted)
         self._commit(accepted, committed)

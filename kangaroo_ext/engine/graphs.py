@@ -2,35 +2,60 @@
 
 Each phase is a fixed sequence of kernels over the engine's static buffers, so it is captured once per
 (engine buffers, γ, adapter) and replayed; the host only launches and, once per round, reads the report.
+
+With conditional nodes (`device_exit`, see conditional.py) the GPU applies Kangaroo's draft early exit
+itself: draft step j is nested in an IF on "some row still drafts", so once the confidence falls below
+η the remaining steps cost one untaken node, and the verify step is a SWITCH on the number of drafts
+k whose body k runs layers ℓ..N over exactly k + 1 positions. Without them every captured step runs
+(the confidence exit only limits what is proposed) and verification covers γ + 1 positions.
 """
+import contextlib
 import time
 
 import torch
 
+from . import conditional
+
 
 class CudaGraphs:
-    def __init__(self, engine, gamma: int, speculative: bool):
+    def __init__(self, engine, gamma: int, speculative: bool, device_exit: bool = False):
         self.engine = engine
         self.gamma = gamma
         self.speculative = speculative
+        self.device_exit = bool(device_exit and speculative)
         self.pool = torch.cuda.graph_pool_handle()
         t0 = time.perf_counter()
         if speculative:
             self.draft = self._capture(self._draft_phase)
             self.verify = self._capture(self._verify_phase)
         else:
-            self.plain = self._capture(engine.plain_step)
+            self.plain = self._capture(lambda capturing: engine.plain_step())
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
 
-    def _draft_phase(self):
+    def _draft_phase(self, capturing: bool):
         e = self.engine
         e.begin_round()
-        for j in range(self.gamma + 1):
-            e.draft_step(j, self.gamma)
+        with contextlib.ExitStack() as rest:
+            for j in range(self.gamma + 1):
+                if j and capturing and self.device_exit:
+                    # Step j only serves draft j (its exit state, the next proposal): it and every
+                    # later step sit inside "draft j was proposed by some row".
+                    rest.enter_context(conditional.if_any(e.active, self.pool))
+                e.draft_step(j, self.gamma)
 
-    def _verify_phase(self):
-        self.engine.verify(self.gamma + 1)
+    def _verify_phase(self, capturing: bool):
+        e = self.engine
+        if not self.device_exit:
+            e.verify(self.gamma + 1)
+        elif not capturing:  # warm-up: every body once (the state is reset before the capture)
+            for n in range(1, self.gamma + 2):
+                e.verify(n)
+        else:
+            with conditional.switch_max(e.num_drafted, self.gamma + 1, self.pool) as case:
+                for k in range(self.gamma + 1):
+                    with case(k):
+                        e.verify(k + 1)
 
     def _reset_state(self):
         # Warm-up runs really execute: start them from an empty cache so every index stays in bounds.
@@ -45,10 +70,10 @@ class CudaGraphs:
         with torch.cuda.stream(stream):  # warm-up off the capture: cuBLAS handles, autotuning, allocations
             for _ in range(2):
                 self._reset_state()
-                fn()
+                fn(capturing=False)
         torch.cuda.current_stream().wait_stream(stream)
         self._reset_state()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            fn()
+            fn(capturing=True)
         return graph
