@@ -2,7 +2,8 @@
 # One device call: finish staging the default model, build the extension, run the GPU tests and the
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   call 1: mkdir -p /tmp/stage && cp .carry/model_a/part_aa /tmp/stage/
-#   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]     (steps: build tests sanitizer report bench lossless train mtbench)
+#   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]
+#           steps: build cond tests sanitizer report profile sweep bench train mtbench (ETA=η, default 0.3)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
@@ -20,6 +21,15 @@ for step in $steps; do
       log build
       (time TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . ) 2>&1 | tail -5
       python3 -m kangaroo_ext info ;;
+    cond)
+      # The conditional-graph tests and the engine's GPU tests first (fail fast); on a failure, the same
+      # without PDL, to tell a PDL-in-conditional-body problem from others.
+      log cond
+      if ! python3 -m pytest -q -x tests/test_conditional_graphs.py tests/test_gpu_engine.py 2>&1 | tee "$OUT/cond_tests.log" | tail -30; then :; fi
+      if grep -qE "failed|error" "$OUT/cond_tests.log"; then
+        echo "### again with KANGAROO_DISABLE_PDL=1"
+        KANGAROO_DISABLE_PDL=1 python3 -m pytest -q -x tests/test_conditional_graphs.py 2>&1 | tail -30
+      fi ;;
     tests)
       log tests
       python3 -m pytest -q -x tests/test_ops.py tests/test_ops_decode.py tests/test_ops_linear.py tests/test_library.py \
@@ -38,7 +48,14 @@ for step in $steps; do
       done 2>&1 | tee "$OUT/sanitizer.log" ;;
     report)
       log report
-      python3 bench/kernel_report.py 2>&1 | tail -45 ;;
+      python3 bench/kernel_report.py 2>&1 | grep -v "it/s]" | tail -45 ;;
+    profile)
+      log profile
+      python3 bench/step_profile.py 2>&1 | grep -v "it/s]" | grep -E "^[a-z_0-9]+:|wrote" ;
+      KANGAROO_DISABLE_PDL=1 python3 bench/step_profile.py --out bench/results/step_profile_nopdl.json 2>&1 | grep -v "it/s]" | tail -80 ;;
+    sweep)
+      log sweep
+      python3 bench/eta_sweep.py --questions .carry/data/mt_bench_question.jsonl 2>&1 | grep -E "^\[eval\]|wrote" ;;
     bench)
       log bench
       python3 bench/kernel_report.py 2>&1 | tail -30
@@ -48,7 +65,8 @@ for step in $steps; do
       bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
     mtbench)
       log mtbench
-      python3 -m kangaroo_ext bench --questions .carry/data/mt_bench_question.jsonl --out bench/results/mt_bench 2>&1 | tail -40 ;;
+      python3 -m kangaroo_ext bench --questions .carry/data/mt_bench_question.jsonl --methods kangaroo,plain \
+        --threshold "${ETA:-0.3}" --no-progress --out "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
   esac
   # after every step, so a call stopped at its time limit still brings back what finished
   tar czf "$OUT/results.tgz" bench/results kangaroo_ext/adapters out 2>/dev/null
