@@ -3,7 +3,9 @@
 A round reads like the paper: draft with layers[:ℓ] + adapter until confidence < η or γ drafts, verify
 with layers[ℓ:] over the cached exit states, accept the longest agreeing prefix plus one token. On a
 GPU the round is two CUDA-graph replays and one host read (the report), the only host sync, and the
-host reads round i's report while round i+1 runs.
+host reads round i's report while round i+1 runs. The graphs decide the confidence exit themselves
+(conditional nodes: engine/graphs.py), so a round does only the draft steps it uses and verifies only
+the positions it drafted.
 """
 import time
 from dataclasses import dataclass, field
@@ -250,8 +252,9 @@ class _Clock:
 
 
 def _next_budget(budget: int, drafted: int, gamma: int) -> int:
-    """How many draft steps the next round may take. On the GPU a round runs every step of its captured
-    draft graph whatever the confidence exit decides (it only limits what is proposed), so the budget
+    """How many draft steps the next round may take, where the GPU cannot skip work itself (no conditional
+    graph nodes, or "device" mode): such a round runs every step it has whatever the confidence exit
+    decides (the exit only limits what is proposed), so the budget
     tracks the draft lengths actually seen: a draft that stopped at k < budget gets k + 1 next time, one
     that used the whole budget gets twice as much (up to γ). Output is unchanged: the budget only caps how
     many drafts are proposed, and verification decides every token."""

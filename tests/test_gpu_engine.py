@@ -40,3 +40,18 @@ def test_graph_capture_is_fast_and_reused(cuda_model):
     again = kx.speculative_generate(cuda_model, p, adapter=adapter, max_new_tokens=16, max_draft=5, eos_token_id=[])
     assert first.stats.capture_s < 10.0
     assert again.stats.capture_s == 0.0, "same shapes: the captured graphs are replayed, not re-captured"
+
+
+@torch.inference_mode()
+def test_without_conditional_nodes_the_adaptive_budget_is_lossless(cuda_model, monkeypatch):
+    """KANGAROO_DISABLE_CONDITIONAL_GRAPHS: every captured step runs, the host-side draft budget applies."""
+    monkeypatch.setenv(conditional.DISABLE_ENV, "1")
+    adapter = kx.Adapter.for_model(cuda_model, exit_layer=2, init="next_layer")
+    for p in prompts(3, seed=13):
+        p = p.cuda()
+        ref = kx.generate(cuda_model, p, max_new_tokens=40, eos_token_id=[]).sequences
+        out = kx.speculative_generate(cuda_model, p, adapter=adapter, max_new_tokens=40, threshold=0.3,
+                                      max_draft=4, eos_token_id=[])
+        assert not out.stats.device_exit and conditional.DISABLE_ENV in out.stats.device_exit_off
+        assert torch.equal(out.sequences, ref)
+        assert out.stats.host_syncs == out.stats.rounds
