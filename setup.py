@@ -18,9 +18,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["kangaroo_ext", "kangaroo_ext.ops", "kangaroo_ext.engine", "kangaroo_ext.triton_kernels"]
+PACKAGES = ["kangaroo_ext", "kangaroo_ext.ops", "kangaroo_ext.engine", "kangaroo_ext.training", "kangaroo_ext.benchmarking",
+            "kangaroo_ext.triton_kernels"]
 PACKAGE_DIR = {"kangaroo_ext.triton_kernels": "triton_kernels"}  # "triton_kernels" is taken on PyPI
-PACKAGE_DATA = {"kangaroo_ext": ["adapters/*/*"]}
+PACKAGE_DATA = {"kangaroo_ext": ["adapters/*/*", "data/*"]}
 
 
 def _flag(name):

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import kangaroo_ext.ops as kops
+from kangaroo_ext.io import chat_ids
 
 DTYPE = torch.bfloat16
 MAX_DRAFT = 6     # γ of the engine phases (speculative_generate's default)
@@ -163,12 +164,6 @@ def backends() -> Dict[str, List[str]]:
 
 # ---- the engine on the default model -------------------------------------------------------------
 
-def chat_ids(tokenizer, prompt: str) -> List[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _weight_bytes(layer) -> int:
     return sum(t.numel() * t.element_size() for f in dataclasses.fields(layer)
                for t in [getattr(layer, f.name)] if isinstance(t, torch.Tensor))
@@ -189,10 +184,8 @@ class DefaultEngine:
                                       max_new_tokens=new_tokens, max_draft=MAX_DRAFT)
         assert out.stats.mode == "graphs", out.stats.mode
         self.engine = self.model.__dict__["_kangaroo_engine"][1]
-        graphs = self.engine.graphs
-        # One CudaGraphs object, or (newer engines) a dict of them keyed by (γ, speculative).
-        self.graphs = graphs[(MAX_DRAFT, True)] if isinstance(graphs, dict) else graphs
-        self._saved = {n: getattr(self.engine, n).clone() for n in ("cache_len", "out_len", "tokens_in")}
+        self.graphs, _ = self.engine.graphs_for(MAX_DRAFT, True, device_exit=out.stats.device_exit)
+        self._saved = {n: getattr(self.engine, n).clone() for n in ("cache_len", "tokens_in")}
         torch.cuda.synchronize()
 
     def restore(self, drafts: Optional[int] = None):

@@ -14,14 +14,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 import kangaroo_ext as kx
-from kangaroo_ext.cli import chat_ids
+from kangaroo_ext.io import MT_BENCH_FILE, chat_ids, git_commit
 from kangaroo_ext.engine.engine import Engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,18 +50,11 @@ def plain_top2_gap(model, sequence: torch.Tensor, position: int) -> tuple:
     return float(top.values[0]), float(top.values[0] - top.values[1])
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return os.environ.get("KANGAROO_COMMIT", "unknown")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--questions", default=os.path.join(HERE, "..", "..", "shared", "data", "mt_bench_question.jsonl"))
+    ap.add_argument("--questions", default=MT_BENCH_FILE)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bf16_lossless.json"))
     args = ap.parse_args(argv)
 
@@ -71,7 +63,7 @@ def main(argv=None):
     with open(args.questions) as f:
         questions = [json.loads(line)["turns"][0] for line in f if line.strip()][:args.prompts]
     settings = [(0.6, 6), (0.0, 6), (0.3, 3), (1.0, 1)]
-    ids_list = [chat_ids(tok, q).cuda() for q in questions]
+    ids_list = [torch.tensor([chat_ids(tok, q)]).cuda() for q in questions]
     for ids in ids_list[:3]:  # warm-up: graph capture, cuBLAS handles
         kx.generate(model, ids, max_new_tokens=16, eos_token_id=tok.eos_token_id)
         kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=16, eos_token_id=tok.eos_token_id)
@@ -103,7 +95,7 @@ def main(argv=None):
     worst = max((d["gap_in_ulps"] for d in diffs), default=0.0)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     result = {
-        "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+        "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "commit": git_commit()[0],
         "model": "SmolLM2-135M-Instruct bf16", "adapter": "trained" if adapter.config.get("trained") else "random (untrained)",
         "prompts": len(ids_list), "max_new_tokens": args.max_new_tokens,
         "settings": [{"threshold": e, "max_draft": g} for e, g in settings],

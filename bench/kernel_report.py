@@ -11,7 +11,6 @@ Needs a CUDA device. About a minute on an H100, half of it loading the default m
              256 new tokens, after warm-up; host syncs per round (1 = the design: one report read)
 """
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ sys.path.insert(0, BENCH_DIR)
 import bench_cases  # noqa: E402
 import bench_timing  # noqa: E402
 import kangaroo_ext.ops as kops  # noqa: E402
-from kangaroo_ext.benchmark import code_trees, device_name, git_commit, write_json  # noqa: E402
+from kangaroo_ext import io  # noqa: E402
 
 DEFAULT_OUT = os.path.join(BENCH_DIR, "results", "kernels.json")
 DECODE_NEW_TOKENS = 256
@@ -82,8 +81,8 @@ def main(argv=None) -> int:
         print("kernel_report: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    commit, dirty = git_commit()
-    print(f"kernel_report on {device_name('cuda')}", flush=True)
+    meta = io.provenance("cuda")
+    print(f"kernel_report on {meta['device']}", flush=True)
     copy = bench_timing.copy_bandwidth_GBps()
     print(f"  copy bandwidth {copy:.0f} GB/s", flush=True)
     ops, skipped = measure_ops(copy)
@@ -107,12 +106,10 @@ def main(argv=None) -> int:
         print(f"  decode: plain {decode['plain_tok_per_s']:.0f} tok/s, speculative "
               f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
               f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
-    report = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc)
-              .isoformat(timespec="seconds"), "commit": commit, "dirty": dirty, "code_trees": code_trees(), "torch": torch.__version__,
-              "copy_GBps": copy, "ops": ops, "skipped": skipped, "missing_cases": bench_cases.missing_cases(),
+    report = {**meta, "copy_GBps": copy, "ops": ops, "skipped": skipped, "missing_cases": bench_cases.missing_cases(),
               "engine": engine, "decode": decode, "default_model_error": model_error,
               "seconds": time.perf_counter() - t0}
-    write_json(args.out, report)
+    io.write_json(args.out, report)
     print(f"wrote {args.out} in {report['seconds']:.0f} s")
     return 0
 

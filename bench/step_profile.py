@@ -17,7 +17,6 @@ between the two runs' per-replay times is what PDL saves.
 """
 import argparse
 import collections
-import datetime
 import os
 import sys
 
@@ -28,7 +27,7 @@ sys.path.insert(0, BENCH_DIR)
 
 import bench_cases  # noqa: E402
 import bench_timing  # noqa: E402
-from kangaroo_ext.benchmark import code_trees, device_name, git_commit, write_json  # noqa: E402
+from kangaroo_ext import config, io  # noqa: E402
 
 REPLAYS = 20
 
@@ -92,13 +91,13 @@ def main(argv=None) -> int:
         print("step_profile: needs a CUDA device", file=sys.stderr)
         return 2
     import kangaroo_ext as kx
-    commit, dirty = git_commit()
+    meta = io.provenance("cuda")
     de = bench_cases.DefaultEngine()
     eng = de.engine
     # The plain step's graph: one kx.generate call captures it (same engine, same buffers).
-    kx.generate(de.model, bench_cases.chat_ids(de.tokenizer, bench_cases.CHAT_PROMPTS[0]), max_new_tokens=8)
-    plain = next(g for (gam, spec), g in eng.graphs.items() if not spec)
-    de._saved = {n: getattr(eng, n).clone() for n in ("cache_len", "out_len", "tokens_in")}
+    kx.generate(de.model, io.chat_ids(de.tokenizer, bench_cases.CHAT_PROMPTS[0]), max_new_tokens=8)
+    plain, _ = eng.graphs_for(1, False, device_exit=False)
+    de._saved = {n: getattr(eng, n).clone() for n in ("cache_len", "tokens_in")}
     phases = {"plain_step": profile_phase("plain_step", plain.plain.replay, de.restore),
               "draft_round_gamma6": profile_phase("draft_round_gamma6", de.graphs.draft.replay, de.restore),
               "verify_step_gamma6": profile_phase("verify_step_gamma6", de.graphs.verify.replay, de.restore)}
@@ -109,17 +108,15 @@ def main(argv=None) -> int:
         for k in (0, 1):
             phases[f"verify_step_k{k}"] = profile_phase(f"verify_step_k{k}", de.graphs.verify.replay,
                                                         lambda k=k: de.restore(k))
-    small = eng.graphs.get((1, True))
+    small = eng._graphs.get((1, True, False))
     if small is not None and small is not de.graphs:
         # Without conditional nodes: the adaptive draft budget's smallest graphs (one draft, verify
         # over 2 positions), which most MT-bench rounds run.
         phases["draft_round_budget1"] = profile_phase("draft_round_budget1", small.draft.replay, de.restore)
         phases["verify_step_budget1"] = profile_phase("verify_step_budget1", small.verify.replay, de.restore)
-    result = {"device": device_name("cuda"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": commit, "dirty": dirty, "code_trees": code_trees(), "torch": torch.__version__,
-              "pdl": os.environ.get("KANGAROO_DISABLE_PDL", "0") in ("", "0"), "device_exit": de.graphs.device_exit,
+    result = {**meta, "pdl": not config.flag("KANGAROO_DISABLE_PDL"), "device_exit": de.graphs.device_exit,
               **de.describe(), "phases": phases}
-    write_json(args.out, result)
+    io.write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

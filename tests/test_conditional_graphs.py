@@ -7,6 +7,7 @@ import torch
 import kangaroo_ext as kx
 from kangaroo_ext import ops
 from kangaroo_ext.engine import conditional
+from kangaroo_ext.engine.rounds import Report
 
 from models import prompts, tiny_model
 
@@ -152,7 +153,8 @@ def engine_after_a_run():
     out = kx.speculative_generate(model, prompts(1, seed=21)[0].cuda(), adapter=adapter, max_new_tokens=24,
                                   max_draft=4, eos_token_id=[])
     engine = model.__dict__["_kangaroo_engine"][1]
-    return out, engine, engine.graphs[(4, True)]
+    graphs, _ = engine.graphs_for(4, True, device_exit=True)  # the cached graphs the run replayed
+    return out, engine, graphs
 
 
 @needs_conditionals
@@ -189,10 +191,11 @@ def test_verify_commits_at_most_the_drafted_tokens_plus_one(engine_after_a_run, 
     before = int(e.cache_len[0])
     graphs.verify.replay()
     torch.cuda.synchronize()
-    accepted = int(e.report[0, 1])
-    assert 0 <= accepted <= drafted
-    assert int(e.cache_len[0]) == before + accepted + 1
-    committed = e.report[0, 3:3 + drafted + 1].tolist()
-    assert committed[:accepted] == e.draft_tokens[0, :accepted].tolist()
-    assert all(t >= 0 for t in committed[:accepted + 1])
-    assert all(t == -7 for t in e.report[0, 3 + drafted + 1:].tolist()), "verify wrote past its k+1 positions"
+    row = e.report[0].tolist()
+    result = Report.read(row)
+    assert 0 <= result.accepted <= drafted and result.drafted == drafted
+    assert int(e.cache_len[0]) == before + result.accepted + 1
+    assert result.committed[:result.accepted] == e.draft_tokens[0, :result.accepted].tolist()
+    assert all(t >= 0 for t in result.committed)
+    first_unwritten = Report.COMMITTED + drafted + 1
+    assert all(t == -7 for t in row[first_unwritten:]), "verify wrote past its k+1 positions"

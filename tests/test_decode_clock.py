@@ -3,7 +3,7 @@ slot, and reads a slot only after the round it timed was waited for. Exercised h
 for torch.cuda.Event so the bookkeeping runs on any machine."""
 import torch
 
-from kangaroo_ext import generation
+from kangaroo_ext.engine import rounds
 
 
 class FakeEvent:
@@ -25,8 +25,8 @@ def test_gpu_clock_reuses_its_events_and_sums_settled_rounds(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     FakeEvent.created = 0
     FakeEvent.now = 0.0
-    clock = generation._Clock(cuda=True, slots=3)
-    assert FakeEvent.created == 3 * generation._Clock.MARKS
+    clock = rounds.Clock(cuda=True, slots=3)
+    assert FakeEvent.created == 3 * rounds.Clock.MARKS
 
     def round_on(slot, start, draft, verify):
         FakeEvent.now = start
@@ -48,11 +48,11 @@ def test_gpu_clock_reuses_its_events_and_sums_settled_rounds(monkeypatch):
     round_on(1, 7.0, 4.0, 4.0)
     assert abs(clock.total("draft") - 1.75) < 1e-9
     assert abs(clock.total("verify") - 4.5) < 1e-9
-    assert FakeEvent.created == 3 * generation._Clock.MARKS, "no event is created per round"
+    assert FakeEvent.created == 3 * rounds.Clock.MARKS, "no event is created per round"
 
 
 def test_cpu_clock_adds_at_once():
-    clock = generation._Clock(cuda=False, slots=3)
+    clock = rounds.Clock(cuda=False, slots=3)
     a = clock.mark(0, 0)
     clock.add(0, "verify", a, a + 0.5)
     assert clock.total("verify") == 0.5 and clock.total("draft") == 0.0

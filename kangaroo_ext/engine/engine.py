@@ -4,84 +4,137 @@ State lives in preallocated device buffers; every step reads and writes them in 
 be captured once as a CUDA graph and replayed. Invariant between steps (per batch row):
 
     the sequence has L tokens; the last one, tokens_in[:, 0], is emitted but not yet fed to any layer;
-    every cache (layers 0..N-1 and the adapter's, in slot N) holds positions 0..L-2; cache_len = L-1.
+    every cache (layers 0..N-1, then the adapter's blocks in slots N, N+1) holds positions 0..L-2; cache_len = L-1.
 
 Rollback is just not advancing cache_len past the accepted tokens: rejected positions are overwritten
 by the next round, and attention never reads past a query's own position.
 """
-from typing import Optional
+import contextlib
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .spec import LayerWeights, ModelSpec
+from .graphs import CudaGraphs
+from .rounds import Report
+from .spec import LayerWeights, ModelSpec, model_spec
+
+ADAPTER_SLOTS = 2  # KV-cache slots after the target's layers: one per adapter block (adapter.MAX_BLOCKS)
 
 
 class Engine:
-    """Built once per (model, device, dtype); `reserve` sizes the buffers for a request."""
+    """Built once per (model, device, dtype); `reserve` sizes the buffers for a request.
 
-    def __init__(self, spec: ModelSpec, batch_size: int = 1):
+    Buffers keep a leading batch dimension of 1 because the ops take [B, ...]; decoding is batch 1.
+    `request()` serialises requests: two threads decoding with one engine would interleave writes to
+    one cache, so the second waits for the first; a request started from inside another on the same
+    thread (say, from a streamer) is refused."""
+    ROWS = 1
+
+    def __init__(self, spec: ModelSpec):
         self.spec = spec
-        self.B = batch_size
         self.capacity = 0          # cache positions S
         self.max_draft = 0         # γ the buffers were sized for
         self.adapter = None
-        self.adapter_weights: Optional[LayerWeights] = None
-        self.graphs = {}           # (γ, speculative) -> engine.graphs.CudaGraphs, captured on first use
+        self.adapter_weights: List[LayerWeights] = []
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        self._graphs: Dict[Tuple[int, bool, bool], CudaGraphs] = {}  # (γ, speculative, device exit)
+
+    @contextlib.contextmanager
+    def request(self):
+        """Exclusive use of the engine (its caches and buffers) for one request."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("a generation on this model was started from inside another one on the same "
+                               "thread (e.g. from a streamer); it would overwrite the running one's cache")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._owner = None
 
     # ---- buffers ---------------------------------------------------------------------------------
 
+    def cache_bytes(self, capacity: int) -> int:
+        """Bytes of the K and V caches for `capacity` positions (every layer plus the adapter's slot)."""
+        s = self.spec
+        itemsize = torch.empty((), dtype=s.dtype).element_size()
+        return 2 * (s.num_layers + ADAPTER_SLOTS) * self.ROWS * s.num_kv_heads * capacity * s.head_dim * itemsize
+
+    def planned_capacity(self, capacity: int, max_draft: int) -> int:
+        """The capacity reserve() would allocate for this request (0 when the buffers already suffice)."""
+        if capacity <= self.capacity and max_draft <= self.max_draft:
+            return 0
+        capacity = -(-max(capacity, self.capacity) // 64) * 64  # round up: fewer regrowths (re-captures)
+        return min(capacity, self.spec.max_positions + max(max_draft, self.max_draft) + 1)
+
     def reserve(self, capacity: int, max_draft: int):
         """Allocate caches and step buffers for `capacity` positions and γ up to max_draft. Buffers only
-        grow (steps use prefixes of them), so alternating plain and speculative calls reuse everything."""
-        if capacity <= self.capacity and max_draft <= self.max_draft:
+        grow (steps use prefixes of them), so alternating plain and speculative calls reuse everything.
+        All-or-nothing: every buffer is allocated before any is replaced, so an out-of-memory error
+        leaves the engine as it was, and usable."""
+        capacity = self.planned_capacity(capacity, max_draft)
+        if not capacity:
             return
-        s, dev, dt, B = self.spec, self.spec.device, self.spec.dtype, self.B
-        capacity = max(capacity, self.capacity)
-        max_draft = max(max_draft, self.max_draft)
-        capacity = -(-capacity // 64) * 64  # round up: fewer regrowths (each one re-captures graphs)
-        if capacity > s.max_positions + max_draft + 1:
-            capacity = s.max_positions + max_draft + 1
-        shape = (s.num_layers + 1, B, s.num_kv_heads, capacity, s.head_dim)  # slot N: the adapter
-        self.k_cache = torch.zeros(shape, device=dev, dtype=dt)
-        self.v_cache = torch.zeros(shape, device=dev, dtype=dt)
+        s, dev, dt, B = self.spec, self.spec.device, self.spec.dtype, self.ROWS
+        g = max(max_draft, self.max_draft)
+        shape = (s.num_layers + ADAPTER_SLOTS, B, s.num_kv_heads, capacity, s.head_dim)  # slots N..: the adapter
         pos = torch.arange(capacity, device=dev, dtype=torch.float32)
         freqs = pos[:, None] * s.inv_freq.to(dev)[None, :]                  # [S, D/2], fp32 as in HF
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.rope_cos = emb.cos() * s.rope_scaling                          # [S, D]
-        self.rope_sin = emb.sin() * s.rope_scaling
-        g = max_draft
-        self.steps = torch.arange(g + 1, device=dev)                        # [γ+1]
-        self.tokens_in = torch.zeros(B, g + 1, dtype=torch.int64, device=dev)
-        self.exit_states = torch.zeros(B, g + 1, s.hidden_size, dtype=dt, device=dev)
-        self.draft_tokens = torch.zeros(B, g, dtype=torch.int64, device=dev)
-        self.num_drafted = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.active = torch.ones(B, dtype=torch.bool, device=dev)
-        self.threshold = torch.zeros((), dtype=torch.float32, device=dev)
-        self.cache_len = torch.zeros(B, dtype=torch.int64, device=dev)
-        self.out_tokens = torch.full((B, capacity + g + 2), -1, dtype=torch.int64, device=dev)
-        self.out_len = torch.zeros(B, dtype=torch.int64, device=dev)
-        # What the host reads once per round: out_len, accepted, drafted, committed[γ+1].
-        self.report = torch.zeros(B, 3 + g + 1, dtype=torch.int64, device=dev)
-        self.capacity, self.max_draft = capacity, max_draft
-        self.graphs = {}  # buffer addresses changed
+        new = dict(
+            k_cache=torch.zeros(shape, device=dev, dtype=dt), v_cache=torch.zeros(shape, device=dev, dtype=dt),
+            rope_cos=emb.cos() * s.rope_scaling, rope_sin=emb.sin() * s.rope_scaling,        # [S, D]
+            steps=torch.arange(g + 1, device=dev),                                         # [γ+1]
+            tokens_in=torch.zeros(B, g + 1, dtype=torch.int64, device=dev),
+            exit_states=torch.zeros(B, g + 1, s.hidden_size, dtype=dt, device=dev),
+            draft_tokens=torch.zeros(B, g, dtype=torch.int64, device=dev),
+            num_drafted=torch.zeros(B, dtype=torch.int64, device=dev),
+            active=torch.ones(B, dtype=torch.bool, device=dev),
+            threshold=torch.zeros((), dtype=torch.float32, device=dev),
+            cache_len=torch.zeros(B, dtype=torch.int64, device=dev),
+            report=torch.zeros(B, Report.width(g), dtype=torch.int64, device=dev))  # read once per round
+        self.__dict__.update(new)
+        self.capacity, self.max_draft = capacity, g
+        self._graphs = {}  # buffer addresses changed
+
+    # ---- captured graphs, owned here because they replay this engine's buffers ---------------------
+
+    def graphs_for(self, gamma: int, speculative: bool, device_exit: bool) -> Tuple[CudaGraphs, float]:
+        """The CUDA graphs of a round with this γ, captured on first use; (graphs, capture seconds)."""
+        key = (gamma, speculative, bool(device_exit and speculative))
+        graphs = self._graphs.get(key)
+        if graphs is not None:
+            return graphs, 0.0
+        t0 = time.perf_counter()
+        graphs = CudaGraphs(self, gamma, speculative, device_exit=key[2])
+        self._graphs[key] = graphs
+        return graphs, time.perf_counter() - t0
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
 
     def bind_adapter(self, adapter):
-        """Reference the adapter's weights (the adapter checked its own compatibility)."""
+        """Reference the adapter's weights (the adapter checked its own compatibility), and make the
+        draft's LM head: the target's, or its [N, H] slice for a reduced draft vocabulary."""
         if adapter is self.adapter:
             return
         self.adapter = adapter
         if adapter is None:
-            self.adapter_weights = None
+            self.adapter_weights, self.adapter_norm, self.draft_head, self.draft_ids = [], None, None, None
             return
-        b = lambda lin: None if lin.bias is None else lin.bias.detach()  # noqa: E731
-        self.adapter_weights = LayerWeights(
-            input_norm=adapter.norm1.detach(), q=adapter.q_proj.weight.detach(), k=adapter.k_proj.weight.detach(),
-            v=adapter.v_proj.weight.detach(), o=adapter.o_proj.weight.detach(), q_bias=b(adapter.q_proj),
-            k_bias=b(adapter.k_proj), v_bias=b(adapter.v_proj), o_bias=None, post_norm=adapter.norm2.detach(),
-            gate=None, up=None, down=None)
-        self.graphs = {}  # the draft graph reads the adapter's weights
+        self.adapter_weights = adapter.layer_weights()
+        self.adapter_norm = adapter.head_norm.detach()
+        ids = adapter.draft_vocab_ids
+        self.draft_ids = None if ids is None else ids.to(self.spec.device)
+        self.draft_head = self.spec.lm_head if ids is None else \
+            self.spec.lm_head.index_select(0, self.draft_ids).contiguous()
+        self._graphs = {}  # the draft graph reads the adapter's weights
 
     # ---- the model's forward, from the project's ops ----------------------------------------------
 
@@ -133,15 +186,23 @@ class Engine:
         return x, res
 
     def adapter_forward(self, x, res, positions, with_head: bool = True):
-        """Kangaroo adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised
-        residual stream at the exit, which verification starts from) and, with_head, (token, confidence).
-        Decode launches: norm+QKV, attention, O-proj, norm, LM head + argmax (2)."""
-        w = self.adapter_weights
-        attn, h_exit = self._attention_block(x, res, w, positions, slot=self.spec.num_layers)
+        """The adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised residual
+        stream at the exit, which verification starts from) and, with_head, (token, confidence) from the
+        draft's head. Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
+        block: norm+QKV, attention, O-proj, then norm and LM head + argmax (2)."""
+        h_exit = None
+        for b, w in enumerate(self.adapter_weights):
+            x, res = self._attention_block(x, res, w, positions, slot=self.spec.num_layers + b)
+            h_exit = res if h_exit is None else h_exit  # the first norm materialises the exit state
+            if w.gate is not None:
+                x, res = self._mlp_block(x, res, w)
         if not with_head:
             return h_exit, None
-        y, _ = self._norm(attn, h_exit, w.post_norm)
-        return h_exit, ops.lm_head_argmax(y, self.spec.lm_head)
+        y, _ = self._norm(x, res, self.adapter_norm)
+        token, confidence = ops.lm_head_argmax(y, self.draft_head)
+        if self.draft_ids is not None:
+            token = self.draft_ids[token]                 # draft-vocabulary index -> token id
+        return h_exit, (token, confidence)
 
     def logits(self, x, res):
         y, _ = self._norm(x, res, self.spec.final_norm)
@@ -153,8 +214,6 @@ class Engine:
         """Feed prompt[:, :-1] through every layer (and the adapter); prompt[:, -1] waits in tokens_in."""
         B, T = prompt.shape
         self.cache_len.zero_()
-        self.out_len.fill_(T)
-        self.out_tokens[:, :T] = prompt
         self.tokens_in[:, 0] = prompt[:, -1]
         if T > 1:
             pos = torch.arange(T - 1, device=prompt.device)[None, :].expand(B, T - 1)
@@ -219,14 +278,18 @@ class Engine:
         self._commit(torch.zeros_like(self.num_drafted), token)
 
     def _commit(self, accepted, committed):
-        """Append committed[:, :accepted+1] to the output and advance the caches; all on the device."""
-        n = committed.shape[1]
-        idx = self.out_len[:, None] + self.steps[:n]
-        self.out_tokens.scatter_(1, idx, committed)          # slots past accepted hold -1, overwritten later
-        self.out_len.add_(accepted + 1)
+        """Advance the caches past committed[:, :accepted+1] and report the round; all on the device."""
         self.cache_len.add_(accepted + 1)
         self.tokens_in[:, 0] = committed.gather(1, accepted[:, None])[:, 0]
-        self.report[:, 0] = self.out_len
-        self.report[:, 1] = accepted
-        self.report[:, 2] = self.num_drafted
-        self.report[:, 3:3 + n] = committed
+        Report.write(self.report, accepted, self.num_drafted, committed)
+
+
+def engine_for(model) -> Engine:
+    """The engine cached on the model; rebuilt if the model moved, changed dtype or got new weights."""
+    embed = model.get_input_embeddings().weight
+    key = (str(embed.device), embed.dtype, embed.data_ptr())
+    cached = model.__dict__.get("_kangaroo_engine")
+    if cached is None or cached[0] != key:
+        cached = (key, Engine(model_spec(model)))
+        model.__dict__["_kangaroo_engine"] = cached
+    return cached[1]

@@ -61,7 +61,6 @@ class CudaGraphs:
         # Warm-up runs really execute: start them from an empty cache so every index stays in bounds.
         e = self.engine
         e.cache_len.zero_()
-        e.out_len.zero_()
         e.tokens_in.zero_()
 
     def _capture(self, fn):

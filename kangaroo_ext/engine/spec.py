@@ -17,7 +17,8 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")  # inv_freq changes with the sequence le
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's tensors, as the model holds them. Biases are None where the model has none."""
+    """One decoder layer's tensors, as the model holds them. Biases are None where the model has none;
+    an adapter block without an MLP has post_norm and gate/up/down None."""
     input_norm: torch.Tensor
     q: torch.Tensor
     k: torch.Tensor
@@ -27,10 +28,10 @@ class LayerWeights:
     k_bias: Optional[torch.Tensor]
     v_bias: Optional[torch.Tensor]
     o_bias: Optional[torch.Tensor]
-    post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
+    post_norm: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None
+    up: Optional[torch.Tensor] = None
+    down: Optional[torch.Tensor] = None
     gate_bias: Optional[torch.Tensor] = None
     up_bias: Optional[torch.Tensor] = None
     down_bias: Optional[torch.Tensor] = None
@@ -80,6 +81,7 @@ class ModelSpec:
                 "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "vocab_size": self.vocab_size, "qkv_bias": self.qkv_bias,
+                "intermediate_size": self.layers[0].gate.shape[0],
                 "name_or_path": self.name_or_path, "fingerprint": self.fingerprint()}
 
 

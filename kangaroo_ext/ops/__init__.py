@@ -21,6 +21,29 @@ from .backends import (ORDER, BackendUnavailable, available_backends, reasons_ag
                        select, tensor_reasons, triton_module)
 
 
+# ---- where each op lives ---------------------------------------------------------------------------
+# Every op: a CUDA launcher (csrc/, validates and launches) over a torch-free kernel header
+# (csrc/kernels/), a Triton version (triton_kernels/, installed as kangaroo_ext.triton_kernels) and the
+# PyTorch reference (ops/reference.py, the definition, under the op's own name). Files are shared by ops
+# of one family: the decode GEMVs, say. README.md's Backends section shows the same table.
+OP_FILES = {
+    "fused_add_rms_norm": dict(cuda="csrc/rms_norm.cu", kernel="csrc/kernels/rms_norm.cuh",
+                               triton="triton_kernels/rms_norm.py"),
+    "rms_norm_linear": dict(cuda="csrc/decode_linear.cu", kernel="csrc/kernels/decode_linear.cuh",
+                            triton="triton_kernels/decode_linear.py"),
+    "rms_norm_gate_up": dict(cuda="csrc/decode_linear.cu", kernel="csrc/kernels/decode_linear.cuh",
+                             triton="triton_kernels/decode_linear.py"),
+    "decode_linear": dict(cuda="csrc/decode_linear.cu", kernel="csrc/kernels/decode_linear.cuh",
+                          triton="triton_kernels/decode_linear.py"),
+    "rope_append_attention": dict(cuda="csrc/attention.cu", kernel="csrc/kernels/attention.cuh",
+                                  triton="triton_kernels/attention.py"),
+    "lm_head_argmax": dict(cuda="csrc/lm_head.cu", kernel="csrc/kernels/lm_head.cuh",
+                           triton="triton_kernels/lm_head.py"),
+    "verify_accept": dict(cuda="csrc/verify_accept.cu", kernel="csrc/kernels/verify_accept.cuh",
+                          triton="triton_kernels/verify_accept.py"),
+}
+
+
 # ---- fused residual-add + RMSNorm ----------------------------------------------------------------
 
 def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,

@@ -6,12 +6,11 @@ argument, else the KANGAROO_BACKEND environment variable) that cannot run raises
 listing all its reasons, so nobody benchmarks the reference while believing it is the kernel.
 """
 import importlib
-import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .. import _extension
+from .. import _extension, config
 from .schemas import MISSING_FROM_EXTENSION
 
 ORDER = ("cuda", "triton", "reference")
@@ -22,8 +21,7 @@ class BackendUnavailable(RuntimeError):
     """A forced backend cannot run this call; the message lists why."""
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+triton_interpreting = config.triton_interpreting
 
 
 _triton_error: Optional[str] = None
@@ -90,8 +88,10 @@ def register(op: str, backend: str, run: Callable, reasons: Callable[..., List[s
 
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:
-    b = backend if backend is not None else os.environ.get("KANGAROO_BACKEND", "")
-    b = b.strip().lower()
+    """The backend a call forces: the argument, else KANGAROO_BACKEND; None means automatic selection."""
+    if backend is None:
+        return config.backend()
+    b = backend.strip().lower()
     return None if b in ("", "auto") else b
 
 

@@ -1,17 +1,10 @@
-"""Reporting for `kangaroo bench`: raw per-turn results into numbers (summarize: tok/s, speedups, τ,
-acceptance, identical-to-plain rate), the summary JSON (bench/results/latest.json form), the Markdown
-report (results.md, the table format BENCHMARKS.md holds) and the PNG plots, each file written
-atomically. Plots use matplotlib's object API on the Agg canvas: no display, no global backend switch;
-without matplotlib they are skipped with a printed note."""
-import json
-import math
+"""Benchmark results into numbers and text: summarize (tok/s, speedups, τ, acceptance, identical-to-plain
+rate per method and category), the summary JSON (bench/results/latest.json form) and the Markdown report
+(results.md, the table format BENCHMARKS.md holds). The plots are in plots.py."""
 import os
-import tempfile
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-from .generation import DecodeStats
-
-PLOT_FILES = ("speedup_by_category.png", "accepted_per_round.png", "acceptance_by_position.png")
+from ..decoding import DecodeStats
 
 
 # ---- numbers -------------------------------------------------------------------------------------
@@ -78,7 +71,7 @@ def summarize(results: dict) -> dict:
     turns_of = {m: r["turns"] for m, r in results["methods"].items()}
     out = {}
     for m, turns in turns_of.items():
-        speculative = m == "kangaroo"
+        speculative = m.startswith("kangaroo")
         overall = _block(turns, turns_of, speculative)
         if "hf-eager" in turns_of:  # the naive ratio, each method's own question set (differs if fewer)
             hf = _mean(t["tok_per_s"] for t in turns_of["hf-eager"])
@@ -120,42 +113,6 @@ def latest_summary(results: dict, summary: dict) -> dict:
                              "speedup_vs_hf_eager": b.get("speedup_vs_hf_eager"), "tok_per_s": b.get("tok_per_s")}
                          for c, b in k.get("per_category", {}).items()},
     }
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-def atomic_write(path: str, write: Callable, binary: bool = False):
-    """write(file) into a temp file beside `path`, then os.replace: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; give it an ordinary file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _finite(obj):
-    """NaN / inf -> null: strict JSON, and a long run must never fail at the very end over one number."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(path: str, obj):
-    obj = _finite(obj)
-    atomic_write(path, lambda f: (json.dump(obj, f, indent=1, allow_nan=False), f.write("\n")))
 
 
 # ---- Markdown ------------------------------------------------------------------------------------
@@ -236,71 +193,3 @@ def markdown_report(results: dict, summary: dict, latest: dict) -> str:
                  "numerical near-ties can flip a token; fp32 runs are exact).")
     lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
-
-
-# ---- plots ---------------------------------------------------------------------------------------
-
-def _figure(width=7.0, height=4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str):
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
-
-
-def write_plots(summary: dict, out_dir: str) -> List[str]:
-    """Speedup vs plain by category, accepted drafts per round, acceptance by position. Returns paths."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("kangaroo bench: matplotlib is not installed; skipping plots (pip install matplotlib)")
-        return []
-    written = []
-    others = [m for m in summary if m != "plain"]
-    if "plain" in summary and others:
-        cats = list(summary[others[0]]["per_category"]) + ["overall"]
-        fig = _figure(max(7.0, 0.9 * len(cats) + 2))
-        ax = fig.add_subplot()
-        width = 0.8 / len(others)
-        for i, m in enumerate(others):
-            vals = [(summary[m]["overall"] if c == "overall" else summary[m]["per_category"].get(c, {}))
-                    .get("speedup_vs_plain") or 0.0 for c in cats]
-            ax.bar([x + (i - (len(others) - 1) / 2) * width for x in range(len(cats))], vals, width, label=m)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-        ax.set_ylabel("speedup vs plain (mean tok/s ratio)")
-        ax.set_title("Speedup over plain decoding, by category")
-        ax.legend()
-        written.append(os.path.join(out_dir, PLOT_FILES[0]))
-        _save(fig, written[-1])
-    o = summary.get("kangaroo", {}).get("overall", {})
-    hist = o.get("accepted_histogram")
-    if hist and sum(hist):
-        fig = _figure()
-        ax = fig.add_subplot()
-        ax.bar(range(len(hist)), [n / sum(hist) for n in hist])
-        ax.set_xticks(range(len(hist)))
-        ax.set_xlabel("drafts accepted in the round (tokens committed = accepted + 1)")
-        ax.set_ylabel("share of rounds")
-        ax.set_title(f"Kangaroo: accepted drafts per round (τ = {o.get('mean_accepted', 0):.2f})")
-        written.append(os.path.join(out_dir, PLOT_FILES[1]))
-        _save(fig, written[-1])
-    by_pos = o.get("acceptance_by_position")
-    if by_pos and any(p is not None for p in by_pos):  # None: no draft ever reached that position
-        fig = _figure()
-        ax = fig.add_subplot()
-        xs = list(range(1, len(by_pos) + 1))
-        ax.bar(xs, [0.0 if p is None else p for p in by_pos])
-        ax.set_ylim(0, 1)
-        ax.set_xticks(xs)
-        ax.set_xlabel("draft position i")
-        ax.set_ylabel("P(draft i accepted | proposed)")
-        ax.set_title("Kangaroo: acceptance by draft position")
-        written.append(os.path.join(out_dir, PLOT_FILES[2]))
-        _save(fig, written[-1])
-    return written

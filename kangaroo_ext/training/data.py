@@ -7,9 +7,7 @@
 The cache holds every sequence once, flat along the token axis, so one generation and one teacher pass
 serve the training of any number of exit layers. Bad prompt records are skipped and counted, never silently.
 """
-import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -17,118 +15,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-SKIP_REASONS = {
-    "malformed_json": "line is not valid JSON",
-    "not_an_object": "line is not a JSON object",
-    "missing_prompt": "no 'prompt' field",
-    "prompt_not_a_string": "'prompt' is not a string",
-    "empty_prompt": "'prompt' is empty or whitespace",
-    "too_long": "prompt exceeds --max-prompt-tokens after the chat template",
-}
+from .. import io
 
-
-def progress_bar(enabled: bool, **kw):
-    """tqdm on a terminal; into a log file (no terminal) a line every 15 s instead of a stream of updates."""
-    from tqdm.auto import tqdm
-    return tqdm(disable=not enabled, mininterval=0.5 if sys.stderr.isatty() else 15.0, **kw)
-
-
-# ---- files ---------------------------------------------------------------------------------------
-
-def read_text_lines(path: str, what: str) -> List[str]:
-    """All lines of a UTF-8 file; FileNotFoundError / ValueError with one clear line otherwise."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path} is a directory, not a .jsonl file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\r\n") for line in f]  # not splitlines(): JSON strings may hold U+2028
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}") from None
-
-
-def read_prompt_records(path: str) -> Tuple[List[dict], Counter]:
-    """JSON objects of a .jsonl prompt file, and how many lines were skipped per reason."""
-    records, skipped = [], Counter()
-    for line in read_text_lines(path, "prompt file"):
-        if not line.strip():
-            continue  # blank lines separate nothing; not a record
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            skipped["malformed_json"] += 1
-    return records, skipped
-
-
-def valid_prompts(records: Sequence, skipped: Optional[Counter] = None) -> Tuple[List[str], Counter]:
-    """Prompt texts from strings or {"prompt": ...} records, in order; the others counted by reason."""
-    skipped = Counter() if skipped is None else skipped
-    out = []
-    for rec in records:
-        if isinstance(rec, str):
-            text = rec
-        elif not isinstance(rec, dict):
-            skipped["not_an_object"] += 1
-            continue
-        elif "prompt" not in rec:
-            skipped["missing_prompt"] += 1
-            continue
-        else:
-            text = rec["prompt"]
-        if not isinstance(text, str):
-            skipped["prompt_not_a_string"] += 1
-        elif not text.strip():
-            skipped["empty_prompt"] += 1
-        else:
-            out.append(text)
-    return out, skipped
-
-
-def read_mt_bench_first_turns(path: str, n: int) -> List[str]:
-    """First turns of `n` MT-bench questions, round-robin over categories (the file is sorted by
-    category: its first n questions would all be "writing"). Records without a usable first turn are
-    skipped; an error if none is left."""
-    by_category: Dict[str, List[str]] = {}
-    for line in read_text_lines(path, "MT-bench file"):
-        try:
-            rec = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            continue
-        turns = rec.get("turns") if isinstance(rec, dict) else None
-        if isinstance(turns, list) and turns and isinstance(turns[0], str) and turns[0].strip():
-            by_category.setdefault(str(rec.get("category", "")), []).append(turns[0])
-    if not by_category:
-        raise ValueError(f"MT-bench file {path} holds no question with a first turn ('turns' list)")
-    picked, depth = [], 0
-    while len(picked) < n and any(depth < len(q) for q in by_category.values()):
-        picked += [q[depth] for q in by_category.values() if depth < len(q)]
-        depth += 1
-    return picked[:n]
+SKIP_REASONS = dict(io.SKIP_REASONS, too_long="prompt exceeds --max-prompt-tokens after the chat template")
 
 
 # ---- tokens --------------------------------------------------------------------------------------
-
-def chat_token_ids(tokenizer, texts: Sequence[str]) -> List[List[int]]:
-    """Each text as one user turn, chat template with the generation prompt. Rendered to text first:
-    apply_chat_template(tokenize=True) returns a list in transformers 4 and a dict in 5."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; self-distillation prompts the model as a chat")
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                              add_generation_prompt=True) for t in texts]
-    return [list(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-
 
 def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int, limit: int,
                    skipped: Counter) -> Tuple[List[List[int]], int]:
     """Token ids of the first `limit` prompts that fit max_prompt_tokens (templated), in file order.
     Returns (ids, prompts examined); over-long prompts are counted in skipped["too_long"]."""
-    out, examined, chunk = [], 0, 512
+    out, examined = [], 0
     while len(out) < limit and examined < len(texts):
-        for ids in chat_token_ids(tokenizer, texts[examined:examined + chunk]):
+        for ids in (io.chat_ids(tokenizer, t) for t in texts[examined:]):
             examined += 1
             if len(ids) > max_prompt_tokens:
                 skipped["too_long"] += 1
@@ -137,13 +37,6 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int, limi
             if len(out) == limit:
                 break
     return out, examined
-
-
-def eos_token_ids(model, tokenizer) -> List[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
 # ---- generation: the target writes the answers -----------------------------------------------------
@@ -166,7 +59,7 @@ def generate_answers(model, prompts: List[List[int]], max_new_tokens: int, batch
     answers: Dict[int, List[int]] = {}
     new_tokens, eos_ended, stopped = 0, 0, False
     eos = set(eos_ids)
-    bar = progress_bar(progress, total=len(prompts), desc="generate", unit="prompt")
+    bar = io.progress_bar(progress, total=len(prompts), desc="generate", unit="prompt")
     t0 = time.perf_counter()
     for b in order:
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
@@ -210,10 +103,16 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
     """(prompt ids, answer ids) pairs, a report on the prompts (used, skipped by reason) and one on the
     generation. opts: a training.TrainOptions. Reuses out_dir's answers when asked and the settings match."""
     if isinstance(prompts, (str, os.PathLike)):
-        records, skipped = read_prompt_records(prompts)
+        texts, skipped = io.read_prompts(prompts, strict=False)
         source = {"file": os.path.abspath(prompts), "bytes": os.path.getsize(prompts)}
     else:
-        records, skipped, source = list(prompts), Counter(), {"in_memory_records": len(prompts)}
+        texts, skipped, source = [], Counter(), {"in_memory_records": len(prompts)}
+        for record in prompts:
+            text, reason = io.prompt_text(record)
+            if reason:
+                skipped[reason] += 1
+            else:
+                texts.append(text)
     settings = {"source": source, "num_prompts": opts.num_prompts, "max_prompt_tokens": opts.max_prompt_tokens,
                 "max_new_tokens": opts.max_new_tokens, "model": model_fingerprint}
     path = os.path.join(opts.out_dir, DATA_FILE) if opts.out_dir else None
@@ -225,9 +124,8 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
         say(f"[train] reusing {len(saved['sequences'])} generated answers from {path}")
         return saved["sequences"], saved["data"], dict(saved["generation"], reused=True)
 
-    texts, skipped = valid_prompts(records, skipped)
     ids, examined = encode_prompts(tokenizer, texts, opts.max_prompt_tokens, opts.num_prompts, skipped)
-    data_report = {"source": source, "records": len(records) + skipped["malformed_json"], "valid": len(texts),
+    data_report = {"source": source, "records": len(texts) + sum(skipped.values()), "valid": len(texts),
                    "examined": examined, "used": len(ids), "skipped": dict(skipped),
                    "skip_reasons": {k: SKIP_REASONS[k] for k in skipped}}
     if skipped:
@@ -237,7 +135,7 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
         raise ValueError(f"only {len(ids)} usable prompt(s) (skipped: {dict(skipped) or 'none'}); need at least 2")
     if len(ids) < opts.num_prompts:
         say(f"[train] note: only {len(ids)} usable prompts for num_prompts={opts.num_prompts}")
-    eos = eos_token_ids(model, tokenizer)
+    eos = io.eos_ids(model, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     sequences, gen = generate_answers(model, ids, opts.max_new_tokens, opts.gen_batch_size, eos, pad,
                                       opts.generation_time_limit, opts.seed, opts.progress)
@@ -339,7 +237,7 @@ def teacher_pass(model, sequences: List[Tuple[List[int], List[int]]], exit_layer
         cur.append(i)
         width = max(width, L)
     batches += [cur] if cur else []
-    for seq_ids in progress_bar(progress, iterable=batches, desc="teacher", unit="batch"):
+    for seq_ids in io.progress_bar(progress, iterable=batches, desc="teacher", unit="batch"):
         seq_ids = torch.tensor(seq_ids, device=cache.seq_len.device)
         rows, _, loss_mask, target_rows = cache._index(seq_ids)
         real = torch.arange(rows.shape[1], device=rows.device)[None, :] < cache.seq_len[seq_ids][:, None]

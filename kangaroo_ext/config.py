@@ -1,0 +1,109 @@
+"""Every environment variable kangaroo_ext reads, in one place, with one parser.
+
+    from kangaroo_ext import config
+    config.flag("KANGAROO_DISABLE_CONDITIONAL_GRAPHS")   # False unless set to a true value
+    config.backend()                                     # "cuda" / "triton" / "reference" / None (auto)
+
+A variable is read when asked for (not cached at import), so a test can set it with monkeypatch. A value
+that is not recognised raises ValueError naming the variable and what it accepts: `...=flase` must not
+quietly mean "off". The README's table of variables is `markdown_table()`, and a test keeps them equal.
+
+This module imports nothing of the package (setup.py loads it by path, before anything is built).
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off", "")
+BACKENDS = ("auto", "cuda", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    kind: str          # "flag" (boolean), "choice" (one of `choices`), "text" (free text, e.g. a path)
+    when: str          # "build" (setup.py), "run" (import / call time), "test" (the test suite)
+    doc: str
+    choices: Tuple[str, ...] = ()
+
+
+KNOBS: Dict[str, Knob] = {k.name: k for k in (
+    Knob("KANGAROO_SKIP_CUDA_BUILD", "flag", "build",
+         "never build the CUDA extension (pure-Python install: Triton and PyTorch backends only); "
+         "the quick route on machines without a GPU"),
+    Knob("KANGAROO_FORCE_CUDA", "flag", "build",
+         "build the CUDA extension or fail (CI sets it); the test suite then also requires it to load"),
+    Knob("KANGAROO_PTXAS_VERBOSE", "flag", "build", "print ptxas register and shared-memory reports"),
+    Knob("KANGAROO_BACKEND", "choice", "run",
+         "force one backend for every op (a backend that cannot run a call raises, listing why); "
+         "auto picks the first that can", BACKENDS),
+    Knob("KANGAROO_DISABLE_CONDITIONAL_GRAPHS", "flag", "run",
+         "capture decode rounds without conditional graph nodes (the adaptive draft-budget path)"),
+    Knob("KANGAROO_DISABLE_PDL", "flag", "run",
+         "launch kernels without programmatic dependent launch (for profiling: with PDL a kernel's "
+         "recorded duration overlaps the previous one's tail)"),
+    Knob("KANGAROO_CACHE_DIR", "text", "run",
+         "where the default model's dequantized copy is cached (default: $XDG_CACHE_HOME/kangaroo_ext "
+         "or ~/.cache/kangaroo_ext)"),
+    Knob("KANGAROO_COMMIT", "text", "run",
+         "the commit recorded in benchmark results, for a copied checkout whose .git is stale"),
+)}
+
+
+def _raw(name: str) -> str:
+    if name not in KNOBS:
+        raise KeyError(f"{name} is not a kangaroo_ext environment variable (known: {', '.join(KNOBS)})")
+    return os.environ.get(name, "").strip()
+
+
+def parse_flag(name: str, text: str) -> bool:
+    """The one boolean parser: 1/true/yes/on and 0/false/no/off (any case; empty = off)."""
+    v = text.strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise ValueError(f"{name}={text!r} is not a boolean: use one of {', '.join(TRUE)} or {', '.join(FALSE[:-1])}")
+
+
+def flag(name: str) -> bool:
+    knob = KNOBS.get(name)
+    if knob is not None and knob.kind != "flag":
+        raise KeyError(f"{name} is not a boolean variable")
+    return parse_flag(name, _raw(name))
+
+
+def text(name: str) -> Optional[str]:
+    """A free-text variable's value, or None when unset or empty."""
+    return _raw(name) or None
+
+
+def backend() -> Optional[str]:
+    """KANGAROO_BACKEND as a backend name, or None for automatic selection."""
+    v = _raw("KANGAROO_BACKEND").lower()
+    if v not in BACKENDS and v != "":
+        raise ValueError(f"KANGAROO_BACKEND={v!r} is not a backend: use one of {', '.join(BACKENDS)}")
+    return None if v in ("", "auto") else v
+
+
+def triton_interpreting() -> bool:
+    """Triton's own switch (not ours, so not in KNOBS): kernels run on the CPU under its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
+
+
+def check_all():
+    """Parse every variable that is set; raise on the first bad value (`kangaroo info` reports them)."""
+    for knob in KNOBS.values():
+        if knob.kind == "flag":
+            flag(knob.name)
+        elif knob.kind == "choice":
+            backend()
+
+
+def markdown_table() -> str:
+    rows = ["| variable | when | effect |", "|---|---|---|"]
+    for k in KNOBS.values():
+        values = "1/0" if k.kind == "flag" else ", ".join(k.choices) if k.kind == "choice" else "text"
+        rows.append(f"| `{k.name}` ({values}) | {k.when} | {k.doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,260 @@
+"""`speculative_generate` and `generate`: greedy decoding on the engine, with and without Kangaroo.
+
+    out = speculative_generate(model, ids, adapter=adapter)   # Kangaroo: draft, verify, accept, repeat
+    ref = generate(model, ids)                                  # plain decoding, same engine and kernels
+    assert torch.equal(out.sequences, ref.sequences)            # lossless
+
+Every argument is checked before any work. The loop itself (`_decode`) reads like the paper; how a
+round runs on the device (host-side draft loop, CUDA graphs with the GPU applying the confidence exit,
+or the budget fallback) is engine/rounds.py's business.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from . import io
+from .adapter import Adapter
+from .engine.engine import Engine, engine_for
+from .engine.rounds import MODES, RoundRunner, make_rounds
+
+DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
+DEFAULT_MAX_DRAFT = 6     # γ
+MAX_DRAFT_LIMIT = 32
+
+
+@dataclass
+class DecodeStats:
+    rounds: int = 0                       # verify steps (plain decoding: tokens)
+    new_tokens: int = 0                   # tokens returned, after EOS / max_new_tokens truncation
+    drafted: List[int] = field(default_factory=list)    # drafts proposed, per round
+    accepted: List[int] = field(default_factory=list)   # drafts accepted, per round (bonus not counted)
+    host_syncs: int = 0                   # times the host waited for device results
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    capture_s: float = 0.0                # CUDA-graph capture (first call with these shapes only)
+    mode: str = ""                        # "host", "device" or "graphs"
+    threshold: Optional[float] = None     # η used (speculative only)
+    device_exit: bool = False             # graphs mode: the GPU skips the draft steps after the confidence exit
+                                          # and verifies exactly the drafted positions (conditional nodes)
+    device_exit_off: str = ""             # why not, where it is off in a speculative device/graphs run
+
+    @property
+    def mean_accepted(self) -> float:
+        """τ: tokens committed per verify step, bonus included (plain decoding = 1.0)."""
+        return (sum(self.accepted) + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def host_syncs_per_round(self) -> float:
+        return self.host_syncs / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s else 0.0
+
+    def acceptance_by_position(self, max_draft: int) -> List[float]:
+        """P(draft i accepted | draft i proposed), i = 1..max_draft."""
+        out = []
+        for i in range(1, max_draft + 1):
+            proposed = sum(1 for d in self.drafted if d >= i)
+            taken = sum(1 for a in self.accepted if a >= i)
+            out.append(taken / proposed if proposed else float("nan"))
+        return out
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor               # [1, prompt + new] int64, on the model's device
+    stats: DecodeStats
+
+
+# ---- argument checks: all of them before any work ------------------------------------------------
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_threshold(threshold):
+    if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                                  or not 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold (η) must be a number in [0, 1] or None (the adapter's recommendation), "
+                         f"got {threshold!r}")
+
+
+def check_max_draft(max_draft):
+    if not isinstance(max_draft, int) or isinstance(max_draft, bool) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
+        raise ValueError(f"max_draft (γ) must be an int in [1, {MAX_DRAFT_LIMIT}] (acceptance beyond a few "
+                         f"drafts is negligible), got {max_draft!r}")
+
+
+def resolve_threshold(threshold, adapter) -> float:
+    """η: the call's, else the adapter's recommendation, else DEFAULT_THRESHOLD (one rule everywhere)."""
+    if threshold is not None:
+        return float(threshold)
+    return float(adapter.config.get("recommended_threshold", DEFAULT_THRESHOLD))
+
+
+def _as_prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
+    if isinstance(input_ids, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+            raise ValueError("input_ids: a list must hold ints (token ids)")
+        input_ids = torch.tensor(input_ids, dtype=torch.int64)
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor [1, T] or [T] or a list of ints, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, T] or [T] (one sequence; decode several one by one), got shape "
+                         f"{tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids: token ids must lie in [0, {vocab_size}), got [{lo}, {hi}]")
+    return input_ids.to(device=device, dtype=torch.int64)
+
+
+def _free_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on `device`, or None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_capacity(engine: Engine, prompt_len: int, max_new_tokens: int, gamma: int):
+    """Positions and memory, before any work: a request that cannot fit fails here, not mid-way."""
+    s = engine.spec
+    if prompt_len + max_new_tokens > s.max_positions:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context limit of {s.max_positions} positions (max_position_embeddings)")
+    if s.sliding_window and prompt_len + max_new_tokens > s.sliding_window:
+        raise ValueError(f"prompt + max_new_tokens ({prompt_len + max_new_tokens}) exceeds the sliding window "
+                         f"({s.sliding_window}); sliding-window attention past the window is not supported")
+    capacity = engine.planned_capacity(_capacity(prompt_len, max_new_tokens, gamma), gamma)
+    need, free = engine.cache_bytes(capacity), _free_memory(s.device)
+    if capacity and free is not None and need > free:
+        raise MemoryError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache of "
+                          f"{need / 2**30:.2f} GiB ({capacity} positions) but only {free / 2**30:.2f} GiB can be "
+                          f"allocated on {s.device}; ask for fewer tokens")
+
+
+def _capacity(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
+    # Room for the request plus one pipelined round beyond it (engine/rounds.py: RoundRunner).
+    return prompt_len + max_new_tokens + max(gamma, 1) + 1
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], adapter: Adapter = None,
+                         max_new_tokens: int = 128, threshold: Optional[float] = None,
+                         max_draft: int = DEFAULT_MAX_DRAFT, eos_token_id=None, streamer=None,
+                         mode: Optional[str] = None, adaptive_draft: bool = True) -> GenerationOutput:
+    """Greedy Kangaroo decoding; the output equals `generate` token for token.
+
+    Args:
+        model: a transformers LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM on one device.
+        input_ids: [1, T] or [T] LongTensor, or a list of ints.
+        adapter: a kangaroo_ext.Adapter for this model (kx.load_default_adapter(model) for SmolLM2); the
+            draft is the target's first ℓ = adapter.exit_layer layers plus the adapter.
+        threshold: η in [0, 1]; drafting stops when the draft's top-1 probability falls below it.
+            None: the adapter's recommended_threshold, else 0.6.
+        max_draft: γ in [1, 32], the most drafts per round.
+        eos_token_id: int or list; None = the model's generation config.
+        streamer: an object with put(LongTensor) and end() (e.g. transformers.TextStreamer).
+        mode: "graphs" (CUDA graphs, default on GPU), "device" (same steps without graphs) or "host"
+            (draft loop controlled from the host, default on CPU where reading a tensor costs nothing).
+        adaptive_draft: where the GPU cannot apply the confidence exit itself (see stats.device_exit),
+            cap each round's draft steps by the draft lengths seen so far; False always runs γ steps.
+            Never changes the output.
+    Returns:
+        GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
+    """
+    _positive_int("max_new_tokens", max_new_tokens)
+    check_threshold(threshold)
+    check_max_draft(max_draft)
+    if adapter is None:
+        raise ValueError("adapter is required: kx.load_default_adapter(model) for the default model, or "
+                         "kx.Adapter.for_model(model, exit_layer=...) / Adapter.from_pretrained(dir)")
+    if not isinstance(adapter, Adapter):
+        raise ValueError(f"adapter must be a kangaroo_ext.Adapter, got {type(adapter).__name__}")
+    engine = engine_for(model)
+    adapter.check_compatible(engine.spec)
+    return _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=max_draft,
+                threshold=resolve_threshold(threshold, adapter), adapter=adapter, adaptive_draft=adaptive_draft)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], max_new_tokens: int = 128,
+             eos_token_id=None, streamer=None, mode: Optional[str] = None) -> GenerationOutput:
+    """Plain greedy decoding on the same engine and kernels: the honest baseline for speedups.
+    Arguments as speculative_generate's."""
+    _positive_int("max_new_tokens", max_new_tokens)
+    return _run(engine_for(model), model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=0)
+
+
+def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma, threshold=None,
+         adapter=None, adaptive_draft=True) -> GenerationOutput:
+    cuda = engine.spec.device.type == "cuda"
+    if mode is None:
+        mode = "graphs" if cuda else "host"
+    elif mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    elif mode == "graphs" and not cuda:
+        raise ValueError("mode='graphs' needs the model on a CUDA device")
+    prompt = _as_prompt(input_ids, engine.spec.vocab_size, engine.spec.device)
+    eos = io.eos_ids(model, eos_token_id)
+    _check_capacity(engine, prompt.shape[1], max_new_tokens, gamma)
+    with engine.request():  # one request at a time per engine: a second thread waits here
+        engine.reserve(_capacity(prompt.shape[1], max_new_tokens, gamma), max(gamma, 1))
+        if adapter is not None:
+            engine.bind_adapter(adapter)
+            engine.threshold.fill_(threshold)
+        rounds = make_rounds(engine, mode, gamma, adaptive_draft)
+        new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
+    stats.threshold = threshold
+    sequences = torch.cat([prompt[0].cpu(), torch.tensor(new_tokens, dtype=torch.int64)])[None]
+    return GenerationOutput(sequences=sequences.to(prompt.device), stats=stats)
+
+
+# ---- the decode loop -----------------------------------------------------------------------------
+
+def _decode(engine, rounds, prompt, max_new: int, eos: set, streamer):
+    """Prefill, then rounds until max_new tokens or an EOS: each round commits the accepted drafts and
+    one token of the target's own; the host reads one report per round."""
+    rounds.prepare()                        # graphs are captured before prefill: capture overwrites state
+    runner = RoundRunner(engine, rounds)
+    runner.prefill(prompt)
+    if streamer is not None:
+        streamer.put(prompt[0].cpu())
+    stats = DecodeStats(**rounds.describe())
+    new_tokens: List[int] = []
+    for result in runner.results(remaining=lambda: max_new - len(new_tokens)):
+        stats.rounds += 1
+        stats.accepted.append(result.accepted)
+        stats.drafted.append(result.drafted)
+        emit = result.committed[:max_new - len(new_tokens)]
+        stop = next((i for i, t in enumerate(emit) if t in eos), None)
+        if stop is not None:
+            emit = emit[:stop + 1]
+        new_tokens += emit
+        if streamer is not None and emit:
+            streamer.put(torch.tensor(emit))
+        if stop is not None or len(new_tokens) >= max_new:
+            break
+    for name, value in runner.finish().items():
+        setattr(stats, name, value)
+    if streamer is not None:
+        streamer.end()
+    stats.new_tokens = len(new_tokens)
+    return new_tokens, stats
