@@ -243,6 +243,10 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--top-k", type=int, default=d.top_k, help="teacher top-k + rest bucket; 0 = full softmax")
     a("--loss-on-prompt", action="store_true", help="also learn the prompt tokens' next-token distributions")
     a("--holdout-fraction", type=float, default=d.holdout_fraction)
+    a("--architecture", choices=["kangaroo", "decoder", "decoder2"], default=d.architecture,
+      help="the adapter: kangaroo (norm, attention, norm), decoder (a full decoder block), decoder2 (two)")
+    a("--draft-vocab", type=int, default=d.draft_vocab,
+      help="the draft's vocabulary: the N most frequent tokens of the training answers (0 = the full vocabulary)")
     a("--steps", type=int, default=d.steps, help="optimizer steps per exit layer")
     a("--batch-size", type=int, default=d.batch_size, help="sequences per step")
     a("--lr", type=float, default=d.lr)
@@ -251,6 +255,9 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--weight-decay", type=float, default=d.weight_decay)
     a("--grad-clip", type=float, default=d.grad_clip)
     a("--checkpoint-every", type=int, default=d.checkpoint_every)
+    a("--eval-every", type=int, default=d.eval_every,
+      help="score the held-out sequences every N steps: the learning curves in report.json and curves.png "
+           "(0 = at the end only)")
     a("--resume", action="store_true", help="continue the run in --out (its data, finished layers, checkpoints)")
     a("--reuse-data", action="store_true", help="reuse --out's generated answers, train afresh")
     a("--seed", type=int, default=d.seed)

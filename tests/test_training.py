@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kangaroo_ext as kx
 from kangaroo_ext import cli, io, ops, training
-from kangaroo_ext.training import data, evaluation, loop, pipeline
+from kangaroo_ext.training import data, draft, evaluation, loop, pipeline
 from kangaroo_ext.engine.engine import Engine
 from kangaroo_ext.engine.spec import model_spec
 from kangaroo_ext.ops import reference
@@ -151,7 +151,7 @@ def test_distill_loss_top_k_with_rest_equals_full_softmax_when_k_covers_the_mass
     t.target_prob, t.target_idx = p.topk(29, dim=-1)
     rows = torch.arange(5)
     # k = V-1: the rest bucket is exactly the one token left out, so the loss is the full cross-entropy.
-    torch.testing.assert_close(data.distill_loss(logits, t, rows, None), full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(draft.distill_loss(logits, t, rows, None), full, rtol=1e-5, atol=1e-6)
 
 
 def test_full_softmax_targets(distilled):
@@ -165,7 +165,7 @@ def test_full_softmax_targets(distilled):
     teacher_logits = F.linear(cache.target_hidden, spec.lm_head)
     p = torch.softmax(teacher_logits, -1)
     entropy = -(p * torch.log_softmax(teacher_logits, -1)).sum(-1).mean()
-    torch.testing.assert_close(data.distill_loss(teacher_logits, cache, rows, spec.lm_head), entropy)
+    torch.testing.assert_close(draft.distill_loss(teacher_logits, cache, rows, spec.lm_head), entropy)
     _, run = training.train_layer(spec, cache, 1, torch.arange(4), rope, opts(steps=3), None, {})
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run["history"])
 
@@ -311,6 +311,7 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
         assert config["trained"] and config["exit_layer"] == ell and config["training"]["steps"] == 6
         assert 0 <= report["holdout"][str(ell)]["raw_exit_top1_agreement"] <= 1
     assert not list((out / "checkpoint").glob("*.pt"))
+    assert (out / "curves.png").stat().st_size > 1000
     card = (out / "MODEL_CARD.md").read_text()
     assert "Speed sweep" in card and f"ℓ = {best['exit_layer']}" in card
     shipped = json.loads((tmp_path / "shipped" / "adapter_config.json").read_text())
@@ -321,3 +322,46 @@ def test_pipeline_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "generate_answers", lambda *a, **k: pytest.fail("regenerated"))
     monkeypatch.setattr(pipeline, "train_layer", lambda *a, **k: pytest.fail("retrained"))
     assert cli.main(argv[:-1] + ["--resume", "--eval-questions", "0"]) == 0, capsys.readouterr().err
+
+
+# ---- architectures, reduced draft vocabulary, learning curves ----------------------------------------
+
+def test_a_vocabulary_holding_every_token_changes_nothing(distilled):
+    model, spec, _, cache, rope = distilled
+    vocab = draft.DraftVocab.from_ids(torch.randperm(VOCAB), VOCAB)
+    adapter = kx.Adapter.for_model(model, exit_layer=1, init="random", seed=2)
+    rows_batch = cache.batch(torch.arange(4), 1)
+    with torch.no_grad():
+        full = draft.student_logits(adapter, spec, rows_batch, rope, spec.lm_head)
+        sub = draft.student_logits(adapter, spec, rows_batch, rope, draft.draft_head(spec, vocab))
+        torch.testing.assert_close(sub, full[:, vocab.ids])
+        torch.testing.assert_close(draft.distill_loss(sub, cache, rows_batch.target_rows, spec.lm_head, vocab),
+                                   draft.distill_loss(full, cache, rows_batch.target_rows, spec.lm_head))
+        assert torch.equal(draft.proposed(sub, vocab), full.argmax(-1))
+
+
+@pytest.mark.parametrize("architecture,n", [("kangaroo", 30), ("decoder", 0), ("decoder2", 50)])
+def test_training_any_architecture_and_vocabulary_learns_and_stays_lossless(distilled, architecture, n):
+    model, spec, seqs, cache, rope = distilled
+    ids = torch.arange(cache.num_sequences)
+    vocab = draft.DraftVocab.most_frequent((a for _, a in seqs), n, VOCAB) if n else None
+    o = opts(steps=24, architecture=architecture, draft_vocab=n, eval_every=8)
+    adapter, run = training.train_layer(spec, cache, 2, ids[2:], rope, o, None, {}, hold_ids=ids[:2], vocab=vocab)
+    assert adapter.architecture == architecture and (adapter.config.get("draft_vocab_size") or 0) == n
+    curve = [h for h in run["history"] if "heldout_loss" in h]
+    assert [h["step"] for h in curve] == [8, 16, 24] and all(h["tokens_seen"] > 0 for h in curve)
+    assert curve[0]["tokens_seen"] < curve[-1]["tokens_seen"]
+    assert run["history"][-1]["loss"] < run["history"][0]["loss"]
+    with torch.inference_mode():
+        draft_model = adapter.to(spec.dtype).eval()
+        for p in prompts(2, seed=9):
+            ref = kx.generate(model, p, max_new_tokens=16, eos_token_id=[]).sequences
+            out = kx.speculative_generate(model, p, adapter=draft_model, max_new_tokens=16, threshold=0.0,
+                                          eos_token_id=[])
+            assert torch.equal(out.sequences, ref)
+
+
+def test_draft_vocab_is_the_most_frequent_answer_tokens():
+    v = draft.DraftVocab.most_frequent([[5, 5, 7, 9], [7, 5, 1]], 3, 12)
+    assert v.ids.tolist() == [5, 7, 1]  # 5 (3x), 7 (2x), then ties by id: 1 before 9
+    assert v.inv[5] == 0 and v.inv[9] == -1 and v.covers(torch.tensor([1, 9])).tolist() == [True, False]

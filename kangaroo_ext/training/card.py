@@ -85,3 +85,40 @@ def ship_adapter(out_dir: str, destination: Optional[str] = None) -> str:
         print(f"[ship] WARNING: the best adapter is slower than plain decoding ({best['speedup']:.2f}x)")
     print(f"[ship] exit layer {best['exit_layer']}, η={best['threshold']} -> {destination}")
     return destination
+
+
+def write_curves(report: dict, path: str) -> Optional[str]:
+    """curves.png: per exit layer, held-out loss and first-draft agreement against tokens seen (the points
+    train_layer scored with eval_every), with the training agreement for comparison. None without
+    matplotlib or without held-out points."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    runs = {ell: [h for h in run.get("history", []) if h.get("heldout_loss") is not None]
+            for ell, run in report.get("training", {}).items()}
+    if not any(runs.values()):
+        return None
+    fig = Figure(figsize=(11, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    loss_ax, agree_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for ell, points in runs.items():
+        if not points:
+            continue
+        seen = [h["tokens_seen"] / 1e6 for h in points]
+        loss_ax.plot(seen, [h["heldout_loss"] for h in points], marker="o", label=f"ℓ={ell}")
+        agree_ax.plot(seen, [h["heldout_agreement"] for h in points], marker="o", label=f"ℓ={ell} held out")
+        train = [h for h in report["training"][ell]["history"] if "agreement" in h]
+        agree_ax.plot([h["tokens_seen"] / 1e6 for h in train], [h["agreement"] for h in train], alpha=0.35,
+                      label=f"ℓ={ell} train")
+    loss_ax.set(xlabel="answer tokens seen (millions)", ylabel="held-out distillation loss",
+                title="Held-out loss")
+    agree_ax.set(xlabel="answer tokens seen (millions)", ylabel="first-draft agreement with the target",
+                 title="Top-1 agreement", ylim=(0, 1))
+    loss_ax.legend()
+    agree_ax.legend(fontsize=7)
+    fig.tight_layout()
+    from ..io import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    return path

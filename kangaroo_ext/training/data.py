@@ -277,18 +277,3 @@ def batch_sequences(train_ids: torch.Tensor, batch_size: int, seed: int, step: i
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return train_ids[perm[k * batch_size:(k + 1) * batch_size]]
-
-
-def distill_loss(logits: torch.Tensor, cache: DistillCache, rows: torch.Tensor, lm_head: torch.Tensor):
-    """Soft cross-entropy of the student's logits [n, V] against the teacher's targets at cache rows `rows`."""
-    logits = logits.float()
-    log_z = torch.logsumexp(logits, -1)
-    if cache.top_k > 0:
-        idx, p = cache.target_idx[rows].long(), cache.target_prob[rows]
-        rest = (1 - p.sum(-1)).clamp_min(0)                                    # the teacher's mass outside top-k
-        log_rest = torch.logsumexp(logits.scatter(-1, idx, float("-inf")), -1) - log_z
-        ce = -(p * (logits.gather(-1, idx) - log_z[:, None])).sum(-1) - rest * log_rest
-    else:
-        p = torch.softmax(torch.nn.functional.linear(cache.target_hidden[rows], lm_head).float(), -1)
-        ce = log_z - (p * logits).sum(-1)
-    return ce.mean()

@@ -4,39 +4,11 @@ and `kangaroo bench` measure speed one way."""
 import math
 from typing import Dict, List
 
-import torch
-import torch.nn.functional as F
-
 from ..adapter import Adapter
 from ..benchmarking import report as bench_report
 from ..benchmarking.harness import run_benchmark
-from ..ops import reference
-from . import data
-from .loop import autocast, student_logits
+from .draft import teacher_forced_metrics  # noqa: F401  (evaluation's other half, re-exported)
 from .options import TrainOptions
-
-
-@torch.no_grad()
-def teacher_forced_metrics(adapter, spec, cache, ell, seq_ids, batch_size, rope) -> dict:
-    """On held-out sequences: the adapter's loss and top-1 agreement with the teacher at the first draft
-    position (teacher-forced = the engine's first draft of a round), and the raw-exit baseline's
-    (final norm + LM head on hidden_states[ℓ])."""
-    n, loss, agree, raw = 0, 0.0, 0, 0
-    for lo in range(0, len(seq_ids), batch_size):
-        batch = cache.batch(seq_ids[lo:lo + batch_size], ell)
-        top1 = cache.teacher_top1[batch.target_rows]
-        with autocast(spec):
-            logits = student_logits(adapter, spec, batch, rope, spec.lm_head)
-            loss += data.distill_loss(logits, cache, batch.target_rows, spec.lm_head).item() * len(top1)
-            normed, _ = reference.fused_add_rms_norm(batch.exit_hidden[batch.loss_mask], None, spec.final_norm,
-                                                     spec.rms_norm_eps)
-            raw += int((F.linear(normed, spec.lm_head).argmax(-1) == top1).sum())
-        agree += int((logits.argmax(-1) == top1).sum())
-        n += len(top1)
-    if n == 0:
-        return {"tokens": 0, "loss": None, "top1_agreement": None, "raw_exit_top1_agreement": None}
-    return {"tokens": n, "loss": round(loss / n, 4), "top1_agreement": round(agree / n, 4),
-            "raw_exit_top1_agreement": round(raw / n, 4)}
 
 
 def measure_speed(model, tokenizer, adapters: Dict[int, Adapter], questions: List[dict], opts: TrainOptions,

@@ -3,19 +3,18 @@
 The batch of step s is a function of (seed, s) alone and the checkpoint holds the adapter, optimizer,
 scheduler and RNG states, so a run killed at any point and resumed from its last checkpoint ends with
 the same adapter as an uninterrupted one (tests/test_training.py checks it bitwise on the CPU)."""
-import contextlib
 import math
 import os
 import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..adapter import Adapter
 from ..engine.engine import Engine
 from ..io import progress_bar
 from . import data
+from .draft import DraftVocab, autocast, distill_loss, draft_head, proposed, student_logits, teacher_forced_metrics
 from .options import TrainOptions
 
 
@@ -33,25 +32,15 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def student_logits(adapter, spec, batch: data.Batch, rope, lm_head):
-    y = adapter(batch.exit_hidden, batch.positions, *rope, scale=spec.attn_scale, window=spec.sliding_window or 0)
-    return F.linear(y[batch.loss_mask], lm_head)                             # the target's frozen LM head
-
-
-def _frozen_head(spec) -> torch.Tensor:
-    """The LM head as autograd may save it: a model loaded under torch.inference_mode holds inference
-    tensors, which backward cannot keep; a copy of the head (tens of MB) can."""
-    return spec.lm_head.clone() if spec.lm_head.is_inference() else spec.lm_head
-
-
-def autocast(spec):
-    # bf16 matmuls on the GPU, fp32 master weights; on the CPU, plain fp32 (exact, deterministic tests).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if spec.device.type == "cuda" else contextlib.nullcontext()
-
-
-def train_layer(spec, cache, ell, train_ids, rope, opts: TrainOptions, ckpt: Optional[str], fingerprint: dict):
-    """Train one adapter (fp32 weights) from init="next_layer". Returns (adapter, run statistics)."""
-    adapter = Adapter.for_model(spec, ell, init="next_layer", seed=opts.seed).float().train()
+def train_layer(spec, cache, ell, train_ids, rope, opts: TrainOptions, ckpt: Optional[str], fingerprint: dict,
+                hold_ids: Optional[torch.Tensor] = None, vocab: Optional[DraftVocab] = None):
+    """Train one adapter (fp32 weights, opts.architecture) from init="next_layer"; with `vocab`, its draft
+    head covers only those tokens. Every opts.eval_every steps (and at the end) the held-out sequences
+    hold_ids are scored, for the learning curves. Returns (adapter, run statistics)."""
+    adapter = Adapter.for_model(spec, ell, init="next_layer", seed=opts.seed,
+                                architecture=opts.architecture).float().train()
+    if vocab is not None:
+        adapter.with_draft_vocab(vocab.ids)
     matrices = [p for p in adapter.parameters() if p.dim() >= 2]
     vectors = [p for p in adapter.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": opts.weight_decay},
@@ -75,14 +64,17 @@ def train_layer(spec, cache, ell, train_ids, rope, opts: TrainOptions, ckpt: Opt
     window_loss = torch.zeros((), device=spec.device)  # summed on the device: no host sync per step
     window_agree = torch.zeros((), device=spec.device)
     window_steps = 0
+    tokens_seen = torch.tensor(history[-1]["tokens_seen"] if history else 0, device=spec.device)
     bar = progress_bar(opts.progress, total=opts.steps, initial=step, desc=f"train ℓ={ell}", unit="step")
-    lm_head = _frozen_head(spec)
+    head = draft_head(spec, vocab)
     t0 = now(spec.device.type == "cuda")
     while step < opts.steps:
-        batch = cache.batch(data.batch_sequences(train_ids, opts.batch_size, opts.seed, step), ell)
+        seq_ids = data.batch_sequences(train_ids, opts.batch_size, opts.seed, step)
+        batch = cache.batch(seq_ids, ell)
+        tokens_seen += cache.loss_count[seq_ids.to(cache.loss_count.device)].sum()
         with autocast(spec):
-            logits = student_logits(adapter, spec, batch, rope, lm_head)
-            loss = data.distill_loss(logits, cache, batch.target_rows, lm_head)
+            logits = student_logits(adapter, spec, batch, rope, head)
+            loss = distill_loss(logits, cache, batch.target_rows, spec.lm_head, vocab)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), opts.grad_clip)
@@ -90,12 +82,19 @@ def train_layer(spec, cache, ell, train_ids, rope, opts: TrainOptions, ckpt: Opt
         scheduler.step()
         step += 1
         window_loss += loss.detach()
-        window_agree += (logits.detach().argmax(-1) == cache.teacher_top1[batch.target_rows]).float().mean()
+        window_agree += (proposed(logits.detach(), vocab) == cache.teacher_top1[batch.target_rows]).float().mean()
         window_steps += 1
-        if step % log_every == 0 or step == opts.steps:
-            history.append({"step": step, "loss": round(window_loss.item() / window_steps, 4),
+        evaluate = hold_ids is not None and len(hold_ids) > 0 and (
+            step == opts.steps or (opts.eval_every > 0 and step % opts.eval_every == 0))
+        if step % log_every == 0 or step == opts.steps or evaluate:
+            history.append({"step": step, "tokens_seen": int(tokens_seen), "loss": round(window_loss.item() / window_steps, 4),
                             "agreement": round(window_agree.item() / window_steps, 4),
                             "lr": scheduler.get_last_lr()[0]})
+            if evaluate:  # the learning curve: held-out loss and agreement against tokens seen
+                adapter.eval()
+                held = teacher_forced_metrics(adapter, spec, cache, ell, hold_ids, opts.batch_size, rope, vocab)
+                adapter.train()
+                history[-1].update(heldout_loss=held["loss"], heldout_agreement=held["top1_agreement"])
             window_loss.zero_()
             window_agree.zero_()
             window_steps = 0

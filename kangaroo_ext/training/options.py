@@ -19,6 +19,8 @@ class TrainOptions:
     top_k: int = 64                        # teacher targets: top-k + rest bucket; 0 = full softmax
     loss_on_prompt: bool = False           # also learn the prompt tokens' next-token distributions
     holdout_fraction: float = 0.05         # sequences held out for teacher-forced agreement
+    architecture: str = "kangaroo"         # adapter.ARCHITECTURES: kangaroo, decoder, decoder2
+    draft_vocab: int = 0                   # the draft's vocabulary: the N most frequent answer tokens; 0 = full
     steps: int = 1000                      # optimizer steps per exit layer
     batch_size: int = 16                   # sequences per step
     lr: float = 3e-3                       # high for a small block: the next-layer init starts far off (CE ~15)
@@ -27,6 +29,7 @@ class TrainOptions:
     weight_decay: float = 0.0              # on weight matrices only (never on the norms)
     grad_clip: float = 1.0
     checkpoint_every: int = 200
+    eval_every: int = 0                    # held-out loss/agreement every N steps (learning curves); 0 = at the end
     resume: bool = False                   # continue from out_dir: its data, finished layers and checkpoints
     reuse_data: bool = False               # reuse out_dir's generated answers, but train afresh
     seed: int = 0
@@ -64,11 +67,19 @@ class TrainOptions:
             raise ValueError(f"thresholds must be numbers in [0, 1], got {list(self.thresholds)!r}")
         if (self.resume or self.reuse_data) and not self.out_dir:
             raise ValueError("resume / reuse_data need out_dir")
+        from ..adapter import ARCHITECTURES
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if not isinstance(self.draft_vocab, int) or not 0 <= self.draft_vocab <= vocab_size:
+            raise ValueError(f"draft_vocab must be an int in [0, {vocab_size}] (0 = the full vocabulary), "
+                             f"got {self.draft_vocab!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
 
     def training_fingerprint(self) -> dict:
         """What a checkpoint or finished layer must agree on to be resumed."""
         keys = ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "top_k",
-                "loss_on_prompt", "holdout_fraction", "seed")
+                "loss_on_prompt", "holdout_fraction", "seed", "architecture", "draft_vocab", "eval_every")
         return {k: getattr(self, k) for k in keys}
 
 

@@ -24,8 +24,9 @@ from .. import io
 from ..adapter import Adapter
 from ..engine.spec import model_spec
 from . import data
-from .card import fmt, model_card
-from .evaluation import choose_best, measure_speed, teacher_forced_metrics
+from .card import fmt, model_card, write_curves
+from .draft import DraftVocab, teacher_forced_metrics
+from .evaluation import choose_best, measure_speed
 from .loop import now, rope_tables, train_layer
 from .options import DEFAULT_EXIT_LAYERS, TrainOptions, parse_exit_layers
 
@@ -81,11 +82,20 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
         say(f"[train] teacher pass: {cache.num_sequences} sequences, {cache.num_targets} target positions "
             f"({cache.describe_targets()}) in {timings['teacher_s']:.1f} s")
         rope = rope_tables(spec, int(cache.seq_len.max()))
+        vocab = None
+        if opts.draft_vocab:  # the most frequent tokens of the training answers (never the held-out ones)
+            vocab = DraftVocab.most_frequent((sequences[i][1] for i in train_ids.tolist()), opts.draft_vocab,
+                                             spec.vocab_size, spec.device)
+            outside = 1 - float(vocab.covers(cache.teacher_top1).float().mean())
+            report["draft_vocab"] = {"size": opts.draft_vocab, "source": "most frequent training-answer tokens",
+                                     "targets_outside": round(outside, 4)}
+            say(f"[train] draft vocabulary: {opts.draft_vocab} tokens; {100 * outside:.1f}% of the teacher's top-1 "
+                "targets fall outside it (those positions are skipped)")
         adapters, report["training"], report["holdout"] = {}, {}, {}
         for ell in layers:
             t0 = now(cuda)
             adapter, report["training"][ell], report["holdout"][ell] = _train_or_load_layer(
-                model, spec, cache, ell, train_ids, hold_ids, rope, opts, report, say)
+                model, spec, cache, ell, train_ids, hold_ids, rope, opts, report, say, vocab)
             timings[f"train_layer_{ell}_s"] = now(cuda) - t0
             adapters[ell] = adapter
         if any(p.grad is not None for p in model.parameters()) or not torch.equal(checksum, _param_checksum(model)):
@@ -111,6 +121,7 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
         io.write_json(os.path.join(opts.out_dir, "report.json"), report, indent=2)
         card = model_card(report)
         io.atomic_write(os.path.join(opts.out_dir, "MODEL_CARD.md"), lambda f: f.write(card))
+        write_curves(report, os.path.join(opts.out_dir, "curves.png"))
     load = (opts.run_info or {}).get("model_load_s")
     say("[train] timings: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in
                                         ([("model_load_s", load)] if load is not None else []) + list(timings.items())))
@@ -122,7 +133,7 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
 
 # ---- one exit layer: train (or resume, or load when finished) and score it ---------------------------
 
-def _train_or_load_layer(model, spec, cache, ell, train_ids, hold_ids, rope, opts, report, say):
+def _train_or_load_layer(model, spec, cache, ell, train_ids, hold_ids, rope, opts, report, say, vocab=None):
     fingerprint = dict(opts.training_fingerprint(), exit_layer=ell, data=report["data"]["source"])
     layer_dir = os.path.join(opts.out_dir, f"layer-{ell}") if opts.out_dir else None
     if layer_dir and opts.resume and os.path.isfile(os.path.join(layer_dir, "adapter_config.json")):
@@ -132,14 +143,15 @@ def _train_or_load_layer(model, spec, cache, ell, train_ids, hold_ids, rope, opt
             t = done.config["training"]
             return done, t["run"], t["holdout"]
     ckpt = os.path.join(opts.out_dir, CHECKPOINT_DIR, f"layer-{ell}.pt") if opts.out_dir else None
-    adapter, run = train_layer(spec, cache, ell, train_ids, rope, opts, ckpt, fingerprint)
-    hold = teacher_forced_metrics(adapter, spec, cache, ell, hold_ids, opts.batch_size, rope)
+    adapter, run = train_layer(spec, cache, ell, train_ids, rope, opts, ckpt, fingerprint, hold_ids, vocab)
+    hold = teacher_forced_metrics(adapter, spec, cache, ell, hold_ids, opts.batch_size, rope, vocab)
     say(f"[train] layer {ell}: {opts.steps} steps in {run['seconds']:.1f} s; loss {run['final_loss']:.3f}, "
         f"train agreement {run['final_train_agreement']:.3f}; held-out top-1 agreement (1st draft) "
         f"{fmt(hold['top1_agreement'])}, raw exit {fmt(hold['raw_exit_top1_agreement'])}")
     adapter.config.update(trained=True, training={
         "data": {"source": report["data"]["source"], "sequences": len(train_ids),
                  "answers_by": "the target itself (greedy, chat template)", "targets": cache.describe_targets()},
+        "architecture": opts.architecture, "draft_vocab": report.get("draft_vocab"),
         "steps": opts.steps, "time_s": run["seconds"], "device": report["device"], "seed": opts.seed,
         "loss": run["final_loss"], "agreement": hold["top1_agreement"],
         "train_agreement": run["final_train_agreement"], "raw_exit_agreement": hold["raw_exit_top1_agreement"],
