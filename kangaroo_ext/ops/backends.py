@@ -1,9 +1,11 @@
 """Backend registry: `cuda` (compiled extension), `triton`, `reference` (PyTorch), in that order.
 
 Each backend says, for a given call, every reason it cannot run it (an empty list means it can).
-Auto-selection takes the first backend with no reasons, quietly. A forced backend (the `backend=`
-argument, else the KANGAROO_BACKEND environment variable) that cannot run raises BackendUnavailable
-listing all its reasons, so nobody benchmarks the reference while believing it is the kernel.
+Auto-selection takes the first backend with no reasons, quietly; for Triton, a launch configuration
+that would need more shared memory than the device has is such a reason (triton_kernels.resource_reasons).
+A forced backend (the `backend=` argument, else the KANGAROO_BACKEND environment variable) that cannot
+run raises BackendUnavailable listing all its reasons, so nobody benchmarks the reference while
+believing it is the kernel.
 """
 import importlib
 import os
@@ -121,9 +123,10 @@ def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[st
     if entry is None:
         return [f"backend '{backend}' has no implementation of {op}"]
     why = entry[0](*args)
-    if backend == "triton" and not why:
+    resource_reasons = getattr(triton_module(), "resource_reasons", None) if backend == "triton" else None
+    if resource_reasons is not None and not why:
         # The launch configuration these arguments get must fit the device (shared memory).
-        why = list(triton_module().resource_reasons(op, *args))
+        why = list(resource_reasons(op, *args))
     return why
 
 
