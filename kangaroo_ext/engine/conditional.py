@@ -150,7 +150,8 @@ def _path_unavailable(path: str, index: int) -> str:
                     f"extension kangaroo_ext._C: it is not loaded ({_extension.LOAD_ERROR})")
         if not hasattr(_extension._C, "branch_close"):
             return f"kangaroo_ext._C predates this package's conditional-node calls: {_extension.REBUILD_HINT}"
-        return _extension._C.branch_unsupported_reason(index)
+        why = _extension._C.branch_unsupported_reason(index)
+        return f"{where}: {why}" if why else ""
     return f"unknown conditional-node path {path!r} (choose {TORCH_PATH!r} or {OWN_PATH!r})"
 
 
