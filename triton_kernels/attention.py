@@ -280,11 +280,11 @@ class AttentionPlan(NamedTuple):
 def plan_attention(G: int, T: int, D: int, dtype: torch.dtype, on_cpu: bool, limit: Optional[int]) -> AttentionPlan:
     """Block sizes for G * T query rows (per kv head) of head size D, fitted to `limit` bytes of shared
     memory (None: no limit, the CPU interpreter). Depends on G * T, D, the dtype and the device only.
-    Rows shrink first (a row's result does not depend on how many rows share its program); the key
-    block shrinks only where even 16 rows do not fit, which depends on D, the dtype and the device,
-    never on T, so the draft's and the verify step's keys are still cut alike."""
+    Rows shrink first (that changes how many rows share a program, not the key blocks a row's softmax
+    runs over); the key block shrinks only where even 16 rows do not fit, which depends on D, the dtype
+    and the device, never on T, so the draft's and the verify step's keys are still cut alike."""
     fp32 = dtype == torch.float32
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = torch.finfo(dtype).bits // 8
     block_d = _pow2_at_least(D, MIN_BLOCK)
     block_n = INTERPRET_BLOCK_N if on_cpu else (BLOCK_N_FP32 if fp32 else BLOCK_N)
     block_r = min(_pow2_at_least(G * T, MIN_BLOCK), INTERPRET_MAX_BLOCK_R if on_cpu else MAX_BLOCK_R)

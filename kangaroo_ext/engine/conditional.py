@@ -43,6 +43,7 @@ body are not wrapped; either way every node opened is closed, torch's current st
 a later capture on the thread starts clean.
 """
 import ctypes
+import functools
 import os
 import re
 import threading
@@ -122,6 +123,7 @@ def _torch_has_api() -> bool:
                ("get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node"))
 
 
+@functools.lru_cache(maxsize=1)
 def _driver_version() -> Optional[int]:
     """The CUDA driver's version (12080 = 12.8), or None if it cannot be asked (then capture will tell)."""
     try:
