@@ -270,7 +270,7 @@ def test_capture_failure_falls_back_under_cuda_malloc_async():
             assert "failed earlier" in conditional.unsupported_reason("cuda"), conditional.unsupported_reason("cuda")
             torch.cuda.set_stream(torch.cuda.default_stream())
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream()):   # not the failed capture's stream
                 out.copy_(x * 3)
             graph.replay(); torch.cuda.synchronize()
             assert torch.equal(out, x * 3)
