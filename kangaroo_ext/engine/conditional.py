@@ -38,7 +38,8 @@ PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync), the call raises ConditionalCap
 chained, and the failure is remembered: unsupported_reason() reports it for that device from then on.
 Callers must catch it around the whole capture -- the `with torch.cuda.graph(...)` block, whose exit
 may replace it by its own error about the now invalid capture, so test with is_capture_error(e) --
-discard the graph, and capture again without conditional nodes. Exceptions raised by the code inside a
+discard the graph, and capture again without conditional nodes on a fresh stream (torch.cuda.graph(...,
+stream=torch.cuda.Stream())). Exceptions raised by the code inside a
 body are not wrapped; either way every node opened is closed, torch's current stream is restored, and
 a later capture on the thread starts clean.
 """
@@ -68,7 +69,8 @@ MAX_BRANCHES = 64
 class ConditionalCaptureError(RuntimeError):
     """Capturing a conditional node failed although unsupported_reason() said it could work; the cause
     is chained (__cause__). Catch it around the whole capture (see is_capture_error), discard the graph
-    and capture without conditional nodes: unsupported_reason() reports the failure from now on."""
+    and capture again without conditional nodes, on a fresh capture stream (the failed capture's stream
+    may still be capturing): unsupported_reason() reports the failure from now on."""
 
 
 def is_capture_error(error: BaseException) -> bool:
