@@ -93,6 +93,22 @@ def _arch_token(arch_list):
     return "_".join(re.sub(r"[^0-9A-Za-z.]", "", a) for a in re.split(r"[;\s,]+", arch_list) if a)
 
 
+def _hex_token(text):
+    """'2.14.1+cu130' -> '0x322e31342e312b6375313330': one preprocessor token whatever the text holds
+    (csrc/module.cpp decodes it), so neither the shell ninja runs nor the preprocessor can alter it."""
+    return "0x" + (text or "").encode().hex()
+
+
+def _torch_build_defines():
+    """The torch the extension is compiled against, recorded in the module (csrc/module.cpp) so that
+    kangaroo_ext/_extension.py can refuse to load it under another torch."""
+    import torch
+    abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
+    return [f"-DKANGAROO_TORCH_VERSION_HEX={_hex_token(torch.__version__)}",
+            f"-DKANGAROO_TORCH_CUDA_HEX={_hex_token(torch.version.cuda)}",
+            f"-DKANGAROO_TORCH_CXX11_ABI={abi}"]
+
+
 def _extensions():
     build, reason = _decide()
     if not build:
@@ -111,7 +127,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
             # No -std flag: torch adds the standard its headers need (C++20 since torch 2.13).
-            "cxx": ["-O3", f"-DKANGAROO_CUDA_ARCHS={_arch_token(arch_list)}"],
+            "cxx": ["-O3", f"-DKANGAROO_CUDA_ARCHS={_arch_token(arch_list)}"] + _torch_build_defines(),
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
                     + (["-Xptxas=-v"] if _flag("KANGAROO_PTXAS_VERBOSE") else []),
         },

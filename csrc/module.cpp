@@ -1,7 +1,8 @@
 // `import kangaroo_ext._C`: loading this shared library runs registration.cpp's static
-// registrations (torch.ops.kangaroo.*). The module itself reports what it was built for and exposes
-// the CUDA-graph branching calls of graph_branch.h (not tensor ops: they steer a capture), taking
-// plain integers (a device pointer, counts) that kangaroo_ext/engine/conditional.py validates.
+// registrations (torch.ops.kangaroo.*). The module itself reports what it was built for (CUDA
+// architectures; the torch, CUDA and C++ ABI it was compiled against) and exposes the CUDA-graph
+// branching calls of graph_branch.h (not tensor ops: they steer a capture), taking plain integers (a
+// device pointer, counts) that kangaroo_ext/engine/conditional.py validates.
 // Plain CPython API: nothing here needs pybind11.
 #include <Python.h>
 
@@ -21,7 +22,47 @@
 #define KANGAROO_CUDA_ARCHS_STR "unknown"
 #endif
 
+// The torch the extension was compiled against: torch.__version__ and torch.version.cuda, each passed
+// as one hex number of its UTF-8 bytes (0x322e...: a single preprocessor token whatever the version
+// says, e.g. "2.14.1+cu130", so no shell quoting and no macro expansion of its parts), and
+// torch._C._GLIBCXX_USE_CXX11_ABI as 0/1. "0x" (nothing) means unknown: a build that did not pass them.
+#ifndef KANGAROO_TORCH_VERSION_HEX
+#define KANGAROO_TORCH_VERSION_HEX 0x
+#endif
+#ifndef KANGAROO_TORCH_CUDA_HEX
+#define KANGAROO_TORCH_CUDA_HEX 0x
+#endif
+#ifndef KANGAROO_TORCH_CXX11_ABI
+#define KANGAROO_TORCH_CXX11_ABI unknown
+#endif
+
+// The same facts in one literal that kangaroo_ext/_extension.py finds in this file's bytes before it
+// loads the library: a library built for another torch may not load at all (undefined symbols) or,
+// worse, load and register its ops through a different ABI. `used`: kept though nothing reads it here.
+extern "C" __attribute__((used)) const char kangaroo_build_info[] =
+    "KANGAROO_BUILD_INFO{torch=" KANGAROO_STRINGIFY(KANGAROO_TORCH_VERSION_HEX) ";cuda=" KANGAROO_STRINGIFY(
+        KANGAROO_TORCH_CUDA_HEX) ";cxx11_abi=" KANGAROO_STRINGIFY(KANGAROO_TORCH_CXX11_ABI) "}";
+
 namespace {
+
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// "0x322e3131" -> "2.11"; "" for "0x" (unknown) or anything that is not hex (no exceptions: module init).
+std::string decode_hex(const std::string& token) {
+  if (token.rfind("0x", 0) != 0 || token.size() % 2 != 0) return "";
+  std::string out;
+  for (size_t i = 2; i + 1 < token.size(); i += 2) {
+    const int hi = hex_digit(token[i]), lo = hex_digit(token[i + 1]);
+    if (hi < 0 || lo < 0) return "";
+    out.push_back(static_cast<char>(hi * 16 + lo));
+  }
+  return out;
+}
 
 // C++ exceptions (c10::Error from TORCH_CHECK / C10_CUDA_CHECK) become Python RuntimeErrors.
 template <typename Fn>
@@ -56,6 +97,10 @@ PyObject* branch_begin(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* branch_depth(PyObject*, PyObject*) {
+  return guarded([&] { return PyLong_FromLongLong(kangaroo::graph::branch_depth()); });
+}
+
 PyObject* branch_select(PyObject*, PyObject* args) {
   long long index = 0;
   if (!PyArg_ParseTuple(args, "L", &index)) return nullptr;
@@ -65,9 +110,19 @@ PyObject* branch_select(PyObject*, PyObject* args) {
   });
 }
 
-PyObject* branch_end(PyObject*, PyObject*) {
+PyObject* branch_end_body(PyObject*, PyObject*) {
   return guarded([&] {
-    kangaroo::graph::branch_end();
+    kangaroo::graph::branch_end_body();
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* branch_close(PyObject*, PyObject* args) {
+  long long depth = 0;
+  int raise_errors = 1;
+  if (!PyArg_ParseTuple(args, "Lp", &depth, &raise_errors)) return nullptr;
+  return guarded([&] {
+    kangaroo::graph::branch_close(depth, raise_errors != 0);
     Py_RETURN_NONE;
   });
 }
@@ -77,8 +132,13 @@ PyMethodDef kMethods[] = {
      "branch_unsupported_reason(device) -> str: why conditional graph nodes cannot be captured ('' if they can)"},
     {"branch_begin", branch_begin, METH_VARARGS,
      "branch_begin(values_ptr, n, is_bool, num_branches, device, pool): add a conditional node to the capture"},
+    {"branch_depth", branch_depth, METH_NOARGS, "branch_depth() -> int: conditional nodes open on this thread"},
     {"branch_select", branch_select, METH_VARARGS, "branch_select(i): capture what follows into body i"},
-    {"branch_end", branch_end, METH_NOARGS, "branch_end(): close the node; capture continues after it"},
+    {"branch_end_body", branch_end_body, METH_NOARGS,
+     "branch_end_body(): stop capturing the open body; capture continues in the enclosing graph"},
+    {"branch_close", branch_close, METH_VARARGS,
+     "branch_close(depth, raise_errors): close every node opened above depth (restores the stream; "
+     "with raise_errors=False never raises)"},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -99,7 +159,13 @@ PyModuleDef kModule = {
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&kModule);
   if (m == nullptr) return nullptr;
-  if (PyModule_AddStringConstant(m, "CUDA_ARCH_LIST", KANGAROO_CUDA_ARCHS_STR) < 0) {
+  const std::string torch_version = decode_hex(KANGAROO_STRINGIFY(KANGAROO_TORCH_VERSION_HEX));
+  const std::string torch_cuda = decode_hex(KANGAROO_STRINGIFY(KANGAROO_TORCH_CUDA_HEX));
+  if (PyModule_AddStringConstant(m, "CUDA_ARCH_LIST", KANGAROO_CUDA_ARCHS_STR) < 0 ||
+      PyModule_AddStringConstant(m, "TORCH_VERSION", torch_version.c_str()) < 0 ||
+      PyModule_AddStringConstant(m, "TORCH_CUDA_VERSION", torch_cuda.c_str()) < 0 ||
+      PyModule_AddStringConstant(m, "TORCH_CXX11_ABI", KANGAROO_STRINGIFY(KANGAROO_TORCH_CXX11_ABI)) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_BRANCH_DEPTH", kangaroo::graph::kMaxNestingDepth) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -1,18 +1,116 @@
-"""Loads the compiled extension `kangaroo_ext._C` if this install has one.
+"""Loads the compiled extension `kangaroo_ext._C` if this install has one, and only if it was built for
+the torch that is running.
 
 Importing it runs csrc/registration.cpp's TORCH_LIBRARY(kangaroo, m), which defines the op schemas
-and registers the CUDA kernels. A missing extension is normal on CPU-only installs; a present but
-broken one is reported, not hidden.
+and registers the CUDA kernels. A missing extension is normal on CPU-only installs. An extension built
+for another torch is refused before it is loaded: under another torch it either fails to load
+("undefined symbol") or, worse, loads and calls torch through a different C++ ABI. The build records
+the torch version, its CUDA version and the C++ ABI flag in the library (csrc/module.cpp,
+`kangaroo_build_info`); they are read from the file's bytes, so checking never loads the library.
+A refused or broken extension is reported once, as a warning at import, and in LOAD_ERROR (which
+`kangaroo info` and the backends' reasons show); the CUDA backend is then unavailable.
 """
 import importlib
+import importlib.util
+import mmap
+import warnings
+from typing import Dict, Optional, Tuple
 
-_C = None
-LOAD_ERROR = None  # why the extension is not loaded, for `kangaroo info` and backend reasons
+REBUILD_HINT = "rebuild with pip install --no-build-isolation -e ."
+_BUILD_INFO_MARKER = b"KANGAROO_BUILD_INFO{"
+_BUILD_INFO_MAX_BYTES = 512  # the record is ~100 bytes; a longer match is not ours
 
-try:
-    _C = importlib.import_module("kangaroo_ext._C")
-except ImportError as e:  # not built (pure-Python install) or built against another torch
-    LOAD_ERROR = f"{type(e).__name__}: {e}"
+
+class ExtensionMismatchWarning(RuntimeWarning):
+    """kangaroo_ext._C was built for another torch and is not used."""
+
+
+def running_torch() -> Dict[str, str]:
+    """The facts a build is checked against, from the torch that is running."""
+    import torch
+    return {"torch": torch.__version__, "cuda": torch.version.cuda or "",
+            "cxx11_abi": str(int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))))}
+
+
+def _unhex(token: str) -> str:
+    """'0x322e3131' -> '2.11' (setup.py and CMake record versions as hex tokens); '' if not decodable."""
+    if not token.startswith("0x"):
+        return ""
+    try:
+        return bytes.fromhex(token[2:]).decode()
+    except ValueError:
+        return ""
+
+
+def read_build_info(path: str) -> Dict[str, str]:
+    """What the library file at `path` says it was built for: {'torch', 'cuda', 'cxx11_abi'} ('' where
+    unknown), or {} if it holds no record (built before builds recorded one). Reads, never loads."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            start = data.find(_BUILD_INFO_MARKER)
+            if start < 0:
+                return {}
+            start += len(_BUILD_INFO_MARKER)
+            end = data.find(b"}", start, start + _BUILD_INFO_MAX_BYTES)
+            if end < 0:
+                return {}
+            record = data[start:end].decode("ascii", "replace")
+    except (OSError, ValueError):  # unreadable, or empty (mmap of 0 bytes)
+        return {}
+    fields = dict(item.split("=", 1) for item in record.split(";") if "=" in item)
+    abi = fields.get("cxx11_abi", "")
+    return {"torch": _unhex(fields.get("torch", "")), "cuda": _unhex(fields.get("cuda", "")),
+            "cxx11_abi": abi if abi in ("0", "1") else ""}
+
+
+def mismatch(built: Dict[str, str], running: Dict[str, str]) -> str:
+    """One line saying why a library built for `built` must not run under `running`, '' if it may.
+    Facts the build did not record are not compared."""
+    if built.get("torch") and built["torch"] != running["torch"]:
+        return (f"kangaroo_ext._C was built for torch {built['torch']} but torch {running['torch']} is running: "
+                f"{REBUILD_HINT}")
+    if built.get("cuda") and built["cuda"] != running["cuda"]:
+        return (f"kangaroo_ext._C was built for torch {built['torch'] or running['torch']} with CUDA {built['cuda']} "
+                f"but the running torch has CUDA {running['cuda'] or 'none'}: {REBUILD_HINT}")
+    if built.get("cxx11_abi") and built["cxx11_abi"] != running["cxx11_abi"]:
+        return (f"kangaroo_ext._C was built with _GLIBCXX_USE_CXX11_ABI={built['cxx11_abi']} but torch "
+                f"{running['torch']} uses {running['cxx11_abi']}: {REBUILD_HINT}")
+    return ""
+
+
+def _import_error_message(error: ImportError, built: Dict[str, str], running: Dict[str, str]) -> Tuple[str, bool]:
+    """(LOAD_ERROR, whether to warn) for a library that failed to load."""
+    text = f"{type(error).__name__}: {error}"
+    if "undefined symbol" not in str(error):
+        return text, False
+    # The signature of a library built against another torch (or a stale build of ours).
+    built_for = f"torch {built['torch']}" if built.get("torch") else "another torch (its build recorded none)"
+    return (f"kangaroo_ext._C does not match the running torch {running['torch']} (built for {built_for}; "
+            f"{text}): {REBUILD_HINT}"), True
+
+
+def load(running: Dict[str, str]) -> Tuple[Optional[object], Optional[str], Dict[str, str], bool]:
+    """(module or None, LOAD_ERROR or None, the library's build record, whether the error needs a warning)."""
+    try:
+        spec = importlib.util.find_spec("kangaroo_ext._C")
+    except (ImportError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}", {}, False
+    if spec is None or not spec.origin:  # not built (pure-Python install): normal, no warning
+        return None, "not built: this install has no kangaroo_ext._C", {}, False
+    built = read_build_info(spec.origin)
+    why = mismatch(built, running)
+    if why:
+        return None, why, built, True
+    try:
+        return importlib.import_module("kangaroo_ext._C"), None, built, False
+    except ImportError as e:
+        message, warn = _import_error_message(e, built, running)
+        return None, message, built, warn
+
+
+_C, LOAD_ERROR, BUILD_INFO, _warn = load(running_torch())
+if _warn:
+    warnings.warn(LOAD_ERROR, ExtensionMismatchWarning, stacklevel=2)
 
 
 def loaded() -> bool:
@@ -32,6 +130,14 @@ def compiled_archs():
     if _C is None:
         return []
     return [a for a in getattr(_C, "CUDA_ARCH_LIST", "").split("_") if a]
+
+
+def built_for() -> str:
+    """'torch 2.14.1+cu130, CUDA 13.0, C++11 ABI 1' as the library records it; '' if it records nothing."""
+    if not BUILD_INFO.get("torch"):
+        return ""
+    return (f"torch {BUILD_INFO['torch']}, CUDA {BUILD_INFO.get('cuda') or 'none'}, "
+            f"C++11 ABI {BUILD_INFO.get('cxx11_abi') or '?'}")
 
 
 def expected() -> bool:

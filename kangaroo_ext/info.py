@@ -4,7 +4,8 @@ import platform
 import torch
 
 from . import __version__, _extension
-from .ops import available_backends
+from .engine import conditional
+from .ops import available_backends, schemas
 
 
 def collect() -> dict:
@@ -21,7 +22,17 @@ def collect() -> dict:
     except Exception as e:  # ImportError, or a broken install
         info["triton"] = f"unavailable ({type(e).__name__})"
     info["extension"] = _extension.library_path() or f"not loaded ({_extension.LOAD_ERROR})"
+    info["built for"] = _extension.built_for() or "unknown (the build recorded no torch version)"
     info["compiled archs"] = ", ".join(_extension.compiled_archs()) or "none"
+    if schemas.SCHEMA_CHECK_NOTE:
+        info["schema check"] = schemas.SCHEMA_CHECK_NOTE
+    cond_path, cond_why = conditional.capture_path("cuda")
+    policy_path, policy_why = conditional.policy()
+    if cond_path:
+        info["conditional nodes"] = f"captured by the {cond_path!r} path"
+    else:
+        info["conditional nodes"] = f"unavailable: {cond_why}" + (
+            f" (this torch captures them with the {policy_path!r} path where it can)" if policy_path else "")
     info["backends"] = {b: ("available" if not why else "unavailable: " + "; ".join(why))
                         for b, why in available_backends().items()}
     return info
@@ -34,4 +45,4 @@ def print_info():
             for k, v in value.items():
                 print(f"  {k:<10} {v}")
         else:
-            print(f"{key:<15} {value}")
+            print(f"{key:<17} {value}")

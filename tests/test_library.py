@@ -1,5 +1,10 @@
 """The torch library: schemas defined once and in sync with the build, fakes that let torch.compile
 trace the ops, opcheck on every device where the ops have a kernel."""
+import subprocess
+import sys
+import textwrap
+import types
+
 import pytest
 import torch
 
@@ -47,9 +52,19 @@ def _sample_args(name, device):
 
 
 def test_every_op_is_defined_with_its_schema():
+    parse = getattr(torch._C, "parse_schema", lambda schema: schema)   # private: may go away
     for name, op in schemas.OPS.items():
         got = schemas.compiled_schema(name)
-        assert got == " ".join(str(torch._C.parse_schema("kangaroo::" + op.schema)).replace("kangaroo::", "").split())
+        assert got == " ".join(str(parse("kangaroo::" + op.schema)).replace("kangaroo::", "").split())
+
+
+def test_schema_check_without_torchs_private_parser(monkeypatch):
+    monkeypatch.delattr(torch._C, "parse_schema")
+    schemas.check_compiled_schemas()
+    assert "parse_schema is unavailable" in schemas.SCHEMA_CHECK_NOTE
+    monkeypatch.undo()
+    schemas.check_compiled_schemas()
+    assert schemas.SCHEMA_CHECK_NOTE == ""
 
 
 def test_extension_built_when_demanded():
@@ -91,3 +106,92 @@ def test_package_version_and_info_runs(capsys):
     info.print_info()
     out = capsys.readouterr().out
     assert "torch" in out and "backends" in out and kangaroo_ext.__version__ in out
+
+
+# ---- the torch the extension was built for ---------------------------------------------------------
+
+RUNNING = {"torch": "2.14.1+cu130", "cuda": "13.0", "cxx11_abi": "1"}
+HINT = "rebuild with pip install --no-build-isolation -e ."
+
+
+def test_mismatch_names_both_torches_in_one_line():
+    assert _extension.mismatch(dict(RUNNING), RUNNING) == ""
+    assert _extension.mismatch({}, RUNNING) == "", "a build that recorded nothing is not refused"
+    assert _extension.mismatch(dict(RUNNING, torch="2.11.0+cu130"), RUNNING) == (
+        f"kangaroo_ext._C was built for torch 2.11.0+cu130 but torch 2.14.1+cu130 is running: {HINT}")
+    assert "CUDA 12.8" in _extension.mismatch(dict(RUNNING, cuda="12.8"), RUNNING)
+    assert "_GLIBCXX_USE_CXX11_ABI=0" in _extension.mismatch(dict(RUNNING, cxx11_abi="0"), RUNNING)
+
+
+def _fake_library(tmp_path, monkeypatch, record: bytes):
+    """A file standing in for kangaroo_ext/_C*.so, holding `record` among other bytes."""
+    path = tmp_path / "_C.so"
+    path.write_bytes(b"\x7fELF" + b"\0" * 1000 + record + b"\0" * 1000)
+    monkeypatch.setattr(_extension.importlib.util, "find_spec",
+                        lambda name: types.SimpleNamespace(origin=str(path)))
+    return path
+
+
+def test_build_record_is_read_from_the_file(tmp_path, monkeypatch):
+    hexed = "0x" + "2.11.0+cu130".encode().hex()
+    path = _fake_library(tmp_path, monkeypatch, f"KANGAROO_BUILD_INFO{{torch={hexed};cuda=0x31332e30;cxx11_abi=1}}".encode())
+    assert _extension.read_build_info(str(path)) == {"torch": "2.11.0+cu130", "cuda": "13.0", "cxx11_abi": "1"}
+    (tmp_path / "old.so").write_bytes(b"no record")
+    assert _extension.read_build_info(str(tmp_path / "old.so")) == {}
+
+
+def test_a_library_for_another_torch_is_refused_without_loading_it(tmp_path, monkeypatch):
+    hexed = "0x" + "2.11.0+cu130".encode().hex()
+    _fake_library(tmp_path, monkeypatch, f"KANGAROO_BUILD_INFO{{torch={hexed};cuda=0x31332e30;cxx11_abi=1}}".encode())
+
+    def never(name):
+        raise AssertionError("a library built for another torch must not be loaded")
+    monkeypatch.setattr(_extension.importlib, "import_module", never)
+    module, error, built, warn = _extension.load(RUNNING)
+    assert module is None and warn and built["torch"] == "2.11.0+cu130"
+    assert error == f"kangaroo_ext._C was built for torch 2.11.0+cu130 but torch 2.14.1+cu130 is running: {HINT}"
+
+
+def test_an_undefined_symbol_gets_the_rebuild_hint(tmp_path, monkeypatch):
+    _fake_library(tmp_path, monkeypatch, b"")   # an old build: no record
+
+    def undefined(name):
+        raise ImportError(f"{name}.so: undefined symbol: _ZN3c104cuda20CUDACachingAllocator9allocatorE")
+    monkeypatch.setattr(_extension.importlib, "import_module", undefined)
+    module, error, built, warn = _extension.load(RUNNING)
+    assert module is None and warn
+    assert error.startswith("kangaroo_ext._C does not match the running torch 2.14.1+cu130") and error.endswith(HINT)
+    assert "undefined symbol" in error
+
+
+def test_this_build_records_the_running_torch():
+    if not _extension.loaded():
+        pytest.skip(f"extension not built here: {_extension.LOAD_ERROR}")
+    assert _extension.BUILD_INFO == _extension.running_torch()
+    assert _extension._C.TORCH_VERSION == torch.__version__
+    assert _extension._C.TORCH_CUDA_VERSION == (torch.version.cuda or "")
+
+
+def test_another_running_torch_warns_once_and_info_says_why():
+    """A fresh interpreter whose torch reports another version: one warning at import, no extension,
+    the same line in LOAD_ERROR, in the CUDA backend's reasons and in `kangaroo info`."""
+    if not _extension.BUILD_INFO.get("torch"):
+        pytest.skip("needs a built extension that records its torch")
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        torch.__version__ = "2.11.0+cu130"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import kangaroo_ext
+            from kangaroo_ext import _extension, info
+        mine = [str(w.message) for w in caught if issubclass(w.category, _extension.ExtensionMismatchWarning)]
+        assert len(mine) == 1, mine
+        assert not _extension.loaded()
+        assert mine[0] == _extension.LOAD_ERROR, (mine, _extension.LOAD_ERROR)
+        info.print_info()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = f"kangaroo_ext._C was built for torch {torch.__version__} but torch 2.11.0+cu130 is running: {HINT}"
+    assert line in run.stdout

@@ -6,11 +6,29 @@ the launchers can be captured in a CUDA graph. Semantics: kangaroo_ext/ops/refer
 
 On a machine without a GPU, set TRITON_INTERPRET=1 before importing this package.
 """
+from typing import List
+
+from . import attention as _attention
+from . import lm_head as _lm_head
 from .attention import rope_append_attention
 from .decode_linear import decode_linear, rms_norm_gate_up, rms_norm_linear
 from .lm_head import lm_head_argmax
 from .rms_norm import fused_add_rms_norm
 from .verify_accept import verify_accept
 
-__all__ = ["decode_linear", "fused_add_rms_norm", "lm_head_argmax", "rms_norm_gate_up", "rms_norm_linear",
-           "rope_append_attention", "verify_accept"]
+__all__ = ["decode_linear", "fused_add_rms_norm", "lm_head_argmax", "resource_reasons", "rms_norm_gate_up",
+           "rms_norm_linear", "rope_append_attention", "verify_accept"]
+
+# The ops whose launch configuration can need more shared memory than a device has (resources.py);
+# the others use at most ~1 KB whatever their inputs.
+_SHARED_MEMORY_REASONS = {
+    "rope_append_attention": _attention.shared_memory_reasons,
+    "lm_head_argmax": _lm_head.shared_memory_reasons,
+}
+
+
+def resource_reasons(op: str, *args) -> List[str]:
+    """Why the device cannot run `op`'s kernels on these arguments ([] if it can), e.g. "the attention
+    kernel needs 1,323,008 bytes of shared memory per block, the device allows 232,448"."""
+    check = _SHARED_MEMORY_REASONS.get(op)
+    return check(*args) if check is not None else []

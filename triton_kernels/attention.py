@@ -10,12 +10,15 @@ Launches (no host sync, torch allocations only, so the launcher can be captured 
   1. _rope_append_kernel, one program per (b, t, kv head): rotates the G query heads of that kv head
      into a q_rot buffer, rotates k, writes k and v into the caches. Its kernel boundary is what makes
      the new keys visible to every program of launch 2.
-  2. _attn_split_kernel, one program per (b, kv head, key split): the G query heads x T queries of
-     that kv head are the rows of one [BLOCK_R, BLOCK_D] tile (GQA without repeating K/V: each cached
-     key is read once per kv head, not once per query head). It streams its split's keys in BLOCK_N
-     blocks with an online softmax (exp2, scale folded in) and tensor-core dots.
-  3. _attn_merge_kernel, one program per (b, kv head), only when the cache has more than one split:
-     merges the splits' partial softmax states (max, sum, unnormalised output) and writes the output.
+  2. _attn_split_kernel, one program per (b, kv head, key split, row block): the G query heads x T
+     queries of that kv head are the rows of [BLOCK_R, BLOCK_D] tiles (GQA without repeating K/V: each
+     cached key is read once per kv head and row block, not once per query head). Decode and verify
+     steps have G x T <= MAX_BLOCK_R rows, one row block; a prefill's rows grow with the prompt and are
+     cut into blocks so the tiles fit in shared memory (see resources.py). It streams its split's keys
+     in BLOCK_N blocks with an online softmax (exp2, scale folded in) and tensor-core dots.
+  3. _attn_merge_kernel, one program per (b, kv head, row block), only when the cache has more than
+     one split: merges the splits' partial softmax states (max, sum, unnormalised output) and writes
+     the output.
 
 Why split the keys instead of one program per (b, kv head) looping to S: decode has B * Hkv of 3-16
 programs for 132 SMs, and one program can only pull a small fraction of HBM bandwidth; splitting the
@@ -27,11 +30,14 @@ computed on the device: splits outside it do no work and are skipped by the merg
 reads keys past max p (garbage in the unwritten part of the cache is never touched, save for masked
 lanes of the last block, which read 0).
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from ..ops import validate
+from . import resources
 
 # Keys per block of the attention loop. 64 keys x D = 128 in bf16 is 16 KB per K or V tile; the dots
 # run on tensor cores (mma.sync: the tile has only 16-64 rows) and nothing spills at 4 warps (ptxas for
@@ -43,6 +49,13 @@ BLOCK_N = 64
 BLOCK_N_FP32 = 16
 # Under TRITON_INTERPRET=1 (CPU tensors) the cost is per loop step, not per register: always 64.
 INTERPRET_BLOCK_N = 64
+# Query rows per program: at most this many (a power of two >= 16, tl.dot's smallest M), fewer where the
+# device's shared memory needs it. 64 covers every decode and verify step of G <= 8 heads per kv head and
+# gamma <= 7 in one block; fp32 at D = 128 then needs ~53 KB. The CPU interpreter pays per program, not
+# per byte, so it takes larger blocks (module-level so tests can lower them to exercise several blocks).
+MAX_BLOCK_R = 64
+INTERPRET_MAX_BLOCK_R = 256
+MIN_BLOCK = 16
 # Keys per split: the smallest split, and the most splits per (b, kv head). A cache of S keys is cut
 # into max(cdiv(S, SPLIT_N), ...) splits of SPLIT_N = max(MIN_SPLIT_N, next_pow2(cdiv(S, MAX_SPLITS)))
 # keys: 256 keys (4 blocks) per program keeps the per-program work above the launch cost while a
@@ -145,8 +158,9 @@ def _attn_split_kernel(
     b = bh // Hkv
     kvh = bh % Hkv
 
-    # Rows r = g * T + t (query head kvh * G + g, query t), the reference's GQA row order.
-    r = tl.arange(0, BLOCK_R)
+    # Rows r = g * T + t (query head kvh * G + g, query t), the reference's GQA row order; this program
+    # takes the rows of its row block.
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     GT = G * T
     r_ok = r < GT
     g = r // T
@@ -224,7 +238,7 @@ def _attn_merge_kernel(
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hkv
     kvh = bh % Hkv
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     GT = G * T
     r_ok = r < GT
     d = tl.arange(0, BLOCK_D)
@@ -253,6 +267,50 @@ def _attn_merge_kernel(
     io_off = ((b * T + t) * Hq + kvh * G + g) * D
     o = acc / tl.where(l > 0, l, 1.0)[:, None]        # l = 0: no visible key, acc is 0 too
     tl.store(out_ptr + io_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+class AttentionPlan(NamedTuple):
+    block_r: int
+    block_n: int
+    block_d: int
+    shared_bytes: int     # upper bound of the split kernel's shared memory (resources.py)
+    shortfall: str        # '' if it fits the device, else why not
+
+
+def plan_attention(G: int, T: int, D: int, dtype: torch.dtype, on_cpu: bool, limit: Optional[int]) -> AttentionPlan:
+    """Block sizes for G * T query rows (per kv head) of head size D, fitted to `limit` bytes of shared
+    memory (None: no limit, the CPU interpreter). Depends on G * T, D, the dtype and the device only.
+    Rows shrink first (that changes how many rows share a program, not the key blocks a row's softmax
+    runs over); the key block shrinks only where even 16 rows do not fit, which depends on D, the dtype
+    and the device, never on T, so the draft's and the verify step's keys are still cut alike."""
+    fp32 = dtype == torch.float32
+    element_size = torch.finfo(dtype).bits // 8
+    block_d = _pow2_at_least(D, MIN_BLOCK)
+    block_n = INTERPRET_BLOCK_N if on_cpu else (BLOCK_N_FP32 if fp32 else BLOCK_N)
+    block_r = min(_pow2_at_least(G * T, MIN_BLOCK), INTERPRET_MAX_BLOCK_R if on_cpu else MAX_BLOCK_R)
+
+    def needed(rows, keys):
+        return max(resources.attention_split_bytes(rows, keys, block_d, element_size, fp32),
+                   resources.attention_merge_bytes(rows))
+
+    if limit is not None:
+        while needed(block_r, block_n) > limit and block_r > MIN_BLOCK:
+            block_r //= 2
+        while needed(block_r, block_n) > limit and block_n > MIN_BLOCK:
+            block_n //= 2
+    shared = needed(block_r, block_n)
+    return AttentionPlan(block_r, block_n, block_d, shared,
+                         resources.shortfall(shared, limit) if limit is not None else "")
+
+
+def shared_memory_reasons(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window) -> list:
+    """Why this device cannot run these arguments' launch configuration ([] if it can)."""
+    limit = resources.shared_memory_limit(q.device)
+    if limit is None:
+        return []
+    G = q.shape[2] // k_cache.shape[1]
+    why = plan_attention(G, q.shape[1], q.shape[3], q.dtype, False, limit).shortfall
+    return [f"the attention kernel {why}"] if why else []
 
 
 def split_size(S: int) -> int:
@@ -294,12 +352,16 @@ def rope_append_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     )
 
     fp32 = q.dtype == torch.float32
-    block_n = INTERPRET_BLOCK_N if q.device.type == "cpu" else (BLOCK_N_FP32 if fp32 else BLOCK_N)
+    limit = resources.shared_memory_limit(q.device)
+    p = plan_attention(G, T, D, q.dtype, q.device.type == "cpu", limit)
+    if p.shortfall:  # ops/ never gets here (resource reasons); a direct call gets the numbers, not OutOfResources
+        raise RuntimeError(f"rope_append_attention (Triton): the attention kernel {p.shortfall}")
+    block_n, block_r = p.block_n, p.block_r
     split_n = split_size(S)
     num_splits = triton.cdiv(S, split_n)
     single = num_splits == 1
     GT = G * T
-    block_r = _pow2_at_least(GT, 16)           # tl.dot needs M >= 16
+    row_blocks = triton.cdiv(GT, block_r)
     block_t = triton.next_power_of_2(T)
     if single:
         m_ws = l_ws = acc_ws = out              # dummies, never touched when SINGLE_SPLIT
@@ -308,17 +370,17 @@ def rope_append_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
         l_ws = torch.empty_like(m_ws)
         acc_ws = torch.empty((B * Hkv, num_splits, GT, D), dtype=torch.float32, device=q.device)
     log2e = 1.4426950408889634
-    _attn_split_kernel[(B * Hkv, num_splits)](
+    _attn_split_kernel[(B * Hkv, num_splits, row_blocks)](
         q_rot, k_cache, v_cache, positions, out, m_ws, l_ws, acc_ws,
         T, Hq, Hkv, G, S, D, float(scale) * log2e, window, num_splits,
         SPLIT_N=split_n, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_T=block_t,
         HAS_WINDOW=window > 0, SINGLE_SPLIT=single, IEEE=fp32,
-        # Two stages: K/V of the next block load (cp.async) while this one computes; 20-82 KB of shared
+        # Two stages: K/V of the next block load (cp.async) while this one computes; 12-33 KB of shared
         # memory in bf16 (D = 64..128, 16..64 rows), so several programs fit on an SM.
         num_warps=8 if fp32 else 4, num_stages=2,
     )
     if not single:
-        _attn_merge_kernel[(B * Hkv,)](
+        _attn_merge_kernel[(B * Hkv, row_blocks)](
             m_ws, l_ws, acc_ws, positions, out,
             T, Hq, Hkv, G, S, D, window, num_splits,
             SPLIT_N=split_n, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_T=block_t,

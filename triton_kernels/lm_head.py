@@ -18,13 +18,14 @@ The logits never reach memory. Two launches, CUDA-graph capturable (torch alloca
 Special values follow torch on the materialised logits: any NaN gives the first NaN's index and a NaN
 confidence; all -inf gives index 0 and NaN; a +inf maximum gives NaN confidence (inf - inf).
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops import validate
+from . import resources
 
 # Vocabulary rows per program, hidden columns per loop step, rows per program. A 128 x 64 bf16 weight
 # tile is 16 KB per pipeline stage; V = 49152 gives 384 programs (~3 per SM on an H100) each reading
@@ -33,7 +34,7 @@ from ..ops import validate
 BLOCK_V = 128
 BLOCK_H = 64
 BLOCK_R = 16
-NUM_STAGES = 4
+NUM_STAGES = 4   # fewer where the device's shared memory needs it (fp32 at 4 stages: 108 KB; see stages())
 # Under TRITON_INTERPRET=1 (CPU tensors) the cost is per program and per loop step, not per byte:
 # 512-row slices run V = 49152 about 2-3x faster there than 128 (measured: ~4-7 s vs ~10-18 s for 5
 # rows, H = 576). On a GPU 512 x 64 tiles would need 64 KB per pipeline stage, hence two settings.
@@ -136,6 +137,34 @@ def _merge_kernel(pm_ptr, ps_ptr, pi_ptr, token_ptr, conf_ptr, NBLK, BLOCK_P: tl
     tl.store(conf_ptr + row, conf)
 
 
+def _blocks(V: int, H: int, on_cpu: bool) -> Tuple[int, int]:
+    block_v = INTERPRET_BLOCK_V if on_cpu else BLOCK_V
+    block_v = min(block_v, max(16, triton.next_power_of_2(V)))   # tl.dot needs M >= 16
+    block_h = min(BLOCK_H, max(16, triton.next_power_of_2(H)))
+    return block_v, block_h
+
+
+def stages(block_v: int, block_h: int, element_size: int, limit: Optional[int]) -> Tuple[int, str]:
+    """(pipeline stages of the partial kernel, '' or why even one stage does not fit `limit` bytes).
+    The most stages up to NUM_STAGES that fit: each holds a weight tile in flight."""
+    if limit is None:
+        return NUM_STAGES, ""
+    for n in range(NUM_STAGES, 0, -1):
+        if resources.lm_head_partial_bytes(block_v, block_h, BLOCK_R, element_size, n) <= limit:
+            return n, ""
+    return 1, resources.shortfall(resources.lm_head_partial_bytes(block_v, block_h, BLOCK_R, element_size, 1), limit)
+
+
+def shared_memory_reasons(hidden: torch.Tensor, lm_head: torch.Tensor) -> list:
+    """Why this device cannot run these arguments' launch configuration ([] if it can)."""
+    limit = resources.shared_memory_limit(hidden.device)
+    if limit is None:
+        return []
+    block_v, block_h = _blocks(lm_head.shape[0], hidden.shape[-1], False)
+    why = stages(block_v, block_h, hidden.element_size(), limit)[1]
+    return [f"the LM-head kernel {why}"] if why else []
+
+
 def lm_head_argmax(hidden: torch.Tensor, lm_head: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(token [...] int64, confidence [...] float32) for hidden [..., H] and lm_head [V, H]."""
     validate.lm_head_argmax(hidden, lm_head)
@@ -147,9 +176,10 @@ def lm_head_argmax(hidden: torch.Tensor, lm_head: torch.Tensor) -> Tuple[torch.T
     token = torch.empty(lead, dtype=torch.int64, device=device)
     conf = torch.empty(lead, dtype=torch.float32, device=device)
 
-    block_v = INTERPRET_BLOCK_V if device.type == "cpu" else BLOCK_V
-    block_v = min(block_v, max(16, triton.next_power_of_2(V)))   # tl.dot needs M >= 16
-    block_h = min(BLOCK_H, max(16, triton.next_power_of_2(H)))
+    block_v, block_h = _blocks(V, H, device.type == "cpu")
+    num_stages, why = stages(block_v, block_h, hidden.element_size(), resources.shared_memory_limit(device))
+    if why:  # ops/ never gets here (resource reasons); a direct call gets the numbers, not OutOfResources
+        raise RuntimeError(f"lm_head_argmax (Triton): the LM-head kernel {why}")
     nblk = triton.cdiv(V, block_v)
     part_m = torch.empty((R, nblk), dtype=torch.float32, device=device)
     part_s = torch.empty_like(part_m)
@@ -159,9 +189,9 @@ def lm_head_argmax(hidden: torch.Tensor, lm_head: torch.Tensor) -> Tuple[torch.T
         hidden, lm_head, part_m, part_s, part_i,
         R, V, H, nblk,
         BLOCK_V=block_v, BLOCK_H=block_h, BLOCK_R=BLOCK_R, IEEE=hidden.dtype == torch.float32,
-        # 4 warps (one warpgroup) per 128 x 16 output tile; NUM_STAGES weight tiles in flight per
+        # 4 warps (one warpgroup) per 128 x 16 output tile; up to NUM_STAGES weight tiles in flight per
         # program (4 x 16 KB in bf16) so a memory-bound GEMV keeps enough bytes in flight per SM.
-        num_warps=4, num_stages=NUM_STAGES,
+        num_warps=4, num_stages=num_stages,
     )
     block_p = min(MAX_BLOCK_P, triton.next_power_of_2(nblk))
     _merge_kernel[(R,)](

@@ -1,9 +1,11 @@
 """Backend registry: `cuda` (compiled extension), `triton`, `reference` (PyTorch), in that order.
 
 Each backend says, for a given call, every reason it cannot run it (an empty list means it can).
-Auto-selection takes the first backend with no reasons, quietly. A forced backend (the `backend=`
-argument, else the KANGAROO_BACKEND environment variable) that cannot run raises BackendUnavailable
-listing all its reasons, so nobody benchmarks the reference while believing it is the kernel.
+Auto-selection takes the first backend with no reasons, quietly; for Triton, a launch configuration
+that would need more shared memory than the device has is such a reason (triton_kernels.resource_reasons).
+A forced backend (the `backend=` argument, else the KANGAROO_BACKEND environment variable) that cannot
+run raises BackendUnavailable listing all its reasons, so nobody benchmarks the reference while
+believing it is the kernel.
 """
 import importlib
 from typing import Callable, Dict, List, Optional, Sequence
@@ -95,15 +97,24 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return None if b in ("", "auto") else b
 
 
+def _auto_only_reasons(backend: str, args) -> List[str]:
+    """Reasons auto-selection passes a backend over that a forced backend ignores."""
+    if backend == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
+        # The interpreter is for testing kernels on machines without a GPU, ~1000x slower than PyTorch.
+        return ["auto-selection never uses Triton's CPU interpreter (force backend='triton' to test it)"]
+    return []
+
+
 def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[str]:
     """Every reason `backend` cannot run `op` on these arguments ([] if it can). With auto=True, also
     the reasons auto-selection passes a backend over."""
     g = _global_reasons(backend)
     if g:
         return g
-    if auto and backend == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
-        # The interpreter is for testing kernels on machines without a GPU, ~1000x slower than PyTorch.
-        return ["auto-selection never uses Triton's CPU interpreter (force backend='triton' to test it)"]
+    if auto:
+        why = _auto_only_reasons(backend, args)
+        if why:
+            return why
     if backend == "cuda" and op in MISSING_FROM_EXTENSION:
         return [f"this build of the extension has no kernel for {op} (rebuild it)"]
     if backend == "triton" and not hasattr(triton_module(), op):
@@ -111,7 +122,12 @@ def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[st
     entry = _IMPLS.get(op, {}).get(backend)
     if entry is None:
         return [f"backend '{backend}' has no implementation of {op}"]
-    return entry[0](*args)
+    why = entry[0](*args)
+    resource_reasons = getattr(triton_module(), "resource_reasons", None) if backend == "triton" else None
+    if resource_reasons is not None and not why:
+        # The launch configuration these arguments get must fit the device (shared memory).
+        why = list(resource_reasons(op, *args))
+    return why
 
 
 def select(op: str, backend: Optional[str], *args) -> Callable:
