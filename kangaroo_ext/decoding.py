@@ -17,7 +17,7 @@ import torch
 from . import io
 from .adapter import Adapter
 from .engine.engine import Engine, engine_for
-from .engine.rounds import MODES, RoundRunner, make_rounds
+from .engine.rounds import MODES, RoundRunner, start_rounds
 
 DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
 DEFAULT_MAX_DRAFT = 6     # γ
@@ -220,7 +220,8 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         if adapter is not None:
             engine.bind_adapter(adapter)
             engine.threshold.fill_(threshold)
-        rounds = make_rounds(engine, mode, gamma, adaptive_draft)
+        # Graphs are captured here, before prefill: a capture's warm-up runs overwrite the decode state.
+        rounds = start_rounds(engine, mode, gamma, adaptive_draft)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
     stats.threshold = threshold
     sequences = torch.cat([prompt[0].cpu(), torch.tensor(new_tokens, dtype=torch.int64)])[None]
@@ -232,7 +233,6 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
 def _decode(engine, rounds, prompt, max_new: int, eos: set, streamer):
     """Prefill, then rounds until max_new tokens or an EOS: each round commits the accepted drafts and
     one token of the target's own; the host reads one report per round."""
-    rounds.prepare()                        # graphs are captured before prefill: capture overwrites state
     runner = RoundRunner(engine, rounds)
     runner.prefill(prompt)
     if streamer is not None:

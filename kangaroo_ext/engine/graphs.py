@@ -73,6 +73,7 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         self._reset_state()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # A fresh capture stream each time: after a failed capture, its stream may still be capturing.
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream()):
             fn(capturing=True)
         return graph

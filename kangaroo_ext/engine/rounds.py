@@ -222,6 +222,22 @@ def make_rounds(engine, mode: str, gamma: int, adaptive_draft: bool = True) -> R
                         why="mode='device' runs the draft steps without graphs")
 
 
+def start_rounds(engine, mode: str, gamma: int, adaptive_draft: bool = True) -> Rounds:
+    """make_rounds, prepared (graphs captured). Where capturing conditional nodes fails although they were
+    reported available, the round falls back to the budget path and says why (conditional.py remembers
+    the failure, so later requests go there directly)."""
+    rounds = make_rounds(engine, mode, gamma, adaptive_draft)
+    try:
+        rounds.prepare()
+    except Exception as e:  # noqa: BLE001  only the capture failure is handled; anything else re-raises
+        if not (isinstance(rounds, ConditionalRounds) and conditional.is_capture_error(e)):
+            raise
+        why = conditional.unsupported_reason(engine.spec.device) or f"capturing conditional nodes failed: {e}"
+        rounds = BudgetRounds(engine, gamma, use_graphs=True, adaptive=adaptive_draft, why=why)
+        rounds.prepare()
+    return rounds
+
+
 # ---- running rounds: report slots, pipelining and the phase clock ------------------------------------
 
 class Clock:
