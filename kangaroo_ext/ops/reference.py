@@ -212,6 +212,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     t = torch.tensor(temperature, dtype=torch.float32, device=logits.device).to(dtype)
     z = logits.to(dtype) / t                                                   # [..., V]
     bad = (z.isnan() | (z == float("inf"))).any(-1, keepdim=True) | (z == float("-inf")).all(-1, keepdim=True)
+    z = z.masked_fill(bad, 0.0)                                                # NaN rows: filled in at the end
     if 0 < top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[..., -1:]                           # [..., 1] the k-th largest
         z = z.masked_fill(z < kth, float("-inf"))
