@@ -1,5 +1,5 @@
-// ATen launchers for kernels/sampling.cuh: sampling_probs and sample_logits (one launch), and
-// speculative_sample_accept (two launches). They check arguments as kangaroo_ext/ops/validate.py does,
+// ATen launchers for kernels/sampling.cuh: sampling_probs (one launch), sample_logits and
+// speculative_sample_accept (two launches each). They check arguments as kangaroo_ext/ops/validate.py does,
 // allocate outputs and the small per-call workspace with torch (graph capture takes them from the graph's
 // pool) and launch on the current stream. The rng tensor is read by the kernels: no host sync.
 #include <ATen/ops/empty.h>
@@ -60,20 +60,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> probs_impl(const at::Tensor& logi
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const auto lead = logits.sizes().slice(0, logits.dim() - 1);
   at::Tensor probs = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
-  at::Tensor token, top_prob;
+  at::Tensor token, top_prob, workspace;
+  const sampling::RacePlan plan = sampling::race_plan(vocab);
   if (kSample) {
     token = at::empty(lead, logits.options().dtype(at::kLong));
     top_prob = at::empty(lead, logits.options().dtype(at::kFloat));
+    TORCH_CHECK_VALUE(rows * plan.splits <= std::numeric_limits<int>::max(), "logits has too many rows (", rows,
+                      ") for one launch");
+    // One int32 allocation: two ints (an ArgMax) per race block, then one arrival counter per row.
+    static_assert(sizeof(ArgMax) == 2 * sizeof(int32_t), "ArgMax layout");
+    workspace = at::empty({rows * plan.splits * 2 + rows}, logits.options().dtype(at::kInt));
   }
   const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, logits.device().index());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float_dtype(logits.scalar_type(), "logits", [&](auto tag) {
     using T = element_t<decltype(tag)>;
-    C10_CUDA_CHECK((sampling::launch_probs<T, kSample>(
-        static_cast<const T*>(logits.const_data_ptr()), rows, vocab, filter,
-        kSample ? rng->const_data_ptr<int64_t>() : nullptr, static_cast<uint32_t>(stream_id),
-        probs.mutable_data_ptr<float>(), kSample ? token.mutable_data_ptr<int64_t>() : nullptr,
-        kSample ? top_prob.mutable_data_ptr<float>() : nullptr, max_smem, stream)));
+    const T* x = static_cast<const T*>(logits.const_data_ptr());
+    if (kSample) {
+      int32_t* base = workspace.mutable_data_ptr<int32_t>();
+      C10_CUDA_CHECK(sampling::launch_sample<T>(
+          x, rows, vocab, filter, rng->const_data_ptr<int64_t>(), static_cast<uint32_t>(stream_id), plan,
+          reinterpret_cast<ArgMax*>(base), reinterpret_cast<unsigned*>(base + rows * plan.splits * 2),
+          probs.mutable_data_ptr<float>(), token.mutable_data_ptr<int64_t>(), top_prob.mutable_data_ptr<float>(),
+          max_smem, stream));
+    } else {
+      C10_CUDA_CHECK(sampling::launch_probs<T>(x, rows, vocab, filter, probs.mutable_data_ptr<float>(), nullptr,
+                                               nullptr, max_smem, stream));
+    }
   });
   return {token, probs, top_prob};
 }
@@ -146,9 +159,19 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
   const c10::cuda::OptionalCUDAGuard guard(draft_tokens.device());
   at::Tensor accepted = at::empty({batch}, draft_tokens.options());
   at::Tensor committed = at::empty({batch, k + 1}, draft_tokens.options());
-  // RowVerdict is 6 x 4 bytes: an int32 workspace keeps it a plain torch allocation.
+  // One int32 allocation holds the workspace (plain torch memory, from the graph's pool under capture):
+  // RowVerdict per row (6 x 4 bytes), two ArgMax per resample block (2 x 4 bytes each), a counter per b.
   static_assert(sizeof(sampling::RowVerdict) == 6 * sizeof(int32_t), "RowVerdict layout");
-  at::Tensor workspace = at::empty({batch * (k + 1), 6}, draft_tokens.options().dtype(at::kInt));
+  static_assert(sizeof(ArgMax) == 2 * sizeof(int32_t), "ArgMax layout");
+  const sampling::RacePlan plan = sampling::race_plan(static_cast<int>(vocab));
+  const int64_t rows_ints = batch * (k + 1) * 6, partial_ints = batch * plan.splits * 2 * 2;
+  TORCH_CHECK_VALUE(batch * plan.splits <= std::numeric_limits<int>::max(), "draft_tokens has too many rows (B = ",
+                    batch, ") for one launch");
+  at::Tensor workspace = at::empty({rows_ints + partial_ints + batch}, draft_tokens.options().dtype(at::kInt));
+  int32_t* base = workspace.mutable_data_ptr<int32_t>();
+  const sampling::Workspace ws{reinterpret_cast<sampling::RowVerdict*>(base),
+                               reinterpret_cast<ArgMax*>(base + rows_ints),
+                               reinterpret_cast<unsigned*>(base + rows_ints + partial_ints)};
   const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, draft_tokens.device().index());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_float_dtype(target_logits.scalar_type(), "target_logits", [&](auto tag) {
@@ -157,8 +180,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
         static_cast<const T*>(target_logits.const_data_ptr()), batch, static_cast<int>(k), static_cast<int>(vocab),
         filter, draft_tokens.const_data_ptr<int64_t>(), draft_probs.const_data_ptr<float>(),
         num_drafted.has_value() ? num_drafted->const_data_ptr<int64_t>() : nullptr, rng.const_data_ptr<int64_t>(),
-        reinterpret_cast<sampling::RowVerdict*>(workspace.data_ptr()), accepted.mutable_data_ptr<int64_t>(),
-        committed.mutable_data_ptr<int64_t>(), max_smem, stream));
+        plan, ws, accepted.mutable_data_ptr<int64_t>(), committed.mutable_data_ptr<int64_t>(), max_smem, stream));
   });
   return {accepted, committed};
 }

@@ -13,19 +13,27 @@
 // ordered bit patterns per pass: a block reduction gives the count (top-k) or weight (top-p) on one
 // side of mid, and the nearest element values on either side, to which lo or hi then snaps. The bit
 // distance hi - lo at least halves per pass and lo, hi stay element values, so a search ends exactly
-// (lo == hi, the threshold) after at most 32 passes (fewer when the row has few distinct values near
-// it: a bf16 row has at most 2^16 bit patterns, so ~16 passes). All sums are block reductions in a
-// fixed order, so results are deterministic.
+// (lo == hi, the threshold) after at most 32 passes; snapping makes it end as soon as no element lies
+// strictly between them (simulated on 49,152-token rows, fp32 or bf16 logits, top-k 50 / top-p 0.9 or
+// 0.95: 6 to 17 passes per search). Each pass reads the row from shared memory (the cache) or, when
+// V * 4 bytes do not fit (V > ~57,000 on an H100), recomputes it from global memory. All sums are
+// block reductions in a fixed order: results are deterministic.
 //
 // Random numbers: Philox4x32-10, key = the seed's 32-bit halves, counter = (i / 4, row, stream,
 // offset), word i % 4, u = ((word >> 9) + 0.5) * 2^-23 in (0, 1). A sample from weights w is the
 // exponential race argmax_i w_i / -log(u_i) (first index on ties).
 //
-// speculative_sample_accept takes two launches:
-//   1. accept_rows_kernel, one block per (b, j) row with j <= n_b: the row's RowStats, and for j < n_b
-//      the accept test u_j * q_j(x_j) < p_j(x_j), into a small workspace (no probabilities are written).
-//   2. resample_kernel, one block per b: a = the first rejection; one pass over row a races
-//      max(0, p_a - q_a) (and p_a, the fallback when that is all zero, and the bonus when a == n_b).
+// Launches (torch allocations only, no host sync, no state that outlives a call: graph capturable):
+//   sampling_probs   probs_kernel, one block per row: the RowStats, then the probabilities.
+//   sample_logits    probs_kernel, then sample_race_kernel: ~V / 4096 blocks per row race the written
+//                    probabilities; the last block of a row to finish merges the chunk winners.
+//   speculative_sample_accept
+//     1. accept_rows_kernel, one block per (b, j) row with j <= n_b: the row's RowStats, and for j < n_b
+//        the accept test u_j * q_j(x_j) < p_j(x_j), into a small workspace (no probabilities written).
+//     2. resample_kernel, ~V / 4096 blocks per b: a = the first rejection; each block races its chunk of
+//        row a over max(0, p_a - q_a) and p_a (the fallback when that is all zero, and the bonus when
+//        a == n_b); the last block of b merges the chunk winners and writes the outputs.
+//   The arrival counters of the split races are zeroed by the launch before, in the same stream.
 #pragma once
 
 #include "common.cuh"
@@ -147,9 +155,6 @@ __device__ Probe<A> block_reduce(Probe<A> p, Probe<A>* scratch) {
 struct Scratch {
   Probe<int> counts[kThreads / kWarpSize];
   Probe<float> weights[kThreads / kWarpSize];
-  ArgMax best[kThreads / kWarpSize];
-  int first_reject;
-  int bad_row;
 };
 
 // Order-preserving map of floats (no NaN) to integers, and back: a < b iff key(a) < key(b).
@@ -305,46 +310,104 @@ __device__ __forceinline__ int64_t race_winner(const ArgMax& best) {
   return best.index == argmax_empty().index ? -1 : best.index;
 }
 
-// ---- sampling_probs / sample_logits: one block per row --------------------------------------------------
+// ---- races split over blocks ------------------------------------------------------------------------
+// A race over a whole row on one SM would take ~50 instructions per element (Philox, logf, a division)
+// for V values. Instead `splits` blocks race one chunk each; each publishes its winners, and the last
+// block of the row to finish (counted in `arrivals`, zeroed by the preceding launch) merges them.
+// argmax_merge is a strict total order, so the winner does not depend on the arrival order.
 
-// logits [rows, vocab] -> probs [rows, vocab]; with kSample also token [rows] (stream `stream`, row =
-// blockIdx.x) and top_prob [rows]. Dynamic shared memory: vocab floats when kCached.
-template <typename T, bool kCached, bool kSample>
+constexpr int kRaceThreads = 256;
+constexpr int kRaceGroups = 4;          // groups of 4 elements per thread: chunks of >= 4096 elements
+constexpr int kMaxRaceSplits = 1024;    // bounds the last block's merge
+
+struct RacePlan {
+  int splits, chunk;  // chunk: a multiple of 4, so Philox groups never straddle two blocks
+};
+
+inline RacePlan race_plan(int vocab) {
+  const int64_t min_chunk = kRaceThreads * kRaceGroups * 4;
+  const int64_t splits = std::min<int64_t>(ceil_div(vocab, min_chunk), kMaxRaceSplits);
+  const int64_t chunk = ceil_div(ceil_div(vocab, splits), 4) * 4;
+  return RacePlan{static_cast<int>(ceil_div(vocab, chunk)), static_cast<int>(chunk)};
+}
+
+// All threads call this with their block's N winners (already block-reduced). Returns true in the last
+// block of the row, whose threads may then read every block's partials with merge_partials.
+// partials: this row's [splits * N]; arrivals: this row's counter.
+template <int N>
+__device__ bool publish_partials(const ArgMax (&best)[N], ArgMax* partials, int split, int splits,
+                                 unsigned* arrivals) {
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < N; ++w) partials[split * N + w] = best[w];
+    __threadfence();  // the partials are visible device-wide before the arrival is counted
+    last = atomicAdd(arrivals, 1u) == static_cast<unsigned>(splits - 1);
+  }
+  __syncthreads();
+  if (last) __threadfence();  // pairs with the other blocks' fences: their partials are visible now
+  return last;
+}
+
+// Warp-wide (call from one whole warp): the winner `which` of N over all the row's blocks.
+template <int N>
+__device__ ArgMax merge_partials(const ArgMax* partials, int splits, int which) {
+  ArgMax best = argmax_empty();
+  for (int t = threadIdx.x % kWarpSize; t < splits; t += kWarpSize) {
+    const ArgMax* p = partials + t * N + which;
+    argmax_merge(best, __ldcg(&p->value), __ldcg(&p->index));  // L2: never a stale L1 line
+  }
+  return warp_argmax(best);
+}
+
+// ---- sampling_probs / sample_logits ---------------------------------------------------------------------
+
+// One block per row: logits [rows, vocab] -> probs [rows, vocab]; top_probs [rows] and arrivals [rows]
+// (zeroed for sample_race_kernel) when not null. Dynamic shared memory: vocab floats when kCached.
+template <typename T, bool kCached>
 __global__ void __launch_bounds__(kThreads)
-probs_kernel(const T* __restrict__ logits, int vocab, Filter filter, const int64_t* __restrict__ rng,
-             uint32_t stream, float* __restrict__ probs, int64_t* __restrict__ tokens, float* __restrict__ top_probs) {
+probs_kernel(const T* __restrict__ logits, int vocab, Filter filter, float* __restrict__ probs,
+             float* __restrict__ top_probs, unsigned* __restrict__ arrivals) {
   extern __shared__ float4 dynamic_smem[];
   __shared__ Scratch s;
   const int64_t r = blockIdx.x;
+  if (arrivals != nullptr && threadIdx.x == 0) arrivals[r] = 0;
   const Row<T, kCached> row{logits + r * vocab, vocab, filter.temperature, reinterpret_cast<float*>(dynamic_smem)};
   const RowStats st = row_stats(row, filter, s);
   float* out = probs + r * vocab;
+  for (int i = threadIdx.x; i < vocab; i += kThreads) out[i] = probability(row, i, st);
+  if (top_probs != nullptr && threadIdx.x == 0) top_probs[r] = st.bad ? NAN : st.inv_sum;  // the top weight is 1
+}
 
-  if (!kSample) {
-    for (int i = threadIdx.x; i < vocab; i += kThreads) out[i] = probability(row, i, st);
-    return;
-  }
-  Rng rand{};
-  if (!st.bad) rand = read_rng(rng);
-  ArgMax best = argmax_empty();
-  // Thread t takes groups of 4 consecutive elements: one Philox call gives their 4 words.
-  for (int g = threadIdx.x; g * 4 < vocab; g += kThreads) {
-    uint4 words = make_uint4(0, 0, 0, 0);
-    if (!st.bad) words = philox(rand, static_cast<uint32_t>(g), static_cast<uint32_t>(r), stream);
+// sample_logits' second launch: `splits` blocks per row (blockIdx.x = row * splits + split) race the
+// probabilities probs_kernel wrote (a NaN row has no p > 0: token -1). partials [rows * splits].
+__global__ void __launch_bounds__(kRaceThreads)
+sample_race_kernel(const float* __restrict__ probs, int vocab, const int64_t* __restrict__ rng, uint32_t stream,
+                   int splits, int chunk, ArgMax* __restrict__ partials, unsigned* __restrict__ arrivals,
+                   int64_t* __restrict__ tokens) {
+  __shared__ ArgMax scratch[kRaceThreads / kWarpSize];
+  const int64_t r = blockIdx.x / splits;
+  const int split = static_cast<int>(blockIdx.x % splits);
+  const float* p_row = probs + r * vocab;
+  const Rng rand = read_rng(rng);
+  const int begin = split * chunk, end = min(vocab, begin + chunk);
+  ArgMax best[1] = {argmax_empty()};
+  for (int i0 = begin + 4 * static_cast<int>(threadIdx.x); i0 < end; i0 += 4 * kRaceThreads) {
+    const uint4 words = philox(rand, static_cast<uint32_t>(i0 / 4), static_cast<uint32_t>(r), stream);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = g * 4 + e;
-      if (i < vocab) {
-        const float p = probability(row, i, st);
-        out[i] = p;
-        if (!st.bad) race_step(best, p, exponential(word(words, e)), i);
+      const int i = i0 + e;
+      if (i < end) {
+        const float p = p_row[i];
+        if (p > 0.0f) race_step(best[0], p, exponential(word(words, e)), i);
       }
     }
   }
-  best = block_argmax(best, s.best);
-  if (threadIdx.x == 0) {
-    tokens[r] = st.bad ? -1 : race_winner(best);
-    top_probs[r] = st.bad ? NAN : st.inv_sum;  // the top token's weight is exactly 1
+  best[0] = block_argmax(best[0], scratch);
+  if (!publish_partials(best, partials + r * splits, split, splits, arrivals + r)) return;
+  if (threadIdx.x < kWarpSize) {
+    const ArgMax winner = merge_partials<1>(partials + r * splits, splits, 0);
+    if (threadIdx.x == 0) tokens[r] = race_winner(winner);
   }
 }
 
@@ -357,6 +420,15 @@ struct RowVerdict {
   int verdict;
 };
 
+// What launch 2 needs besides the outputs, carved by the caller from one allocation (see Workspace
+// sizes in the launcher): rows [B * (k+1)]; partials [B * splits * 2] (each block's residual and p race
+// winners); arrivals [B] (blocks of b done so far, zeroed by launch 1).
+struct Workspace {
+  RowVerdict* rows;
+  ArgMax* partials;
+  unsigned* arrivals;
+};
+
 __device__ __forceinline__ int drafted(const int64_t* num_drafted, int64_t b, int k) {
   if (num_drafted == nullptr) return k;
   const int64_t n = num_drafted[b];
@@ -364,18 +436,18 @@ __device__ __forceinline__ int drafted(const int64_t* num_drafted, int64_t b, in
 }
 
 // Launch 1: one block per (b, j), blockIdx.x = b * (k+1) + j. logits [B, k+1, V]; draft_tokens [B, k];
-// draft_probs [B, k, V]; rows [B * (k+1)] (rows j > n_b are left unwritten: launch 2 never reads them).
+// draft_probs [B, k, V]. Rows j > n_b are left unwritten: launch 2 never reads them.
 template <typename T, bool kCached>
 __global__ void __launch_bounds__(kThreads)
 accept_rows_kernel(const T* __restrict__ logits, int vocab, int k, Filter filter,
                    const int64_t* __restrict__ draft_tokens, const float* __restrict__ draft_probs,
-                   const int64_t* __restrict__ num_drafted, const int64_t* __restrict__ rng,
-                   RowVerdict* __restrict__ rows) {
+                   const int64_t* __restrict__ num_drafted, const int64_t* __restrict__ rng, Workspace ws) {
   extern __shared__ float4 dynamic_smem[];
   __shared__ Scratch s;
   const int64_t r = blockIdx.x;
   const int64_t b = r / (k + 1);
   const int j = static_cast<int>(r % (k + 1));
+  if (j == 0 && threadIdx.x == 0) ws.arrivals[b] = 0;  // launch 2 starts after this grid: no reset race
   const int n = drafted(num_drafted, b, k);
   if (j > n) return;  // block-uniform
   const Row<T, kCached> row{logits + r * vocab, vocab, filter.temperature, reinterpret_cast<float*>(dynamic_smem)};
@@ -395,66 +467,79 @@ accept_rows_kernel(const T* __restrict__ logits, int vocab, int k, Filter filter
     const float u = uniform(word(philox(read_rng(rng), j / 4, static_cast<uint32_t>(b), kAcceptStream), j % 4));
     verdict = u * q < p ? kAccepted : kRejected;  // u < min(1, p / q) without dividing
   }
-  rows[r] = RowVerdict{st, verdict};
+  ws.rows[r] = RowVerdict{st, verdict};
 }
 
-// Launch 2: one block per b. accepted [B]; committed [B, k+1].
+// Launch 2: race_plan(V).splits blocks per b (blockIdx.x = b * splits + split), each racing one chunk of
+// row a; the last block of b merges the winners and writes accepted [B] and committed [B, k+1].
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRaceThreads)
 resample_kernel(const T* __restrict__ logits, int vocab, int k, Filter filter,
                 const int64_t* __restrict__ draft_tokens, const float* __restrict__ draft_probs,
-                const int64_t* __restrict__ num_drafted, const int64_t* __restrict__ rng,
-                const RowVerdict* __restrict__ rows, int64_t* __restrict__ accepted, int64_t* __restrict__ committed) {
-  __shared__ Scratch s;
-  const int64_t b = blockIdx.x;
+                const int64_t* __restrict__ num_drafted, const int64_t* __restrict__ rng, Workspace ws, int splits,
+                int chunk, int64_t* __restrict__ accepted, int64_t* __restrict__ committed) {
+  __shared__ ArgMax scratch[kRaceThreads / kWarpSize];
+  __shared__ int first_reject;
+  const int64_t b = blockIdx.x / splits;
+  const int split = static_cast<int>(blockIdx.x % splits);
   const int n = drafted(num_drafted, b, k);
-  const RowVerdict* verdicts = rows + b * (k + 1);
-  if (threadIdx.x == 0) s.first_reject = n;
+  const RowVerdict* verdicts = ws.rows + b * (k + 1);
+  if (threadIdx.x == 0) first_reject = n;
   __syncthreads();
   bool bad = false;
-  for (int j = threadIdx.x; j <= n; j += kThreads) {
+  for (int j = threadIdx.x; j <= n; j += kRaceThreads) {
     const int v = verdicts[j].verdict;
     bad |= v == kBadRow;
-    if (j < n && v != kAccepted) atomicMin(&s.first_reject, j);  // an integer min: order-independent
+    if (j < n && v != kAccepted) atomicMin(&first_reject, j);  // an integer min: order-independent
   }
   bad = __syncthreads_or(bad);  // also publishes first_reject
-  const int a = s.first_reject;
+  const int a = first_reject;
   int64_t* out = committed + b * (k + 1);
-  const int64_t* drafts = draft_tokens + b * k;
-  if (bad) {
-    for (int j = threadIdx.x; j <= k; j += kThreads) out[j] = -1;
-    if (threadIdx.x == 0) accepted[b] = -1;
+  if (bad) {  // every block of b sees it; the first writes the voided row, none counts arrivals
+    if (split == 0) {
+      for (int j = threadIdx.x; j <= k; j += kRaceThreads) out[j] = -1;
+      if (threadIdx.x == 0) accepted[b] = -1;
+    }
     return;
   }
 
   // Race max(0, p_a - q_a) (after a rejection) and p_a (the fallback when that is all zero, and the
-  // bonus token when a == n) in one pass; both use the same clocks (stream kAcceptStream + 1, row b).
+  // bonus token when a == n) over this block's chunk, with the same clocks (stream kAcceptStream + 1,
+  // row b). best[0]: the residual's winner, best[1]: p_a's.
   const RowStats st = verdicts[a].stats;
   const T* row_logits = logits + (b * (k + 1) + a) * static_cast<int64_t>(vocab);
   const bool rejected = a < n;
   const float* q_row = draft_probs + (b * k + (rejected ? a : 0)) * static_cast<int64_t>(vocab);
   const Rng rand = read_rng(rng);
-  ArgMax best_residual = argmax_empty(), best_p = argmax_empty();
-  for (int g = threadIdx.x; g * 4 < vocab; g += kThreads) {
-    const uint4 words = philox(rand, static_cast<uint32_t>(g), static_cast<uint32_t>(b), kAcceptStream + 1);
+  const int begin = split * chunk, end = min(vocab, begin + chunk);
+  ArgMax best[2] = {argmax_empty(), argmax_empty()};
+  for (int i0 = begin + 4 * static_cast<int>(threadIdx.x); i0 < end; i0 += 4 * kRaceThreads) {
+    const uint4 words = philox(rand, static_cast<uint32_t>(i0 / 4), static_cast<uint32_t>(b), kAcceptStream + 1);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = g * 4 + e;
-      if (i < vocab) {
+      const int i = i0 + e;
+      if (i < end) {
         const float p = kept_weight(scaled_logit(row_logits[i], filter.temperature), st) * st.inv_sum;
         if (p > 0.0f) {  // the residual is zero wherever p is
           const float clock = exponential(word(words, e));
-          race_step(best_p, p, clock, i);
-          if (rejected) race_step(best_residual, fmaxf(p - q_row[i], 0.0f), clock, i);
+          if (rejected) race_step(best[0], fmaxf(p - q_row[i], 0.0f), clock, i);
+          race_step(best[1], p, clock, i);
         }
       }
     }
   }
-  best_residual = block_argmax(best_residual, s.best);
-  best_p = block_argmax(best_p, s.best);
-  const int64_t token = best_residual.index != argmax_empty().index ? race_winner(best_residual) : race_winner(best_p);
-  for (int j = threadIdx.x; j <= k; j += kThreads) out[j] = j < a ? drafts[j] : (j == a ? token : -1);
-  if (threadIdx.x == 0) accepted[b] = a;
+  best[0] = block_argmax(best[0], scratch);
+  best[1] = block_argmax(best[1], scratch);
+  ArgMax* partials = ws.partials + b * splits * 2;
+  if (!publish_partials(best, partials, split, splits, ws.arrivals + b)) return;
+  if (threadIdx.x < kWarpSize) {
+    const ArgMax residual = merge_partials<2>(partials, splits, 0);
+    const ArgMax p = merge_partials<2>(partials, splits, 1);
+    const int64_t token = residual.index != argmax_empty().index ? race_winner(residual) : race_winner(p);
+    const int64_t* drafts = draft_tokens + b * k;
+    for (int j = threadIdx.x; j <= k; j += kWarpSize) out[j] = j < a ? drafts[j] : (j == a ? token : -1);
+    if (threadIdx.x == 0) accepted[b] = a;
+  }
 }
 
 // ---- launch helpers (the caller checks errors) ------------------------------------------------------
@@ -464,45 +549,56 @@ inline bool row_fits_smem(int vocab, int max_smem_optin) {
   return static_cast<int64_t>(vocab) * 4 + static_cast<int64_t>(sizeof(Scratch)) + 1024 <= max_smem_optin;
 }
 
-template <typename T, bool kSample>
-cudaError_t launch_probs(const T* logits, int64_t rows, int vocab, const Filter& filter, const int64_t* rng,
-                         uint32_t stream_id, float* probs, int64_t* tokens, float* top_probs, int max_smem_optin,
-                         cudaStream_t stream) {
+// One block per row. top_probs / arrivals may be null (sampling_probs).
+template <typename T>
+cudaError_t launch_probs(const T* logits, int64_t rows, int vocab, const Filter& filter, float* probs,
+                         float* top_probs, unsigned* arrivals, int max_smem_optin, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows));
   if (row_fits_smem(vocab, max_smem_optin)) {
     const int smem = vocab * 4;
-    const cudaError_t err = ensure_dynamic_smem<probs_kernel<T, true, kSample>>(smem);
+    const cudaError_t err = ensure_dynamic_smem<probs_kernel<T, true>>(smem);
     if (err != cudaSuccess) return err;
-    probs_kernel<T, true, kSample><<<grid, kThreads, smem, stream>>>(logits, vocab, filter, rng, stream_id, probs,
-                                                                     tokens, top_probs);
+    probs_kernel<T, true><<<grid, kThreads, smem, stream>>>(logits, vocab, filter, probs, top_probs, arrivals);
   } else {
-    probs_kernel<T, false, kSample><<<grid, kThreads, 0, stream>>>(logits, vocab, filter, rng, stream_id, probs,
-                                                                   tokens, top_probs);
+    probs_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, vocab, filter, probs, top_probs, arrivals);
   }
   return cudaGetLastError();
 }
 
-// workspace: B * (k+1) RowVerdict.
+// sample_logits: launch_probs, then the split race. partials: rows * plan.splits; arrivals: rows.
+template <typename T>
+cudaError_t launch_sample(const T* logits, int64_t rows, int vocab, const Filter& filter, const int64_t* rng,
+                          uint32_t stream_id, const RacePlan& plan, ArgMax* partials, unsigned* arrivals,
+                          float* probs, int64_t* tokens, float* top_probs, int max_smem_optin, cudaStream_t stream) {
+  cudaError_t err = launch_probs(logits, rows, vocab, filter, probs, top_probs, arrivals, max_smem_optin, stream);
+  if (err != cudaSuccess) return err;
+  sample_race_kernel<<<static_cast<unsigned>(rows * plan.splits), kRaceThreads, 0, stream>>>(
+      probs, vocab, rng, stream_id, plan.splits, plan.chunk, partials, arrivals, tokens);
+  return cudaGetLastError();
+}
+
+// ws: rows [B * (k+1)], partials [B * plan.splits * 2], arrivals [B].
 template <typename T>
 cudaError_t launch_accept(const T* logits, int64_t batch, int k, int vocab, const Filter& filter,
                           const int64_t* draft_tokens, const float* draft_probs, const int64_t* num_drafted,
-                          const int64_t* rng, RowVerdict* workspace, int64_t* accepted, int64_t* committed,
-                          int max_smem_optin, cudaStream_t stream) {
+                          const int64_t* rng, const RacePlan& plan, Workspace ws, int64_t* accepted,
+                          int64_t* committed, int max_smem_optin, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(batch * (k + 1)));
   if (row_fits_smem(vocab, max_smem_optin)) {
     const int smem = vocab * 4;
     const cudaError_t err = ensure_dynamic_smem<accept_rows_kernel<T, true>>(smem);
     if (err != cudaSuccess) return err;
     accept_rows_kernel<T, true><<<grid, kThreads, smem, stream>>>(logits, vocab, k, filter, draft_tokens,
-                                                                  draft_probs, num_drafted, rng, workspace);
+                                                                  draft_probs, num_drafted, rng, ws);
   } else {
     accept_rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(logits, vocab, k, filter, draft_tokens,
-                                                                draft_probs, num_drafted, rng, workspace);
+                                                                draft_probs, num_drafted, rng, ws);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  resample_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      logits, vocab, k, filter, draft_tokens, draft_probs, num_drafted, rng, workspace, accepted, committed);
+  resample_kernel<T><<<static_cast<unsigned>(batch * plan.splits), kRaceThreads, 0, stream>>>(
+      logits, vocab, k, filter, draft_tokens, draft_probs, num_drafted, rng, ws, plan.splits, plan.chunk, accepted,
+      committed);
   return cudaGetLastError();
 }
 
