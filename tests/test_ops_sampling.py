@@ -301,6 +301,17 @@ def test_same_rng_same_sample_other_offset_other_sample(backend):
     assert len(set(first.tolist())) > 1, "rows draw independently"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_width_seed_and_offset(backend):
+    """Both 32-bit halves of the seed are the key; the offset's low 32 bits are the counter."""
+    device = device_for(backend)
+    logits = torch.zeros(3, 50, device=device)
+    for seed, offset in ((-2 ** 62 + 12345, 2 ** 40 + 7), (2 ** 63 - 1, -1)):
+        rng = _rng(seed, offset, device)
+        token = kops.sample_logits(logits, 1.0, 0, 1.0, rng, 9, backend=backend)[0]
+        assert torch.equal(token, reference.sample_logits(logits, 1.0, 0, 1.0, rng, 9)[0])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_graph_replay_reads_the_advanced_offset(backend):
