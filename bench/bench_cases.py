@@ -69,6 +69,42 @@ def _verify_case(B: int, k: int, V: int, launches: int) -> OpCase:
     return OpCase("verify_accept", f"B{B}-k{k}-V{V}", launches, make, nbytes)
 
 
+# Sampling settings: plain temperature sampling, and a typical filtered one (both filters searched).
+SAMPLING_SETTINGS = {"T1": (1.0, 0, 1.0), "T0.7-k50-p0.9": (0.7, 50, 0.9)}
+
+
+def _sampling_case(op: str, rows: int, V: int, setting: str, launches: int) -> OpCase:
+    """sampling_probs / sample_logits on `rows` logit rows (a draft step samples one)."""
+    def make(backend):
+        logits = torch.randn(rows, V, device=DEVICE, dtype=DTYPE) * 3
+        rng = torch.tensor([1, 0], dtype=torch.int64, device=DEVICE)
+        args = (logits, *SAMPLING_SETTINGS[setting]) + ((rng, 0) if op == "sample_logits" else ())
+        fn = getattr(kops, op)
+        fn(*args, backend=backend)
+        return lambda: fn(*args, backend=backend)
+    # reads the logits; writes fp32 probabilities (+ token and top_prob)
+    return OpCase(op, f"{rows}x{V}-{setting}", launches, make, rows * V * (_elsize(DTYPE) + 4) + 12 * rows)
+
+
+def _sample_accept_case(B: int, k: int, V: int, setting: str, launches: int) -> OpCase:
+    """speculative_sample_accept at verify_accept's shape (compare with verify_accept/B1-k6-V49152)."""
+    def make(backend):
+        temperature, top_k, top_p = SAMPLING_SETTINGS[setting]
+        logits = torch.randn(B, k + 1, V, device=DEVICE, dtype=DTYPE) * 3
+        # The draft's distributions: the target's plus noise, so drafts are often (not always) accepted.
+        q = kops.sampling_probs((logits[:, :k].float() + torch.randn(B, k, V, device=DEVICE)).contiguous(),
+                                temperature, top_k, top_p, backend="reference")
+        drafts = torch.multinomial(q.reshape(-1, V), 1).reshape(B, k)
+        num_drafted = torch.full((B,), k, dtype=torch.int64, device=DEVICE)
+        rng = torch.tensor([1, 0], dtype=torch.int64, device=DEVICE)
+        args = (drafts, q, logits, num_drafted, temperature, top_k, top_p, rng)
+        kops.speculative_sample_accept(*args, backend=backend)
+        return lambda: kops.speculative_sample_accept(*args, backend=backend)
+    # the minimum: every target logit once, one row of q (the residual), drafts and outputs
+    nbytes = B * (k + 1) * V * _elsize(DTYPE) + B * V * 4 + 8 * (B * k + B + B + B * (k + 1)) + 16
+    return OpCase("speculative_sample_accept", f"B{B}-k{k}-V{V}-{setting}", launches, make, nbytes)
+
+
 def _attention_case(T: int, context: int, capacity: int, launches: int, Hq=9, Hkv=3, D=64) -> OpCase:
     """T new positions after `context` cached ones (T = 1: a draft or plain step; T = γ+1: verify),
     SmolLM2's heads, a static cache of `capacity` positions."""
@@ -131,6 +167,9 @@ def _linear_case(op: str, M: int, K: int, Ns, launches: int, residual: bool = Tr
 OP_CASES: Dict[str, List[OpCase]] = {
     "fused_add_rms_norm": [_rms_case(1, 576, 200), _rms_case(7, 576, 200), _rms_case(4096, 4096, 10)],
     "verify_accept": [_verify_case(1, 6, 49152, 200)],
+    "sampling_probs": [_sampling_case("sampling_probs", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
+    "sample_logits": [_sampling_case("sample_logits", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
+    "speculative_sample_accept": [_sample_accept_case(1, 6, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "rope_append_attention": [_attention_case(1, 1024, 2048, 100), _attention_case(7, 1024, 2048, 100)],
     "lm_head_argmax": [_head_case(1, 576, 49152, 50)],
     # SmolLM2-135M's layer shapes (q/k/v 576/192/192, MLP 1536) at decode (1 row) and verify (7 rows),

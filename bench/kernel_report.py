@@ -6,6 +6,8 @@
 Needs a CUDA device. About a minute on an H100, half of it loading the default model. Sections:
   copy_GBps  device-to-device copy of 1 GiB, bytes read + written, median of 10 (CUDA events)
   ops        "<op>/<backend>/<shape>": µs per launch (CUDA graph of N launches), GB/s, fraction of copy_GBps
+  sampling_vs_greedy  per backend: speculative_sample_accept (plain and filtered sampling) against the
+             greedy verify_accept at the default model's verify shape (V = 49152, k+1 = 7, bf16)
   engine     one draft round / one verify step of the default model, as the engine's own CUDA graphs
   decode     kx.generate vs kx.speculative_generate, default model and adapter, chat prompts,
              256 new tokens, after warm-up; host syncs per round (1 = the design: one report read)
@@ -57,6 +59,25 @@ def measure_ops(copy_GBps: float):
     return ops, skipped
 
 
+GREEDY_VERIFY = "verify_accept/{backend}/B1-k6-V49152"
+SAMPLED_VERIFY = "speculative_sample_accept/{backend}/B1-k6-V49152-{setting}"
+
+
+def sampling_vs_greedy(ops: dict) -> dict:
+    """What sampled verification costs over greedy: µs of both and their ratio, per backend and setting."""
+    out = {}
+    for backend in kops.ORDER:
+        greedy = ops.get(GREEDY_VERIFY.format(backend=backend))
+        for setting in bench_cases.SAMPLING_SETTINGS:
+            sampled = ops.get(SAMPLED_VERIFY.format(backend=backend, setting=setting))
+            if greedy and sampled:
+                out[f"{backend}/{setting}"] = {"greedy_us": greedy["us"], "sampled_us": sampled["us"],
+                                               "ratio": sampled["us"] / greedy["us"]}
+                print(f"  sampled/greedy verify {backend}/{setting}: {sampled['us']:.2f} vs {greedy['us']:.2f} us "
+                      f"({sampled['us'] / greedy['us']:.1f}x)", flush=True)
+    return out
+
+
 def measure_engine(eng, copy_GBps: float) -> dict:
     out = {"model": "SmolLM2-135M-Instruct", "dtype": str(bench_cases.DTYPE), **eng.describe(),
            "device_exit": eng.graphs.device_exit}
@@ -86,6 +107,7 @@ def main(argv=None) -> int:
     copy = bench_timing.copy_bandwidth_GBps()
     print(f"  copy bandwidth {copy:.0f} GB/s", flush=True)
     ops, skipped = measure_ops(copy)
+    sampling = sampling_vs_greedy(ops)
     engine = decode = None
     model_error = None
     try:
@@ -106,7 +128,8 @@ def main(argv=None) -> int:
         print(f"  decode: plain {decode['plain_tok_per_s']:.0f} tok/s, speculative "
               f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
               f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
-    report = {**meta, "copy_GBps": copy, "ops": ops, "skipped": skipped, "missing_cases": bench_cases.missing_cases(),
+    report = {**meta, "copy_GBps": copy, "ops": ops, "sampling_vs_greedy": sampling, "skipped": skipped,
+              "missing_cases": bench_cases.missing_cases(),
               "engine": engine, "decode": decode, "default_model_error": model_error,
               "seconds": time.perf_counter() - t0}
     io.write_json(args.out, report)

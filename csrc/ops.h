@@ -48,4 +48,25 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_gate_up(const at::Tensor& x, const s
                                                     const at::Tensor& norm_weight, double eps,
                                                     const at::Tensor& gate, const at::Tensor& up);
 
+// sampling_probs(Tensor logits, float temperature, int top_k, float top_p) -> Tensor
+// Returns probs [..., V] float32; sampling.cu.
+at::Tensor sampling_probs(const at::Tensor& logits, double temperature, int64_t top_k, double top_p);
+
+// sample_logits(Tensor logits, float temperature, int top_k, float top_p, Tensor rng, int stream)
+//     -> (Tensor, Tensor, Tensor)
+// Returns (token [...] int64, probs [..., V] float32, top_prob [...] float32); sampling.cu.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_logits(const at::Tensor& logits, double temperature,
+                                                             int64_t top_k, double top_p, const at::Tensor& rng,
+                                                             int64_t stream);
+
+// speculative_sample_accept(Tensor draft_tokens, Tensor draft_probs, Tensor target_logits, Tensor? num_drafted,
+//                           float temperature, int top_k, float top_p, Tensor rng) -> (Tensor, Tensor)
+// Returns (accepted [B], committed [B, k+1]); sampling.cu.
+std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& draft_tokens,
+                                                             const at::Tensor& draft_probs,
+                                                             const at::Tensor& target_logits,
+                                                             const std::optional<at::Tensor>& num_drafted,
+                                                             double temperature, int64_t top_k, double top_p,
+                                                             const at::Tensor& rng);
+
 }  // namespace kangaroo

@@ -16,6 +16,11 @@ TORCH_LIBRARY(kangaroo, m) {
   m.def("rms_norm_gate_up(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor gate, Tensor up) "
         "-> (Tensor, Tensor)");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("sampling_probs(Tensor logits, float temperature, int top_k, float top_p) -> Tensor");
+  m.def("sample_logits(Tensor logits, float temperature, int top_k, float top_p, Tensor rng, int stream) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("speculative_sample_accept(Tensor draft_tokens, Tensor draft_probs, Tensor target_logits, "
+        "Tensor? num_drafted, float temperature, int top_k, float top_p, Tensor rng) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
@@ -26,4 +31,7 @@ TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
   m.impl("rms_norm_linear", &kangaroo::rms_norm_linear);
   m.impl("rms_norm_gate_up", &kangaroo::rms_norm_gate_up);
   m.impl("decode_linear", &kangaroo::decode_linear);
+  m.impl("sampling_probs", &kangaroo::sampling_probs);
+  m.impl("sample_logits", &kangaroo::sample_logits);
+  m.impl("speculative_sample_accept", &kangaroo::speculative_sample_accept);
 }

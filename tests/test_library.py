@@ -48,6 +48,18 @@ def _sample_args(name, device):
             return (x, res, nw, 1e-5, ws, [torch.randn(n, device=device, dtype=dtype) if bias else None for n in Ns])
         return [case(3, 72, (40, 40, 24), torch.float32, True, True),
                 case(1, 64, (16, 16), torch.float16, False, False)]
+    if name in ("sampling_probs", "sample_logits"):
+        rng = torch.tensor([3, 4], device=device)
+        cases = [(torch.randn(3, 111, device=device), 0.7, 5, 0.9),
+                 (torch.randn(2, 3, 50, device=device, dtype=torch.float16), 1.0, 0, 1.0)]
+        return cases if name == "sampling_probs" else [c + (rng, 2) for c in cases]
+    if name == "speculative_sample_accept":
+        def case(B, k, V, dtype, num_drafted):
+            q = torch.softmax(torch.randn(B, k, V, device=device), -1)
+            return (torch.randint(0, V, (B, k), device=device), q, torch.randn(B, k + 1, V, device=device, dtype=dtype),
+                    num_drafted, 0.8, 5, 0.9, torch.tensor([1, 2], device=device))
+        return [case(3, 4, 111, torch.float32, torch.tensor([4, 0, 2], device=device)),
+                case(1, 1, 50, torch.float16, None)]
     raise KeyError(name)
 
 

@@ -10,6 +10,11 @@
     act, residual_out = rms_norm_gate_up(x, residual, norm_weight, eps, gate, up)
     out = decode_linear(x, weight, bias)
 
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    token, probs, top_prob = sample_logits(logits, temperature, top_k, top_p, rng, stream)
+    accepted, committed = speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_drafted,
+                                                    temperature, top_k, top_p, rng)
+
 `backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
 """
 from typing import List, Optional, Tuple
@@ -17,6 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import reference, schemas, validate  # noqa: F401  (schemas registers torch.ops.kangaroo.*)
+from .reference import ACCEPT_STREAM  # noqa: F401
 from .backends import (ORDER, BackendUnavailable, available_backends, reasons_against, register,  # noqa: F401
                        select, tensor_reasons, triton_module)
 
@@ -41,6 +47,12 @@ OP_FILES = {
                            triton="triton_kernels/lm_head.py"),
     "verify_accept": dict(cuda="csrc/verify_accept.cu", kernel="csrc/kernels/verify_accept.cuh",
                           triton="triton_kernels/verify_accept.py"),
+    "sampling_probs": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
+                           triton="triton_kernels/sampling.py"),
+    "sample_logits": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
+                          triton="triton_kernels/sampling.py"),
+    "speculative_sample_accept": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
+                                      triton="triton_kernels/sampling.py"),
 }
 
 
@@ -220,6 +232,91 @@ def _decode_linear_reasons(backend):
     return reasons
 
 
+# ---- sampling: temperature / top-k / top-p, and lossless speculative sampling ----------------------
+# Random numbers come from Philox4x32-10 keyed by rng = (seed, offset), an int64 [2] tensor on the
+# device that the ops only read (the caller advances the offset between rounds, on the device), plus a
+# row and a stream number; every backend draws the same numbers (reference.uniform).
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """The distribution to sample from: temperature, then top-k, then top-p.
+
+    Args:
+        logits: [..., V], float32 / float16 / bfloat16, contiguous.
+        temperature: finite, > 0; z = logits / temperature (in float32).
+        top_k: keep the tokens with z >= the k-th largest z (ties kept); 0 (or >= V) keeps all.
+        top_p: in (0, 1]; keep token i iff the probability of the tokens strictly more probable than i is
+            < top_p (the most probable tokens reaching top_p, whole tie groups); 1.0 keeps all.
+    Returns:
+        probs [..., V] float32: softmax over the kept tokens, exactly 0 elsewhere. A row with a NaN or
+        +inf logit, or only -inf logits, is all NaN.
+    """
+    validate.sampling_probs(logits, temperature, top_k, top_p)
+    args = (logits, float(temperature), int(top_k), float(top_p))
+    return select("sampling_probs", backend, *args)(*args)
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rng: torch.Tensor,
+                  stream: int, *, backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row from sampling_probs(logits, ...), on the device (no host sync).
+
+    Args:
+        logits: [..., V] as in sampling_probs; temperature, top_k, top_p: as in sampling_probs.
+        rng: int64 [2] = (seed, offset) on logits' device; read, never advanced.
+        stream: int in [0, ACCEPT_STREAM): separates independent draws made with the same rng (e.g. one
+            per draft step); the flattened row index separates rows.
+    Returns:
+        token [...] int64 (-1 for a NaN row), probs [..., V] float32 (sampling_probs) and top_prob [...]
+        float32 (the largest probability).
+    """
+    validate.sample_logits(logits, temperature, top_k, top_p, rng, stream)
+    args = (logits, float(temperature), int(top_k), float(top_p), rng, int(stream))
+    return select("sample_logits", backend, *args)(*args)
+
+
+def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_logits: torch.Tensor,
+                              num_drafted: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float,
+                              rng: torch.Tensor, *,
+                              backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lossless speculative sampling of a chain of drafts, on the device (no host sync).
+
+    Commits tokens distributed exactly as sampling_probs(target_logits, ...) (Leviathan et al. 2023,
+    Chen et al. 2023): draft j is accepted with probability min(1, p_j(x_j) / q_j(x_j)); after the
+    first rejection a the next token comes from max(0, p_a - q_a) renormalized (p_a if that is all
+    zero); with every draft accepted, a bonus token comes from p_n. Uses streams ACCEPT_STREAM and
+    ACCEPT_STREAM + 1 of rng, with row = the batch row.
+
+    Args:
+        draft_tokens: [B, k] int64, k >= 1 (a token outside [0, V) is rejected).
+        draft_probs: [B, k, V] float32, the draft's distributions q_j (as returned by sample_logits).
+        target_logits: [B, k+1, V]; row j scores the token after draft j-1.
+        num_drafted: [B] int64, drafts proposed per row (clamped to [0, k]); None = k.
+        temperature, top_k, top_p: the target's sampling_probs settings.
+        rng: int64 [2] = (seed, offset) on the logits' device; read, never advanced.
+    Returns:
+        accepted [B] int64 (a) and committed [B, k+1] int64: drafts[:a], the new token, then -1. A row
+        whose target logits at positions 0..n hold a NaN or +inf (or only -inf) gets accepted = -1 and
+        committed all -1.
+    """
+    validate.speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_drafted, temperature, top_k,
+                                       top_p, rng)
+    args = (draft_tokens, draft_probs, target_logits, num_drafted, float(temperature), int(top_k), float(top_p), rng)
+    return select("speculative_sample_accept", backend, *args)(*args)
+
+
+def _sampling_reasons(backend):
+    def reasons(logits, temperature, top_k, top_p, rng=None, stream=None):
+        return tensor_reasons(backend, {"logits": logits, "rng": rng})
+    return reasons
+
+
+def _sample_accept_reasons(backend):
+    def reasons(draft_tokens, draft_probs, target_logits, num_drafted, temperature, top_k, top_p, rng):
+        return tensor_reasons(backend, {"draft_tokens": draft_tokens, "draft_probs": draft_probs,
+                                        "target_logits": target_logits, "num_drafted": num_drafted, "rng": rng})
+    return reasons
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 def _cuda(name):
@@ -233,7 +330,9 @@ def _triton(name):
 for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons),
                         ("rope_append_attention", _attention_reasons), ("lm_head_argmax", _head_reasons),
                         ("rms_norm_linear", _linear_reasons), ("rms_norm_gate_up", _gate_up_reasons),
-                        ("decode_linear", _decode_linear_reasons)):
+                        ("decode_linear", _decode_linear_reasons), ("sampling_probs", _sampling_reasons),
+                        ("sample_logits", _sampling_reasons),
+                        ("speculative_sample_accept", _sample_accept_reasons)):
     register(_name, "cuda", _cuda(_name), _reasons("cuda"))
     register(_name, "triton", _triton(_name), _reasons("triton"))
     register(_name, "reference", getattr(reference, _name), _reasons("reference"))

@@ -119,3 +119,161 @@ def rms_norm_gate_up(x: torch.Tensor, residual: Optional[torch.Tensor], norm_wei
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear for the few rows of a decode or verify step. x: [..., K]; weight: [N, K]; bias: [N] or None."""
     return torch.nn.functional.linear(x, weight, bias)
+
+
+# ---- sampling: counter-based random numbers, filtered probabilities, lossless speculative sampling ----
+# Randomness is a pure function of (seed, offset, row, stream, element): Philox4x32-10 (Salmon et al.
+# 2011) with key = the seed's two 32-bit halves and counter = (i // 4, row, stream, offset mod 2^32);
+# element i takes word i % 4. Every backend computes the same words, so they draw the same samples.
+
+ACCEPT_STREAM = 0x7fff0000  # speculative_sample_accept's accept tests; ACCEPT_STREAM + 1: its resample race
+_MASK32 = 0xffffffff
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for int64 a in [0, 2^32) and a 32-bit constant b, in int64 without
+    overflow: b is split into 16-bit halves, so no partial product reaches 2^50."""
+    low_part = a * (b & 0xffff)                         # < 2^48
+    t = a * (b >> 16) + (low_part >> 16)                # a * b = t * 2^16 + (low_part & 0xffff), t < 2^49
+    return t >> 16, ((t & 0xffff) << 16) | (low_part & 0xffff)
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10. counter: [..., 4], key: [..., 2], int64 tensors holding uint32 values (broadcast).
+    Returns [..., 4] int64 uint32 words."""
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = key.unbind(-1)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_MUL[0])
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_MUL[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_KEY_STEP[0]) & _MASK32, (k1 + _PHILOX_KEY_STEP[1]) & _MASK32
+    return torch.stack(torch.broadcast_tensors(c0, c1, c2, c3), dim=-1)
+
+
+def uniform(seed, offset, row, stream, i) -> torch.Tensor:
+    """float32 uniforms in (0, 1) for element i of `row` in `stream`: ((word >> 9) + 0.5) * 2^-23, exact
+    in float32 (2^23 values, 2^-24 <= u <= 1 - 2^-24). All arguments are ints or int64 tensors; broadcast."""
+    i = torch.as_tensor(i, dtype=torch.int64)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=i.device)
+    as_int = lambda v: torch.as_tensor(v, dtype=torch.int64, device=seed.device)  # noqa: E731
+    i = i.to(seed.device)
+    counter = torch.stack(torch.broadcast_tensors(i // 4, as_int(row), as_int(stream), as_int(offset) & _MASK32), -1)
+    key = torch.stack([seed & _MASK32, (seed >> 32) & _MASK32], -1)           # [2]
+    words = philox4x32_10(counter, key)                                        # [..., 4]
+    word = words.gather(-1, (i % 4).expand(words.shape[:-1])[..., None])[..., 0]
+    return ((word >> 9).float() + 0.5) * 2.0 ** -23
+
+
+def _uniform_prefix(seed, offset, row: torch.Tensor, stream: int, V: int) -> torch.Tensor:
+    """uniform(seed, offset, row[:, None], stream, arange(V)) in a quarter of the work: one Philox call per
+    counter i // 4 yields the words of four elements. row: [R]. Returns [R, V]."""
+    groups = torch.arange((V + 3) // 4, device=row.device)                     # [G]
+    words = philox4x32_10(
+        torch.stack(torch.broadcast_tensors(groups[None, :], row[:, None], torch.as_tensor(stream, device=row.device),
+                                            torch.as_tensor(offset, device=row.device) & _MASK32), -1),
+        torch.stack([torch.as_tensor(seed) & _MASK32, (torch.as_tensor(seed) >> 32) & _MASK32], -1).to(row.device))
+    word = words.reshape(row.shape[0], -1)[:, :V]                              # [R, V]: word i % 4 of group i // 4
+    return ((word >> 9).float() + 0.5) * 2.0 ** -23
+
+
+def exponential_race(w: torch.Tensor, seed, offset, row: torch.Tensor, stream: int) -> torch.Tensor:
+    """A sample from the unnormalized weights w: argmax_i w_i / E_i over {w_i > 0}, E_i = -log(u_i) i.i.d.
+    Exp(1), so i wins with probability w_i / sum(w) (the minimum of independent Exp(w_i) clocks E_i / w_i).
+    No normalization, no prefix sum, any summation order. w: [R, V] >= 0; row: [R]. Returns [R] int64
+    (the first index on ties; -1 where no w_i > 0, e.g. NaN rows)."""
+    clock = -torch.log(_uniform_prefix(seed, offset, row, stream, w.shape[-1]))  # [R, V] Exp(1)
+    key = torch.where(w > 0, w / clock, -1.0)                                  # [R, V]
+    return torch.where((w > 0).any(-1), key.argmax(-1), -1)
+
+
+def _mass_strictly_above(weight: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[..., V]: for each token, the probability of the tokens with a strictly larger weight (ties excluded)."""
+    w_sorted, order = weight.sort(-1, descending=True)                         # [..., V]
+    p_sorted = p.gather(-1, order)
+    before = torch.cat([torch.zeros_like(p_sorted[..., :1]), p_sorted.cumsum(-1)[..., :-1]], -1)
+    group_start = torch.searchsorted(-w_sorted, -w_sorted)                     # first rank of each tie group
+    return torch.empty_like(p).scatter_(-1, order, before.gather(-1, group_start))
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution a sampler draws from: temperature, then top-k, then top-p, as float32.
+
+    logits: [..., V] float32/16/bf16 (float64: computed in float64, the tests' exact reference).
+    z = logits / float32(temperature). top-k (0 < k < V): keep z >= the k-th largest z (ties kept).
+    Softmax over the kept tokens. top-p (< 1): keep token i iff the probability of the tokens strictly
+    more probable than i (larger weight exp(z - max z)) is < top_p: the smallest set of most probable
+    tokens reaching top_p, whole tie groups. Renormalize; removed tokens are exactly 0. Rows with a NaN
+    or +inf z, or only -inf, are all NaN. Returns [..., V].
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    t = torch.tensor(temperature, dtype=torch.float32, device=logits.device).to(dtype)
+    z = logits.to(dtype) / t                                                   # [..., V]
+    bad = (z.isnan() | (z == float("inf"))).any(-1, keepdim=True) | (z == float("-inf")).all(-1, keepdim=True)
+    z = z.masked_fill(bad, 0.0)                                                # NaN rows: filled in at the end
+    if 0 < top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[..., -1:]                           # [..., 1] the k-th largest
+        z = z.masked_fill(z < kth, float("-inf"))
+    weight = torch.exp(z - z.amax(-1, keepdim=True))                           # [..., V], the top one is 1
+    p = weight / weight.sum(-1, keepdim=True)
+    if top_p < 1.0:
+        p = torch.where(_mass_strictly_above(weight, p) < top_p, p, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    return p.masked_fill(bad, float("nan"))
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, rng: torch.Tensor,
+                  stream: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token from sampling_probs(logits, ...) per row by the exponential race (row = flattened row index).
+
+    logits: [..., V]; rng: int64 [2] = (seed, offset). Returns token [...] int64 (-1 for NaN rows),
+    probs [..., V] float32 and top_prob [...] float32 (the largest probability).
+    """
+    probs = sampling_probs(logits, temperature, top_k, top_p)                  # [..., V]
+    flat = probs.reshape(-1, probs.shape[-1])                                  # [R, V]
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    token = exponential_race(flat, rng[0], rng[1], rows, stream)               # [R]
+    return token.reshape(probs.shape[:-1]), probs, probs.amax(-1)
+
+
+def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_logits: torch.Tensor,
+                              num_drafted: Optional[torch.Tensor], temperature: float, top_k: int, top_p: float,
+                              rng: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): commits tokens distributed exactly
+    as sampling_probs(target_logits, ...) whatever the drafts and their distribution q.
+
+    draft_tokens: [B, k] int64; draft_probs: [B, k, V] float32 (q_j, already filtered); target_logits:
+    [B, k+1, V]; num_drafted: [B] int64 (clamped to [0, k]) or None (= k); rng: int64 [2] = (seed, offset).
+    Draft j (j < n) is accepted with probability min(1, p_j(x_j) / q_j(x_j)); a = the first rejection
+    (or n). The next token is drawn from max(0, p_a - q_a) normalized (or p_a if that is all zero) when
+    a < n, from p_n (the bonus token) when every draft was accepted. Returns accepted [B] int64 (a) and
+    committed [B, k+1] int64 (drafts[:a], the new token, then -1), or -1 everywhere for a row whose
+    target logits at positions 0..n have a NaN or +inf (or only -inf).
+    """
+    B, k = draft_tokens.shape
+    dev = draft_tokens.device
+    seed, offset = rng[0], rng[1]
+    rows = torch.arange(B, device=dev)
+    p = sampling_probs(target_logits, temperature, top_k, top_p)               # [B, k+1, V] the target's law
+    V = p.shape[-1]
+    n = torch.full((B,), k, dtype=torch.int64, device=dev) if num_drafted is None else num_drafted.clamp(0, k)
+    j = torch.arange(k, device=dev)                                            # [k]
+    x = draft_tokens.clamp(0, V - 1)[..., None]                                # [B, k, 1]
+    in_vocab = (draft_tokens >= 0) & (draft_tokens < V)                        # a draft outside [0, V): p = q = 0
+    p_x = torch.where(in_vocab, p[:, :k].gather(-1, x)[..., 0], 0.0)          # [B, k]
+    q_x = torch.where(in_vocab, draft_probs.gather(-1, x)[..., 0], 0.0)
+    u = uniform(seed, offset, rows[:, None], ACCEPT_STREAM, j)                 # [B, k]
+    accept = (u * q_x < p_x) & (j < n[:, None])                                # u < min(1, p/q), no division
+    a = accept.long().cumprod(dim=1).sum(dim=1)                                # [B]: first rejection, or n
+    p_a = p[rows, a]                                                           # [B, V]
+    residual = (p_a - draft_probs[rows, a.clamp(max=k - 1)]).clamp(min=0)      # p_a - q_a where positive
+    use_residual = (a < n) & (residual > 0).any(-1)
+    w = torch.where(use_residual[:, None], residual, p_a)
+    token = exponential_race(w, seed, offset, rows, ACCEPT_STREAM + 1)         # [B]
+    pos = torch.arange(k + 1, device=dev)[None, :]                             # [1, k+1]
+    bad = (p[:, :, 0].isnan() & (pos <= n[:, None])).any(1)                    # NaN rows are all NaN
+    drafts_padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)
+    committed = torch.where(pos < a[:, None], drafts_padded, torch.where(pos == a[:, None], token[:, None], -1))
+    return torch.where(bad, -1, a), committed.masked_fill(bad[:, None], -1)

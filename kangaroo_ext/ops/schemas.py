@@ -54,6 +54,21 @@ def _fake_decode_linear(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _fake_sampling_probs(logits, temperature, top_k, top_p):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _fake_sample_logits(logits, temperature, top_k, top_p, rng, stream):
+    lead = logits.shape[:-1]
+    return (logits.new_empty(lead, dtype=torch.int64), logits.new_empty(logits.shape, dtype=torch.float32),
+            logits.new_empty(lead, dtype=torch.float32))
+
+
+def _fake_speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_drafted, temperature, top_k,
+                                    top_p, rng):
+    return _fake_verify_accept(draft_tokens, target_logits, num_drafted)
+
+
 OPS: Dict[str, OpDef] = {
     "fused_add_rms_norm": OpDef(
         "fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
@@ -79,6 +94,17 @@ OPS: Dict[str, OpDef] = {
     "decode_linear": OpDef(
         "decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
         _fake_decode_linear, reference.decode_linear),
+    "sampling_probs": OpDef(
+        "sampling_probs(Tensor logits, float temperature, int top_k, float top_p) -> Tensor",
+        _fake_sampling_probs, reference.sampling_probs),
+    "sample_logits": OpDef(
+        "sample_logits(Tensor logits, float temperature, int top_k, float top_p, Tensor rng, int stream) "
+        "-> (Tensor, Tensor, Tensor)",
+        _fake_sample_logits, reference.sample_logits),
+    "speculative_sample_accept": OpDef(
+        "speculative_sample_accept(Tensor draft_tokens, Tensor draft_probs, Tensor target_logits, "
+        "Tensor? num_drafted, float temperature, int top_k, float top_p, Tensor rng) -> (Tensor, Tensor)",
+        _fake_speculative_sample_accept, reference.speculative_sample_accept),
 }
 
 _libs = []  # keep torch.library.Library objects alive: dropping one unregisters its kernels

@@ -1,8 +1,11 @@
 """Argument checks shared by every backend's Python entry point: bad input raises ValueError naming
 the argument and what was expected (the CUDA launchers repeat these as TORCH_CHECKs)."""
+import math
 from typing import Optional
 
 import torch
+
+from .reference import ACCEPT_STREAM  # streams at and above it are speculative_sample_accept's
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -177,3 +180,67 @@ def decode_linear(x, weight, bias):
     _rows(x, "K")
     _matrix("weight", weight, x.shape[-1], x)
     _bias("bias", bias, weight.shape[0], x)
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def sampling_filter(temperature, top_k, top_p):
+    # float32(temperature) must stay finite and > 0: the kernels divide float32 logits by it.
+    if not (_is_float(temperature) and math.isfinite(temperature) and temperature > 0
+            and float(torch.tensor(temperature, dtype=torch.float32)) not in (0.0, math.inf)):
+        raise ValueError(f"temperature must be a finite float > 0 that float32 can hold, got {temperature!r}")
+    if not (_is_int(top_k) and top_k >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {top_k!r}")
+    if not (_is_float(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a float in (0, 1] (1: no top-p filter), got {top_p!r}")
+
+
+def rng(rng_state, ref_name, ref):
+    _tensor("rng", rng_state)
+    if rng_state.dtype != torch.int64 or rng_state.shape != (2,):
+        raise ValueError(f"rng must be an int64 tensor of shape [2] holding (seed, offset), got {rng_state.dtype} "
+                         f"{tuple(rng_state.shape)}")
+    _same_device("rng", rng_state, ref_name, ref)
+    _contiguous("rng", rng_state)
+
+
+def sampling_probs(logits, temperature, top_k, top_p):
+    _tensor("logits", logits)
+    if logits.dtype not in FLOATS:
+        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] == 0 or logits.numel() == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1 and no empty dimension, got "
+                         f"{tuple(logits.shape)}")
+    _contiguous("logits", logits)
+    sampling_filter(temperature, top_k, top_p)
+
+
+def sample_logits(logits, temperature, top_k, top_p, rng_state, stream):
+    sampling_probs(logits, temperature, top_k, top_p)
+    rng(rng_state, "logits", logits)
+    if not (_is_int(stream) and 0 <= stream < ACCEPT_STREAM):
+        raise ValueError(f"stream must be an int in [0, {ACCEPT_STREAM:#x}) (the streams above are "
+                         f"speculative_sample_accept's), got {stream!r}")
+
+
+def speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_drafted, temperature, top_k, top_p,
+                              rng_state):
+    verify_accept(draft_tokens, target_logits, num_drafted)
+    B, k = draft_tokens.shape
+    V = target_logits.shape[-1]
+    _tensor("draft_probs", draft_probs)
+    if draft_probs.dtype != torch.float32 or draft_probs.shape != (B, k, V):
+        raise ValueError(f"draft_probs must be float32 of shape [B, k, V] = [{B}, {k}, {V}], got "
+                         f"{draft_probs.dtype} {tuple(draft_probs.shape)}")
+    _same_device("draft_probs", draft_probs, "draft_tokens", draft_tokens)
+    _contiguous("draft_probs", draft_probs)
+    sampling_filter(temperature, top_k, top_p)
+    rng(rng_state, "target_logits", target_logits)
