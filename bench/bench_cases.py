@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import kangaroo_ext.ops as kops
+from kangaroo_ext.engine.engine import engine_for
 from kangaroo_ext.io import chat_ids
 
 DTYPE = torch.bfloat16
@@ -222,7 +223,7 @@ class DefaultEngine:
         out = kx.speculative_generate(self.model, chat_ids(self.tokenizer, CHAT_PROMPTS[0]), adapter=self.adapter,
                                       max_new_tokens=new_tokens, max_draft=MAX_DRAFT)
         assert out.stats.mode == "graphs", out.stats.mode
-        self.engine = self.model.__dict__["_kangaroo_engine"][1]
+        self.engine = engine_for(self.model)
         self.graphs, _ = self.engine.graphs_for(MAX_DRAFT, True, device_exit=out.stats.device_exit)
         self._saved = {n: getattr(self.engine, n).clone() for n in ("cache_len", "tokens_in")}
         torch.cuda.synchronize()

@@ -21,7 +21,7 @@ import torch
 
 import kangaroo_ext as kx
 from kangaroo_ext.io import MT_BENCH_FILE, chat_ids, git_commit
-from kangaroo_ext.engine.engine import Engine
+from kangaroo_ext.engine.engine import Engine, engine_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,7 +36,7 @@ def plain_top2_gap(model, sequence: torch.Tensor, position: int) -> tuple:
 
     The prefix is prefilled in one pass here, while the plain run fed it token by token, so this is the
     plain engine's gap up to bf16 rounding of the cache: a measurement of how close the tie is."""
-    engine: Engine = model.__dict__["_kangaroo_engine"][1]
+    engine: Engine = engine_for(model)
     # prefill(P) feeds P[:-1] and leaves P[-1] pending: with P = sequence[:position], the pending token is
     # sequence[position - 1] and the next plain step predicts sequence[position].
     prefix = sequence[None, :position]

@@ -8,15 +8,16 @@ Every argument is checked before any work. The loop itself (`_decode`) reads lik
 round runs on the device (host-side draft loop, CUDA graphs with the GPU applying the confidence exit,
 or the budget fallback) is engine/rounds.py's business.
 """
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence, Union
 
 import torch
 
 from . import io
 from .adapter import Adapter
-from .engine.engine import Engine, engine_for
+from .engine.engine import Engine, Sampling, engine_for
 from .engine.rounds import MODES, RoundRunner, start_rounds
 
 DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
@@ -38,6 +39,7 @@ class DecodeStats:
     capture_s: float = 0.0                # CUDA-graph capture (first call with these shapes only)
     mode: str = ""                        # "host", "device" or "graphs"
     threshold: Optional[float] = None     # η used (speculative only)
+    sampling: Optional[dict] = None       # temperature, top_k, top_p and seed of a sampled run (None: greedy)
     device_exit: bool = False             # graphs mode: the GPU skips the draft steps after the confidence exit
                                           # and verifies exactly the drafted positions (conditional nodes)
     device_exit_off: str = ""             # why not, where it is off in a speculative device/graphs run
@@ -89,6 +91,42 @@ def check_max_draft(max_draft):
     if not isinstance(max_draft, int) or isinstance(max_draft, bool) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
         raise ValueError(f"max_draft (γ) must be an int in [1, {MAX_DRAFT_LIMIT}] (acceptance beyond a few "
                          f"drafts is negligible), got {max_draft!r}")
+
+
+def check_sampling(do_sample, temperature, top_k, top_p, generator, seed, device) -> Optional[Sampling]:
+    """The Sampling settings of a call (None: greedy), every argument checked."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if not do_sample:
+        return None
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 with do_sample=True (use do_sample=False for "
+                         f"greedy decoding), got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (1.0 = no top-p filter), got {top_p!r}")
+    if generator is not None and seed is not None:
+        raise ValueError("give generator or seed, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if torch.device(generator.device).type != torch.device(device).type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}; make it with "
+                             f"torch.Generator(device={str(device)!r})")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return Sampling(float(temperature), int(top_k), float(top_p))
+
+
+def _draw_seed(generator, seed) -> int:
+    """The run's Philox seed: `seed`, else one drawn from `generator` (so successive calls differ and a
+    seeded generator reproduces them all), else from torch's default generator (torch.manual_seed)."""
+    if seed is not None:
+        return seed
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device).item())
 
 
 def resolve_threshold(threshold, adapter) -> float:
@@ -159,8 +197,11 @@ def _capacity(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
 def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], adapter: Adapter = None,
                          max_new_tokens: int = 128, threshold: Optional[float] = None,
                          max_draft: int = DEFAULT_MAX_DRAFT, eos_token_id=None, streamer=None,
-                         mode: Optional[str] = None, adaptive_draft: bool = True) -> GenerationOutput:
-    """Greedy Kangaroo decoding; the output equals `generate` token for token.
+                         mode: Optional[str] = None, adaptive_draft: bool = True, do_sample: bool = False,
+                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                         generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> GenerationOutput:
+    """Kangaroo decoding. Greedy, the output equals `generate` token for token; sampled, every token is
+    distributed exactly as the target's processed distribution (speculative sampling's accept rule).
 
     Args:
         model: a transformers LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM on one device.
@@ -177,6 +218,11 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         adaptive_draft: where the GPU cannot apply the confidence exit itself (see stats.device_exit),
             cap each round's draft steps by the draft lengths seen so far; False always runs γ steps.
             Never changes the output.
+        do_sample: False (greedy) or True: sample from the target's distribution after temperature, top_k
+            (0: off) and top_p (1.0: off), processed as in transformers; the draft samples from its own
+            distribution processed the same way, and its top-1 probability there is the confidence.
+        generator: a torch.Generator on the model's device; the run's random seed is drawn from it. Or
+            seed: an int. Neither: drawn from torch's default generator (torch.manual_seed).
     Returns:
         GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
     """
@@ -190,21 +236,29 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         raise ValueError(f"adapter must be a kangaroo_ext.Adapter, got {type(adapter).__name__}")
     engine = engine_for(model)
     adapter.check_compatible(engine.spec)
+    sampling = check_sampling(do_sample, temperature, top_k, top_p, generator, seed, engine.spec.device)
     return _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=max_draft,
-                threshold=resolve_threshold(threshold, adapter), adapter=adapter, adaptive_draft=adaptive_draft)
+                threshold=resolve_threshold(threshold, adapter), adapter=adapter, adaptive_draft=adaptive_draft,
+                sampling=sampling, seed=_draw_seed(generator, seed) if sampling else 0)
 
 
 @torch.inference_mode()
 def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], max_new_tokens: int = 128,
-             eos_token_id=None, streamer=None, mode: Optional[str] = None) -> GenerationOutput:
-    """Plain greedy decoding on the same engine and kernels: the honest baseline for speedups.
-    Arguments as speculative_generate's."""
+             eos_token_id=None, streamer=None, mode: Optional[str] = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> GenerationOutput:
+    """Plain decoding on the same engine and kernels (greedy, or sampled from the same processed
+    distribution with the same kernels): the honest baseline for speedups. Arguments as
+    speculative_generate's."""
     _positive_int("max_new_tokens", max_new_tokens)
-    return _run(engine_for(model), model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=0)
+    engine = engine_for(model)
+    sampling = check_sampling(do_sample, temperature, top_k, top_p, generator, seed, engine.spec.device)
+    return _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=0,
+                sampling=sampling, seed=_draw_seed(generator, seed) if sampling else 0)
 
 
 def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma, threshold=None,
-         adapter=None, adaptive_draft=True) -> GenerationOutput:
+         adapter=None, adaptive_draft=True, sampling=None, seed=0) -> GenerationOutput:
     cuda = engine.spec.device.type == "cuda"
     if mode is None:
         mode = "graphs" if cuda else "host"
@@ -220,10 +274,12 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         if adapter is not None:
             engine.bind_adapter(adapter)
             engine.threshold.fill_(threshold)
+        engine.set_sampling(sampling, seed)
         # Graphs are captured here, before prefill: a capture's warm-up runs overwrite the decode state.
         rounds = start_rounds(engine, mode, gamma, adaptive_draft)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
     stats.threshold = threshold
+    stats.sampling = dict(asdict(sampling), seed=seed) if sampling else None
     sequences = torch.cat([prompt[0].cpu(), torch.tensor(new_tokens, dtype=torch.int64)])[None]
     return GenerationOutput(sequences=sequences.to(prompt.device), stats=stats)
 
@@ -240,6 +296,10 @@ def _decode(engine, rounds, prompt, max_new: int, eos: set, streamer):
     stats = DecodeStats(**rounds.describe())
     new_tokens: List[int] = []
     for result in runner.results(remaining=lambda: max_new - len(new_tokens)):
+        if result.accepted < 0 or min(result.committed, default=0) < 0:
+            runner.finish()
+            raise FloatingPointError(f"the model's logits hold NaN or inf at new token {len(new_tokens)}: "
+                                     "sampling needs finite logits (a temperature too small can overflow)")
         stats.rounds += 1
         stats.accepted.append(result.accepted)
         stats.drafted.append(result.drafted)

@@ -17,6 +17,7 @@ import torch
 import kangaroo_ext as kx
 from kangaroo_ext import ops
 from kangaroo_ext.engine import conditional
+from kangaroo_ext.engine.engine import engine_for
 from kangaroo_ext.engine.rounds import Report
 
 from models import prompts, tiny_model
@@ -320,7 +321,7 @@ def engine_after_a_run():
     adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
     out = kx.speculative_generate(model, prompts(1, seed=21)[0].cuda(), adapter=adapter, max_new_tokens=24,
                                   max_draft=4, eos_token_id=[])
-    engine = model.__dict__["_kangaroo_engine"][1]
+    engine = engine_for(model)
     graphs, _ = engine.graphs_for(4, True, device_exit=True)  # the cached graphs the run replayed
     return out, engine, graphs
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kangaroo_ext as kx
-from kangaroo_ext.engine.engine import Engine
+from kangaroo_ext.engine.engine import Engine, engine_for
 from kangaroo_ext.engine.spec import model_spec
 
 from models import FAMILIES, prompts, tiny_model
@@ -139,7 +139,7 @@ def test_rollback_keeps_exactly_the_accepted_cache():
     adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
     out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.0, max_draft=5,
                                   eos_token_id=[], mode="device")
-    engine = model.__dict__["_kangaroo_engine"][1]
+    engine = engine_for(model)
     L = out.sequences.shape[1]                                   # max_new_tokens is a multiple of no round:
     committed = len(p) + sum(a + 1 for a in out.stats.accepted)  # the last round may commit past it
     assert int(engine.cache_len[0]) == committed - 1, "cache holds every committed token but the last"

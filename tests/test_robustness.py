@@ -212,3 +212,15 @@ def test_training_killed_with_sigkill_resumes_to_the_same_adapter(tmp_path):
     clean, resumed = torch.load(clean_out), torch.load(out)
     assert clean.keys() == resumed.keys()
     assert all(torch.equal(clean[k], resumed[k]) for k in clean), "resumed run differs from the clean run"
+
+
+@torch.inference_mode()
+def test_a_model_that_has_decoded_can_still_be_copied_and_pickled():
+    import copy
+    import pickle
+    model = tiny_model("llama", seed=5)
+    kx.generate(model, [1, 2, 3], max_new_tokens=4)
+    clone = copy.deepcopy(model)
+    pickle.dumps(model)
+    assert torch.equal(kx.generate(clone, [1, 2, 3], max_new_tokens=4).sequences,
+                       kx.generate(model, [1, 2, 3], max_new_tokens=4).sequences)

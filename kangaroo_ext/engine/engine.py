@@ -12,6 +12,8 @@ by the next round, and attention never reads past a query's own position.
 import contextlib
 import threading
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -23,6 +25,18 @@ from .rounds import Report
 from .spec import LayerWeights, ModelSpec, model_spec
 
 ADAPTER_SLOTS = 2  # KV-cache slots after the target's layers: one per adapter block (adapter.MAX_BLOCKS)
+# Random streams within one round (ops.sample_logits): draft step j uses stream j; a step that samples
+# the target's token directly (plain decoding, a verify with no draft) this one; the accept its own two.
+TARGET_STREAM = ops.ACCEPT_STREAM - 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: temperature, then top-k (0: off), then top-p (1.0: off). Part of the key of
+    the captured graphs (the kernels take them as launch arguments)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 class Engine:
@@ -42,7 +56,8 @@ class Engine:
         self.adapter_weights: List[LayerWeights] = []
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
-        self._graphs: Dict[Tuple[int, bool, bool], CudaGraphs] = {}  # (γ, speculative, device exit)
+        self.sampling: Optional[Sampling] = None  # None: greedy
+        self._graphs: Dict[tuple, CudaGraphs] = {}  # (γ, speculative, device exit, sampling)
 
     @contextlib.contextmanager
     def request(self):
@@ -96,6 +111,8 @@ class Engine:
             num_drafted=torch.zeros(B, dtype=torch.int64, device=dev),
             active=torch.ones(B, dtype=torch.bool, device=dev),
             threshold=torch.zeros((), dtype=torch.float32, device=dev),
+            rng=torch.zeros(2, dtype=torch.int64, device=dev),                 # (seed, offset): sampling
+            draft_probs=torch.zeros(B, g, s.vocab_size, dtype=torch.float32, device=dev),  # q of each draft
             cache_len=torch.zeros(B, dtype=torch.int64, device=dev),
             report=torch.zeros(B, Report.width(g), dtype=torch.int64, device=dev))  # read once per round
         self.__dict__.update(new)
@@ -105,8 +122,9 @@ class Engine:
     # ---- captured graphs, owned here because they replay this engine's buffers ---------------------
 
     def graphs_for(self, gamma: int, speculative: bool, device_exit: bool) -> Tuple[CudaGraphs, float]:
-        """The CUDA graphs of a round with this γ, captured on first use; (graphs, capture seconds)."""
-        key = (gamma, speculative, bool(device_exit and speculative))
+        """The CUDA graphs of a round with this γ (and the current sampling settings), captured on first
+        use; (graphs, capture seconds)."""
+        key = (gamma, speculative, bool(device_exit and speculative), self.sampling)
         graphs = self._graphs.get(key)
         if graphs is not None:
             return graphs, 0.0
@@ -114,6 +132,13 @@ class Engine:
         graphs = CudaGraphs(self, gamma, speculative, device_exit=key[2])
         self._graphs[key] = graphs
         return graphs, time.perf_counter() - t0
+
+    def set_sampling(self, sampling: Optional[Sampling], seed: int = 0):
+        """Greedy (None) or sampled decoding from now on; the random stream restarts at (seed, offset 0).
+        Every round advances the offset on the device, so each round draws fresh numbers, replays of a
+        captured round included, and a seed reproduces a whole generation."""
+        self.sampling = sampling
+        self.rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))
 
     @property
     def num_graphs(self) -> int:
@@ -185,7 +210,7 @@ class Engine:
             x, res = self._mlp_block(x, res, w)
         return x, res
 
-    def adapter_forward(self, x, res, positions, with_head: bool = True):
+    def adapter_forward(self, x, res, positions, with_head: bool = True, stream: int = 0):
         """The adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised residual
         stream at the exit, which verification starts from) and, with_head, (token, confidence) from the
         draft's head. Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
@@ -199,10 +224,19 @@ class Engine:
         if not with_head:
             return h_exit, None
         y, _ = self._norm(x, res, self.adapter_norm)
-        token, confidence = ops.lm_head_argmax(y, self.draft_head)
+        q = None
+        if self.sampling is None:
+            token, confidence = ops.lm_head_argmax(y, self.draft_head)
+        else:  # draw from the draft's processed distribution; its top-1 probability is the confidence
+            c = self.sampling
+            token, q_draft, confidence = ops.sample_logits(F.linear(y, self.draft_head), c.temperature, c.top_k,
+                                                           c.top_p, self.rng, stream)
+            q = q_draft if self.draft_ids is None else \
+                torch.zeros((*q_draft.shape[:-1], self.spec.vocab_size), dtype=q_draft.dtype,
+                            device=q_draft.device).index_copy_(-1, self.draft_ids, q_draft)
         if self.draft_ids is not None:
-            token = self.draft_ids[token]                 # draft-vocabulary index -> token id
-        return h_exit, (token, confidence)
+            token = self.draft_ids[token.clamp_min(0)]    # draft-vocabulary index -> token id
+        return h_exit, (token, confidence, q)
 
     def logits(self, x, res):
         y, _ = self._norm(x, res, self.spec.final_norm)
@@ -240,11 +274,15 @@ class Engine:
         pos = self.cache_len[:, None] + j                                        # [B, 1]
         h = F.embedding(self.tokens_in[:, j:j + 1], self.spec.embed)             # [B, 1, H]
         x, res = self.run_layers(h, pos, 0, ell)
-        h_exit, head = self.adapter_forward(x, res, pos, with_head=j < gamma)
+        h_exit, head = self.adapter_forward(x, res, pos, with_head=j < gamma, stream=j)
         self.exit_states[:, j].copy_(h_exit[:, 0])
         if j < gamma:
-            token, conf = head
+            token, conf, q = head
             keep = self.active & (conf[:, 0] >= self.threshold)
+            if q is not None:   # sampling: q, the draft's processed distribution, decides acceptance
+                self.draft_probs[:, j].copy_(q[:, 0])
+                keep = keep & (token[:, 0] >= 0)   # a NaN draft row proposes nothing
+                token = token.clamp_min(0)
             self.draft_tokens[:, j] = token[:, 0]
             self.tokens_in[:, j + 1] = token[:, 0]
             self.num_drafted.add_(keep.long())
@@ -258,38 +296,65 @@ class Engine:
         pos = self.cache_len[:, None] + self.steps[:n_positions]                 # [B, n]
         x, res = self.run_layers(self.exit_states[:, :n_positions], pos, ell, self.spec.num_layers)
         if n_positions == 1:  # nothing was drafted: the bonus token alone, as a plain step takes it
-            y, _ = self._norm(x, res, self.spec.final_norm)
-            committed, _ = ops.lm_head_argmax(y, self.spec.lm_head)               # [B, 1]
+            committed = self._target_token(x, res)                               # [B, 1]
             accepted = torch.zeros_like(self.num_drafted)
-        else:
+        elif self.sampling is None:
             logits = self.logits(x, res)                                         # [B, n, V]
             accepted, committed = ops.verify_accept(self.draft_tokens[:, :n_positions - 1], logits,
                                                     self.num_drafted)
+        else:
+            c, k = self.sampling, n_positions - 1
+            accepted, committed = ops.speculative_sample_accept(
+                self.draft_tokens[:, :k], self.draft_probs[:, :k], self.logits(x, res), self.num_drafted,
+                c.temperature, c.top_k, c.top_p, self.rng)
         self._commit(accepted, committed)
+
+    def _target_token(self, x, res) -> torch.Tensor:
+        """The target's next token [B, 1] from the last layer's (x, res): argmax, or a sample."""
+        y, _ = self._norm(x, res, self.spec.final_norm)
+        if self.sampling is None:
+            return ops.lm_head_argmax(y, self.spec.lm_head)[0]
+        c = self.sampling
+        return ops.sample_logits(F.linear(y, self.spec.lm_head), c.temperature, c.top_k, c.top_p, self.rng,
+                                 TARGET_STREAM)[0]
 
     def plain_step(self):
         """Ordinary decoding: one token through all layers (the honest baseline, same kernels)."""
         pos = self.cache_len[:, None]
         h = F.embedding(self.tokens_in[:, :1], self.spec.embed)
         x, res = self.run_layers(h, pos, 0, self.spec.num_layers)
-        y, _ = self._norm(x, res, self.spec.final_norm)
-        token, _ = ops.lm_head_argmax(y, self.spec.lm_head)                       # [B, 1]
+        token = self._target_token(x, res)                                       # [B, 1]
         self.num_drafted.zero_()
         self._commit(torch.zeros_like(self.num_drafted), token)
 
     def _commit(self, accepted, committed):
-        """Advance the caches past committed[:, :accepted+1] and report the round; all on the device."""
-        self.cache_len.add_(accepted + 1)
-        self.tokens_in[:, 0] = committed.gather(1, accepted[:, None])[:, 0]
+        """Advance the caches past committed[:, :accepted+1] and report the round; all on the device.
+        A row the sampling kernels flagged (accepted -1 or token -1: NaN/inf logits) reports it and does
+        not advance; the host raises. Sampling moves to fresh random numbers for the next round."""
+        if self.sampling is None:
+            self.cache_len.add_(accepted + 1)
+            self.tokens_in[:, 0] = committed.gather(1, accepted[:, None])[:, 0]
+        else:
+            self.cache_len.add_(torch.where(accepted >= 0, accepted + 1, 0))
+            self.tokens_in[:, 0] = committed.gather(1, accepted.clamp_min(0)[:, None])[:, 0].clamp_min(0)
+            self.rng[1:].add_(1)
         Report.write(self.report, accepted, self.num_drafted, committed)
 
 
+# model -> (what the engine was built for, engine). Weak keys: an engine lives as long as its model, and
+# the model itself stays free of our state (deepcopy, pickling and save_pretrained see nothing of ours).
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
 def engine_for(model) -> Engine:
-    """The engine cached on the model; rebuilt if the model moved, changed dtype or got new weights."""
+    """The engine for this model, built on first use and rebuilt if the model moved, changed dtype or got
+    new weights."""
     embed = model.get_input_embeddings().weight
     key = (str(embed.device), embed.dtype, embed.data_ptr())
-    cached = model.__dict__.get("_kangaroo_engine")
-    if cached is None or cached[0] != key:
-        cached = (key, Engine(model_spec(model)))
-        model.__dict__["_kangaroo_engine"] = cached
+    with _ENGINES_LOCK:
+        cached = _ENGINES.get(model)
+        if cached is None or cached[0] != key:
+            cached = (key, Engine(model_spec(model)))
+            _ENGINES[model] = cached
     return cached[1]
