@@ -489,7 +489,7 @@ def run_from_args(args) -> int:
         if args.adapter else kx.load_default_adapter(model)
     adapter_desc = args.adapter or "default"
     if not adapter.config.get("trained", True):
-        adapter_desc += " (untrained)"  # the seeded random stand-in: expect little speedup
+        adapter_desc += " (untrained)"  # its config says trained: false; expect little speedup
     out_dir = args.out or os.path.join("bench", "results", "run-" + time.strftime("%Y%m%d-%H%M%S"))
     results = new_results(args.questions, questions, _model_device(model), model.dtype, args.max_new_tokens,
                           args.threshold, args.max_draft, adapter_desc, methods, args.hf_max_questions)
