@@ -2,7 +2,7 @@
 (no hub download), and its shipped adapter.
 
 Dequantizing the GGUF file takes about 15 s, so the first load caches the result (model_cache.py) and
-later loads read the cache in about 2 s."""
+later loads read the cache in 2-3 s."""
 import importlib.util
 import os
 import sys

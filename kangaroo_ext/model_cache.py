@@ -1,5 +1,5 @@
 """A disk cache for a model and tokenizer that are slow to build from one source file (the default
-model is dequantized from a GGUF file in about 15 s; reading the cached copy back takes about 2 s).
+model is dequantized from a GGUF file in about 15 s; reading the cached copy back takes 2-3 s, mostly importing transformers).
 
 Layout under the cache root (see cache_root):
 
@@ -335,7 +335,7 @@ def verify_entry(entry: str, sha256: str) -> dict:
         except OSError:
             raise CacheEntryDamaged(f"{name} is missing") from None
         if size != expected.get("size"):
-            raise CacheEntryDamaged(f"{name} has {size:,} bytes where {expected.get('size')} were written "
+            raise CacheEntryDamaged(f"{name} has {size} bytes where {expected.get('size')} were written "
                                     "(truncated?)")
         try:
             crc32 = file_crc32(path)
