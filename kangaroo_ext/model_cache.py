@@ -1,5 +1,6 @@
 """A disk cache for a model and tokenizer that are slow to build from one source file (the default
-model is dequantized from a GGUF file in about 15 s; reading the cached copy back takes 2-3 s, mostly importing transformers).
+model is dequantized from a GGUF file in about 15 s; reading the cached copy back takes 2-3 s, mostly
+importing transformers).
 
 Layout under the cache root (see cache_root):
 
