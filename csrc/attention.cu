@@ -14,6 +14,7 @@
 #include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/attention.cuh"
+#include "launch_options.h"
 #include "ops.h"
 
 namespace kangaroo {
@@ -120,7 +121,7 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     p.n_qtiles = pl.n_qtiles;
     p.n_splits = pl.n_splits;
     p.min_chunk = pl.min_chunk;
-    C10_CUDA_CHECK(attention::launch<T_>(p, pl, stream));
+    C10_CUDA_CHECK(attention::launch<T_>(p, pl, Launch{stream, pdl_launches()}));
   });
   return out;
 }

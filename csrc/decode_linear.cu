@@ -15,6 +15,7 @@
 #include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/decode_linear.cuh"
+#include "launch_options.h"
 #include "ops.h"
 
 namespace kangaroo {
@@ -113,7 +114,7 @@ void run(const at::Tensor& x, const std::vector<const at::Tensor*>& weights,
     TORCH_CHECK_VALUE(pl.smem_bytes + 1024 <= max_smem, "x's last dimension K = ", K,
                       " is too large for the CUDA kernel (one row of ", pl.smem_bytes,
                       " bytes must fit the device's shared memory per block, ", max_smem, " bytes)");
-    const cudaError_t err = gemv::launch<T, MODE>(p, pl, stream);
+    const cudaError_t err = gemv::launch<T, MODE>(p, pl, Launch{stream, pdl_launches()});
     C10_CUDA_CHECK(err);
   });
 }

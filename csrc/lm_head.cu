@@ -14,6 +14,7 @@
 #include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/lm_head.cuh"
+#include "launch_options.h"
 #include "ops.h"
 
 namespace kangaroo {
@@ -62,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor> lm_head_argmax(const at::Tensor& hidden, cons
     at::Tensor workspace = at::empty({R * pl.n_blocks * 3}, hidden.options().dtype(at::kInt));
     C10_CUDA_CHECK(lm_head::launch<T>(pl, x, w, R, static_cast<int>(V), static_cast<int>(H),
                                       reinterpret_cast<lm_head::Soft*>(workspace.data_ptr()),
-                                      token.mutable_data_ptr<int64_t>(), confidence.mutable_data_ptr<float>(), stream));
+                                      token.mutable_data_ptr<int64_t>(), confidence.mutable_data_ptr<float>(),
+                                      Launch{stream, pdl_launches()}));
   });
   return {token, confidence};
 }

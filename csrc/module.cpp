@@ -10,6 +10,7 @@
 #include <string>
 
 #include "graph_branch.h"
+#include "launch_options.h"
 
 // Two levels so the macro's value, not its name, is stringified. setup.py / CMakeLists.txt pass
 // the arch list as one preprocessor number (e.g. 8.0_9.0a) to avoid shell quoting.
@@ -101,6 +102,15 @@ PyObject* branch_depth(PyObject*, PyObject*) {
   return guarded([&] { return PyLong_FromLongLong(kangaroo::graph::branch_depth()); });
 }
 
+PyObject* set_pdl_launches(PyObject*, PyObject* args) {
+  int enabled = 1;
+  if (!PyArg_ParseTuple(args, "p", &enabled)) return nullptr;
+  kangaroo::set_pdl_launches(enabled != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* pdl_launches(PyObject*, PyObject*) { return PyBool_FromLong(kangaroo::pdl_launches() ? 1 : 0); }
+
 PyObject* branch_select(PyObject*, PyObject* args) {
   long long index = 0;
   if (!PyArg_ParseTuple(args, "L", &index)) return nullptr;
@@ -128,6 +138,9 @@ PyObject* branch_close(PyObject*, PyObject* args) {
 }
 
 PyMethodDef kMethods[] = {
+    {"set_pdl_launches", set_pdl_launches, METH_VARARGS,
+     "set_pdl_launches(enabled: bool): whether later kernel launches may use programmatic dependent launch"},
+    {"pdl_launches", pdl_launches, METH_NOARGS, "pdl_launches() -> bool"},
     {"branch_unsupported_reason", branch_unsupported_reason, METH_VARARGS,
      "branch_unsupported_reason(device) -> str: why conditional graph nodes cannot be captured ('' if they can)"},
     {"branch_begin", branch_begin, METH_VARARGS,

@@ -11,6 +11,7 @@
 #include "checks.h"
 #include "dispatch.cuh"
 #include "kernels/rms_norm.cuh"
+#include "launch_options.h"
 #include "ops.h"
 
 namespace kangaroo {
@@ -60,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
                                                 has_residual ? static_cast<const T*>(residual->const_data_ptr())
                                                              : nullptr,
                                                 static_cast<const T*>(weight.const_data_ptr()), rows,
-                                                static_cast<int>(hidden), static_cast<float>(eps), stream);
+                                                static_cast<int>(hidden), static_cast<float>(eps),
+                                                Launch{stream, pdl_launches()});
     C10_CUDA_CHECK(err);
   });
   return {out, residual_out};

@@ -113,6 +113,17 @@ if _warn:
     warnings.warn(LOAD_ERROR, ExtensionMismatchWarning, stacklevel=2)
 
 
+def apply_launch_settings():
+    """Hand the launchers their switches (the kernel headers read no environment): programmatic
+    dependent launch unless KANGAROO_DISABLE_PDL. Called at import; call again after changing it."""
+    from . import config
+    if _C is not None and hasattr(_C, "set_pdl_launches"):
+        _C.set_pdl_launches(not config.flag("KANGAROO_DISABLE_PDL"))
+
+
+apply_launch_settings()
+
+
 def loaded() -> bool:
     return _C is not None
 

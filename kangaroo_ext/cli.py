@@ -40,7 +40,7 @@ def _check_device_dtype(device, dtype):
 def _check_threshold_draft(threshold, max_draft):
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold (η) must be in [0, 1], got {threshold}")
-    if not 1 <= max_draft <= MAX_DRAFT_LIMIT:
+    if max_draft is not None and not 1 <= max_draft <= MAX_DRAFT_LIMIT:
         raise ValueError(f"--max-draft (γ) must be in [1, {MAX_DRAFT_LIMIT}], got {max_draft}")
 
 
@@ -91,21 +91,21 @@ def _generate(args):
     from transformers import TextStreamer
 
     import kangaroo_ext as kx
-    from .decoding import resolve_threshold
+    from .decoding import resolve_settings
     t0 = time.perf_counter()
     model, tokenizer = load_model("default", args.device, args.dtype)
     adapter = _load_adapter(args.adapter, model)
-    threshold = resolve_threshold(args.threshold, adapter)
+    threshold, max_draft = resolve_settings(args.threshold, args.max_draft, adapter, model.device)
     _say(f"SmolLM2-135M-Instruct on {model.device} ({str(model.dtype).replace('torch.', '')}), loaded in "
          f"{time.perf_counter() - t0:.1f} s; draft: first {adapter.exit_layer} layer(s) + adapter, "
-         f"η = {threshold}, γ = {args.max_draft}")
+         f"η = {threshold}, γ = {max_draft}")
     for prompt in prompts:
         ids = torch.tensor([io.chat_ids(tokenizer, prompt)])
         if len(prompts) > 1:
             print(f"\n### {prompt}\n", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=args.max_new_tokens,
-                                      threshold=threshold, max_draft=args.max_draft,
+                                      threshold=threshold, max_draft=max_draft,
                                       eos_token_id=tokenizer.eos_token_id, streamer=streamer)
         s = out.stats
         line = (f"Kangaroo: {s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s "
@@ -146,25 +146,27 @@ def _bench(args):
     _check_threshold_draft(args.threshold, args.max_draft)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     _check_device_dtype(args.device, args.dtype)
     _adapter_config(args.adapter)
 
-    from .decoding import resolve_threshold
+    from .decoding import resolve_settings
     model, tokenizer = load_model("default", args.device, args.dtype)
     adapter = _load_adapter(args.adapter, model)  # loaded even without kangaroo: --resume compares its name
-    threshold = resolve_threshold(args.threshold, adapter)
+    threshold, max_draft = resolve_settings(args.threshold, args.max_draft, adapter, model.device)
     out_dir = args.out or os.path.join("bench", "results", "run-" + time.strftime("%Y%m%d-%H%M%S"))
     results = harness.new_results(args.questions or io.MT_BENCH_FILE, questions, model.device, model.dtype,
-                                  args.max_new_tokens, threshold, args.max_draft, args.adapter or "default",
-                                  methods, args.hf_max_questions)
+                                  args.max_new_tokens, threshold, max_draft, args.adapter or "default",
+                                  methods, args.hf_max_questions, args.temperature)
     if args.resume:
         results = harness.resumed(os.path.join(out_dir, "results.json"), results)
     print(f"kangaroo bench: {len(questions)} questions, methods {', '.join(methods)} on "
-          f"{results['meta']['device']}; η = {threshold}, γ = {args.max_draft}; writing to {out_dir}")
+          f"{results['meta']['device']}; η = {threshold}, γ = {max_draft}; writing to {out_dir}")
     results = harness.run_benchmark(
         model, tokenizer, questions, methods, adapter=adapter, max_new_tokens=args.max_new_tokens,
-        threshold=threshold, max_draft=args.max_draft, hf_max_questions=args.hf_max_questions,
-        warmup=args.warmup, progress=not args.no_progress, results=results,
+        threshold=threshold, max_draft=max_draft, hf_max_questions=args.hf_max_questions,
+        warmup=args.warmup, progress=not args.no_progress, results=results, temperature=args.temperature,
         on_turn_done=lambda r: harness.write_outputs(r, out_dir, with_plots=False))
     for path in harness.write_outputs(results, out_dir):
         print(f"wrote {path}")
@@ -231,6 +233,9 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longer prompts (chat template included) are skipped")
     a("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length in the generation phase")
     a("--gen-batch-size", type=int, default=None, help="default: 128 on GPU, 8 on CPU")
+    a("--data", dest="data_file", default=None,
+      help="the generated answers as token ids (default: OUT/distill_data.pt); share one between runs with "
+           "--reuse-data, or carry it to resume an interrupted generation with --resume")
     a("--generation-time-limit", type=float, default=None, help="seconds; later batches are not generated")
     a("--teacher-tokens-per-batch", type=int, default=None, help="default: 32768 on GPU, 4096 on CPU")
     a("--top-k", type=int, default=d.top_k, help="teacher top-k + rest bucket; 0 = full softmax")
@@ -306,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--file", help="a .jsonl of prompts (\"prompt\" field, MT-bench \"turns\", or strings)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens to generate")
     g.add_argument("--threshold", type=float, default=None,
-                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation, else "
-                        f"{DEFAULT_THRESHOLD})")
-    g.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="γ, the most drafts per round")
+                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation for the "
+                        f"device, else {DEFAULT_THRESHOLD})")
+    g.add_argument("--max-draft", type=int, default=None,
+                   help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
+                        f"{DEFAULT_MAX_DRAFT})")
     g.add_argument("--adapter", help="an adapter folder (default: the shipped one)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -327,13 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: only these categories")
     b.add_argument("--max-new-tokens", type=int, default=1024, help="the most tokens per answer")
     b.add_argument("--threshold", type=float, default=None,
-                   help=f"η (default: the adapter's recommendation, else {DEFAULT_THRESHOLD})")
-    b.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="γ: most drafts per round")
+                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation for the "
+                        f"device, else {DEFAULT_THRESHOLD})")
+    b.add_argument("--max-draft", type=int, default=None,
+                   help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
+                        f"{DEFAULT_MAX_DRAFT})")
     b.add_argument("--adapter", metavar="DIR", help="adapter folder (default: the shipped one)")
     b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     b.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     b.add_argument("--out", metavar="DIR", help="default: bench/results/run-<date>")
     b.add_argument("--warmup", type=int, default=3, help="untimed passes per method")
+    b.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy; > 0: every method samples at this temperature (Spec-Bench's sampled setting "
+                        "is 1.0); Kangaroo keeps the target's distribution exactly")
     b.add_argument("--resume", action="store_true",
                    help="keep every turn already measured in DIR/results.json (same settings and commit)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")

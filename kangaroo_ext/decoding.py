@@ -88,9 +88,11 @@ def check_threshold(threshold):
 
 
 def check_max_draft(max_draft):
+    if max_draft is None:
+        return
     if not isinstance(max_draft, int) or isinstance(max_draft, bool) or not 1 <= max_draft <= MAX_DRAFT_LIMIT:
-        raise ValueError(f"max_draft (γ) must be an int in [1, {MAX_DRAFT_LIMIT}] (acceptance beyond a few "
-                         f"drafts is negligible), got {max_draft!r}")
+        raise ValueError(f"max_draft (γ) must be an int in [1, {MAX_DRAFT_LIMIT}] or None (the adapter's "
+                         f"recommendation; acceptance beyond a few drafts is negligible), got {max_draft!r}")
 
 
 def check_sampling(do_sample, temperature, top_k, top_p, generator, seed, device) -> Optional[Sampling]:
@@ -129,11 +131,16 @@ def _draw_seed(generator, seed) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device).item())
 
 
-def resolve_threshold(threshold, adapter) -> float:
-    """η: the call's, else the adapter's recommendation, else DEFAULT_THRESHOLD (one rule everywhere)."""
-    if threshold is not None:
-        return float(threshold)
-    return float(adapter.config.get("recommended_threshold", DEFAULT_THRESHOLD))
+def resolve_settings(threshold, max_draft, adapter, device) -> tuple:
+    """(η, γ): the call's, else the adapter's recommendation for this device type ("recommended":
+    {"cpu": {...}, "cuda": {...}} in its config, measured there), else its device-independent
+    recommended_threshold, else DEFAULT_THRESHOLD and DEFAULT_MAX_DRAFT. One rule for the API, the command
+    line and the benchmark."""
+    mine = adapter.config.get("recommended", {}).get(torch.device(device).type, {})
+    eta = threshold if threshold is not None else \
+        mine.get("threshold", adapter.config.get("recommended_threshold", DEFAULT_THRESHOLD))
+    gamma = max_draft if max_draft is not None else mine.get("max_draft", DEFAULT_MAX_DRAFT)
+    return float(eta), int(gamma)
 
 
 def _as_prompt(input_ids, vocab_size: int, device) -> torch.Tensor:
@@ -196,7 +203,7 @@ def _capacity(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
 @torch.inference_mode()
 def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], adapter: Adapter = None,
                          max_new_tokens: int = 128, threshold: Optional[float] = None,
-                         max_draft: int = DEFAULT_MAX_DRAFT, eos_token_id=None, streamer=None,
+                         max_draft: Optional[int] = None, eos_token_id=None, streamer=None,
                          mode: Optional[str] = None, adaptive_draft: bool = True, do_sample: bool = False,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> GenerationOutput:
@@ -209,8 +216,8 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         adapter: a kangaroo_ext.Adapter for this model (kx.load_default_adapter(model) for SmolLM2); the
             draft is the target's first ℓ = adapter.exit_layer layers plus the adapter.
         threshold: η in [0, 1]; drafting stops when the draft's top-1 probability falls below it.
-            None: the adapter's recommended_threshold, else 0.6.
-        max_draft: γ in [1, 32], the most drafts per round.
+            None: the adapter's recommendation for the model's device type, else 0.6.
+        max_draft: γ in [1, 32], the most drafts per round. None: the adapter's recommendation, else 6.
         eos_token_id: int or list; None = the model's generation config.
         streamer: an object with put(LongTensor) and end() (e.g. transformers.TextStreamer).
         mode: "graphs" (CUDA graphs, default on GPU), "device" (same steps without graphs) or "host"
@@ -237,8 +244,9 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
     engine = engine_for(model)
     adapter.check_compatible(engine.spec)
     sampling = check_sampling(do_sample, temperature, top_k, top_p, generator, seed, engine.spec.device)
+    threshold, max_draft = resolve_settings(threshold, max_draft, adapter, engine.spec.device)
     return _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=max_draft,
-                threshold=resolve_threshold(threshold, adapter), adapter=adapter, adaptive_draft=adaptive_draft,
+                threshold=threshold, adapter=adapter, adaptive_draft=adaptive_draft,
                 sampling=sampling, seed=_draw_seed(generator, seed) if sampling else 0)
 
 

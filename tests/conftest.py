@@ -18,12 +18,20 @@ import kangaroo_ext.ops as kops  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def device_params():
+    """"cpu", and "cuda" marked `gpu` (scripts/gpu_check.sh runs `pytest -m gpu`) and skipped without one."""
+    return ["cpu", pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
 def backend_params():
-    """Every backend, each skipped with its reason where it cannot run on this machine."""
+    """Every backend, each skipped with its reason where it cannot run on this machine; the CUDA
+    backend's cases are marked `gpu`."""
     out = []
     for b in kops.ORDER:
         why = kops.available_backends()[b]
-        out.append(pytest.param(b, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)), id=b))
+        marks = [pytest.mark.skipif(bool(why), reason="; ".join(why))] + ([pytest.mark.gpu] if b == "cuda" else [])
+        out.append(pytest.param(b, marks=marks, id=b))
     return out
 
 

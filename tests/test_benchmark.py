@@ -379,3 +379,16 @@ def test_which_commit_cli_names_this_checkouts_commit_or_says_none(tmp_path, cap
     result.write_text(json.dumps({"commit": "x"}))
     assert cli.main(["which-commit", str(result)]) == 2
     assert "records no code_trees" in capsys.readouterr().err
+
+
+def test_a_sampled_benchmark_runs_every_method_reproducibly(model):
+    adapter = kx.Adapter.for_model(model, exit_layer=2)
+    runs = [harness.run_benchmark(model, CharChatTokenizer(), QUESTIONS[:2], ["kangaroo", "plain", "hf-eager"],
+                                  adapter=adapter, max_new_tokens=8, warmup=0, progress=False, temperature=1.0)
+            for _ in range(2)]
+    for method in ("kangaroo", "plain", "hf-eager"):
+        turns = [r["methods"][method]["turns"] for r in runs]
+        assert len(turns[0]) == 4
+        if method != "hf-eager":  # ours are seeded per turn; transformers' sampling is not
+            assert [t["output_sha1"] for t in turns[0]] == [t["output_sha1"] for t in turns[1]]
+    assert report.summarize(runs[0])["kangaroo"]["overall"]["mean_accepted"] >= 1.0

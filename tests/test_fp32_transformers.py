@@ -14,9 +14,9 @@ from kangaroo_ext import io
 from kangaroo_ext.engine.engine import Engine
 from kangaroo_ext.engine.spec import model_spec
 
+from conftest import device_params
 from models import FAMILIES, prompts, tiny_model
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def engine_logits(model, ids):
@@ -42,7 +42,7 @@ def arbiter(model64, ids, ours, theirs):
             f"transformers {theirs[k]} (fp64 logit {logits[theirs[k]]:.6f}); fp64 argmax {int(logits.argmax())}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.inference_mode()
 def test_engine_logits_are_as_close_to_float64_as_transformers(device, family):
@@ -57,7 +57,7 @@ def test_engine_logits_are_as_close_to_float64_as_transformers(device, family):
         assert err <= allowed_error(hf, ref), f"engine {err:.3g} vs transformers {(hf.double() - ref).abs().max():.3g}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.inference_mode()
 def test_fp32_generation_equals_transformers_greedy(device, family):

@@ -28,7 +28,6 @@ LAYERS = [
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_LINES = 600
-KERNEL_HEADER_GETENV_PENDING = True  # csrc/kernels/common.cuh still reads KANGAROO_DISABLE_PDL (being moved)
 
 
 def _modules():
@@ -115,7 +114,7 @@ def test_environment_variables_are_read_in_config_only():
         for m in re.finditer(r"(os\.environ|os\.getenv|getenv)\b[^\n]*", text):
             if "KANGAROO_" in m.group(0) or re.search(r"environ\.get\(|getenv\(", m.group(0)):
                 offenders.append(f"{name}: {m.group(0).strip()}")
-    for folder in () if KERNEL_HEADER_GETENV_PENDING else ("csrc", os.path.join("csrc", "kernels")):
+    for folder in ("csrc", os.path.join("csrc", "kernels")):
         for f in os.listdir(os.path.join(ROOT, folder)):
             if f.endswith((".h", ".cuh")) and "getenv" in open(os.path.join(ROOT, folder, f)).read():
                 offenders.append(f"{folder}/{f}: getenv in a kernel header (pass switches as launch arguments)")

@@ -207,3 +207,20 @@ def test_another_running_torch_warns_once_and_info_says_why():
     assert run.returncode == 0, run.stdout + run.stderr
     line = f"kangaroo_ext._C was built for torch {torch.__version__} but torch 2.11.0+cu130 is running: {HINT}"
     assert line in run.stdout
+
+
+def test_the_pdl_switch_reaches_the_launchers(monkeypatch):
+    """KANGAROO_DISABLE_PDL is read by config.py and handed to the launchers at import; no header reads it."""
+    from kangaroo_ext import _extension
+    if not _extension.loaded():
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    try:
+        monkeypatch.setenv("KANGAROO_DISABLE_PDL", "1")
+        _extension.apply_launch_settings()
+        assert _extension._C.pdl_launches() is False
+        monkeypatch.setenv("KANGAROO_DISABLE_PDL", "0")
+        _extension.apply_launch_settings()
+        assert _extension._C.pdl_launches() is True
+    finally:
+        monkeypatch.delenv("KANGAROO_DISABLE_PDL", raising=False)
+        _extension.apply_launch_settings()

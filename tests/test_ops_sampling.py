@@ -312,6 +312,7 @@ def test_full_width_seed_and_offset(backend):
         assert torch.equal(token, reference.sample_logits(logits, 1.0, 0, 1.0, rng, 9)[0])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_graph_replay_reads_the_advanced_offset(backend):
@@ -413,6 +414,7 @@ def test_speculative_sample_accept_rejects_bad_input(backend, case):
         kops.speculative_sample_accept(**args, backend=backend)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_cuda_launchers_check_their_arguments():
     """The compiled ops (called directly, without validate.py) raise the same ValueErrors."""

@@ -16,9 +16,9 @@ import kangaroo_ext as kx
 from kangaroo_ext import decoding
 from kangaroo_ext.engine.engine import engine_for
 
+from conftest import device_params
 from models import prompts, tiny_model
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -43,7 +43,7 @@ class Interrupting:
         pass
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("streamer failed")], ids=["ctrl-c", "exception"])
 @torch.inference_mode()
 def test_an_interrupted_generation_leaves_the_engine_consistent(device, error):
@@ -65,7 +65,7 @@ def test_an_interrupted_generation_leaves_the_engine_consistent(device, error):
                                                    eos_token_id=[]).sequences, want_spec)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params())
 def test_concurrent_callers_are_serialised_and_both_right(device):
     model = _model(device)
     adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")

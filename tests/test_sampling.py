@@ -169,6 +169,7 @@ def test_bad_sampling_arguments_are_named(model, adapter, kw, message):
         kx.generate(model, PROMPT, max_new_tokens=3, do_sample=True, **kw)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
 def test_a_generator_on_another_device_is_refused(model):
     with pytest.raises(ValueError, match="generator is on cuda"):

@@ -77,7 +77,7 @@ def engine_adapter_steps(model, adapter, ids):
     for p in range(ids.shape[1]):
         pos = torch.tensor([[p]])
         x, res = engine.run_layers(F.embedding(ids[:, p:p + 1], engine.spec.embed), pos, 0, adapter.exit_layer)
-        h_exit, (tok, conf) = engine.adapter_forward(x, res, pos)
+        h_exit, (tok, conf, _) = engine.adapter_forward(x, res, pos)
         exits.append(h_exit)
         ys.append(next(out for w, out in reversed(seen) if w is engine.adapter_norm)[0])
         tokens.append(tok)
@@ -365,3 +365,33 @@ def test_draft_vocab_is_the_most_frequent_answer_tokens():
     v = draft.DraftVocab.most_frequent([[5, 5, 7, 9], [7, 5, 1]], 3, 12)
     assert v.ids.tolist() == [5, 7, 1]  # 5 (3x), 7 (2x), then ties by id: 1 before 9
     assert v.inv[5] == 0 and v.inv[9] == -1 and v.covers(torch.tensor([1, 9])).tolist() == [True, False]
+
+
+def test_an_interrupted_generation_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    records = [{"prompt": f"question {i}: what is {i} times {i + 1}?"} for i in range(9)]
+    base = dict(num_prompts=9, max_new_tokens=6, gen_batch_size=2, progress=False, verbose=False)
+    clean, _, _ = data.distill_sequences(model, FakeTokenizer(), records, opts(**base), "fp", lambda *a: None)
+    real = data.generate_answers
+
+    def dies_after_two_batches(*args, on_batch=None, **kw):
+        calls = []
+
+        def save_then_maybe_die(answers):
+            on_batch(answers)
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(*args, on_batch=save_then_maybe_die, **kw)
+    path = str(tmp_path / "answers.pt")
+    monkeypatch.setattr(data, "generate_answers", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        data.distill_sequences(model, FakeTokenizer(), records, opts(data_file=path, **base), "fp", lambda *a: None)
+    assert not torch.load(path, weights_only=True)["complete"]
+    monkeypatch.setattr(data, "generate_answers", real)
+    resumed, _, gen = data.distill_sequences(model, FakeTokenizer(), records,
+                                             opts(data_file=path, resume=True, **base), "fp", lambda *a: None)
+    assert 2 <= gen["resumed_answers"] <= 4 and resumed == clean  # two batches of at most 2 were kept
+    again, _, gen = data.distill_sequences(model, FakeTokenizer(), records, opts(data_file=path, resume=True, **base),
+                                           "fp", lambda *a: None)
+    assert gen.get("reused") and again == clean

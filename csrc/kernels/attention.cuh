@@ -493,7 +493,7 @@ inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int ca
 }
 
 template <typename T, int VEC, int HD, int RPT>
-cudaError_t launch_with(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+cudaError_t launch_with(const Params<T>& p, const Plan& pl, Launch stream) {
   constexpr auto kernel = attention_kernel<T, VEC, HD, RPT>;
   const cudaError_t serr = ensure_dynamic_smem<kernel>(pl.smem_bytes);
   if (serr != cudaSuccess) return serr;
@@ -504,7 +504,7 @@ cudaError_t launch_with(const Params<T>& p, const Plan& pl, cudaStream_t stream)
 }
 
 template <typename T, int VEC, int HD>
-cudaError_t launch_rpt(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+cudaError_t launch_rpt(const Params<T>& p, const Plan& pl, Launch stream) {
   switch (pl.rpt) {
     case 1: return launch_with<T, VEC, HD, 1>(p, pl, stream);
     case 2: return launch_with<T, VEC, HD, 2>(p, pl, stream);
@@ -516,7 +516,7 @@ cudaError_t launch_rpt(const Params<T>& p, const Plan& pl, cudaStream_t stream) 
 // Launches the kernel on `stream` and returns the launch status. p's plan fields (m_tile, n_qtiles,
 // n_splits, min_chunk) must come from `pl`.
 template <typename T>
-cudaError_t launch(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+cudaError_t launch(const Params<T>& p, const Plan& pl, Launch stream) {
   constexpr int V16 = kVec16<T>;
   if (pl.vec == 1) return launch_rpt<T, 1, 0>(p, pl, stream);
   if (pl.hd == 64) return launch_rpt<T, V16, 64>(p, pl, stream);

@@ -188,29 +188,29 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// KANGAROO_DISABLE_PDL=1 launches normally (for profiling: with PDL a kernel's recorded duration
-// includes the time it waits for its predecessor, so per-kernel times overlap). Read once.
-inline bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("KANGAROO_DISABLE_PDL");
-    return v == nullptr || v[0] == '\0' || (v[0] == '0' && v[1] == '\0');
-  }();
-  return enabled;
-}
+// Where and how a kernel launches: its stream, and whether it may start while the previous kernel in the
+// stream still runs (programmatic dependent launch, PDL). The launcher decides (it turns PDL off for
+// profiling: with PDL a kernel's recorded duration includes the time it waits for its predecessor);
+// headers only pass it on.
+struct Launch {
+  cudaStream_t stream;
+  bool pdl;
+};
 
-// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization allowed, in
-// thread-block clusters of `cluster` blocks when that is more than one (sm_90+, grid divisible by it).
+// kernel<<<grid, block, smem, launch.stream>>>(args...), with programmatic stream serialization allowed
+// when launch.pdl, in thread-block clusters of `cluster` blocks when that is more than one (sm_90+, grid
+// divisible by it).
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_pdl_cluster(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
-                               cudaStream_t stream, dim3 cluster, Args&&... args) {
+cudaError_t launch_pdl_cluster(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, Launch launch,
+                               dim3 cluster, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
+  cfg.stream = launch.stream;
   cudaLaunchAttribute attr[2];
   unsigned n = 0;
-  if (pdl_enabled()) {
+  if (launch.pdl) {
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n].val.programmaticStreamSerializationAllowed = 1;
     ++n;
@@ -228,9 +228,9 @@ cudaError_t launch_pdl_cluster(void (*kernel)(KernelArgs...), dim3 grid, dim3 bl
 }
 
 template <typename... KernelArgs, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, Launch launch,
                        Args&&... args) {
-  return launch_pdl_cluster(kernel, grid, block, smem, stream, dim3(1, 1, 1), std::forward<Args>(args)...);
+  return launch_pdl_cluster(kernel, grid, block, smem, launch, dim3(1, 1, 1), std::forward<Args>(args)...);
 }
 
 // ---- thread-block clusters (sm_90+; the host never launches a cluster on older devices) --------------

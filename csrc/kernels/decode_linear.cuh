@@ -308,7 +308,7 @@ inline Plan plan(int m, int k, int n_total, int elem_size, bool vec16, int num_s
 }
 
 template <typename T, int VEC, int MB, Mode MODE>
-cudaError_t launch_instance(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+cudaError_t launch_instance(const Params<T>& p, const Plan& pl, Launch stream) {
   constexpr auto kernel = gemv_kernel<T, VEC, MB, MODE>;
   const cudaError_t err = ensure_dynamic_smem<kernel>(pl.smem_bytes);
   if (err != cudaSuccess) return err;
@@ -319,7 +319,7 @@ cudaError_t launch_instance(const Params<T>& p, const Plan& pl, cudaStream_t str
 // Launches on `stream`. p.m >= 1, p.k >= 1, K % pl.vec == 0 and 16-byte aligned pointers when
 // pl.vec > 1; pl.smem_bytes within the device's opt-in limit (the launcher checks).
 template <typename T, Mode MODE>
-cudaError_t launch(const Params<T>& p, const Plan& pl, cudaStream_t stream) {
+cudaError_t launch(const Params<T>& p, const Plan& pl, Launch stream) {
   constexpr int kVec = kVec16<T>;
   if (pl.vec == kVec) {
     switch (pl.mb) {

@@ -336,7 +336,7 @@ Plan plan(const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_
 // Launches both kernels on `stream`; returns the launch status. partials: rows * p.n_blocks triples.
 template <typename T>
 cudaError_t launch(const Plan& p, const T* hidden, const T* weight, int64_t rows, int vocab, int hidden_size,
-                   Soft* partials, int64_t* token, float* confidence, cudaStream_t stream) {
+                   Soft* partials, int64_t* token, float* confidence, Launch stream) {
   if (p.rb < 1) return cudaErrorInvalidValue;
   const PartialKernel<T> kernel = partial_kernel_for<T>(p.vec, p.rb);
   cudaError_t err = kernel.ensure_smem(p.smem_bytes);

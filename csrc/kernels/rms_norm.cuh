@@ -159,7 +159,7 @@ bool can_vectorize(const T* out, const T* residual_out, const T* x, const T* res
 
 template <typename T, int VEC>
 cudaError_t launch_with_vec(const LaunchConfig& c, T* out, T* residual_out, const T* x, const T* residual,
-                            const T* weight, int64_t rows, int hidden, float eps, cudaStream_t stream) {
+                            const T* weight, int64_t rows, int hidden, float eps, Launch stream) {
   if (c.cache_in_smem) {
     return launch_pdl(fused_add_rms_norm_kernel<T, VEC, true>, c.grid, c.block, c.smem_bytes, stream, out,
                       residual_out, x, residual, weight, rows, hidden, eps);
@@ -172,7 +172,7 @@ cudaError_t launch_with_vec(const LaunchConfig& c, T* out, T* residual_out, cons
 // alias the inputs. 1 <= rows < 2^31 (one grid dimension), hidden >= 1.
 template <typename T>
 cudaError_t launch(T* out, T* residual_out, const T* x, const T* residual, const T* weight, int64_t rows,
-                   int hidden, float eps, cudaStream_t stream) {
+                   int hidden, float eps, Launch stream) {
   const bool vectorized = can_vectorize(out, residual_out, x, residual, weight, hidden);
   const LaunchConfig c = plan(rows, hidden, sizeof(T), vectorized);
   if (vectorized) {

@@ -35,7 +35,8 @@ ENGINE_METHODS = ("kangaroo", "plain")
 WARMUP_MAX_NEW_TOKENS = 128   # warm-up only has to trigger compilation / capture / allocation
 PROMPT_LOOKUP_TOKENS = 10
 # What must match for --resume to keep earlier turns.
-RESUME_KEYS = ("questions_sha256", "question_ids", "max_new_tokens", "dtype", "threshold", "max_draft", "adapter")
+RESUME_KEYS = ("questions_sha256", "question_ids", "max_new_tokens", "dtype", "threshold", "max_draft", "adapter",
+               "temperature")
 
 
 def parse_methods(text) -> List[str]:
@@ -58,12 +59,14 @@ def _context_limit(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
 
 
-def _hf_generation_config(method: str, eos: int, max_new: int):
+def _hf_generation_config(method: str, eos: int, max_new: int, temperature: float = 0.0):
     # An explicit config, not the model's: its defaults (repetition penalty, sampling) must not apply.
     from transformers import GenerationConfig
     extra = {"cache_implementation": "static"} if method == "hf-static" else \
         {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if method == "hf-prompt-lookup" else {}
-    return GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos, **extra)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    return GenerationConfig(max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos, **sampling, **extra)
 
 
 def _stop_after(n_new: int, prompt_len: int):
@@ -76,23 +79,30 @@ def _stop_after(n_new: int, prompt_len: int):
     return StopAfter()
 
 
-def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float], max_draft: int) -> Callable:
-    """run(prompt_ids, max_new, stop_after=None) -> (new token ids, DecodeStats or None)."""
+def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float], max_draft: int,
+                temperature: float = 0.0) -> Callable:
+    """run(prompt_ids, max_new, stop_after=None) -> (new token ids, DecodeStats or None). temperature > 0
+    samples (no top-k / top-p: the Spec-Bench protocol), seeded per turn so a rerun draws the same."""
     device = _model_device(model)
+    turn = [0]
+
+    def sampling():
+        turn[0] += 1
+        return dict(do_sample=True, temperature=temperature, seed=turn[0]) if temperature > 0 else {}
 
     def run(ids: List[int], max_new: int, stop_after: Optional[int] = None):
         if method == "kangaroo":
             out = speculative_generate(model, ids, adapter=adapter, max_new_tokens=max_new, threshold=threshold,
-                                       max_draft=max_draft, eos_token_id=eos)
+                                       max_draft=max_draft, eos_token_id=eos, **sampling())
             return out.sequences[0, len(ids):].tolist(), out.stats
         if method == "plain":
-            out = generate(model, ids, max_new_tokens=max_new, eos_token_id=eos)
+            out = generate(model, ids, max_new_tokens=max_new, eos_token_id=eos, **sampling())
             return out.sequences[0, len(ids):].tolist(), out.stats
         x = torch.tensor([ids], dtype=torch.long, device=device)
         kwargs = {"stopping_criteria": [_stop_after(stop_after, len(ids))]} if stop_after else {}
         with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x),
-                                 generation_config=_hf_generation_config(method, eos, max_new), **kwargs)
+            out = model.generate(x, attention_mask=torch.ones_like(x), **kwargs,
+                                 generation_config=_hf_generation_config(method, eos, max_new, temperature))
         return out[0, len(ids):].tolist(), None
     return run
 
@@ -144,14 +154,15 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
                   adapter=None, max_new_tokens: int = 1024, threshold: Optional[float] = None, max_draft: int = 6,
                   hf_max_questions: Optional[int] = None, warmup: int = 3, progress: bool = True,
                   results: Optional[dict] = None, on_turn_done: Optional[Callable[[dict], None]] = None,
-                  method_key: Optional[Callable[[str], str]] = None) -> dict:
+                  method_key: Optional[Callable[[str], str]] = None, temperature: float = 0.0) -> dict:
     """Runs every method over the questions' turns; returns the raw results (see report.summarize()).
 
     threshold: η for kangaroo (None: the adapter's recommendation).
     results: earlier results to extend: their finished turns are kept, only the missing ones run.
     on_turn_done(results): called after each turn and each method, e.g. to save partial results.
     method_key(method): the key a method's results are stored under (default: the method's name), so one
-    results dict can hold several kangaroo configurations (the training sweep)."""
+    results dict can hold several kangaroo configurations (the training sweep).
+    temperature: 0 decodes greedily; > 0 samples at that temperature (every method)."""
     methods = parse_methods(methods)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -175,7 +186,7 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
             continue
         try:
             _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                        progress, done, lambda: on_turn_done and on_turn_done(results))
+                        progress, done, lambda: on_turn_done and on_turn_done(results), temperature)
             results.get("errors", {}).pop(key(method), None)
         except Exception as e:  # noqa: BLE001  one failing baseline (say, a compile error) must not
             # cost the other methods' numbers in an unattended run: record it, report it, go on
@@ -189,10 +200,10 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
 
 
 def _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                progress, done: dict, saved: Callable):
+                progress, done: dict, saved: Callable, temperature: float = 0.0):
     """Appends each finished turn to done["turns"] (then calls saved()); skips turns already there."""
     cuda = _model_device(model).type == "cuda"
-    run = make_runner(method, model, adapter, eos, threshold, max_draft)
+    run = make_runner(method, model, adapter, eos, threshold, max_draft, temperature)
     finished = {(str(t["question_id"]), t["turn"]): t for t in done["turns"]}
     n_turns = sum(len(q["turns"]) for q in qs)
     bar = io.progress_bar(progress, total=warmup + n_turns, initial=len(finished), desc=method, unit="turn")
@@ -257,7 +268,7 @@ def write_outputs(results: dict, out_dir: str, with_plots: bool = True) -> List[
 
 def new_results(questions_path: str, questions: List[dict], device, dtype, max_new_tokens: int,
                 threshold: Optional[float], max_draft: int, adapter_desc: str, methods: Sequence[str],
-                hf_max_questions) -> dict:
+                hf_max_questions, temperature: float = 0.0) -> dict:
     meta = io.provenance(device)
     with open(questions_path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
@@ -266,8 +277,10 @@ def new_results(questions_path: str, questions: List[dict], device, dtype, max_n
                        "question_ids": [q["question_id"] for q in questions], "max_new_tokens": max_new_tokens,
                        "dtype": str(dtype).replace("torch.", ""), "threshold": threshold, "max_draft": max_draft,
                        "adapter": adapter_desc, "methods": list(methods), "hf_max_questions": hf_max_questions,
-                       "protocol": "greedy, batch 1, chat template, answers carried to the next turn, "
-                                   "each turn timed between device syncs incl. prefill"},
+                       "temperature": temperature,
+                       "protocol": ("greedy" if not temperature else f"sampled at temperature {temperature}")
+                       + ", batch 1, chat template, answers carried to the next turn, each turn timed between "
+                         "device syncs incl. prefill"},
             "methods": {}}
 
 

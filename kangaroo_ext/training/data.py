@@ -11,7 +11,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,13 +42,17 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int, limi
 # ---- generation: the target writes the answers -----------------------------------------------------
 
 def generate_answers(model, prompts: List[List[int]], max_new_tokens: int, batch_size: int, eos_ids: List[int],
-                     pad_id: int, time_limit: Optional[float] = None, seed: int = 0,
-                     progress: bool = True) -> Tuple[List[Tuple[List[int], List[int]]], dict]:
+                     pad_id: int, time_limit: Optional[float] = None, seed: int = 0, progress: bool = True,
+                     answers: Optional[Dict[int, List[int]]] = None,
+                     on_batch: Optional[Callable[[Dict[int, List[int]]], None]] = None
+                     ) -> Tuple[List[Tuple[List[int], List[int]]], dict]:
     """Greedy answers by HF `model.generate`, batched with left padding.
 
     Prompts are batched by length (little padding), and the batches run in a seeded random order, so a
-    time limit drops a random subset rather than all the longest prompts. Returns [(prompt ids, answer
-    ids up to and including the first EOS)] in prompt order, and statistics."""
+    time limit drops a random subset rather than all the longest prompts. answers: {prompt index: answer}
+    already made (an interrupted run's): their batches are skipped. on_batch(answers) after each batch
+    (to save progress). Returns [(prompt ids, answer ids up to and including the first EOS)] in prompt
+    order, and statistics of this call's generation."""
     from transformers import GenerationConfig
     device = model.get_input_embeddings().weight.device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None,
@@ -56,12 +60,14 @@ def generate_answers(model, prompts: List[List[int]], max_new_tokens: int, batch
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
-    answers: Dict[int, List[int]] = {}
+    answers = dict(answers or {})
     new_tokens, eos_ended, stopped = 0, 0, False
     eos = set(eos_ids)
-    bar = io.progress_bar(progress, total=len(prompts), desc="generate", unit="prompt")
+    bar = io.progress_bar(progress, total=len(prompts), initial=len(answers), desc="generate", unit="prompt")
     t0 = time.perf_counter()
     for b in order:
+        if all(i in answers for i in batches[b]):
+            continue
         if time_limit is not None and time.perf_counter() - t0 > time_limit:
             stopped = True
             break
@@ -81,6 +87,8 @@ def generate_answers(model, prompts: List[List[int]], max_new_tokens: int, batch
             new_tokens += len(answers[rows[r]])
         bar.update(len(rows))
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+        if on_batch is not None:
+            on_batch(answers)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -99,6 +107,22 @@ def generate_answers(model, prompts: List[List[int]], max_new_tokens: int, batch
 DATA_FILE = "distill_data.pt"
 
 
+def pack_sequences(sequences: List[Tuple[List[int], List[int]]]) -> Dict[str, torch.Tensor]:
+    """(prompt, answer) pairs as two tensors: tokens int32 [sum of lengths], lengths int32 [n, 2] —
+    a few bytes a token (5M answer tokens: ~25 MB), small enough to bring back from a GPU machine."""
+    flat = [t for p, a in sequences for t in p + a]
+    return {"tokens": torch.tensor(flat, dtype=torch.int32),
+            "lengths": torch.tensor([[len(p), len(a)] for p, a in sequences], dtype=torch.int32).reshape(-1, 2)}
+
+
+def unpack_sequences(packed: Dict[str, torch.Tensor]) -> List[Tuple[List[int], List[int]]]:
+    tokens, out, at = packed["tokens"].tolist(), [], 0
+    for p, a in packed["lengths"].tolist():
+        out.append((tokens[at:at + p], tokens[at + p:at + p + a]))
+        at += p + a
+    return out
+
+
 def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, say):
     """(prompt ids, answer ids) pairs, a report on the prompts (used, skipped by reason) and one on the
     generation. opts: a training.TrainOptions. Reuses out_dir's answers when asked and the settings match."""
@@ -115,14 +139,19 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
                 texts.append(text)
     settings = {"source": source, "num_prompts": opts.num_prompts, "max_prompt_tokens": opts.max_prompt_tokens,
                 "max_new_tokens": opts.max_new_tokens, "model": model_fingerprint}
-    path = os.path.join(opts.out_dir, DATA_FILE) if opts.out_dir else None
+    path = opts.data_file or (os.path.join(opts.out_dir, DATA_FILE) if opts.out_dir else None)
+    partial = {}
     if path and (opts.resume or opts.reuse_data) and os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["settings"] != settings:
             raise ValueError(f"{path} was generated with other settings ({saved['settings']}, now {settings}); "
                              "use another --out or drop --resume / --reuse-data")
-        say(f"[train] reusing {len(saved['sequences'])} generated answers from {path}")
-        return saved["sequences"], saved["data"], dict(saved["generation"], reused=True)
+        if saved.get("complete", True):
+            sequences = unpack_sequences(saved["sequences"])
+            say(f"[train] reusing {len(sequences)} generated answers from {path}")
+            return sequences, saved["data"], dict(saved["generation"], reused=True)
+        partial = {int(i): a for i, (_, a) in zip(saved["answered"].tolist(), unpack_sequences(saved["sequences"]))}
+        say(f"[train] resuming generation: {len(partial)} answers already in {path}")
 
     ids, examined = encode_prompts(tokenizer, texts, opts.max_prompt_tokens, opts.num_prompts, skipped)
     data_report = {"source": source, "records": len(texts) + sum(skipped.values()), "valid": len(texts),
@@ -137,18 +166,29 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
         say(f"[train] note: only {len(ids)} usable prompts for num_prompts={opts.num_prompts}")
     eos = io.eos_ids(model, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    def save_progress(answers):  # an interrupted generation resumes from here (--resume)
+        done = sorted(answers)
+        _save(path, {"settings": settings, "complete": False, "answered": torch.tensor(done, dtype=torch.int64),
+                     "sequences": pack_sequences([(ids[i], answers[i]) for i in done])})
     sequences, gen = generate_answers(model, ids, opts.max_new_tokens, opts.gen_batch_size, eos, pad,
-                                      opts.generation_time_limit, opts.seed, opts.progress)
+                                      opts.generation_time_limit, opts.seed, opts.progress, answers=partial,
+                                      on_batch=save_progress if path else None)
+    gen["resumed_answers"] = len(partial)
     say(f"[train] generation: {gen['sequences']} answers, {gen['new_tokens']} tokens in {gen['seconds']:.1f} s "
         f"= {gen['tokens_per_s']:.0f} tok/s (batch {opts.gen_batch_size}, <= {opts.max_new_tokens} new tokens"
         + (", stopped by the time limit" if gen["stopped_by_time_limit"] else "") + ")")
     if len(sequences) < 2:
         raise ValueError("fewer than 2 answers were generated; raise the generation time limit")
     if path:
-        torch.save({"settings": settings, "sequences": sequences, "data": data_report, "generation": gen},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)
+        _save(path, {"settings": settings, "complete": True, "sequences": pack_sequences(sequences),
+                     "data": data_report, "generation": gen})
     return sequences, data_report, gen
+
+
+def _save(path: str, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file
 
 
 # ---- the teacher pass and its cache -----------------------------------------------------------------

@@ -14,6 +14,7 @@ class TrainOptions:
     max_prompt_tokens: int = 512           # longer prompts (chat template included) are skipped and counted
     max_new_tokens: int = 256              # answer length
     gen_batch_size: Optional[int] = None   # None: 128 on a GPU, 8 on the CPU
+    data_file: Optional[str] = None        # the generated answers (token ids); None: out_dir/distill_data.pt
     generation_time_limit: Optional[float] = None  # seconds; no new generation batch starts after it
     teacher_tokens_per_batch: Optional[int] = None  # None: 32768 on a GPU, 4096 on the CPU
     top_k: int = 64                        # teacher targets: top-k + rest bucket; 0 = full softmax
@@ -65,7 +66,7 @@ class TrainOptions:
             raise ValueError("eval_questions and eval_warmup must be >= 0")
         if not self.thresholds or not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.thresholds):
             raise ValueError(f"thresholds must be numbers in [0, 1], got {list(self.thresholds)!r}")
-        if (self.resume or self.reuse_data) and not self.out_dir:
+        if (self.resume or self.reuse_data) and not (self.out_dir or self.data_file):
             raise ValueError("resume / reuse_data need out_dir")
         from ..adapter import ARCHITECTURES
         if self.architecture not in ARCHITECTURES:
