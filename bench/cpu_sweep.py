@@ -26,10 +26,9 @@ from kangaroo_ext.training.draft import DraftVocab
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_answers(path: str):
+def load_pairs(path: str):
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    pairs = saved["pairs"] if "pairs" in saved else unpack_sequences(saved["sequences"])
-    return [a for _, a in pairs]
+    return saved["pairs"] if "pairs" in saved else unpack_sequences(saved["sequences"])
 
 
 def ints(text):
@@ -43,6 +42,8 @@ def floats(text):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--answers", required=True)
+    p.add_argument("--prompt-file", default=None,
+                   help="training prompts (.jsonl): their tokens rank what the answers never use")
     p.add_argument("--sizes", type=ints, default=[4096, 8192, 16384, 0])
     p.add_argument("--thresholds", type=floats, default=[0.3, 0.5])
     p.add_argument("--max-drafts", type=ints, default=[3, 6])
@@ -57,7 +58,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = kx.load_default_model(device="cpu", dtype=torch.float32)
     base = kx.load_default_adapter(model)
-    answers = load_answers(args.answers)
+    pairs = load_pairs(args.answers)
+    answers, prompts = [a for _, a in pairs], [p for p, _ in pairs]
+    if args.prompt_file:
+        prompts += [tok(t, add_special_tokens=False)["input_ids"] for t in io.read_prompts(args.prompt_file,
+                                                                                            strict=False)[0]]
     questions = io.select_questions(io.load_questions(), max_questions=args.questions)
     results = {"methods": {}}
     common = dict(max_new_tokens=args.new, warmup=args.warmup, progress=False, results=results)
@@ -78,7 +83,7 @@ def main(argv=None) -> int:
         adapter = kx.Adapter(base.config).to(model.dtype)
         adapter.load_state_dict(base.state_dict(), strict=False)
         if n:
-            vocab = DraftVocab.most_frequent(answers, n, model.config.vocab_size)
+            vocab = DraftVocab.most_frequent(answers, n, model.config.vocab_size, also=prompts)
             adapter.with_draft_vocab(vocab.ids)
         coverage = None if not n else float(DraftVocab.from_ids(adapter.draft_vocab_ids, model.config.vocab_size)
                                              .covers(torch.tensor([t for a in answers for t in a])).float().mean())

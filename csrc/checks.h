@@ -5,6 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <optional>
+
 namespace kangaroo {
 namespace checks {
 
@@ -26,6 +29,38 @@ inline void float_dtype(const at::Tensor& t, const char* name) {
   const auto d = t.scalar_type();
   TORCH_CHECK_VALUE(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, name,
                     " must be float32, float16 or bfloat16, got ", d);
+}
+
+// A chain of drafts and the target's scores of it, as every verify-and-accept op takes them:
+// draft_tokens int64 [B, k] (k >= 1), target_logits float [B, k+1, V], num_drafted int64 [B] or none;
+// all CUDA, contiguous, on one device. Returns V.
+inline int64_t draft_chain(const at::Tensor& draft_tokens, const at::Tensor& target_logits,
+                           const std::optional<at::Tensor>& num_drafted) {
+  cuda(draft_tokens, "draft_tokens");
+  TORCH_CHECK_VALUE(draft_tokens.scalar_type() == at::kLong && draft_tokens.dim() == 2 && draft_tokens.size(1) >= 1,
+                    "draft_tokens must be int64 of shape [B, k] with k >= 1, got ", draft_tokens.scalar_type(), " ",
+                    draft_tokens.sizes());
+  const int64_t batch = draft_tokens.size(0), k = draft_tokens.size(1);
+  TORCH_CHECK_VALUE(batch >= 1, "draft_tokens must have at least one row (B >= 1)");
+  contiguous(draft_tokens, "draft_tokens");
+  cuda(target_logits, "target_logits");
+  float_dtype(target_logits, "target_logits");
+  TORCH_CHECK_VALUE(target_logits.dim() == 3 && target_logits.size(0) == batch && target_logits.size(1) == k + 1 &&
+                        target_logits.size(2) >= 1,
+                    "target_logits must have shape [B, k+1, V] = [", batch, ", ", k + 1, ", V] for draft_tokens [",
+                    batch, ", ", k, "], got ", target_logits.sizes());
+  same_device(target_logits, "target_logits", draft_tokens, "draft_tokens");
+  contiguous(target_logits, "target_logits");
+  TORCH_CHECK_VALUE(k < (1 << 20), "draft_tokens must have k < 2^20, got ", k);
+  if (num_drafted.has_value()) {
+    const at::Tensor& n = *num_drafted;
+    cuda(n, "num_drafted");
+    TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.dim() == 1 && n.size(0) == batch,
+                      "num_drafted must be int64 of shape [", batch, "], got ", n.scalar_type(), " ", n.sizes());
+    same_device(n, "num_drafted", draft_tokens, "draft_tokens");
+    contiguous(n, "num_drafted");
+  }
+  return target_logits.size(2);
 }
 
 }  // namespace checks

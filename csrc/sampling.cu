@@ -116,25 +116,9 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
                                                              double temperature, int64_t top_k, double top_p,
                                                              const at::Tensor& rng) {
   const sampling::Filter filter = check_filter(temperature, top_k, top_p);
-  checks::cuda(draft_tokens, "draft_tokens");
-  TORCH_CHECK_VALUE(draft_tokens.scalar_type() == at::kLong && draft_tokens.dim() == 2 && draft_tokens.size(1) >= 1,
-                    "draft_tokens must be int64 of shape [B, k] with k >= 1, got ", draft_tokens.scalar_type(), " ",
-                    draft_tokens.sizes());
+  const int64_t vocab = checks::draft_chain(draft_tokens, target_logits, num_drafted);
   const int64_t batch = draft_tokens.size(0), k = draft_tokens.size(1);
-  TORCH_CHECK_VALUE(batch >= 1, "draft_tokens must have at least one row (B >= 1)");
-  checks::contiguous(draft_tokens, "draft_tokens");
-
-  checks::cuda(target_logits, "target_logits");
-  checks::float_dtype(target_logits, "target_logits");
-  TORCH_CHECK_VALUE(target_logits.dim() == 3 && target_logits.size(0) == batch && target_logits.size(1) == k + 1 &&
-                        target_logits.size(2) >= 1,
-                    "target_logits must have shape [B, k+1, V] = [", batch, ", ", k + 1, ", V] for draft_tokens [",
-                    batch, ", ", k, "], got ", target_logits.sizes());
-  checks::same_device(target_logits, "target_logits", draft_tokens, "draft_tokens");
-  checks::contiguous(target_logits, "target_logits");
-  const int64_t vocab = target_logits.size(2);
   TORCH_CHECK_VALUE(vocab < std::numeric_limits<int>::max() / 4, "target_logits must have V < 2^29, got ", vocab);
-  TORCH_CHECK_VALUE(k < (1 << 20), "draft_tokens must have k < 2^20, got ", k);
   TORCH_CHECK_VALUE(batch * (k + 1) <= std::numeric_limits<int>::max(), "target_logits has too many rows (B * (k+1) = ",
                     batch * (k + 1), ") for one launch");
 
@@ -146,14 +130,6 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
   checks::same_device(draft_probs, "draft_probs", draft_tokens, "draft_tokens");
   checks::contiguous(draft_probs, "draft_probs");
 
-  if (num_drafted.has_value()) {
-    const at::Tensor& n = *num_drafted;
-    checks::cuda(n, "num_drafted");
-    TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.dim() == 1 && n.size(0) == batch,
-                      "num_drafted must be int64 of shape [", batch, "], got ", n.scalar_type(), " ", n.sizes());
-    checks::same_device(n, "num_drafted", draft_tokens, "draft_tokens");
-    checks::contiguous(n, "num_drafted");
-  }
   check_rng(rng, target_logits, "target_logits");
 
   const c10::cuda::OptionalCUDAGuard guard(draft_tokens.device());

@@ -273,6 +273,7 @@ class Adapter(nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
         save_file(tensors, tmp, metadata={"format": FORMAT})
+        os.chmod(tmp, 0o644)  # an ordinary file's mode: adapters ship as package data, read by every user
         os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
         tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
         with open(tmp, "w") as f:

@@ -86,6 +86,12 @@ def _generate(args):
     _check_positive("--max-new-tokens", args.max_new_tokens)
     _check_device_dtype(args.device, args.dtype)
     _adapter_config(args.adapter)
+    from .decoding import check_sampling
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    check_sampling(**sampling, generator=None, seed=args.seed, device="cpu")
+    if args.sample:
+        import random
+        sampling["seed"] = args.seed if args.seed is not None else random.randrange(2 ** 31)
 
     import torch
     from transformers import TextStreamer
@@ -106,18 +112,21 @@ def _generate(args):
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=args.max_new_tokens,
                                       threshold=threshold, max_draft=max_draft,
-                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
         s = out.stats
         line = (f"Kangaroo: {s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s "
                 f"({s.mean_accepted:.2f} tokens per step)")
         if not args.compare:
             _say(line)
             continue
-        ref = kx.generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        ref = kx.generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                          **sampling)
         same = torch.equal(ref.sequences.cpu(), out.sequences.cpu())
+        verdict = ("yes" if same else "NO (bf16 near-tie)") if not args.sample else \
+            "(sampled: each draws from the same distribution, not the same tokens)"
         ratio = s.tokens_per_second / max(ref.stats.tokens_per_second, 1e-9)
-        _say(f"{line} · plain: {ref.stats.tokens_per_second:.1f} tok/s · same output: "
-             f"{'yes' if same else 'NO (bf16 near-tie)'} · {ratio:.2f}× plain")
+        _say(f"{line} · plain: {ref.stats.tokens_per_second:.1f} tok/s · same output: {verdict} · "
+             f"{ratio:.2f}× plain")
         if ratio < 1.0:
             _say(_why_slower(s, ref.stats, model.device))
     return 0
@@ -204,7 +213,7 @@ def _train(args):
     print(f"[train] model loaded in {load_s:.1f} s on {io.device_name(model.device)}", flush=True)
     options.update(run_info={"model_load_s": round(load_s, 2), "command": " ".join(sys.argv)})
     train_adapter(model, tokenizer, args.prompts, exit_layer=args.exit_layer, **options)
-    if args.ship:
+    if args.ship and not args.generate_only:
         ship_adapter(args.out)
     return 0
 
@@ -257,6 +266,9 @@ def _add_train_arguments(p: argparse.ArgumentParser):
       help="score the held-out sequences every N steps: the learning curves in report.json and curves.png "
            "(0 = at the end only)")
     a("--resume", action="store_true", help="continue the run in --out (its data, finished layers, checkpoints)")
+    a("--generate-only", action="store_true",
+      help="only answer the prompts and save them (--data), resumably; with --generation-time-limit, for "
+           "machines whose calls are time-limited")
     a("--reuse-data", action="store_true", help="reuse --out's generated answers, train afresh")
     a("--seed", type=int, default=d.seed, help="seeds data order, hold-out split and init")
     a("--mt-bench", default=None, help="MT-bench question .jsonl for the speed sweep, e.g. the shipped one: "
@@ -294,6 +306,19 @@ def _which_commit(args):
 
 # ---- the parser -----------------------------------------------------------------------------------------
 
+def _decoding_arguments(p: argparse.ArgumentParser):
+    """What `generate` and `bench` share: the draft's settings, the adapter, the device and dtype."""
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation for the "
+                        f"device, else {DEFAULT_THRESHOLD})")
+    p.add_argument("--max-draft", type=int, default=None,
+                   help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
+                        f"{DEFAULT_MAX_DRAFT})")
+    p.add_argument("--adapter", metavar="DIR", help="an adapter folder (default: the shipped one)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kangaroo", description="Lossless Kangaroo self-speculative decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -310,16 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help=f"the user message (default: {DEMO_PROMPT!r})")
     g.add_argument("--file", help="a .jsonl of prompts (\"prompt\" field, MT-bench \"turns\", or strings)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens to generate")
-    g.add_argument("--threshold", type=float, default=None,
-                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation for the "
-                        f"device, else {DEFAULT_THRESHOLD})")
-    g.add_argument("--max-draft", type=int, default=None,
-                   help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
-                        f"{DEFAULT_MAX_DRAFT})")
-    g.add_argument("--adapter", help="an adapter folder (default: the shipped one)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    _decoding_arguments(g)
     g.add_argument("--compare", action="store_true", help="also run plain decoding and compare speed and output")
+    g.add_argument("--sample", action="store_true",
+                   help="sample instead of greedy decoding (Kangaroo keeps the target's distribution exactly)")
+    g.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    g.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k most probable tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass (1.0: off)")
+    g.add_argument("--seed", type=int, default=None, help="with --sample: the random seed (default: a fresh one)")
 
     b = command("bench", "end-to-end decoding benchmark (Spec-Bench protocol) on MT-bench or your questions",
                 _bench)
@@ -333,15 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    help="comma list: only these categories")
     b.add_argument("--max-new-tokens", type=int, default=1024, help="the most tokens per answer")
-    b.add_argument("--threshold", type=float, default=None,
-                   help=f"η: stop drafting below this confidence (default: the adapter's recommendation for the "
-                        f"device, else {DEFAULT_THRESHOLD})")
-    b.add_argument("--max-draft", type=int, default=None,
-                   help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
-                        f"{DEFAULT_MAX_DRAFT})")
-    b.add_argument("--adapter", metavar="DIR", help="adapter folder (default: the shipped one)")
-    b.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
-    b.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    _decoding_arguments(b)
     b.add_argument("--out", metavar="DIR", help="default: bench/results/run-<date>")
     b.add_argument("--warmup", type=int, default=3, help="untimed passes per method")
     b.add_argument("--temperature", type=float, default=0.0,

@@ -3,7 +3,10 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   call 1: mkdir -p /tmp/stage && cp .carry/model_a/part_aa /tmp/stage/
 #   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]
-#           steps: build cond tests sanitizer report profile sweep bench train mtbench (ETA=η, default 0.3)
+#           steps: build fp32 cond tests check sanitizer report profile sweep bench train mtbench sampled
+#           (ETA=η for mtbench, default: the adapter's recommendation)
+# The order for a fresh session (issue 16 first: every other GPU result rests on fp32 agreeing with
+# transformers): build fp32 cond tests check report mtbench sampled.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
@@ -21,6 +24,21 @@ for step in $steps; do
       log build
       (time TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . ) 2>&1 | tail -5
       python3 -m kangaroo_ext info ;;
+    fp32)
+      # issue 16: fp32 engine vs transformers on the GPU, with the float64 arbiter, and the component diff
+      log fp32
+      python3 -m pytest -q tests/test_fp32_transformers.py 2>&1 | tee "$OUT/fp32_tests.log" | tail -15
+      python3 bench/fp32_arbiter.py --out "$OUT/fp32_arbiter.json" 2>&1 | grep -v "it/s]" | tail -45 ;;
+    check)
+      # the whole GPU suite (pytest -m gpu) and compute-sanitizer, one log: scripts/gpu_check.sh --help
+      log check
+      bash scripts/gpu_check.sh tests 2>&1 | tail -20
+      cp bench/results/gpu_check.log "$OUT/" 2>/dev/null ;;
+    sampled)
+      # issue 14: MT-bench at temperature 1.0 (the Spec-Bench sampled setting), kangaroo vs plain sampling
+      log sampled
+      python3 -m kangaroo_ext bench --methods kangaroo,plain --temperature 1.0 --no-progress \
+        --out "bench/results/mt_bench_sampled_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
     cond)
       # The conditional-graph tests and the engine's GPU tests first (fail fast); on a failure, the same
       # without PDL, to tell a PDL-in-conditional-body problem from others.
@@ -55,7 +73,7 @@ for step in $steps; do
       KANGAROO_DISABLE_PDL=1 python3 bench/step_profile.py --out bench/results/step_profile_nopdl.json 2>&1 | grep -v "it/s]" | tail -80 ;;
     sweep)
       log sweep
-      python3 bench/eta_sweep.py --questions .carry/data/mt_bench_question.jsonl 2>&1 | grep -E "^\[eval\]|wrote" ;;
+      python3 bench/eta_sweep.py 2>&1 | grep -E "^\[eval\]|wrote" ;;
     bench)
       log bench
       python3 bench/kernel_report.py 2>&1 | tail -30
@@ -65,8 +83,8 @@ for step in $steps; do
       bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
     mtbench)
       log mtbench
-      python3 -m kangaroo_ext bench --questions .carry/data/mt_bench_question.jsonl --methods kangaroo,plain \
-        --threshold "${ETA:-0.3}" --no-progress --out "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
+      python3 -m kangaroo_ext bench --methods kangaroo,plain ${ETA:+--threshold $ETA} --no-progress \
+        --out "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
   esac
   # after every step, so a call stopped at its time limit still brings back what finished
   tar czf "$OUT/results.tgz" bench/results kangaroo_ext/adapters out 2>/dev/null

@@ -395,3 +395,29 @@ def test_an_interrupted_generation_resumes_and_matches_an_uninterrupted_one(tmp_
     again, _, gen = data.distill_sequences(model, FakeTokenizer(), records, opts(data_file=path, resume=True, **base),
                                            "fp", lambda *a: None)
     assert gen.get("reused") and again == clean
+
+
+def test_generate_only_runs_resume_until_every_prompt_is_answered(tmp_path, monkeypatch):
+    """A time-limited machine: each call answers what fits its time limit and saves; the next --resume
+    continues; the finished file equals one uninterrupted generation, and training then reuses it."""
+    model = tiny_model("llama")
+    records = [{"prompt": f"question {i}: what is {i} times {i + 1}?"} for i in range(9)]
+    base = dict(num_prompts=9, max_new_tokens=6, gen_batch_size=2, progress=False, verbose=False)
+    clean, _, _ = data.distill_sequences(model, FakeTokenizer(), records, opts(**base), "fp", lambda *a: None)
+    clock = [0.0]
+
+    def fake_clock():  # every call of the generation's clock moves it one second
+        clock[0] += 1.0
+        return clock[0]
+    monkeypatch.setattr(data.time, "perf_counter", fake_clock)
+    path = str(tmp_path / "answers.pt")
+    call = dict(base, data_file=path, generate_only=True, resume=True, generation_time_limit=2.5)
+    counts = []
+    for _ in range(10):
+        sequences, _, gen = data.distill_sequences(model, FakeTokenizer(), records, opts(**call), "fp",
+                                                   lambda *a: None)
+        counts.append(len(sequences))
+        if torch.load(path, weights_only=True)["complete"]:
+            break
+    assert counts[0] < 9 and counts[-1] == 9 and len(counts) > 1
+    assert sequences == clean

@@ -177,9 +177,11 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
     say(f"[train] generation: {gen['sequences']} answers, {gen['new_tokens']} tokens in {gen['seconds']:.1f} s "
         f"= {gen['tokens_per_s']:.0f} tok/s (batch {opts.gen_batch_size}, <= {opts.max_new_tokens} new tokens"
         + (", stopped by the time limit" if gen["stopped_by_time_limit"] else "") + ")")
-    if len(sequences) < 2:
+    if len(sequences) < 2 and not opts.generate_only:
         raise ValueError("fewer than 2 answers were generated; raise the generation time limit")
-    if path:
+    # Stopped by the time limit in a generate-only run: the last batch's save (complete=False) stands, so
+    # the next --resume continues the generation instead of training on part of the data.
+    if path and not (opts.generate_only and gen["stopped_by_time_limit"]):
         _save(path, {"settings": settings, "complete": True, "sequences": pack_sequences(sequences),
                      "data": data_report, "generation": gen})
     return sequences, data_report, gen

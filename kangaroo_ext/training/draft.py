@@ -27,10 +27,13 @@ class DraftVocab:
     inv: torch.Tensor        # [V] int64: token id -> its index in ids, -1 outside
 
     @classmethod
-    def most_frequent(cls, answers: Iterable[List[int]], size: int, vocab_size: int, device="cpu") -> "DraftVocab":
-        """The `size` most frequent tokens of the answers (the tokens the draft will be asked to predict)."""
+    def most_frequent(cls, answers: Iterable[List[int]], size: int, vocab_size: int, device="cpu",
+                      also: Iterable[List[int]] = ()) -> "DraftVocab":
+        """The `size` most frequent tokens of the answers (the tokens the draft will be asked to predict).
+        Tokens the answers never use are ranked by their frequency in `also` (say, the prompts), then by id."""
         counts = Counter(t for a in answers for t in a)
-        order = sorted(range(vocab_size), key=lambda t: (-counts.get(t, 0), t))[:size]
+        second = Counter(t for a in also for t in a)
+        order = sorted(range(vocab_size), key=lambda t: (-counts.get(t, 0), -second.get(t, 0), t))[:size]
         return cls.from_ids(torch.tensor(order, dtype=torch.int64), vocab_size, device)
 
     @classmethod

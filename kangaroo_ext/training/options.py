@@ -15,6 +15,7 @@ class TrainOptions:
     max_new_tokens: int = 256              # answer length
     gen_batch_size: Optional[int] = None   # None: 128 on a GPU, 8 on the CPU
     data_file: Optional[str] = None        # the generated answers (token ids); None: out_dir/distill_data.pt
+    generate_only: bool = False            # answer the prompts (resumably) and stop: for time-limited machines
     generation_time_limit: Optional[float] = None  # seconds; no new generation batch starts after it
     teacher_tokens_per_batch: Optional[int] = None  # None: 32768 on a GPU, 4096 on the CPU
     top_k: int = 64                        # teacher targets: top-k + rest bucket; 0 = full softmax

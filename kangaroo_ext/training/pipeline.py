@@ -69,6 +69,12 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
     with _frozen(model):
         sequences, report["data"], report["generation"] = data.distill_sequences(
             model, tokenizer, prompts, opts, spec.fingerprint(), say)
+        if opts.generate_only:
+            gen = report["generation"]
+            left = gen.get("prompts_not_generated", 0)
+            say(f"[train] generate-only: {len(sequences)} answers saved"
+                + (f"; {left} prompts left: run again with --resume to continue" if left else "; complete"))
+            return None, report
         timings["generation_s"] = 0.0 if report["generation"].get("reused") else report["generation"]["seconds"]
         t0 = now(cuda)
         cache = data.teacher_pass(model, sequences, layers, opts.top_k, opts.loss_on_prompt,
@@ -85,7 +91,8 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
         vocab = None
         if opts.draft_vocab:  # the most frequent tokens of the training answers (never the held-out ones)
             vocab = DraftVocab.most_frequent((sequences[i][1] for i in train_ids.tolist()), opts.draft_vocab,
-                                             spec.vocab_size, spec.device)
+                                             spec.vocab_size, spec.device,
+                                             also=(sequences[i][0] for i in train_ids.tolist()))
             outside = 1 - float(vocab.covers(cache.teacher_top1).float().mean())
             report["draft_vocab"] = {"size": opts.draft_vocab, "source": "most frequent training-answer tokens",
                                      "targets_outside": round(outside, 4)}
