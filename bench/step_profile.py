@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         for k in (0, 1):
             phases[f"verify_step_k{k}"] = profile_phase(f"verify_step_k{k}", de.graphs.verify.replay,
                                                         lambda k=k: de.restore(k))
-    small = eng._graphs.get((1, True, False))
+    small = eng.cached_graphs(1, True, device_exit=False)
     if small is not None and small is not de.graphs:
         # Without conditional nodes: the adaptive draft budget's smallest graphs (one draft, verify
         # over 2 positions), which most MT-bench rounds run.

@@ -161,3 +161,20 @@ def test_a_decoder_adapter_for_another_mlp_size_is_refused(model):
                                     fingerprint=model_spec(other).fingerprint())
     with pytest.raises(ValueError, match="intermediate_size=999"):
         adapter.check_compatible(model_spec(other))
+
+
+def test_alternating_adapters_reuse_their_bindings(model):
+    """Two adapters used in turn keep their bindings (the sliced draft head is made once each), so
+    alternating neither re-slices the head nor, on a GPU, re-captures the graphs."""
+    a = kx.Adapter.for_model(model, exit_layer=1).with_draft_vocab(torch.arange(20))
+    b = kx.Adapter.for_model(model, exit_layer=2)
+    engine = Engine(model_spec(model))
+    engine.bind_adapter(a)
+    head_a = engine.draft_head
+    engine.bind_adapter(b)
+    assert engine.draft_head is model_spec(model).lm_head or engine.draft_head.shape[0] == VOCAB
+    engine.bind_adapter(a)
+    assert engine.draft_head is head_a and engine.adapter is a
+    for i in range(Engine.MAX_BOUND_ADAPTERS + 1):  # the cache is bounded
+        engine.bind_adapter(kx.Adapter.for_model(model, exit_layer=1, init="random", seed=i))
+    assert len(engine._bindings) == Engine.MAX_BOUND_ADAPTERS

@@ -47,6 +47,7 @@ class Engine:
     one cache, so the second waits for the first; a request started from inside another on the same
     thread (say, from a streamer) is refused."""
     ROWS = 1
+    MAX_BOUND_ADAPTERS = 4
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -57,7 +58,8 @@ class Engine:
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
         self.sampling: Optional[Sampling] = None  # None: greedy
-        self._graphs: Dict[tuple, CudaGraphs] = {}  # (γ, speculative, device exit, sampling)
+        self._graphs: Dict[tuple, CudaGraphs] = {}  # (γ, speculative, device exit, sampling, adapter)
+        self._bindings: Dict[int, tuple] = {}         # id(adapter) -> its weights, head norm, draft head, ids
 
     @contextlib.contextmanager
     def request(self):
@@ -121,10 +123,18 @@ class Engine:
 
     # ---- captured graphs, owned here because they replay this engine's buffers ---------------------
 
+    def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool) -> tuple:
+        return (gamma, speculative, bool(device_exit and speculative), self.sampling,
+                id(self.adapter) if speculative else None)
+
+    def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool) -> Optional[CudaGraphs]:
+        """The graphs graphs_for captured for these settings and the bound adapter, or None."""
+        return self._graphs.get(self._graphs_key(gamma, speculative, device_exit))
+
     def graphs_for(self, gamma: int, speculative: bool, device_exit: bool) -> Tuple[CudaGraphs, float]:
-        """The CUDA graphs of a round with this γ (and the current sampling settings), captured on first
-        use; (graphs, capture seconds)."""
-        key = (gamma, speculative, bool(device_exit and speculative), self.sampling)
+        """The CUDA graphs of a round with this γ (and the current sampling settings and adapter),
+        captured on first use; (graphs, capture seconds)."""
+        key = self._graphs_key(gamma, speculative, device_exit)
         graphs = self._graphs.get(key)
         if graphs is not None:
             return graphs, 0.0
@@ -153,13 +163,20 @@ class Engine:
         if adapter is None:
             self.adapter_weights, self.adapter_norm, self.draft_head, self.draft_ids = [], None, None, None
             return
-        self.adapter_weights = adapter.layer_weights()
-        self.adapter_norm = adapter.head_norm.detach()
-        ids = adapter.draft_vocab_ids
-        self.draft_ids = None if ids is None else ids.to(self.spec.device)
-        self.draft_head = self.spec.lm_head if ids is None else \
-            self.spec.lm_head.index_select(0, self.draft_ids).contiguous()
-        self._graphs = {}  # the draft graph reads the adapter's weights
+        # Bindings (and the graphs that read them, keyed by the adapter) stay cached for the last few
+        # adapters, so alternating between two adapters neither re-slices the head nor re-captures graphs.
+        entry = self._bindings.pop(id(adapter), None)
+        if entry is None or entry[0] is not adapter:
+            ids = adapter.draft_vocab_ids
+            draft_ids = None if ids is None else ids.to(self.spec.device)
+            head = self.spec.lm_head if ids is None else self.spec.lm_head.index_select(0, draft_ids).contiguous()
+            entry = (adapter, adapter.layer_weights(), adapter.head_norm.detach(), head, draft_ids)
+        self._bindings[id(adapter)] = entry
+        while len(self._bindings) > self.MAX_BOUND_ADAPTERS:
+            oldest = next(iter(self._bindings))
+            del self._bindings[oldest]
+            self._graphs = {k: g for k, g in self._graphs.items() if k[-1] != oldest}
+        _, self.adapter_weights, self.adapter_norm, self.draft_head, self.draft_ids = entry
 
     # ---- the model's forward, from the project's ops ----------------------------------------------
 
