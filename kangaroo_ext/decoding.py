@@ -282,9 +282,11 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         if adapter is not None:
             engine.bind_adapter(adapter)
             engine.threshold.fill_(threshold)
-        engine.set_sampling(sampling, seed)
-        # Graphs are captured here, before prefill: a capture's warm-up runs overwrite the decode state.
+        engine.set_sampling(sampling)
+        # Graphs are captured here, before prefill: a capture's warm-up runs overwrite the decode state
+        # (the random stream's offset too, hence the seed after it).
         rounds = start_rounds(engine, mode, gamma, adaptive_draft)
+        engine.seed(seed)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
     stats.threshold = threshold
     stats.sampling = dict(asdict(sampling), seed=seed) if sampling else None

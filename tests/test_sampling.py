@@ -186,3 +186,23 @@ def test_nan_logits_stop_sampling_with_a_clear_error(model, adapter):
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         kx.speculative_generate(broken, PROMPT, adapter=bad_adapter, max_new_tokens=5, do_sample=True, seed=1,
                                 threshold=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@torch.inference_mode()
+def test_a_seed_reproduces_the_tokens_with_and_without_graphs(model):
+    """The first call captures the graphs (whose warm-up runs advance the random offset), the second
+    replays them, the third runs without graphs: one seed, the same tokens."""
+    gpu = copy.deepcopy(model).cuda()
+    adapter = kx.Adapter.for_model(gpu, exit_layer=1, init="random", seed=5)
+    kw = dict(adapter=adapter, max_new_tokens=24, eos_token_id=[], do_sample=True, temperature=1.3, max_draft=3,
+              threshold=0.0, seed=11)
+    first = kx.speculative_generate(gpu, PROMPT, **kw)
+    assert first.stats.mode == "graphs" and first.stats.capture_s > 0
+    again = kx.speculative_generate(gpu, PROMPT, **kw)
+    eager = kx.speculative_generate(gpu, PROMPT, mode="device", **kw)
+    assert torch.equal(first.sequences, again.sequences) and torch.equal(first.sequences, eager.sequences)
+    plain = [kx.generate(gpu, PROMPT, max_new_tokens=24, do_sample=True, seed=3, mode=m).sequences
+             for m in ("graphs", "graphs", "device")]
+    assert all(torch.equal(p, plain[0]) for p in plain)

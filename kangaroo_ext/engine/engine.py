@@ -143,11 +143,15 @@ class Engine:
         self._graphs[key] = graphs
         return graphs, time.perf_counter() - t0
 
-    def set_sampling(self, sampling: Optional[Sampling], seed: int = 0):
-        """Greedy (None) or sampled decoding from now on; the random stream restarts at (seed, offset 0).
-        Every round advances the offset on the device, so each round draws fresh numbers, replays of a
-        captured round included, and a seed reproduces a whole generation."""
+    def set_sampling(self, sampling: Optional[Sampling]):
+        """Greedy (None) or sampled decoding from now on (graphs are keyed by it)."""
         self.sampling = sampling
+
+    def seed(self, seed: int):
+        """Restart the random stream at (seed, offset 0). Every round advances the offset on the device, so
+        each round draws fresh numbers, replays of a captured round included. Call it after capturing
+        (a capture's warm-up runs advance the offset too), so a seed gives the same tokens with graphs
+        or without, on a first call or a later one."""
         self.rng.copy_(torch.tensor([seed, 0], dtype=torch.int64))
 
     @property

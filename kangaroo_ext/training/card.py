@@ -30,9 +30,14 @@ def model_card(report: dict) -> str:
              f"{g['tokens_per_s']} tok/s. Targets: {report['teacher']['targets']}, on "
              f"{report['teacher']['loss_on']}; {report['teacher']['holdout_sequences']} sequences held out.", "",
              "## Training", "",
+             f"Architecture `{opts.get('architecture', 'kangaroo')}`; draft vocabulary: "
+             + (f"the {report['draft_vocab']['size']} most frequent answer tokens "
+                f"({100 * report['draft_vocab']['targets_outside']:.1f}% of the teacher's top-1 targets fall outside "
+                "and are skipped)" if report.get("draft_vocab") else "the full vocabulary") + ". "
              f"{opts['steps']} steps x {opts['batch_size']} sequences per exit layer; AdamW lr {opts['lr']} "
              f"(warm-up {opts['warmup_steps']}, cosine to {opts['min_lr_ratio']}x), grad clip {opts['grad_clip']}; "
-             "init from the next layer's attention; only the adapter trains (target frozen, LM head shared).", "",
+             "init from the target's layers after the exit; only the adapter trains (target frozen, LM head "
+             "shared). Learning curves: curves.png.", "",
              "| ℓ | steps | time (s) | loss | held-out top-1 agreement (1st draft) | raw exit (no adapter) "
              "| best η | τ | speedup |", "|---|---|---|---|---|---|---|---|---|"]
     for ell, run in report["training"].items():
