@@ -85,15 +85,18 @@ def main(argv=None) -> int:
         if n:
             vocab = DraftVocab.most_frequent(answers, n, model.config.vocab_size, also=prompts)
             adapter.with_draft_vocab(vocab.ids)
-        coverage = None if not n else float(DraftVocab.from_ids(adapter.draft_vocab_ids, model.config.vocab_size)
-                                             .covers(torch.tensor([t for a in answers for t in a])).float().mean())
+        coverage = None
+        if n:  # on answers the vocabulary was not built from: a tenth held out
+            held = max(1, len(answers) // 10)
+            check = DraftVocab.most_frequent(answers[:-held], n, model.config.vocab_size, also=prompts)
+            coverage = float(check.covers(torch.tensor([t for a in answers[-held:] for t in a])).float().mean())
         for eta in args.thresholds:
             for gamma in args.max_drafts:
                 key = f"kangaroo N={n or 'full'} eta={eta} gamma={gamma}"
                 turns = run("kangaroo", key, adapter=adapter, threshold=eta, max_draft=gamma)
                 acc = report.acceptance(turns)
                 rows.append({"draft_vocab": n or None, "threshold": eta, "max_draft": gamma,
-                             "answer_coverage": coverage, "tau": acc["mean_accepted"],
+                             "heldout_answer_coverage": coverage, "tau": acc["mean_accepted"],
                              "acceptance_by_position": acc["acceptance_by_position"],
                              "tok_per_s": tps(turns), "turns": turns})
                 print(f"{key}: {rows[-1]['tok_per_s']:.1f} tok/s, τ {acc['mean_accepted']:.2f}", flush=True)
