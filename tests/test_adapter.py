@@ -178,3 +178,26 @@ def test_alternating_adapters_reuse_their_bindings(model):
     for i in range(Engine.MAX_BOUND_ADAPTERS + 1):  # the cache is bounded
         engine.bind_adapter(kx.Adapter.for_model(model, exit_layer=1, init="random", seed=i))
     assert len(engine._bindings) == Engine.MAX_BOUND_ADAPTERS
+
+
+@torch.inference_mode()
+def test_a_sampled_draft_keeps_q_over_the_full_vocabulary(model):
+    """With a reduced draft vocabulary, q (what the accept rule divides by) is the draft's distribution
+    laid over the full vocabulary: a probability on the draft's tokens, exactly 0 elsewhere."""
+    from kangaroo_ext.engine.engine import Sampling
+    ids = torch.tensor([3, 17, 42, 99, 100])
+    adapter = kx.Adapter.for_model(model, exit_layer=2).with_draft_vocab(ids)
+    engine = Engine(model_spec(model))
+    engine.reserve(64, 3)
+    engine.bind_adapter(adapter)
+    engine.set_sampling(Sampling(temperature=1.0))
+    engine.seed(7)
+    engine.prefill(torch.tensor([[5, 6, 7]]), speculative=True)
+    engine.begin_round()
+    for j in range(3):
+        engine.draft_step(j, 3)
+    q = engine.draft_probs[0]                                       # [γ, V]
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.all(q[:, outside] == 0) and torch.allclose(q.sum(-1), torch.ones(3))
+    assert set(engine.draft_tokens[0].tolist()) <= set(ids.tolist())

@@ -233,8 +233,9 @@ class Engine:
 
     def adapter_forward(self, x, res, positions, with_head: bool = True, stream: int = 0):
         """The adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised residual
-        stream at the exit, which verification starts from) and, with_head, (token, confidence) from the
-        draft's head. Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
+        stream at the exit, which verification starts from) and, with_head, (token, confidence, q) from the
+        draft's head: q [B, T, N] is the draft's processed distribution over its N tokens when sampling,
+        else None. Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
         block: norm+QKV, attention, O-proj, then norm and LM head + argmax (2)."""
         h_exit = None
         for b, w in enumerate(self.adapter_weights):
@@ -250,11 +251,8 @@ class Engine:
             token, confidence = ops.lm_head_argmax(y, self.draft_head)
         else:  # draw from the draft's processed distribution; its top-1 probability is the confidence
             c = self.sampling
-            token, q_draft, confidence = ops.sample_logits(F.linear(y, self.draft_head), c.temperature, c.top_k,
-                                                           c.top_p, self.rng, stream)
-            q = q_draft if self.draft_ids is None else \
-                torch.zeros((*q_draft.shape[:-1], self.spec.vocab_size), dtype=q_draft.dtype,
-                            device=q_draft.device).index_copy_(-1, self.draft_ids, q_draft)
+            token, q, confidence = ops.sample_logits(F.linear(y, self.draft_head), c.temperature, c.top_k,
+                                                     c.top_p, self.rng, stream)
         if self.draft_ids is not None:
             token = self.draft_ids[token.clamp_min(0)]    # draft-vocabulary index -> token id
         return h_exit, (token, confidence, q)
@@ -301,7 +299,10 @@ class Engine:
             token, conf, q = head
             keep = self.active & (conf[:, 0] >= self.threshold)
             if q is not None:   # sampling: q, the draft's processed distribution, decides acceptance
-                self.draft_probs[:, j].copy_(q[:, 0])
+                if self.draft_ids is None:
+                    self.draft_probs[:, j].copy_(q[:, 0])
+                else:               # in place over the full vocabulary: 0 outside the draft's tokens
+                    self.draft_probs[:, j].zero_().index_copy_(-1, self.draft_ids, q[:, 0])
                 keep = keep & (token[:, 0] >= 0)   # a NaN draft row proposes nothing
                 token = token.clamp_min(0)
             self.draft_tokens[:, j] = token[:, 0]

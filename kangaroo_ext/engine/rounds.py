@@ -60,8 +60,9 @@ class Report:
 # ---- how a round is issued --------------------------------------------------------------------------
 
 class Rounds:
-    """Issues one round on the device, without waiting for it. `gamma` is the most drafts a round may
-    propose (0: plain decoding); `pipelined` rounds may be queued before the previous report is read."""
+    """Issues one round on the device, without waiting for it: draft() then verify(), which subclasses
+    define. `gamma` is the most drafts a round may propose (0: plain decoding, verify() alone);
+    `pipelined` rounds may be queued before the previous report is read."""
     mode = ""
     pipelined = True
 
@@ -78,6 +79,20 @@ class Rounds:
         """Before prefill: capture graphs (their warm-up runs overwrite the decode state)."""
 
     def issue(self, clock: "Clock", slot: int):
+        """The round's phases, each timed into the clock's slot: draft (speculative only), then verify."""
+        start = clock.mark(slot, 0)
+        if self.speculative:
+            self.draft()
+            drafted = clock.mark(slot, 1)
+            clock.add(slot, "draft", start, drafted)
+            start = drafted
+        self.verify()
+        clock.add(slot, "verify", start, clock.mark(slot, 2))
+
+    def draft(self):
+        raise NotImplementedError
+
+    def verify(self):
         raise NotImplementedError
 
     def observe(self, result: RoundResult):
@@ -103,10 +118,8 @@ class PlainRounds(Rounds):
         if self.mode == "graphs":
             self.graphs = self._graphs(1, device_exit=False)
 
-    def issue(self, clock, slot):
-        c0 = clock.mark(slot, 0)
+    def verify(self):  # the whole step: plain decoding has no draft phase
         self.graphs.plain.replay() if self.graphs is not None else self.engine.plain_step()
-        clock.add(slot, "verify", c0, clock.mark(slot, 2))
 
 
 class HostRounds(Rounds):
@@ -115,13 +128,13 @@ class HostRounds(Rounds):
 
     def __init__(self, engine, gamma: int):
         super().__init__(engine, gamma)
-        self.syncs = 0  # draft steps whose confidence the host read
+        self.syncs = 0     # draft steps whose confidence the host read
+        self.drafted = 0   # drafts of the current round
 
-    def issue(self, clock, slot):
+    def draft(self):
         e = self.engine
-        c0 = clock.mark(slot, 0)
         e.begin_round()
-        drafted = 0
+        self.drafted = 0
         for j in range(self.gamma + 1):
             keep = e.draft_step(j, self.gamma)
             if keep is None:          # step γ: only its exit state is needed
@@ -129,11 +142,10 @@ class HostRounds(Rounds):
             self.syncs += 1
             if not bool(keep.all()):
                 break
-            drafted = j + 1
-        c1 = clock.mark(slot, 1)
-        clock.add(slot, "draft", c0, c1)
-        e.verify(drafted + 1)
-        clock.add(slot, "verify", c1, clock.mark(slot, 2))
+            self.drafted = j + 1
+
+    def verify(self):
+        self.engine.verify(self.drafted + 1)
 
 
 class ConditionalRounds(Rounds):
@@ -144,13 +156,11 @@ class ConditionalRounds(Rounds):
     def prepare(self):
         self.graphs = self._graphs(self.gamma, device_exit=True)
 
-    def issue(self, clock, slot):
-        c0 = clock.mark(slot, 0)
+    def draft(self):
         self.graphs.draft.replay()
-        c1 = clock.mark(slot, 1)
-        clock.add(slot, "draft", c0, c1)
+
+    def verify(self):
         self.graphs.verify.replay()
-        clock.add(slot, "verify", c1, clock.mark(slot, 2))
 
     def describe(self):
         return {"mode": self.mode, "device_exit": True}
@@ -172,19 +182,18 @@ class BudgetRounds(Rounds):
         if self.use_graphs:  # one pair of graphs per budget value
             self.graphs = {b: self._graphs(b, device_exit=False) for b in self.budgets}
 
-    def issue(self, clock, slot):
+    def draft(self):
         e, b = self.engine, self.budget
-        c0 = clock.mark(slot, 0)
         if self.use_graphs:
             self.graphs[b].draft.replay()
-        else:
-            e.begin_round()
-            for j in range(b + 1):
-                e.draft_step(j, b)
-        c1 = clock.mark(slot, 1)
-        clock.add(slot, "draft", c0, c1)
-        self.graphs[b].verify.replay() if self.use_graphs else e.verify(b + 1)
-        clock.add(slot, "verify", c1, clock.mark(slot, 2))
+            return
+        e.begin_round()
+        for j in range(b + 1):
+            e.draft_step(j, b)
+
+    def verify(self):
+        b = self.budget
+        self.graphs[b].verify.replay() if self.use_graphs else self.engine.verify(b + 1)
 
     def observe(self, result):
         if len(self.budgets) > 1:

@@ -25,15 +25,15 @@ def _same_device(name, t, ref_name, ref):
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; expected one device")
 
 
-def _rows(x, dim: str):
-    """x: a non-empty contiguous float tensor [..., dim] (the rows an op works on)."""
-    _tensor("x", x)
+def _rows(x, dim: str, name: str = "x"):
+    """x: a non-empty contiguous float tensor [..., dim] (the rows an op works on), called `name`."""
+    _tensor(name, x)
     if x.dtype not in FLOATS:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0 or x.numel() == 0:
-        raise ValueError(f"x must have shape [..., {dim}] with {dim} >= 1 and no empty dimension, got "
+        raise ValueError(f"{name} must have shape [..., {dim}] with {dim} >= 1 and no empty dimension, got "
                          f"{tuple(x.shape)}")
-    _contiguous("x", x)
+    _contiguous(name, x)
 
 
 def _like_x(name, t, x):
@@ -213,13 +213,7 @@ def rng(rng_state, ref_name, ref):
 
 
 def sampling_probs(logits, temperature, top_k, top_p):
-    _tensor("logits", logits)
-    if logits.dtype not in FLOATS:
-        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    if logits.dim() < 1 or logits.shape[-1] == 0 or logits.numel() == 0:
-        raise ValueError(f"logits must have shape [..., V] with V >= 1 and no empty dimension, got "
-                         f"{tuple(logits.shape)}")
-    _contiguous("logits", logits)
+    _rows(logits, "V", name="logits")
     sampling_filter(temperature, top_k, top_p)
 
 
