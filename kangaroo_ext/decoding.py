@@ -185,7 +185,7 @@ def _check_capacity(engine: Engine, prompt_len: int, max_new_tokens: int, gamma:
     if s.sliding_window and prompt_len + max_new_tokens > s.sliding_window:
         raise ValueError(f"prompt + max_new_tokens ({prompt_len + max_new_tokens}) exceeds the sliding window "
                          f"({s.sliding_window}); sliding-window attention past the window is not supported")
-    capacity = engine.planned_capacity(_capacity(prompt_len, max_new_tokens, gamma), gamma)
+    capacity = engine.planned_capacity(_capacity(prompt_len, max_new_tokens, gamma), max(gamma, 1))
     need, free = engine.cache_bytes(capacity), _free_memory(s.device)
     if capacity and free is not None and need > free:
         raise MemoryError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache of "
@@ -194,7 +194,8 @@ def _check_capacity(engine: Engine, prompt_len: int, max_new_tokens: int, gamma:
 
 
 def _capacity(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
-    # Room for the request plus one pipelined round beyond it (engine/rounds.py: RoundRunner).
+    # Room for the request plus one pipelined round beyond it (engine/rounds.py: RoundRunner). The check
+    # above and the reserve in _run both size buffers for max(γ, 1) drafts (plain decoding: 1).
     return prompt_len + max_new_tokens + max(gamma, 1) + 1
 
 

@@ -3,7 +3,7 @@ import platform
 
 import torch
 
-from . import __version__, _extension
+from . import __version__, _extension, config
 from .engine import conditional
 from .ops import available_backends, schemas
 
@@ -35,6 +35,11 @@ def collect() -> dict:
             f" (this torch captures them with the {policy_path!r} path where it can)" if policy_path else "")
     info["backends"] = {b: ("available" if not why else "unavailable: " + "; ".join(why))
                         for b, why in available_backends().items()}
+    try:
+        config.check_all()
+        info["environment"] = "every KANGAROO_* variable that is set has a valid value"
+    except ValueError as e:
+        info["environment"] = f"invalid: {e}"
     return info
 
 

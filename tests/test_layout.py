@@ -162,3 +162,11 @@ def test_modules_stay_readable():
     long = [f"{n}: {sum(1 for _ in open(p))} lines" for n, p in _modules().items()
             if sum(1 for _ in open(p)) > MAX_LINES]
     assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+def test_kangaroo_info_reports_an_invalid_variable(monkeypatch):
+    from kangaroo_ext import info
+    monkeypatch.setenv("KANGAROO_DISABLE_PDL", "maybe")
+    assert "KANGAROO_DISABLE_PDL='maybe' is not a boolean" in info.collect()["environment"]
+    monkeypatch.delenv("KANGAROO_DISABLE_PDL")
+    assert info.collect()["environment"].startswith("every KANGAROO_")
