@@ -41,7 +41,8 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
     exit_layer: an int or a list of ints (one adapter each, from one generation and teacher pass).
     options: the fields of TrainOptions. The adapter returned is the best by measured speedup (with
     config["recommended_threshold"]) when mt_bench is given, else by held-out agreement; it is on the
-    model's device and dtype. With out_dir, every layer's adapter lands in out_dir/layer-<ℓ>/.
+    model's device and dtype. With out_dir, every layer's adapter lands in out_dir/layer-<ℓ>/. With
+    generate_only, only the answers are made (and saved): the adapter returned is None.
     """
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainOptions)})
     if unknown:
