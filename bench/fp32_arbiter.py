@@ -8,6 +8,10 @@ The fp32 matmul settings (TF32) in force are recorded, since a TF32 product anyw
 1e-3 relative.
 
     python bench/fp32_arbiter.py [--device cuda] [--prompts 15] [--new 32] [--out bench/results/fp32_arbiter.json]
+        [--prompt-file long.jsonl --min-prompt-tokens 1000 --max-prompt-tokens 2000]
+
+transformers runs before and after the engine on the same model object, so state the engine leaves
+behind would show as a difference between the two (`transformers_changed_by_the_engine`).
 """
 import argparse
 import copy
@@ -18,6 +22,7 @@ import torch
 
 import kangaroo_ext as kx
 from kangaroo_ext import io
+from kangaroo_ext.benchmarking.arbiter import arbitrate
 from kangaroo_ext.engine.engine import Engine
 from kangaroo_ext.engine.spec import model_spec
 
@@ -54,44 +59,66 @@ def matmul_settings() -> dict:
     return out
 
 
+def load_texts(args, tokenizer) -> list:
+    """First turns of --prompt-file (Spec-Bench jsonl; default: the packaged MT-bench), keeping those whose
+    chat-templated length is within [--min-prompt-tokens, --max-prompt-tokens], at most --prompts."""
+    texts = []
+    for q in io.load_questions(args.prompt_file):
+        n = len(io.chat_ids(tokenizer, q["turns"][0]))
+        if args.min_prompt_tokens <= n <= args.max_prompt_tokens:
+            texts.append(q["turns"][0])
+        if len(texts) == args.prompts:
+            break
+    return texts
+
+
 @torch.inference_mode()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompts", type=int, default=15)
     p.add_argument("--new", type=int, default=32)
+    p.add_argument("--prompt-file", default=None, help="Spec-Bench-format jsonl (default: the packaged MT-bench)")
+    p.add_argument("--min-prompt-tokens", type=int, default=0)
+    p.add_argument("--max-prompt-tokens", type=int, default=1 << 30)
     p.add_argument("--out", default=os.path.join(HERE, "results", "fp32_arbiter.json"))
     args = p.parse_args(argv)
-    result = {**io.provenance(args.device), "matmul_settings": matmul_settings(), "prompts": []}
+    result = {**io.provenance(args.device), "matmul_settings": matmul_settings(), "prompts": [],
+              "prompt_file": args.prompt_file or "packaged MT-bench", "new_tokens": args.new}
     model, tok = kx.load_default_model(device=args.device, dtype=torch.float32)
     model64 = copy.deepcopy(model).double()
-    texts = io.first_turns(io.load_questions(), args.prompts)
+    adapter = kx.load_default_adapter(model)
+    texts = load_texts(args, tok)
 
     def hf(m, ids):
         return m.generate(ids, max_new_tokens=args.new, do_sample=False, attention_mask=torch.ones_like(ids),
                           pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
     verdicts = {"identical": 0, "engine_right": 0, "transformers_right": 0, "neither": 0}
+    leaks = 0
     for text in texts:
         ids = torch.tensor([io.chat_ids(tok, text)], device=args.device)
+        # transformers before and after the engine, on the same model object: a difference would be state
+        # the engine left behind (global settings, buffers, the model's modules).
+        before = hf(model, ids)
         ours = kx.generate(model, ids, max_new_tokens=args.new).sequences[0, ids.shape[1]:].tolist()
-        theirs, truth = hf(model, ids), hf(model64, ids)
-        row = {"prompt": text[:60], "engine_equals_transformers": ours == theirs,
-               "engine_equals_fp64": ours == truth, "transformers_equals_fp64": theirs == truth}
-        if ours != theirs:
-            k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-            logits = model64(ids.new_tensor([ids[0].tolist() + ours[:k]])).logits[0, -1]
-            top2 = logits.topk(2)
-            row.update(first_difference=k, engine_token=ours[k], transformers_token=theirs[k],
-                       fp64_argmax=int(top2.indices[0]), fp64_top2_gap=float(top2.values[0] - top2.values[1]))
-            side = "engine_right" if int(top2.indices[0]) == ours[k] else \
-                "transformers_right" if int(top2.indices[0]) == theirs[k] else "neither"
-            verdicts[side] += 1
-            row["verdict"] = side
-        else:
+        spec = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=args.new).sequences[0, ids.shape[1]:].tolist()
+        after = hf(model, ids)
+        truth = hf(model64, ids)
+        leaks += before != after
+        row = {"prompt": text[:60], "prompt_tokens": ids.shape[1], "engine_equals_transformers": ours == before,
+               "transformers_before_equals_after": before == after, "speculative_equals_engine": spec == ours,
+               "engine_equals_fp64": ours == truth, "transformers_equals_fp64": before == truth}
+        diff = arbitrate(model64, ids, ours, before)
+        if diff is None:
             verdicts["identical"] += 1
+        else:
+            verdicts[diff["verdict"]] += 1
+            row["first_difference"] = diff
         result["prompts"].append(row)
         print(row, flush=True)
     result["verdicts"] = verdicts
+    result["transformers_changed_by_the_engine"] = leaks
+    result["matmul_settings_after"] = matmul_settings()
 
     # Component by component, on the first prompt.
     ids = torch.tensor([io.chat_ids(tok, texts[0])], device=args.device)
@@ -113,7 +140,7 @@ def main(argv=None) -> int:
     for name, v in comp.items():
         print(f"{name:>10}: engine {v['engine']:.2e}  transformers {v['transformers']:.2e}", flush=True)
     io.write_json(args.out, result)
-    print(f"verdicts {verdicts}; wrote {args.out}")
+    print(f"verdicts {verdicts}; transformers changed by the engine on {leaks}/{len(texts)}; wrote {args.out}")
     return 0
 
 

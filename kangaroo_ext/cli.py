@@ -245,7 +245,7 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--data", dest="data_file", default=None,
       help="the generated answers as token ids (default: OUT/distill_data.pt); share one between runs with "
            "--reuse-data, or carry it to resume an interrupted generation with --resume")
-    a("--generation-time-limit", type=float, default=None, help="seconds; later batches are not generated")
+    a("--generation-time-limit", type=float, default=None, help="seconds; later batches are not generated (0: none, train on the answers already in --data)")
     a("--teacher-tokens-per-batch", type=int, default=None, help="default: 32768 on GPU, 4096 on CPU")
     a("--top-k", type=int, default=d.top_k, help="teacher top-k + rest bucket; 0 = full softmax")
     a("--loss-on-prompt", action="store_true", help="also learn the prompt tokens' next-token distributions")

@@ -3,7 +3,8 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   call 1: mkdir -p /tmp/stage && cp .carry/model_a/part_aa /tmp/stage/
 #   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]
-#           steps: build fp32 cond tests check sanitizer report profile sweep bench train mtbench sampled
+#           steps: build diag fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
+#                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session (issue 16 first: every other GPU result rests on fp32 agreeing with
 # transformers): build fp32 cond tests check report mtbench sampled.
@@ -24,6 +25,27 @@ for step in $steps; do
       log build
       (time TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . ) 2>&1 | tail -5
       python3 -m kangaroo_ext info ;;
+    diag)
+      # issue 24: where the sampling launcher crashes (faulthandler + gdb), and the cudaMallocAsync fallback
+      log diag
+      python3 -X faulthandler -m pytest -q -p no:cacheprovider tests/test_ops_sampling.py \
+        -k test_cuda_launchers_check_their_arguments 2>&1 | tail -30 | tee "$OUT/diag.log"
+      if command -v gdb >/dev/null; then
+        gdb -q -batch -ex run -ex bt --args python3 -m pytest -q -p no:cacheprovider tests/test_ops_sampling.py \
+          -k test_cuda_launchers_check_their_arguments 2>&1 | grep -E "^#|SIG|signal" | head -30 | tee -a "$OUT/diag.log"
+      fi
+      python3 -m pytest -q -p no:cacheprovider tests/test_conditional_graphs.py -k malloc_async 2>&1 | tail -30 \
+        | tee -a "$OUT/diag.log" ;;
+    fp32long)
+      # issue 24: fp32 agreement with transformers on long prompts (transformers before and after the engine)
+      log fp32long
+      python3 bench/fp32_arbiter.py --prompt-file "${LONG_PROMPTS:-kangaroo_ext/data/long_context_dev.jsonl}" \
+        --min-prompt-tokens 1000 --max-prompt-tokens 2100 --prompts 24 --new 128 \
+        --out "bench/results/fp32_arbiter_long.json" 2>&1 | grep -v "it/s]" | cut -c1-400 | tail -40 ;;
+    gpusuite)
+      log gpusuite
+      timeout "${SUITE_LIMIT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu tests ${SUITE_ARGS:-} 2>&1 \
+        | tee "$OUT/gpu_suite.log" | grep -vE "^\.+|PASSED" | tail -40 ;;
     fp32)
       # issue 16: fp32 engine vs transformers on the GPU, with the float64 arbiter, and the component diff
       log fp32

@@ -261,7 +261,7 @@ def test_capture_failure_falls_back_under_cuda_malloc_async():
         pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool):
+            with conditional.capture(graph, pool):
                 with conditional.if_any(flag, pool):
                     out.copy_(x * 2)
             graph.replay(); torch.cuda.synchronize()

@@ -11,6 +11,7 @@ import torch
 
 import kangaroo_ext as kx
 from kangaroo_ext import io
+from kangaroo_ext.benchmarking.arbiter import arbitrate, describe, first_difference
 from kangaroo_ext.engine.engine import Engine
 from kangaroo_ext.engine.spec import model_spec
 
@@ -35,11 +36,7 @@ def allowed_error(hf32: torch.Tensor, ref64: torch.Tensor) -> float:
 
 def arbiter(model64, ids, ours, theirs):
     """Which of two greedy continuations of ids follows float64 at their first difference: a message."""
-    k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-    with torch.no_grad():
-        logits = model64(ids.new_tensor([ids[0].tolist() + ours[:k]])).logits[0, -1]
-    return (f"first difference at new token {k}: engine {ours[k]} (fp64 logit {logits[ours[k]]:.6f}), "
-            f"transformers {theirs[k]} (fp64 logit {logits[theirs[k]]:.6f}); fp64 argmax {int(logits.argmax())}")
+    return describe(arbitrate(model64, ids, ours, theirs))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -73,6 +70,29 @@ def test_fp32_generation_equals_transformers_greedy(device, family):
                                        eos_token_id=[]).sequences[0, ids.shape[1]:].tolist()
         assert plain == hf, arbiter(model64, ids, plain, hf)
         assert spec == plain
+
+
+def test_first_difference_counts_a_length_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 7]) == 2       # one side stopped (EOS): a difference
+    assert first_difference([1, 2, 7], [1, 2]) == 2
+    assert first_difference([], [4]) == 0
+
+
+@torch.inference_mode()
+def test_arbiter_names_the_side_that_follows_float64_and_handles_a_stopped_side():
+    model = copy.deepcopy(tiny_model(FAMILIES[0])).double()
+    ids = prompts(1, seed=53, min_len=3)[0][None]
+    best = int(model(ids).logits[0, -1].argmax())
+    other = (best + 1) % model.config.vocab_size
+    row = arbitrate(model, ids, [best, 5], [other])
+    assert row["position"] == 0 and row["verdict"] == "engine_right" and row["transformers_token"] == other
+    row = arbitrate(model, ids, [best], [best, other])        # engine stopped first: it has no token there
+    assert row["position"] == 1 and row["engine_token"] is None and row["transformers_token"] == other
+    assert row["verdict"] in ("transformers_right", "neither")
+    assert "first difference at new token 1" in describe(row)
+    assert arbitrate(model, ids, [best], [best]) is None
 
 
 # ---- the default model: slow on the CPU; the GPU run is the check issue 16 asks for ------------------

@@ -235,6 +235,11 @@ def _open_paths() -> list:
     return _thread.open
 
 
+def _nodes_opened() -> int:
+    """How many nodes this thread has opened so far (a capture compares it before and after)."""
+    return getattr(_thread, "opened", 0)
+
+
 @contextmanager
 def _node_scope(path: str):
     """Tracks the node for nesting checks; its entry is removed whatever happens."""
@@ -246,10 +251,38 @@ def _node_scope(path: str):
         raise RuntimeError(f"conditional nodes nest at most {MAX_DEPTH} deep")
     depth = len(open_paths)
     open_paths.append(path)
+    _thread.opened = _nodes_opened() + 1
     try:
         yield
     finally:
         del open_paths[depth:]
+
+
+@contextmanager
+def capture(graph: "torch.cuda.CUDAGraph", pool, stream: Optional["torch.cuda.Stream"] = None):
+    """torch.cuda.graph(graph, pool=pool, stream=stream) for a capture that may hold conditional nodes.
+
+    Ending a capture can fail although every node in it was captured without an error: under
+    PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync, cudaStreamEndCapture answers 'invalid argument'
+    (seen on an H100, torch 2.11, CUDA 13.0) for graphs whose conditional bodies allocate. If the body
+    ran to its end, nodes were opened in it and ending the capture raises, that failure is a
+    ConditionalCaptureError (remembered, so unsupported_reason() reports it) and callers fall back as
+    for any capture failure. An exception raised by the body itself passes unchanged. Either way the caller's stream is
+    current again afterwards."""
+    index = torch.cuda.current_device()
+    caller_stream = torch.cuda.current_stream()
+    opened_before = _nodes_opened()
+    body_finished = False
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            yield
+            body_finished = True
+    except Exception as e:
+        # torch.cuda.graph's exit leaves the capture stream current when ending the capture raises.
+        torch.cuda.set_stream(caller_stream)
+        if body_finished and _nodes_opened() > opened_before and not is_capture_error(e):
+            raise _failure(index, "ending a capture that holds conditional nodes", e) from e
+        raise
 
 
 # ---- argument checks -----------------------------------------------------------------------------

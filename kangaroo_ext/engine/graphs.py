@@ -74,6 +74,6 @@ class CudaGraphs:
         self._reset_state()
         graph = torch.cuda.CUDAGraph()
         # A fresh capture stream each time: after a failed capture, its stream may still be capturing.
-        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream()):
+        with conditional.capture(graph, self.pool, torch.cuda.Stream()):
             fn(capturing=True)
         return graph

@@ -24,7 +24,7 @@ def model_card(report: dict) -> str:
              f"{report['timings']['total_s']:.0f} s" + (f" after {load:.0f} s of model loading" if load else "")
              + f", seed {report['seed']}.", "",
              "## Data", "",
-             f"Self-distillation: {d['used']} prompts from {d['source'].get('file', 'memory')} "
+             f"Self-distillation: {d['used']} prompts from {_source_name(d['source'])} "
              f"(skipped: {d['skipped'] or 'none'}), answered by the target itself (greedy, chat template, at most "
              f"{g['max_new_tokens']} new tokens): {g['sequences']} answers, {g['new_tokens']} tokens, "
              f"{g['tokens_per_s']} tok/s. Targets: {report['teacher']['targets']}, on "
@@ -127,3 +127,10 @@ def write_curves(report: dict, path: str) -> Optional[str]:
     from ..io import atomic_write
     atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
     return path
+
+
+def _source_name(source: dict) -> str:
+    """The prompt file as a data report identifies it: by content (sha256), or the records given in memory."""
+    if "sha256" in source:
+        return f"a prompt file of {source['bytes']} bytes (sha256 {source['sha256'][:12]}…)"
+    return source.get("file", f"memory ({source.get('in_memory_records', '?')} records)")

@@ -7,6 +7,7 @@
 The cache holds every sequence once, flat along the token axis, so one generation and one teacher pass
 serve the training of any number of exit layers. Bad prompt records are skipped and counted, never silently.
 """
+import hashlib
 import os
 import time
 from collections import Counter
@@ -123,12 +124,38 @@ def unpack_sequences(packed: Dict[str, torch.Tensor]) -> List[Tuple[List[int], L
     return out
 
 
+def prompt_file_identity(path) -> dict:
+    """What a data file remembers of the prompt file it answers: its content (sha256) and size, not its
+    path, so a moved or renamed copy is the same prompt file and an edited one is not."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "bytes": os.path.getsize(path)}
+
+
+def check_same_settings(path: str, saved: dict, now: dict):
+    """A ValueError unless the data file at `path` was made with the settings `now` (prompt file content
+    included), naming what differs."""
+    if saved == now:
+        return
+    if "sha256" not in saved.get("source", {}) and "file" in saved.get("source", {}):
+        raise ValueError(f"{path} names its prompt file only by path ({saved['source']}); this version matches "
+                         "prompt files by content: re-save it with the prompt file's sha256 "
+                         "(kangaroo_ext.training.data.prompt_file_identity) or generate the answers again")
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    what = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+    hint = " (the prompt file's content changed)" if "source" in differ else ""
+    raise ValueError(f"{path} was generated with other settings{hint}: {what}; use another --out / --data or drop "
+                     "--resume / --reuse-data")
+
+
 def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, say):
     """(prompt ids, answer ids) pairs, a report on the prompts (used, skipped by reason) and one on the
     generation. opts: a training.TrainOptions. Reuses out_dir's answers when asked and the settings match."""
     if isinstance(prompts, (str, os.PathLike)):
         texts, skipped = io.read_prompts(prompts, strict=False)
-        source = {"file": os.path.abspath(prompts), "bytes": os.path.getsize(prompts)}
+        source = prompt_file_identity(prompts)
     else:
         texts, skipped, source = [], Counter(), {"in_memory_records": len(prompts)}
         for record in prompts:
@@ -143,9 +170,7 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
     partial = {}
     if path and (opts.resume or opts.reuse_data) and os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["settings"] != settings:
-            raise ValueError(f"{path} was generated with other settings ({saved['settings']}, now {settings}); "
-                             "use another --out or drop --resume / --reuse-data")
+        check_same_settings(path, saved["settings"], settings)
         if saved.get("complete", True):
             sequences = unpack_sequences(saved["sequences"])
             say(f"[train] reusing {len(sequences)} generated answers from {path}")

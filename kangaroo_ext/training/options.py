@@ -53,9 +53,13 @@ class TrainOptions:
         for name in ("num_prompts", "max_prompt_tokens", "max_new_tokens", "steps", "batch_size",
                      "checkpoint_every", "max_draft", "eval_max_new_tokens"):
             positive(name)
-        for name in ("gen_batch_size", "teacher_tokens_per_batch", "generation_time_limit"):
+        for name in ("gen_batch_size", "teacher_tokens_per_batch"):
             if getattr(self, name) is not None:
-                positive(name, integer=name != "generation_time_limit")
+                positive(name)
+        limit = self.generation_time_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0):
+            raise ValueError(f"generation_time_limit must be a number of seconds >= 0 (0: generate nothing new, "
+                             f"train on the answers already in the data file), got {limit!r}")
         positive("lr", integer=False)
         if not 0 <= self.top_k < vocab_size:
             raise ValueError(f"top_k must be in [0, {vocab_size}) (0 = full softmax), got {self.top_k}")
