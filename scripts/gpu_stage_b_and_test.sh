@@ -44,8 +44,17 @@ for step in $steps; do
         --out "bench/results/fp32_arbiter_long.json" 2>&1 | grep -v "it/s]" | cut -c1-400 | tail -40 ;;
     gpusuite)
       log gpusuite
-      timeout "${SUITE_LIMIT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu tests ${SUITE_ARGS:-} 2>&1 \
-        | tee "$OUT/gpu_suite.log" | grep -vE "^\.+|PASSED" | tail -40 ;;
+      timeout "${SUITE_LIMIT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu tests ${SUITE_ARGS:-} \
+        --junitxml="$OUT/gpu_suite.xml" 2>&1 | tee "$OUT/gpu_suite.log" | grep -vE "^\.+|PASSED" | tail -40 ;;
+    soak)
+      log soak
+      timeout "${SOAK_LIMIT:-240}" python3 bench/soak.py --calls "${SOAK_CALLS:-2000}" 2>&1 | grep -v "it/s]" | tail -5 ;;
+    summary)
+      log summary
+      python3 scripts/gpu_summary.py --junit "$OUT/gpu_suite.xml" --gate bench/results/gpu_check.log \
+        --soak bench/results/soak.json --fp32 bench/results/fp32_arbiter_long.json \
+        --mtbench "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}/summary.json" \
+        --sampled "bench/results/mt_bench_sampled_${KANGAROO_COMMIT:0:7}/summary.json" | tee "$OUT/summary.md" ;;
     fp32)
       # issue 16: fp32 engine vs transformers on the GPU, with the float64 arbiter, and the component diff
       log fp32
