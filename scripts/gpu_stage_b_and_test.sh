@@ -118,6 +118,6 @@ for step in $steps; do
         --out "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
   esac
   # after every step, so a call stopped at its time limit still brings back what finished
-  tar czf "$OUT/results.tgz" bench/results kangaroo_ext/adapters out 2>/dev/null
+  tar czf "$OUT/results.tgz" --exclude="*.pt" bench/results kangaroo_ext/adapters out 2>/dev/null
 done
 log done
