@@ -1,0 +1,115 @@
+"""CPU threads under load (issue 23): plain decoding and Kangaroo, fp32 on the CPU, at 1, 2, ... torch
+threads, on an idle machine and with other cores kept busy by busy-loop processes.
+
+    OMP_NUM_THREADS=1 python bench/threads.py --threads 1,2 --busy 0,1 --new 64 --out bench/results/threads_cpu.json
+
+Each (threads, busy) case runs in a fresh process (a fresh torch thread pool): it loads the default model,
+runs one short untimed pass of each method, then times plain decoding and Kangaroo (the shipped adapter,
+its CPU recommendation) on the demo prompt, greedy, --new tokens, as `kangaroo generate --compare` does.
+The busy processes (`python -c 'while True: pass'`) start before the case's process and are killed after
+it. The table printed at the end is BENCHMARKS.md's "CPU threads" table.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUSY_LOOP = "while True: pass"
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def measure(threads: int, new_tokens: int, warmup_tokens: int) -> dict:
+    """One case, in this process: tok/s of plain decoding and of Kangaroo on the demo prompt."""
+    import torch
+
+    import kangaroo_ext as kx
+    from kangaroo_ext import config, io
+    from kangaroo_ext.cli import DEMO_PROMPT
+    config.apply_cpu_threads(threads)
+    model, tokenizer = kx.load_default_model(device="cpu", dtype=torch.float32)
+    adapter = kx.load_default_adapter(model)
+    ids = torch.tensor([io.chat_ids(tokenizer, DEMO_PROMPT)])
+    eos = tokenizer.eos_token_id
+    kx.generate(model, ids, max_new_tokens=warmup_tokens, eos_token_id=eos)
+    kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=warmup_tokens, eos_token_id=eos)
+    plain = kx.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=eos).stats
+    spec = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=new_tokens, eos_token_id=eos).stats
+    return {"threads": torch.get_num_threads(), "plain_tok_s": round(plain.tokens_per_second, 2),
+            "kangaroo_tok_s": round(spec.tokens_per_second, 2), "new_tokens": spec.new_tokens,
+            "tau": round(spec.mean_accepted, 3)}
+
+
+def run_case(threads: int, busy: int, new_tokens: int, warmup_tokens: int, timeout_s: float) -> dict:
+    """A case in a child process, with `busy` busy-loop processes alive around it."""
+    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
+    try:
+        time.sleep(0.5 if busy else 0)  # let the loops reach the scheduler before timing starts
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--case", str(threads), "--new", str(new_tokens),
+                               "--warmup-tokens", str(warmup_tokens)],
+                              capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"case threads={threads} busy={busy} failed:\n{done.stderr[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    result.update(busy=busy, wall_s=round(time.perf_counter() - t0, 1))
+    return result
+
+
+def table(cases) -> str:
+    idle = {c["threads"]: c for c in cases if c["busy"] == 0}
+    rows = ["| threads | busy-loop processes | plain tok/s | Kangaroo tok/s | Kangaroo ÷ plain | "
+            "plain, share of idle | Kangaroo, share of idle |", "|---|---|---|---|---|---|---|"]
+    for c in cases:
+        base = idle.get(c["threads"])
+        share = (lambda k: f"{100 * c[k] / base[k]:.0f}%") if base else (lambda k: "")
+        rows.append(f"| {c['threads']} | {c['busy']} | {c['plain_tok_s']:.1f} | {c['kangaroo_tok_s']:.1f} | "
+                    f"{c['kangaroo_tok_s'] / c['plain_tok_s']:.2f}× | {share('plain_tok_s')} | "
+                    f"{share('kangaroo_tok_s')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=_ints, default=[1, 2], help="comma list of torch thread counts")
+    p.add_argument("--busy", type=_ints, default=[0, 1], help="comma list of busy-loop process counts")
+    p.add_argument("--new", type=int, default=64, help="new tokens per timed run")
+    p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed pass per method")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per case before it is abandoned")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "threads_cpu.json"))
+    p.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)  # the child process: one case
+    args = p.parse_args(argv)
+    if args.case is not None:
+        print(json.dumps(measure(args.case, args.new, args.warmup_tokens)))
+        return 0
+
+    from kangaroo_ext import io
+    cases = []
+    for busy in args.busy:
+        for threads in args.threads:
+            case = run_case(threads, busy, args.new, args.warmup_tokens, args.timeout)
+            print(json.dumps(case), flush=True)
+            cases.append(case)
+    commit, dirty = io.git_commit()
+    io.write_json(args.out, {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                             "commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime()),
+                             "new_tokens": args.new, "prompt": "the demo prompt (kangaroo generate)",
+                             "cases": cases})
+    print(table(cases))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
