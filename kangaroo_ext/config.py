@@ -36,8 +36,8 @@ class Knob:
 
 KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_SKIP_CUDA_BUILD", "flag", "build",
-         "never build the CUDA extension (pure-Python install: Triton and PyTorch backends only); "
-         "the quick route on machines without a GPU"),
+         "never build the CUDA extension (pure-Python install: Triton and PyTorch backends only), even where a "
+         "GPU is visible; without a visible GPU that is already the default"),
     Knob("KANGAROO_FORCE_CUDA", "flag", "build",
          "build the CUDA extension or fail (CI sets it); the test suite then also requires it to load"),
     Knob("KANGAROO_FORCE_CUDA_BUILD", "flag", "build",
