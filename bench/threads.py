@@ -66,16 +66,33 @@ def run_case(threads: int, busy: int, new_tokens: int, warmup_tokens: int, timeo
     return result
 
 
+def _median(values):
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def table(cases) -> str:
-    idle = {c["threads"]: c for c in cases if c["busy"] == 0}
-    rows = ["| threads | busy-loop processes | plain tok/s | Kangaroo tok/s | Kangaroo ÷ plain | "
-            "plain, share of idle | Kangaroo, share of idle |", "|---|---|---|---|---|---|---|"]
-    for c in cases:
-        base = idle.get(c["threads"])
-        share = (lambda k: f"{100 * c[k] / base[k]:.0f}%") if base else (lambda k: "")
-        rows.append(f"| {c['threads']} | {c['busy']} | {c['plain_tok_s']:.1f} | {c['kangaroo_tok_s']:.1f} | "
-                    f"{c['kangaroo_tok_s'] / c['plain_tok_s']:.2f}× | {share('plain_tok_s')} | "
-                    f"{share('kangaroo_tok_s')} |")
+    """Median over the repeats of each (threads, busy) case, with the range where there are several;
+    shares are of the best idle median (what the machine gives when nothing else runs)."""
+    keys = sorted({(c["threads"], c["busy"]) for c in cases}, key=lambda k: (k[1], k[0]))
+    runs = {k: [c for c in cases if (c["threads"], c["busy"]) == k] for k in keys}
+    median = {k: {m: _median([c[m] for c in runs[k]]) for m in ("plain_tok_s", "kangaroo_tok_s")} for k in keys}
+    best_idle = {m: max([median[k][m] for k in keys if k[1] == 0] or [float("nan")])
+                 for m in ("plain_tok_s", "kangaroo_tok_s")}
+
+    def cell(k, m):
+        values = [c[m] for c in runs[k]]
+        spread = f" ({min(values):.1f}–{max(values):.1f})" if len(values) > 1 else ""
+        return f"{median[k][m]:.1f}{spread}"
+    rows = ["| threads | busy-loop processes | runs | plain tok/s | Kangaroo tok/s | Kangaroo ÷ plain | "
+            "plain, share of best idle | Kangaroo, share of best idle |", "|---|---|---|---|---|---|---|---|"]
+    for k in keys:
+        m = median[k]
+        rows.append(f"| {k[0]} | {k[1]} | {len(runs[k])} | {cell(k, 'plain_tok_s')} | {cell(k, 'kangaroo_tok_s')} | "
+                    f"{m['kangaroo_tok_s'] / m['plain_tok_s']:.2f}× | "
+                    f"{100 * m['plain_tok_s'] / best_idle['plain_tok_s']:.0f}% | "
+                    f"{100 * m['kangaroo_tok_s'] / best_idle['kangaroo_tok_s']:.0f}% |")
     return "\n".join(rows)
 
 
@@ -85,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--busy", type=_ints, default=[0, 1], help="comma list of busy-loop process counts")
     p.add_argument("--new", type=int, default=64, help="new tokens per timed run")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed pass per method")
+    p.add_argument("--repeat", type=int, default=1, help="passes over the whole grid (the table gives medians)")
+    p.add_argument("--append", action="store_true", help="add to the cases already in --out")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case before it is abandoned")
     p.add_argument("--out", default=os.path.join(HERE, "results", "threads_cpu.json"))
     p.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)  # the child process: one case
@@ -94,16 +113,19 @@ def main(argv=None) -> int:
         return 0
 
     from kangaroo_ext import io
-    cases = []
-    for busy in args.busy:
-        for threads in args.threads:
-            case = run_case(threads, busy, args.new, args.warmup_tokens, args.timeout)
-            print(json.dumps(case), flush=True)
-            cases.append(case)
     commit, dirty = io.git_commit()
+    cases = []
+    if args.append:
+        with open(args.out, encoding="utf-8") as f:
+            cases = json.load(f)["cases"]
+    for _ in range(args.repeat):
+        for busy in args.busy:
+            for threads in args.threads:
+                case = run_case(threads, busy, args.new, args.warmup_tokens, args.timeout)
+                case.update(commit=commit, dirty=dirty, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                print(json.dumps(case), flush=True)
+                cases.append(case)
     io.write_json(args.out, {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                             "commit": commit, "dirty": dirty, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                      time.gmtime()),
                              "new_tokens": args.new, "prompt": "the demo prompt (kangaroo generate)",
                              "cases": cases})
     print(table(cases))
