@@ -48,6 +48,9 @@ def measure(threads: int, new_tokens: int, warmup_tokens: int) -> dict:
 
 def run_case(threads: int, busy: int, new_tokens: int, warmup_tokens: int, timeout_s: float) -> dict:
     """A case in a child process, with `busy` busy-loop processes alive around it."""
+    # What else ran: on a shared machine other programs load the cores too; the 1-minute load average
+    # before the case (busy loops not yet started) says how much.
+    load_before = round(os.getloadavg()[0], 2)
     loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
     try:
         time.sleep(0.5 if busy else 0)  # let the loops reach the scheduler before timing starts
@@ -62,7 +65,7 @@ def run_case(threads: int, busy: int, new_tokens: int, warmup_tokens: int, timeo
         for loop in loops:
             loop.kill()
             loop.wait()
-    result.update(busy=busy, wall_s=round(time.perf_counter() - t0, 1))
+    result.update(busy=busy, wall_s=round(time.perf_counter() - t0, 1), load_before=load_before)
     return result
 
 
