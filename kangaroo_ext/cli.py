@@ -116,8 +116,9 @@ def _generate(args):
     model, tokenizer = load_model("default", args.device, args.dtype)
     adapter = _load_adapter(args.adapter, model)
     threshold, max_draft = resolve_settings(args.threshold, args.max_draft, adapter, model.device)
-    _say(f"SmolLM2-135M-Instruct on {model.device} ({str(model.dtype).replace('torch.', '')}, "
-         f"{torch.get_num_threads()} CPU thread(s)), loaded in {time.perf_counter() - t0:.1f} s; "
+    threads = torch.get_num_threads()
+    _say(f"SmolLM2-135M-Instruct on {model.device} ({str(model.dtype).replace('torch.', '')}, {threads} CPU "
+         f"thread{'s' if threads > 1 else ''}), loaded in {time.perf_counter() - t0:.1f} s; "
          f"draft: first {adapter.exit_layer} layer(s) + adapter, η = {threshold}, γ = {max_draft}")
     for prompt in prompts:
         ids = torch.tensor([io.chat_ids(tokenizer, prompt)])

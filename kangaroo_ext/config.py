@@ -18,10 +18,9 @@ TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
 BACKENDS = ("auto", "cuda", "triton", "reference")
 # CPU threads for decoding when neither --threads nor OMP_NUM_THREADS says otherwise. One thread, because
-# decoding a small model is a stream of small ops: with torch's default of one thread per core, a second
-# program busy on one core of two made every op wait on a thread that was not scheduled (plain decoding
-# fell to a small fraction of its idle speed), while one thread lost little when idle. BENCHMARKS.md,
-# "CPU threads", has the measurements (bench/threads.py).
+# decoding a small model is a stream of small ops, each a rendezvous of torch's threads: on 2 cores with one
+# busy-loop process beside it, 2 threads fell to 14-16% of their idle speed, while 1 thread lost 4-6%
+# against 2 on a quiet machine. BENCHMARKS.md, "CPU threads", has the measurements (bench/threads.py).
 DEFAULT_CPU_THREADS = 1
 
 
