@@ -126,12 +126,10 @@ def cpu_threads(requested: Optional[int] = None) -> Tuple[int, str]:
     return DEFAULT_CPU_THREADS, "the default: robust when other programs share the cores"
 
 
-def apply_cpu_threads(requested: Optional[int] = None) -> str:
-    """Sets torch's CPU threads by cpu_threads(requested); returns a line saying how many and why."""
+def apply_cpu_threads(requested: Optional[int] = None) -> None:
+    """Sets torch's CPU threads to cpu_threads(requested) (what `kangaroo info` reports)."""
     import torch  # here, not at the top: setup.py loads this module before torch may be importable
-    threads, why = cpu_threads(requested)
-    torch.set_num_threads(threads)
-    return f"{threads} ({why})"
+    torch.set_num_threads(cpu_threads(requested)[0])
 
 
 def user_cache_home() -> str:
