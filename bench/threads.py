@@ -7,7 +7,9 @@ Each (threads, busy) case runs in a fresh process (a fresh torch thread pool): i
 runs one short untimed pass of each method, then times plain decoding and Kangaroo (the shipped adapter,
 its CPU recommendation) on the demo prompt, greedy, --new tokens, as `kangaroo generate --compare` does.
 The busy processes (`python -c 'while True: pass'`) start before the case's process and are killed after
-it. The table printed at the end is BENCHMARKS.md's "CPU threads" table.
+it. The table printed at the end gives each case's median over the passes (and their range); BENCHMARKS.md's
+"CPU threads" table lists the passes of bench/results/threads_cpu.json one by one, since the machine's other
+load differed between them.
 """
 import argparse
 import json
