@@ -10,14 +10,6 @@ import torch
 from kangaroo_ext import cli, config, io
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    """cli.main sets torch's CPU threads for the commands that decode; the rest of the suite keeps its own."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading the model is the slow part: these checks must all happen before it."""
