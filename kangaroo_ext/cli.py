@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from . import io
+from . import config, io
 from .decoding import DEFAULT_MAX_DRAFT, DEFAULT_THRESHOLD, MAX_DRAFT_LIMIT
 from .default_model import DTYPE_NAMES
 
@@ -49,6 +49,18 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
+
+
+def _check_sampling_flags(args):
+    """A sampling flag without --sample is an error, not a silent no-op (decoding.check_sampling holds the
+    API to the same rule)."""
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_FLAGS if getattr(args, name) is not None]
+    if given and not args.sample:
+        raise ValueError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to sampling: add "
+                         "--sample (without it, decoding is greedy)")
+
+
 def _adapter_config(path):
     from .adapter import Adapter
     return Adapter.read_config(path) if path else None
@@ -86,8 +98,10 @@ def _generate(args):
     _check_positive("--max-new-tokens", args.max_new_tokens)
     _check_device_dtype(args.device, args.dtype)
     _adapter_config(args.adapter)
+    _check_sampling_flags(args)
     from .decoding import check_sampling
-    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = dict(do_sample=args.sample, temperature=1.0 if args.temperature is None else args.temperature,
+                    top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
     check_sampling(**sampling, generator=None, seed=args.seed, device="cpu")
     if args.sample:
         import random
@@ -102,9 +116,10 @@ def _generate(args):
     model, tokenizer = load_model("default", args.device, args.dtype)
     adapter = _load_adapter(args.adapter, model)
     threshold, max_draft = resolve_settings(args.threshold, args.max_draft, adapter, model.device)
-    _say(f"SmolLM2-135M-Instruct on {model.device} ({str(model.dtype).replace('torch.', '')}), loaded in "
-         f"{time.perf_counter() - t0:.1f} s; draft: first {adapter.exit_layer} layer(s) + adapter, "
-         f"η = {threshold}, γ = {max_draft}")
+    threads = torch.get_num_threads()
+    _say(f"SmolLM2-135M-Instruct on {model.device} ({str(model.dtype).replace('torch.', '')}, {threads} CPU "
+         f"thread{'s' if threads > 1 else ''}), loaded in {time.perf_counter() - t0:.1f} s; "
+         f"draft: first {adapter.exit_layer} layer(s) + adapter, η = {threshold}, γ = {max_draft}")
     for prompt in prompts:
         ids = torch.tensor([io.chat_ids(tokenizer, prompt)])
         if len(prompts) > 1:
@@ -280,6 +295,7 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--eval-warmup", type=int, default=d.eval_warmup, help="untimed runs before each timed method")
     a("--no-progress", action="store_true", help="no progress bars")
     a("--ship", action="store_true", help="install the best adapter as the default model's shipped adapter")
+    _threads_argument(p)
 
 
 # ---- kangaroo info / which-commit ---------------------------------------------------------------------
@@ -317,6 +333,14 @@ def _decoding_arguments(p: argparse.ArgumentParser):
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (default: the shipped one)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    _threads_argument(p)
+
+
+def _threads_argument(p: argparse.ArgumentParser):
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: OMP_NUM_THREADS if set, else {config.DEFAULT_CPU_THREADS}: "
+                        "small-model decoding gains little from more, and loses most of its speed when another "
+                        "program keeps a core busy; see BENCHMARKS.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,10 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_arguments(g)
     g.add_argument("--compare", action="store_true", help="also run plain decoding and compare speed and output")
     g.add_argument("--sample", action="store_true",
-                   help="sample instead of greedy decoding (Kangaroo keeps the target's distribution exactly)")
-    g.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    g.add_argument("--top-k", type=int, default=0, help="with --sample: keep the k most probable tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="with --sample: nucleus mass (1.0: off)")
+                   help="sample instead of greedy decoding (Kangaroo keeps the target's distribution exactly); "
+                        "--temperature, --top-k, --top-p and --seed need it: without --sample they are an error, "
+                        "not silently ignored")
+    g.add_argument("--temperature", type=float, default=None, help="with --sample (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="with --sample: keep the k most probable tokens (default: 0, off)")
+    g.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus mass (default: 1.0, off)")
     g.add_argument("--seed", type=int, default=None, help="with --sample: the random seed (default: a fresh one)")
 
     b = command("bench", "end-to-end decoding benchmark (Spec-Bench protocol) on MT-bench or your questions",
@@ -378,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # the commands that decode; set before any torch work
+            config.apply_cpu_threads(args.threads)
         return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, MemoryError) as e:  # user errors: one line
         print(f"kangaroo {args.command}: error: {e}", file=sys.stderr)

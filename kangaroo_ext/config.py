@@ -17,6 +17,11 @@ from typing import Dict, Optional, Tuple
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
 BACKENDS = ("auto", "cuda", "triton", "reference")
+# CPU threads for decoding when neither --threads nor OMP_NUM_THREADS says otherwise. One thread, because
+# decoding a small model is a stream of small ops, each a rendezvous of torch's threads: on 2 cores with one
+# busy-loop process beside it, 2 threads fell to 14-16% of their idle speed, while 1 thread lost 4-6%
+# against 2 on a quiet machine. BENCHMARKS.md, "CPU threads", has the measurements (bench/threads.py).
+DEFAULT_CPU_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,13 @@ class Knob:
 
 KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_SKIP_CUDA_BUILD", "flag", "build",
-         "never build the CUDA extension (pure-Python install: Triton and PyTorch backends only); "
-         "the quick route on machines without a GPU"),
+         "never build the CUDA extension (pure-Python install: Triton and PyTorch backends only), even where a "
+         "GPU is visible; without a visible GPU that is already the default"),
     Knob("KANGAROO_FORCE_CUDA", "flag", "build",
          "build the CUDA extension or fail (CI sets it); the test suite then also requires it to load"),
+    Knob("KANGAROO_FORCE_CUDA_BUILD", "flag", "build",
+         "build the CUDA extension even though no CUDA device is visible (as does setting "
+         "TORCH_CUDA_ARCH_LIST); without either, a machine with no GPU gets the pure-Python install"),
     Knob("KANGAROO_PTXAS_VERBOSE", "flag", "build", "print ptxas register and shared-memory reports"),
     Knob("KANGAROO_BACKEND", "choice", "run",
          "force one backend for every op (a backend that cannot run a call raises, listing why); "
@@ -92,6 +100,38 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
 
 
+def torch_cuda_arch_list() -> Optional[str]:
+    """torch's TORCH_CUDA_ARCH_LIST (not ours): the architectures to compile for, or None when unset."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or None
+
+
+def cuda_home() -> Optional[str]:
+    """CUDA_HOME (not ours): the CUDA toolkit folder, or None when unset."""
+    return os.environ.get("CUDA_HOME", "").strip() or None
+
+
+def cpu_threads(requested: Optional[int] = None) -> Tuple[int, str]:
+    """(threads, why): the torch CPU threads the `kangaroo` commands decode with. `requested` (--threads)
+    wins; else OMP_NUM_THREADS (not ours: the user's standing choice, which torch reads too); else
+    DEFAULT_CPU_THREADS."""
+    if requested is not None:
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+            raise ValueError(f"--threads must be an int >= 1, got {requested!r}")
+        return requested, "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise ValueError(f"OMP_NUM_THREADS={omp!r} is not a thread count: use an int >= 1")
+        return int(omp), "OMP_NUM_THREADS"
+    return DEFAULT_CPU_THREADS, "the default: robust when other programs share the cores"
+
+
+def apply_cpu_threads(requested: Optional[int] = None) -> None:
+    """Sets torch's CPU threads to cpu_threads(requested) (what `kangaroo info` reports)."""
+    import torch  # here, not at the top: setup.py loads this module before torch may be importable
+    torch.set_num_threads(cpu_threads(requested)[0])
+
+
 def user_cache_home() -> str:
     """The XDG cache folder (not ours either): $XDG_CACHE_HOME, else ~/.cache."""
     return os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
@@ -104,6 +144,7 @@ def check_all():
             flag(knob.name)
         elif knob.kind == "choice":
             backend()
+    cpu_threads()
 
 
 def markdown_table() -> str:

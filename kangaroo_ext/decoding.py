@@ -100,6 +100,13 @@ def check_sampling(do_sample, temperature, top_k, top_p, generator, seed, device
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     if not do_sample:
+        # Greedy decoding would ignore them: say so rather than decode something the caller did not ask for.
+        given = [f"{name}={value!r}" for name, value, default in (
+            ("temperature", temperature, 1.0), ("top_k", top_k, 0), ("top_p", top_p, 1.0),
+            ("generator", generator, None), ("seed", seed, None)) if value is not default and value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to sampling: "
+                             "pass do_sample=True (with do_sample=False, decoding is greedy)")
         return None
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature) \
             or temperature <= 0:
@@ -229,6 +236,8 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         do_sample: False (greedy) or True: sample from the target's distribution after temperature, top_k
             (0: off) and top_p (1.0: off), processed as in transformers; the draft samples from its own
             distribution processed the same way, and its top-1 probability there is the confidence.
+            With do_sample=False, a temperature, top_k, top_p, generator or seed other than the default
+            raises ValueError (greedy decoding would ignore it).
         generator: a torch.Generator on the model's device; the run's random seed is drawn from it. Or
             seed: an int. Neither: drawn from torch's default generator (torch.manual_seed).
     Returns:

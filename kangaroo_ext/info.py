@@ -35,12 +35,28 @@ def collect() -> dict:
             f" (this torch captures them with the {policy_path!r} path where it can)" if policy_path else "")
     info["backends"] = {b: ("available" if not why else "unavailable: " + "; ".join(why))
                         for b, why in available_backends().items()}
+    if info["backends"].get("triton") == "available" and not torch.cuda.is_available():
+        info["backends"]["triton"] = _triton_without_gpu()
+    try:
+        threads, why = config.cpu_threads()
+        info["CPU threads"] = (f"{threads} when decoding ({why}; --threads N changes it); torch alone would "
+                               f"use {torch.get_num_threads()}")
+    except ValueError as e:
+        info["CPU threads"] = f"invalid: {e}"
     try:
         config.check_all()
         info["environment"] = "every KANGAROO_* variable that is set has a valid value"
     except ValueError as e:
         info["environment"] = f"invalid: {e}"
     return info
+
+
+def _triton_without_gpu() -> str:
+    """Triton without a GPU runs nothing natively: at most its CPU interpreter, a testing tool."""
+    if config.triton_interpreting():
+        return ("interpreter only (TRITON_INTERPRET=1, no GPU): its kernels run on the CPU, for testing; "
+                "decoding on the CPU uses the reference backend")
+    return "installed, but no GPU to run on (TRITON_INTERPRET=1 would run its kernels under the CPU interpreter)"
 
 
 def print_info():

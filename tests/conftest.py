@@ -50,6 +50,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """cli.main sets torch's CPU threads for the commands that decode (config.apply_cpu_threads); a test
+    that calls it must not change the threads of the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def skip_missing_kernel(backend: str, op: str):
     """Skip (with the reason) where this install's backend has no kernel for the op at all."""
     from kangaroo_ext.ops.schemas import MISSING_FROM_EXTENSION

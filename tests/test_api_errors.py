@@ -144,3 +144,27 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "a"}\n{"turns": ["b", "c"]}\n"d"\n\n')
     assert read_prompts(str(good))[0] == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize("kw,named", [
+    (dict(temperature=0.5), "temperature=0.5"),
+    (dict(top_k=5), "top_k=5"),
+    (dict(top_p=0.9), "top_p=0.9"),
+    (dict(seed=3), "seed=3"),
+    (dict(generator=torch.Generator()), "generator="),
+    (dict(temperature=0.5, seed=3), "temperature=0.5, seed=3"),
+])
+@pytest.mark.parametrize("call", ["speculative_generate", "generate"])
+def test_sampling_arguments_without_do_sample_are_an_error(model, adapter, kw, named, call):
+    """Greedy decoding would ignore them; the error names them and do_sample=True."""
+    with pytest.raises(ValueError, match=r"only appl(y|ies) to sampling: pass do_sample=True") as caught:
+        if call == "generate":
+            kx.generate(model, [1, 2, 3], max_new_tokens=2, eos_token_id=[], **kw)
+        else:
+            spec_call(model, adapter, **kw)
+    assert named in str(caught.value)
+
+
+def test_the_default_sampling_values_are_fine_when_greedy(model, adapter):
+    out = spec_call(model, adapter, do_sample=False, temperature=1.0, top_k=0, top_p=1, seed=None)
+    assert out.stats.sampling is None and out.stats.new_tokens == 4

@@ -5,8 +5,9 @@ import json
 import time
 
 import pytest
+import torch
 
-from kangaroo_ext import cli, io
+from kangaroo_ext import cli, config, io
 
 
 @pytest.fixture
@@ -46,6 +47,13 @@ def _fails_fast(argv, message, capsys):
     (["train", "--draft-vocab", "-3"], "draft_vocab must be an int"),
     (["train", "--ship"], "--ship chooses by measured speedup: give --mt-bench"),
     (["train", "--model", "/no/such/model"], "--model: no such model folder"),
+    (["generate", "hi", "--temperature", "0.5"], "--temperature only applies to sampling: add --sample"),
+    (["generate", "hi", "--seed", "3"], "--seed only applies to sampling: add --sample"),
+    (["generate", "hi", "--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p only apply to sampling: add --sample"),
+    (["generate", "hi", "--sample", "--temperature", "0"], "temperature must be a finite number > 0"),
+    (["generate", "hi", "--threads", "0"], "--threads must be an int >= 1, got 0"),
+    (["bench", "--threads", "-2"], "--threads must be an int >= 1, got -2"),
+    (["train", "--threads", "0"], "--threads must be an int >= 1, got 0"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(argv, message, capsys, no_model):
     _fails_fast(argv, message, capsys)
@@ -100,3 +108,67 @@ def test_help_shows_defaults_and_never_default_none(command, capsys):
         assert "--max-draft MAX_DRAFT γ, the most drafts per round (default: the adapter's recommendation" in text
     else:
         assert "--steps STEPS optimizer steps per exit layer (default: 1000)" in text
+
+
+class _Loaded(Exception):
+    """Raised by a fake model loader: the arguments passed every check."""
+
+
+@pytest.fixture
+def stop_at_load(monkeypatch):
+    def loaded(*args, **kwargs):
+        raise _Loaded
+    monkeypatch.setattr(cli, "load_model", loaded)
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--sample", "--temperature", "0.5", "--seed", "3"],
+                                  ["generate", "hi", "--sample"], ["generate", "hi"]])
+def test_sampling_flags_with_sample_and_greedy_defaults_pass(argv, stop_at_load):
+    with pytest.raises(_Loaded):
+        cli.main(argv)
+
+
+@pytest.mark.parametrize("argv,threads", [(["generate", "hi"], config.DEFAULT_CPU_THREADS),
+                                          (["generate", "hi", "--threads", "2"], 2),
+                                          (["bench", "--threads", "3"], 3)])
+def test_decoding_commands_set_the_threads(argv, threads, stop_at_load, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(5)
+    with pytest.raises(_Loaded):
+        cli.main(argv)
+    assert torch.get_num_threads() == threads
+
+
+def test_omp_num_threads_is_the_default_when_set(stop_at_load, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert config.cpu_threads() == (2, "OMP_NUM_THREADS")
+    assert config.cpu_threads(3) == (3, "--threads")
+    with pytest.raises(_Loaded):
+        cli.main(["generate", "hi"])
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='two' is not a thread count"):
+        config.cpu_threads()
+
+
+def test_generate_help_says_the_sampling_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "without --sample they are an error" in text and "--threads THREADS torch CPU threads" in text
+
+
+def test_info_names_the_triton_interpreter_and_the_threads(monkeypatch):
+    from kangaroo_ext import info
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    collected = info.collect()
+    if collected["backends"]["triton"].startswith("unavailable"):
+        pytest.skip(f"triton is not usable here: {collected['backends']['triton']}")
+    assert collected["backends"]["triton"].startswith("interpreter only (TRITON_INTERPRET=1, no GPU)")
+    assert collected["CPU threads"].startswith(f"{config.DEFAULT_CPU_THREADS} when decoding (the default")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "no GPU to run on" in info.collect()["backends"]["triton"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")
+    assert info.collect()["CPU threads"].startswith("invalid: OMP_NUM_THREADS='x'")

@@ -143,10 +143,16 @@ def test_a_seed_reproduces_the_tokens_in_every_mode(model, adapter):
 
 
 @torch.inference_mode()
-def test_greedy_is_unchanged_by_the_sampling_arguments(model, adapter):
+def test_greedy_refuses_the_sampling_arguments_it_would_ignore(model, adapter):
+    """Greedy decoding ignores temperature, top_k and top_p: passing them without do_sample=True is an error
+    (issue 23), and their default values change nothing."""
     want = kx.speculative_generate(model, PROMPT, adapter=adapter, max_new_tokens=20, eos_token_id=[]).sequences
+    with pytest.raises(ValueError, match=r"temperature=0.3, top_k=2, top_p=0.5 only apply to sampling: pass "
+                                         r"do_sample=True"):
+        kx.speculative_generate(model, PROMPT, adapter=adapter, max_new_tokens=20, eos_token_id=[],
+                                do_sample=False, temperature=0.3, top_k=2, top_p=0.5)
     got = kx.speculative_generate(model, PROMPT, adapter=adapter, max_new_tokens=20, eos_token_id=[],
-                                  do_sample=False, temperature=0.3, top_k=2, top_p=0.5).sequences
+                                  do_sample=False, temperature=1.0, top_k=0, top_p=1.0).sequences
     assert torch.equal(got, want)
     assert torch.equal(kx.generate(model, PROMPT, max_new_tokens=20, eos_token_id=[]).sequences, want)
 
