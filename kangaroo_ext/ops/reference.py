@@ -277,3 +277,33 @@ def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Ten
     drafts_padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)
     committed = torch.where(pos < a[:, None], drafts_padded, torch.where(pos == a[:, None], token[:, None], -1))
     return torch.where(bad, -1, a), committed.masked_fill(bad[:, None], -1)
+
+
+def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max_ngram: int,
+                gamma: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Prompt lookup (copied drafts): the longest n in [min_ngram, max_ngram] whose last n tokens
+    history[b, L-n:L] also occur earlier (start i < L - n; the two may overlap), its latest such
+    occurrence, and the tokens that followed it: history[b, i+n : i+n+γ], cut at L.
+
+    history: [B, S] int64 (prompt + generated tokens; slots from L on are ignored); length: [B] int64
+    (L). Returns tokens [B, γ] int64 (-1 past count) and count [B] int64 (0: no match). Static shapes,
+    a Python loop over n only: no host sync, so it can run inside a captured round."""
+    B, S = history.shape
+    dev = history.device
+    count = torch.zeros(B, dtype=torch.int64, device=dev)                      # [B]
+    copy_from = torch.zeros(B, dtype=torch.int64, device=dev)                  # [B]: i + n of the match
+    for n in range(max_ngram, min_ngram - 1, -1):                              # longest first
+        if n >= S:
+            continue
+        windows = history.unfold(1, n, 1)                                      # [B, S-n+1, n]
+        suffix_at = (length[:, None] - n + torch.arange(n, device=dev)).clamp(0, S - 1)
+        suffix = history.gather(1, suffix_at)                                  # [B, n]
+        starts = torch.arange(S - n + 1, device=dev)                           # [S-n+1]
+        hit = (windows == suffix[:, None, :]).all(-1) & (starts[None, :] + n < length[:, None])
+        latest = torch.where(hit, starts[None, :], -1).amax(1)                 # [B]; -1: none
+        take = (latest >= 0) & (count == 0)                                    # a longer n already won
+        copy_from = torch.where(take, latest + n, copy_from)
+        count = torch.where(take, (length - latest - n).clamp(max=gamma), count)
+    j = torch.arange(gamma, device=dev)                                        # [γ]
+    tokens = history.gather(1, (copy_from[:, None] + j).clamp(max=S - 1))      # [B, γ]
+    return torch.where(j[None, :] < count[:, None], tokens, -1), count
