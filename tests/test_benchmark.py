@@ -17,7 +17,7 @@ QUESTIONS = [
     {"question_id": 3, "category": "writing", "turns": ["Describe a cat."]},
     {"question_id": 4, "category": "coding", "turns": ["Sort a list.", "In C?"]},
 ]
-METHODS = ["kangaroo", "plain", "hf-eager", "hf-prompt-lookup"]  # not hf-static: it compiles
+METHODS = ["kangaroo", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld"]  # not hf-static: it compiles
 
 
 class CharChatTokenizer:
@@ -119,6 +119,20 @@ def test_kangaroo_identical_to_plain_in_fp32(run):
     assert summary["plain"]["overall"]["speedup_vs_plain"] == pytest.approx(1.0)
 
 
+def test_copied_draft_methods_are_identical_to_plain_and_record_their_sources(run):
+    """kangaroo-copy and pld (our engine's copied drafts) beside kangaroo: same output as plain, and each
+    turn says which draft source its rounds used; pld never uses the adapter's drafts."""
+    results, _, _ = run
+    summary = report.summarize(results)
+    for m in ("kangaroo-copy", "pld"):
+        assert summary[m]["overall"]["identical_to_plain"] == 1.0, m
+        assert summary[m]["overall"]["mean_accepted"] >= 1.0
+        for t in results["methods"][m]["turns"]:
+            assert sum(row["rounds"] for row in t["draft_sources"].values()) == t["rounds"]
+    assert all(set(t["draft_sources"]) <= {"copy", "plain"} for t in results["methods"]["pld"]["turns"])
+    assert "draft_sources" not in results["methods"]["kangaroo"]["turns"][0]
+
+
 def test_summary_json_has_the_latest_json_form(run):
     _, _, out = run
     latest = json.loads((out / "summary.json").read_text())
@@ -201,8 +215,8 @@ def test_missing_questions_file(tmp_path):
 
 
 def test_unknown_method_lists_the_valid_ones(qfile):
-    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, plain, hf-eager, "
-                                         r"hf-static, hf-prompt-lookup"):
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, kangaroo-copy, pld, "
+                                         r"plain, hf-eager, hf-pld, hf-static, hf-prompt-lookup"):
         _bench("--questions", qfile, "--methods", "kangaroo,medusa")
 
 
