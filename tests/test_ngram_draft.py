@@ -28,7 +28,11 @@ def run(rows, min_ngram, max_ngram, gamma, slack=5):
     for b, r in enumerate(rows):
         history[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
     length = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-    tokens, count = ops.ngram_draft(history, length, min_ngram, max_ngram, gamma)
+    tokens, count, matched = ops.ngram_draft(history, length, min_ngram, max_ngram, gamma)
+    for b, r in enumerate(rows):  # the n reported is the one that matched: its suffix recurs, no longer one does
+        n = int(matched[b])
+        assert (n == 0) == (int(count[b]) == 0)
+        assert n == 0 or brute_force(r, n, n, 1) and not any(brute_force(r, m, m, 1) for m in range(n + 1, max_ngram + 1))
     return [tokens[b, :count[b]].tolist() for b in range(len(rows))], tokens, count
 
 

@@ -3,8 +3,9 @@
 Each round first looks the sequence's last n tokens up in everything before them (ops.ngram_draft:
 longest n first, latest occurrence) and picks its draft source:
 
-    "copy"     a match: its following tokens (up to copy_gamma) are the drafts; one multi-row shallow
-               step gives their exit states, so a copied chain costs about one draft step, however long;
+    "copy"     a match of n >= 2 tokens: the 2n tokens that followed it (at most copy_gamma) are the
+               drafts; one multi-row shallow step gives their exit states (no draft head at all), and
+               verification pays about a tenth of a plain step per extra row on a CPU;
     "mixed"    a match shorter than the adapter's γ, and extend_with_adapter: the adapter proposes
                after the last copied token and drafts on while its confidence stays >= η;
     "adapter"  no match: exactly today's Kangaroo round (HostRounds), so a failed lookup costs the
@@ -28,9 +29,16 @@ from typing import List
 from .. import ops
 from .rounds import HostRounds
 
-DEFAULT_MIN_NGRAM = 1    # a single repeated token is already a useful match when nothing longer is found
-DEFAULT_MAX_NGRAM = 4
-DEFAULT_COPY_GAMMA = 10  # copied drafts cost one multi-row step, so a longer chain than the adapter's pays
+# The policy's numbers, from the greedy SmolLM2 answers to 12 prompts of the long-context development set
+# (bench/results/copy_draft_cpu/README.md): the tokens accepted after a match grow with the matched n,
+#     n = 1: 0.3-0.4 accepted on average (83% of 1-token matches propose nothing useful)
+#     n = 2: 1.0-1.4;  n = 3: 1.9-2.9;  n = 4-7: 3.1-3.7;  n >= 8: about 6
+# while each copied row costs about a tenth of a plain step on a CPU. So: no copying on a single token,
+# look up to 8 tokens back, and copy 2 tokens per matched token (at most 10).
+DEFAULT_MIN_NGRAM = 2
+DEFAULT_MAX_NGRAM = 8
+DEFAULT_COPY_GAMMA = 10       # copied drafts cost one multi-row step, so a longer chain than the adapter's pays
+COPIED_PER_MATCHED_TOKEN = 2
 
 
 class CopyRounds(HostRounds):
@@ -39,11 +47,13 @@ class CopyRounds(HostRounds):
     mode = "host"
 
     def __init__(self, engine, gamma: int, copy_gamma: int = DEFAULT_COPY_GAMMA, min_ngram: int = DEFAULT_MIN_NGRAM,
-                 max_ngram: int = DEFAULT_MAX_NGRAM, extend_with_adapter: bool = True, mode: str = "host"):
+                 max_ngram: int = DEFAULT_MAX_NGRAM, extend_with_adapter: bool = True, mode: str = "host",
+                 copied_per_matched_token: int = COPIED_PER_MATCHED_TOKEN):
         super().__init__(engine, max(gamma, copy_gamma))   # self.gamma: the most drafts any round proposes
         self.mode = mode
         self.adapter_gamma, self.copy_gamma = gamma, copy_gamma
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.per_matched = copied_per_matched_token
         self.extend = extend_with_adapter and gamma > 0
         self.sources: List[str] = []   # per round: "copy", "mixed", "adapter" or "plain"
         self.copied: List[int] = []    # per round: drafts that came from the lookup
@@ -51,9 +61,9 @@ class CopyRounds(HostRounds):
     def draft(self):
         e = self.engine
         e.begin_round()
-        tokens, count = ops.ngram_draft(e.history, e.cache_len + 1, self.min_ngram, self.max_ngram,
-                                        self.copy_gamma)
-        k = int(count[0])   # the one read back: free on a CPU (see the module's doc for a GPU)
+        tokens, count, matched = ops.ngram_draft(e.history, e.cache_len + 1, self.min_ngram, self.max_ngram,
+                                                 self.copy_gamma)
+        k = int(count.minimum(matched * self.per_matched)[0])   # the one read back: free on a CPU (module doc)
         if k == 0:
             self.copied.append(0)
             if self.adapter_gamma == 0:

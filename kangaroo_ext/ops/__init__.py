@@ -15,7 +15,7 @@
     accepted, committed = speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_drafted,
                                                     temperature, top_k, top_p, rng)
 
-    tokens, count = ngram_draft(history, length, min_ngram, max_ngram, gamma)   # copied drafts
+    tokens, count, n = ngram_draft(history, length, min_ngram, max_ngram, gamma)   # copied drafts
 
 `backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
 """
@@ -312,7 +312,7 @@ def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Ten
 # no CUDA or Triton version is worth keeping in step with it (hence not in OP_FILES).
 
 def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max_ngram: int,
-                gamma: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                gamma: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt-lookup drafts: for each row, the longest n in [min_ngram, max_ngram] whose last n tokens
     occur earlier in history[:, :length] (latest occurrence wins; overlapping allowed), and up to gamma
     tokens that followed that occurrence.
@@ -323,7 +323,8 @@ def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max
         min_ngram, max_ngram: 1 <= min_ngram <= max_ngram <= 32.
         gamma: the most tokens to copy, >= 1.
     Returns:
-        tokens [B, gamma] int64 (-1 past count) and count [B] int64 (0: no match).
+        tokens [B, gamma] int64 (-1 past count), count [B] int64 (0: no match) and the n that matched
+        [B] int64 (0: none).
     """
     validate.ngram_draft(history, length, min_ngram, max_ngram, gamma)
     return reference.ngram_draft(history, length, int(min_ngram), int(max_ngram), int(gamma))

@@ -280,18 +280,20 @@ def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Ten
 
 
 def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max_ngram: int,
-                gamma: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                gamma: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt lookup (copied drafts): the longest n in [min_ngram, max_ngram] whose last n tokens
     history[b, L-n:L] also occur earlier (start i < L - n; the two may overlap), its latest such
     occurrence, and the tokens that followed it: history[b, i+n : i+n+γ], cut at L.
 
     history: [B, S] int64 (prompt + generated tokens; slots from L on are ignored); length: [B] int64
-    (L). Returns tokens [B, γ] int64 (-1 past count) and count [B] int64 (0: no match). Static shapes,
+    (L). Returns tokens [B, γ] int64 (-1 past count), count [B] int64 (0: no match) and the matched n
+    [B] int64 (0: none; a longer match predicts a longer accepted run). Static shapes,
     a Python loop over n only: no host sync, so it can run inside a captured round."""
     B, S = history.shape
     dev = history.device
     count = torch.zeros(B, dtype=torch.int64, device=dev)                      # [B]
     copy_from = torch.zeros(B, dtype=torch.int64, device=dev)                  # [B]: i + n of the match
+    matched = torch.zeros(B, dtype=torch.int64, device=dev)                    # [B]: n
     for n in range(max_ngram, min_ngram - 1, -1):                              # longest first
         if n >= S:
             continue
@@ -303,7 +305,8 @@ def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max
         latest = torch.where(hit, starts[None, :], -1).amax(1)                 # [B]; -1: none
         take = (latest >= 0) & (count == 0)                                    # a longer n already won
         copy_from = torch.where(take, latest + n, copy_from)
+        matched = torch.where(take, n, matched)
         count = torch.where(take, (length - latest - n).clamp(max=gamma), count)
     j = torch.arange(gamma, device=dev)                                        # [γ]
     tokens = history.gather(1, (copy_from[:, None] + j).clamp(max=S - 1))      # [B, γ]
-    return torch.where(j[None, :] < count[:, None], tokens, -1), count
+    return torch.where(j[None, :] < count[:, None], tokens, -1), count, matched
