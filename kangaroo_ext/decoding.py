@@ -290,8 +290,7 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], max_new_token
 
 
 def check_copy_draft(copy_draft):
-    if copy_draft not in (True, False, "only") or (copy_draft is not True and copy_draft is not False
-                                                   and not isinstance(copy_draft, str)):
+    if not (copy_draft is True or copy_draft is False or copy_draft == "only"):
         raise ValueError(f"copy_draft must be True, False or 'only' (copied drafts alone), got {copy_draft!r}")
 
 
