@@ -319,9 +319,10 @@ def _decoding_arguments(p: argparse.ArgumentParser):
                    help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
                         f"{DEFAULT_MAX_DRAFT})")
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (default: the shipped one)")
-    p.add_argument("--copy-draft", action="store_true",
+    p.add_argument("--copy-draft", action=argparse.BooleanOptionalAction, default=None,
                    help="Kangaroo rounds may also copy their drafts from the prompt and the text so far (prompt "
-                        "lookup), alone or extended by the adapter; never changes the output")
+                        "lookup), alone or extended by the adapter; never changes the output (default: on in "
+                        "'host' mode, the CPU's, off on a GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
 

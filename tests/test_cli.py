@@ -94,8 +94,9 @@ def test_the_shipped_data_files_are_valid():
 def test_copy_draft_flag_and_the_long_context_shorthand(monkeypatch, tmp_path):
     """--copy-draft reaches generate and bench; --questions long-context names the shipped dev set."""
     p = cli.build_parser()
-    assert p.parse_args(["generate", "--copy-draft"]).copy_draft and not p.parse_args(["generate"]).copy_draft
-    assert p.parse_args(["bench", "--copy-draft"]).copy_draft
+    assert p.parse_args(["generate", "--copy-draft"]).copy_draft is True
+    assert p.parse_args(["generate"]).copy_draft is None                    # speculative_generate's default
+    assert p.parse_args(["bench", "--no-copy-draft"]).copy_draft is False
     seen = {}
 
     class Stop(Exception):

@@ -63,4 +63,8 @@ def test_copy_draft_off_says_why_in_graphs_mode_and_rejects_bad_values():
     with pytest.raises(ValueError, match="copy_draft"):
         kx.speculative_generate(model, [1, 2, 3], adapter=adapter, copy_draft=1)
     out = kx.speculative_generate(model, [1, 2, 3], adapter=adapter, max_new_tokens=4, eos_token_id=[])
-    assert not out.stats.copy_draft and out.stats.draft_sources == []
+    assert out.stats.copy_draft and out.stats.mode == "host"          # the default: on in host mode
+    for mode, copy_draft in (("device", None), ("host", False)):
+        out = kx.speculative_generate(model, [1, 2, 3], adapter=adapter, max_new_tokens=4, eos_token_id=[],
+                                      mode=mode, copy_draft=copy_draft)
+        assert not out.stats.copy_draft and out.stats.draft_sources == []

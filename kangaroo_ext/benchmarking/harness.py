@@ -85,10 +85,11 @@ def _stop_after(n_new: int, prompt_len: int):
 
 
 def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float], max_draft: int,
-                temperature: float = 0.0, copy_draft=False) -> Callable:
+                temperature: float = 0.0, copy_draft=None) -> Callable:
     """run(prompt_ids, max_new, stop_after=None) -> (new token ids, DecodeStats or None). temperature > 0
     samples (no top-k / top-p: the Spec-Bench protocol), seeded per turn so a rerun draws the same.
-    copy_draft: the `kangaroo` method's (kangaroo-copy and pld set their own)."""
+    copy_draft: the `kangaroo` method's (None: speculative_generate's default; kangaroo-copy and pld set
+    their own)."""
     copy_draft = COPY_DRAFT_OF.get(method, copy_draft)
     device = _model_device(model)
     turn = [0]
@@ -162,7 +163,7 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
                   hf_max_questions: Optional[int] = None, warmup: int = 3, progress: bool = True,
                   results: Optional[dict] = None, on_turn_done: Optional[Callable[[dict], None]] = None,
                   method_key: Optional[Callable[[str], str]] = None, temperature: float = 0.0,
-                  copy_draft=False) -> dict:
+                  copy_draft=None) -> dict:
     """Runs every method over the questions' turns; returns the raw results (see report.summarize()).
 
     threshold: η for kangaroo (None: the adapter's recommendation).
@@ -209,7 +210,7 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
 
 
 def _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                progress, done: dict, saved: Callable, temperature: float = 0.0, copy_draft=False):
+                progress, done: dict, saved: Callable, temperature: float = 0.0, copy_draft=None):
     """Appends each finished turn to done["turns"] (then calls saved()); skips turns already there."""
     cuda = _model_device(model).type == "cuda"
     run = make_runner(method, model, adapter, eos, threshold, max_draft, temperature, copy_draft)
