@@ -52,10 +52,11 @@ def measure(model, tokenizer, adapter, questions, methods, max_new):
                       "tau": new / sum(r[m]["rounds"] for r in rows),
                       "identical_to_plain": sum(r[m]["identical_to_plain"] for r in rows) / len(rows)}
     for m in methods:
+        mine, plain, alone = summary[m], summary["plain"], summary.get("kangaroo")
         for key in ("total", "decode"):
-            summary[m][f"speedup_vs_plain_{key}"] = summary[m][f"tok_per_s_{key}"] / summary["plain"][f"tok_per_s_{key}"]
-        if "kangaroo" in summary:
-            summary[m]["speedup_vs_kangaroo_total"] = summary[m]["tok_per_s_total"] / summary["kangaroo"]["tok_per_s_total"]
+            mine[f"speedup_vs_plain_{key}"] = mine[f"tok_per_s_{key}"] / plain[f"tok_per_s_{key}"]
+        if alone:
+            mine["speedup_vs_kangaroo_total"] = mine["tok_per_s_total"] / alone["tok_per_s_total"]
     return {"summary": summary, "turns": rows}
 
 

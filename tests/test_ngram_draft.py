@@ -32,7 +32,8 @@ def run(rows, min_ngram, max_ngram, gamma, slack=5):
     for b, r in enumerate(rows):  # the n reported is the one that matched: its suffix recurs, no longer one does
         n = int(matched[b])
         assert (n == 0) == (int(count[b]) == 0)
-        assert n == 0 or brute_force(r, n, n, 1) and not any(brute_force(r, m, m, 1) for m in range(n + 1, max_ngram + 1))
+        longer = any(brute_force(r, m, m, 1) for m in range(n + 1, max_ngram + 1))
+        assert n == 0 or (brute_force(r, n, n, 1) and not longer)
     return [tokens[b, :count[b]].tolist() for b in range(len(rows))], tokens, count
 
 
