@@ -65,7 +65,7 @@ def main(argv=None) -> int:
                                                                                             strict=False)[0]]
     questions = io.select_questions(io.load_questions(), max_questions=args.questions)
     results = {"methods": {}}
-    # the adapter's own drafts (copied drafts, on by default on a CPU, are measured in BENCHMARKS.md's issue 22 section)
+    # the adapter's own drafts (copied drafts, on by default on a CPU, are measured in BENCHMARKS.md, issue 22)
     common = dict(max_new_tokens=args.new, warmup=args.warmup, progress=False, results=results, copy_draft=False)
 
     def run(method, key, **kw):
