@@ -127,7 +127,8 @@ def _generate(args):
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         out = kx.speculative_generate(model, ids, adapter=adapter, max_new_tokens=args.max_new_tokens,
                                       threshold=threshold, max_draft=max_draft,
-                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
+                                      eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+                                      copy_draft=args.copy_draft, **sampling)
         s = out.stats
         line = (f"Kangaroo: {s.new_tokens} tokens, {s.tokens_per_second:.1f} tok/s "
                 f"({s.mean_accepted:.2f} tokens per step)")
@@ -163,6 +164,8 @@ def _why_slower(spec_stats, plain_stats, device) -> str:
 
 def _bench(args):
     from .benchmarking import harness
+    if args.questions == "long-context":
+        args.questions = io.LONG_CONTEXT_FILE
     questions = io.select_questions(io.load_questions(args.questions), args.categories, args.max_questions)
     methods = harness.parse_methods(args.methods)
     _check_positive("--max-new-tokens", args.max_new_tokens)
@@ -191,6 +194,7 @@ def _bench(args):
         model, tokenizer, questions, methods, adapter=adapter, max_new_tokens=args.max_new_tokens,
         threshold=threshold, max_draft=max_draft, hf_max_questions=args.hf_max_questions,
         warmup=args.warmup, progress=not args.no_progress, results=results, temperature=args.temperature,
+        copy_draft=args.copy_draft,
         on_turn_done=lambda r: harness.write_outputs(r, out_dir, with_plots=False))
     for path in harness.write_outputs(results, out_dir):
         print(f"wrote {path}")
@@ -331,6 +335,10 @@ def _decoding_arguments(p: argparse.ArgumentParser):
                    help=f"γ, the most drafts per round (default: the adapter's recommendation for the device, else "
                         f"{DEFAULT_MAX_DRAFT})")
     p.add_argument("--adapter", metavar="DIR", help="an adapter folder (default: the shipped one)")
+    p.add_argument("--copy-draft", action=argparse.BooleanOptionalAction, default=None,
+                   help="Kangaroo rounds may also copy their drafts from the prompt and the text so far (prompt "
+                        "lookup), alone or extended by the adapter; never changes the output (default: on in "
+                        "'host' mode, the CPU's, off on a GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     _threads_argument(p)
@@ -375,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                 _bench)
     b.add_argument("--questions", default=None, metavar="FILE.jsonl",
                    help="Spec-Bench / MT-bench questions (question_id, category, turns); default: the shipped "
-                        "MT-bench (80 questions)")
-    b.add_argument("--methods", default="kangaroo,plain,hf-eager",
-                   help="comma list of: kangaroo, plain, hf-eager, hf-static, hf-prompt-lookup")
+                        "MT-bench (80 questions); 'long-context': the shipped long-context development set")
+    b.add_argument("--methods", default="kangaroo,plain,hf-eager,pld,hf-pld",
+                   help="comma list of: kangaroo, kangaroo-copy (adapter and copied drafts), pld (copied drafts "
+                        "alone, our engine), plain, hf-eager, hf-pld (transformers' prompt lookup), hf-static")
     b.add_argument("--max-questions", type=int, help="at most N questions, round-robin over categories")
     b.add_argument("--hf-max-questions", type=int, help="at most N questions for the slow hf-* methods")
     b.add_argument("--categories", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],

@@ -22,6 +22,7 @@ from . import config
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 MT_BENCH_FILE = os.path.join(DATA_DIR, "mt_bench_question.jsonl")     # FastChat's MT-bench, Apache-2.0
+LONG_CONTEXT_FILE = os.path.join(DATA_DIR, "long_context_dev.jsonl")  # issue 22's dev set, public domain
 TRAIN_PROMPTS_FILE = os.path.join(DATA_DIR, "gsm8k_train_prompts.jsonl")  # GSM8K train questions, MIT
 QUESTION_FIELDS = ("question_id", "category", "turns")
 SKIP_REASONS = {

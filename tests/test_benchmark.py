@@ -8,6 +8,7 @@ import torch
 import kangaroo_ext as kx
 from kangaroo_ext import cli, io
 from kangaroo_ext.benchmarking import harness, report
+from kangaroo_ext.engine.copy_rounds import DEFAULT_COPY_GAMMA
 
 from models import tiny_model
 
@@ -17,7 +18,7 @@ QUESTIONS = [
     {"question_id": 3, "category": "writing", "turns": ["Describe a cat."]},
     {"question_id": 4, "category": "coding", "turns": ["Sort a list.", "In C?"]},
 ]
-METHODS = ["kangaroo", "plain", "hf-eager", "hf-prompt-lookup"]  # not hf-static: it compiles
+METHODS = ["kangaroo", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld"]  # not hf-static: it compiles
 
 
 class CharChatTokenizer:
@@ -115,8 +116,24 @@ def test_kangaroo_identical_to_plain_in_fp32(run):
     assert summary["plain"]["overall"]["identical_to_plain"] == 1.0
     k = summary["kangaroo"]["overall"]
     assert k["mean_accepted"] >= 1.0 and k["rounds"] == sum(k["accepted_histogram"])
-    assert len(k["acceptance_by_position"]) == 4 and all(0 <= p <= 1 for p in k["acceptance_by_position"][:1])
+    # kangaroo copies by default on the CPU, so rounds may propose up to DEFAULT_COPY_GAMMA drafts
+    assert len(k["acceptance_by_position"]) == max(4, DEFAULT_COPY_GAMMA) and all(0 <= p <= 1 for p in k["acceptance_by_position"][:1])
     assert summary["plain"]["overall"]["speedup_vs_plain"] == pytest.approx(1.0)
+
+
+def test_copied_draft_methods_are_identical_to_plain_and_record_their_sources(run):
+    """kangaroo-copy and pld (our engine's copied drafts) beside kangaroo: same output as plain, and each
+    turn says which draft source its rounds used; pld never uses the adapter's drafts."""
+    results, _, _ = run
+    summary = report.summarize(results)
+    for m in ("kangaroo-copy", "pld"):
+        assert summary[m]["overall"]["identical_to_plain"] == 1.0, m
+        assert summary[m]["overall"]["mean_accepted"] >= 1.0
+        for t in results["methods"][m]["turns"]:
+            assert sum(row["rounds"] for row in t["draft_sources"].values()) == t["rounds"]
+    assert all(set(t["draft_sources"]) <= {"copy", "plain"} for t in results["methods"]["pld"]["turns"])
+    # kangaroo follows speculative_generate's default: copied drafts on in host mode, the CPU's
+    assert "draft_sources" in results["methods"]["kangaroo"]["turns"][0]
 
 
 def test_summary_json_has_the_latest_json_form(run):
@@ -201,8 +218,8 @@ def test_missing_questions_file(tmp_path):
 
 
 def test_unknown_method_lists_the_valid_ones(qfile):
-    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, plain, hf-eager, "
-                                         r"hf-static, hf-prompt-lookup"):
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, kangaroo-copy, pld, "
+                                         r"plain, hf-eager, hf-pld, hf-static, hf-prompt-lookup"):
         _bench("--questions", qfile, "--methods", "kangaroo,medusa")
 
 

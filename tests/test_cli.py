@@ -95,6 +95,28 @@ def test_the_shipped_data_files_are_valid():
     prompts, skipped = io.read_prompts(io.TRAIN_PROMPTS_FILE, strict=True)
     assert len(prompts) == 7473 and not skipped
     assert cli.build_parser().parse_args(["train"]).prompts == io.TRAIN_PROMPTS_FILE
+    long_context = io.load_questions(io.LONG_CONTEXT_FILE)
+    assert len(long_context) >= 20 and {q["category"] for q in long_context} == {"summarization", "rag"}
+
+
+def test_copy_draft_flag_and_the_long_context_shorthand(monkeypatch, tmp_path):
+    """--copy-draft reaches generate and bench; --questions long-context names the shipped dev set."""
+    p = cli.build_parser()
+    assert p.parse_args(["generate", "--copy-draft"]).copy_draft is True
+    assert p.parse_args(["generate"]).copy_draft is None                    # speculative_generate's default
+    assert p.parse_args(["bench", "--no-copy-draft"]).copy_draft is False
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_select(questions, categories, max_questions):
+        seen["n"] = len(questions)
+        raise Stop
+    monkeypatch.setattr(io, "select_questions", fake_select)
+    with pytest.raises(Stop):
+        cli.main(["bench", "--questions", "long-context", "--out", str(tmp_path)])
+    assert seen["n"] == len(io.load_questions(io.LONG_CONTEXT_FILE))
 
 
 @pytest.mark.parametrize("command", ["generate", "bench", "train"])

@@ -157,3 +157,54 @@ def test_planted_bugs_fail_the_check(bug):
     assert torch.equal(correct, ref_committed[:, 0]), "the harness is the reference rule when no bug is planted"
     assert token_pvalue(correct, p0) > P_MIN
     assert token_pvalue(_first_tokens(drafts, q, target, settings, rng, bug), p0) < P_MIN
+
+
+# ---- copied drafts: a deterministic proposal, q one-hot ----------------------------------------------
+
+def _copied_accept(settings, seed, mixed: bool, stale_q: bool = False):
+    """SAMPLES rows whose draft 0 is copied (a fixed token per row, spread over likely, unlikely and, with
+    a filter, impossible ones) with q = one-hot, and draft 1 copied too or (mixed) drawn from the draft's q.
+    stale_q plants the copy path's classic bug: the copied token keeps the draft model's q."""
+    target, draft_logits = _synthetic(settings, seed)
+    rows = SAMPLES // 2
+    out = []
+    for offset in (0, 1):
+        rng = torch.tensor([seed, offset])
+        drafted, q = _draw_drafts(draft_logits, settings, rows, rng)
+        copied = torch.arange(rows) % V                                                  # [rows]: every token
+        drafts = torch.stack([copied, drafted[:, 1] if mixed else (copied * 7 + 3) % V], dim=1)   # [rows, K]
+        one_hot = torch.nn.functional.one_hot(drafts, V).float()                         # [rows, K, V]
+        probs = q.clone() if stale_q else one_hot.clone()
+        if mixed:
+            probs[:, 1] = q[:, 1]
+        accepted, committed = reference.speculative_sample_accept(
+            drafts, probs.contiguous(), target.expand(rows, K + 1, V).contiguous(), None, *settings, rng)
+        out.append((drafts, accepted, committed))
+    d, a, c = (torch.cat(t) for t in zip(*out))
+    return reference.sampling_probs(target, *settings)[0], d, a, c
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["copied", "copied-then-drafted"])
+@pytest.mark.parametrize("settings", SETTINGS[::3], ids=lambda s: f"T{s[0]}-k{s[1]}-p{s[2]}")
+def test_copied_proposals_keep_the_target_distribution(settings, mixed):
+    seed = 301 + SETTINGS.index(settings) + 50 * mixed
+    p, drafts, a, committed = _copied_accept(settings, seed, mixed)
+    assert token_pvalue(committed[:, 0], p[0]) > P_MIN
+    second = committed[a >= 1, 1]
+    assert len(second) > 2_000
+    assert token_pvalue(second, p[1]) > P_MIN
+    # a copied token x is accepted with probability exactly p_0(x): per token, accepted vs rejected
+    x = drafts[:, 0]
+    accepted_per_token = torch.bincount(x[a >= 1], minlength=V).double()
+    proposed_per_token = torch.bincount(x, minlength=V).double()
+    expected = proposed_per_token * p[0].double()
+    observed = torch.cat([accepted_per_token, proposed_per_token - accepted_per_token])
+    cells = torch.cat([expected, proposed_per_token - expected])
+    assert chi_square_pvalue(observed, cells / cells.sum()) > P_MIN
+
+
+def test_a_copied_token_with_the_drafts_q_fails_the_check():
+    """The planted bug (q of the draft model kept for a copied token) fails the same check by far."""
+    settings = (1.0, 0, 1.0)
+    p, _, _, committed = _copied_accept(settings, 9, mixed=False, stale_q=True)
+    assert token_pvalue(committed[:, 0], p[0]) < P_MIN

@@ -43,19 +43,19 @@ def target_probs(model, prefix, s) -> torch.Tensor:
     return reference.sampling_probs(logits, s["temperature"], s["top_k"], s["top_p"]).double()
 
 
-def chi_square_three_tokens(model, samples, s) -> float:
+def chi_square_three_tokens(model, samples, s, prompt=PROMPT) -> float:
     """p-value of the observed (t1, t2, t3) against the enumerated target distribution. Cells, coarse to
     fine: (t1, t2, t3) under a pair (t1, t2) expected at least 50 times, else the pair (t1, t2) if expected
     at least 5 times, else t1's remaining mass as one cell (t1,); cells expected under 5 pooled into one."""
     n = len(samples)
-    p1 = target_probs(model, PROMPT, s)
+    p1 = target_probs(model, prompt, s)
     expected = {}
     for t1 in torch.nonzero(p1).flatten().tolist():
-        p2 = target_probs(model, PROMPT + [t1], s)
+        p2 = target_probs(model, prompt + [t1], s)
         for t2 in torch.nonzero(p2).flatten().tolist():
             pair = n * float(p1[t1] * p2[t2])
             if pair >= 50:
-                p3 = target_probs(model, PROMPT + [t1, t2], s)
+                p3 = target_probs(model, prompt + [t1, t2], s)
                 for t3 in torch.nonzero(p3).flatten().tolist():
                     expected[(t1, t2, t3)] = pair * float(p3[t3])
             elif pair >= 5:
@@ -75,12 +75,13 @@ def chi_square_three_tokens(model, samples, s) -> float:
     return float(chi2.sf(stat, df=len(big)))
 
 
-def draw(model, adapter, s, n=SAMPLES, base_seed=0):
+def draw(model, adapter, s, n=SAMPLES, base_seed=0, prompt=PROMPT, copy_draft=False):
     out = []
     with torch.inference_mode():
         for i in range(n):
-            seq = kx.speculative_generate(model, PROMPT, adapter=adapter, max_new_tokens=3, eos_token_id=[],
-                                          do_sample=True, seed=base_seed + i, **s).sequences[0, len(PROMPT):]
+            seq = kx.speculative_generate(model, prompt, adapter=adapter, max_new_tokens=3, eos_token_id=[],
+                                          do_sample=True, seed=base_seed + i, copy_draft=copy_draft,
+                                          **s).sequences[0, len(prompt):]
             out.append(seq.tolist())
     return out
 
@@ -91,6 +92,25 @@ def draw(model, adapter, s, n=SAMPLES, base_seed=0):
 def test_speculative_sampling_draws_the_targets_distribution(model, adapter, s):
     samples = draw(model, adapter, s, base_seed=1000 * SETTINGS.index(s))
     assert chi_square_three_tokens(model, samples, s) > P_VALUE
+
+
+# A prompt that repeats itself, so the first rounds copy their drafts: "3 14" recurs, so the lookup proposes
+# "15 9 ..." (copied rounds; mixed ones where the match runs out before the adapter's γ).
+COPY_PROMPT = [3, 14, 15, 9, 26, 3, 14, 15, 9, 3, 14]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("copy_draft", [True, "only"])
+def test_sampling_with_copied_drafts_draws_the_targets_distribution(model, adapter, copy_draft):
+    """A copied draft is a deterministic proposal (q one-hot): accepted with probability p(token), else the
+    next token comes from p without it; the three tokens still follow the target exactly."""
+    s = SETTINGS[2]
+    with torch.inference_mode():
+        probe = kx.speculative_generate(model, COPY_PROMPT, adapter=adapter, max_new_tokens=3, eos_token_id=[],
+                                        do_sample=True, seed=0, copy_draft=copy_draft, **s).stats
+    assert probe.draft_sources[0] == "copy" and probe.copied[0] >= 2
+    samples = draw(model, adapter, s, base_seed=5000, prompt=COPY_PROMPT, copy_draft=copy_draft)
+    assert chi_square_three_tokens(model, samples, s, prompt=COPY_PROMPT) > P_VALUE
 
 
 def test_plain_sampling_draws_the_targets_distribution(model):

@@ -25,13 +25,18 @@ import torch
 
 from .. import io
 from ..decoding import DecodeStats, generate, speculative_generate
+from ..engine.copy_rounds import DEFAULT_COPY_GAMMA
 from ..engine.engine import engine_for
 from . import plots, report
 
-METHODS = ("kangaroo", "plain", "hf-eager", "hf-static", "hf-prompt-lookup")
-DEFAULT_METHODS = ("kangaroo", "plain", "hf-eager")
-HF_METHODS = ("hf-eager", "hf-static", "hf-prompt-lookup")
-ENGINE_METHODS = ("kangaroo", "plain")
+# Three kinds of draft side by side: the adapter's (kangaroo), copied from the context (pld: our engine,
+# copy only; hf-pld: transformers' prompt lookup, against hf-eager) and both (kangaroo-copy).
+# hf-prompt-lookup is hf-pld's older name.
+METHODS = ("kangaroo", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld", "hf-static", "hf-prompt-lookup")
+DEFAULT_METHODS = ("kangaroo", "plain", "hf-eager", "pld", "hf-pld")
+HF_METHODS = ("hf-eager", "hf-pld", "hf-static", "hf-prompt-lookup")
+ENGINE_METHODS = ("kangaroo", "kangaroo-copy", "pld", "plain")
+COPY_DRAFT_OF = {"kangaroo-copy": True, "pld": "only"}  # speculative_generate's copy_draft per method
 WARMUP_MAX_NEW_TOKENS = 128   # warm-up only has to trigger compilation / capture / allocation
 PROMPT_LOOKUP_TOKENS = 10
 # What must match for --resume to keep earlier turns.
@@ -63,7 +68,7 @@ def _hf_generation_config(method: str, eos: int, max_new: int, temperature: floa
     # An explicit config, not the model's: its defaults (repetition penalty, sampling) must not apply.
     from transformers import GenerationConfig
     extra = {"cache_implementation": "static"} if method == "hf-static" else \
-        {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if method == "hf-prompt-lookup" else {}
+        {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS} if method in ("hf-pld", "hf-prompt-lookup") else {}
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
     return GenerationConfig(max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos, **sampling, **extra)
@@ -80,9 +85,12 @@ def _stop_after(n_new: int, prompt_len: int):
 
 
 def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float], max_draft: int,
-                temperature: float = 0.0) -> Callable:
+                temperature: float = 0.0, copy_draft=None) -> Callable:
     """run(prompt_ids, max_new, stop_after=None) -> (new token ids, DecodeStats or None). temperature > 0
-    samples (no top-k / top-p: the Spec-Bench protocol), seeded per turn so a rerun draws the same."""
+    samples (no top-k / top-p: the Spec-Bench protocol), seeded per turn so a rerun draws the same.
+    copy_draft: the `kangaroo` method's (None: speculative_generate's default; kangaroo-copy and pld set
+    their own)."""
+    copy_draft = COPY_DRAFT_OF.get(method, copy_draft)
     device = _model_device(model)
     turn = [0]
 
@@ -91,9 +99,9 @@ def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float
         return dict(do_sample=True, temperature=temperature, seed=turn[0]) if temperature > 0 else {}
 
     def run(ids: List[int], max_new: int, stop_after: Optional[int] = None):
-        if method == "kangaroo":
+        if method in ("kangaroo", "kangaroo-copy", "pld"):
             out = speculative_generate(model, ids, adapter=adapter, max_new_tokens=max_new, threshold=threshold,
-                                       max_draft=max_draft, eos_token_id=eos, **sampling())
+                                       max_draft=max_draft, eos_token_id=eos, copy_draft=copy_draft, **sampling())
             return out.sequences[0, len(ids):].tolist(), out.stats
         if method == "plain":
             out = generate(model, ids, max_new_tokens=max_new, eos_token_id=eos, **sampling())
@@ -124,7 +132,7 @@ def _prepare(method: str, model, run: Callable, tokenizer, questions, max_new: i
     its CUDA graphs on growth, and HF's static cache recompiles (it keeps the largest size seen)."""
     bound = _context_bound(tokenizer, questions, max_new, _context_limit(model))
     if method in ENGINE_METHODS:
-        gamma = max_draft if method == "kangaroo" else 1
+        gamma = 1 if method == "plain" else max_draft if method == "kangaroo" else max(max_draft, DEFAULT_COPY_GAMMA)
         engine_for(model).reserve(bound + gamma + 1, gamma)
     elif method == "hf-static":
         ids = io.chat_ids(tokenizer, questions[0]["turns"][0])
@@ -154,7 +162,8 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
                   adapter=None, max_new_tokens: int = 1024, threshold: Optional[float] = None, max_draft: int = 6,
                   hf_max_questions: Optional[int] = None, warmup: int = 3, progress: bool = True,
                   results: Optional[dict] = None, on_turn_done: Optional[Callable[[dict], None]] = None,
-                  method_key: Optional[Callable[[str], str]] = None, temperature: float = 0.0) -> dict:
+                  method_key: Optional[Callable[[str], str]] = None, temperature: float = 0.0,
+                  copy_draft=None) -> dict:
     """Runs every method over the questions' turns; returns the raw results (see report.summarize()).
 
     threshold: η for kangaroo (None: the adapter's recommendation).
@@ -170,8 +179,9 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not questions:
         raise ValueError("no questions to run")
-    if "kangaroo" in methods and adapter is None:
-        raise ValueError("method 'kangaroo' needs an adapter")
+    needing = [m for m in methods if m in ("kangaroo", "kangaroo-copy", "pld")]
+    if needing and adapter is None:
+        raise ValueError(f"method '{needing[0]}' needs an adapter (pld runs on the engine's early-exit layout)")
     eos = getattr(tokenizer, "eos_token_id", None)
     if not isinstance(eos, int):
         raise ValueError(f"the tokenizer has no single eos_token_id (got {eos!r})")
@@ -186,7 +196,7 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
             continue
         try:
             _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                        progress, done, lambda: on_turn_done and on_turn_done(results), temperature)
+                        progress, done, lambda: on_turn_done and on_turn_done(results), temperature, copy_draft)
             results.get("errors", {}).pop(key(method), None)
         except Exception as e:  # noqa: BLE001  one failing baseline (say, a compile error) must not
             # cost the other methods' numbers in an unattended run: record it, report it, go on
@@ -200,10 +210,10 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
 
 
 def _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                progress, done: dict, saved: Callable, temperature: float = 0.0):
+                progress, done: dict, saved: Callable, temperature: float = 0.0, copy_draft=None):
     """Appends each finished turn to done["turns"] (then calls saved()); skips turns already there."""
     cuda = _model_device(model).type == "cuda"
-    run = make_runner(method, model, adapter, eos, threshold, max_draft, temperature)
+    run = make_runner(method, model, adapter, eos, threshold, max_draft, temperature, copy_draft)
     finished = {(str(t["question_id"]), t["turn"]): t for t in done["turns"]}
     n_turns = sum(len(q["turns"]) for q in qs)
     bar = io.progress_bar(progress, total=warmup + n_turns, initial=len(finished), desc=method, unit="turn")
@@ -241,7 +251,9 @@ def _turn_record(q, t_idx, ids, new_ids, answer, seconds, stats: Optional[Decode
            "tok_per_s": len(new_ids) / seconds if seconds > 0 else 0.0,
            "output_sha1": hashlib.sha1(json.dumps(new_ids).encode()).hexdigest(), "output": answer}
     if stats is not None:
-        size = max_draft + 1
+        size = max(max_draft, DEFAULT_COPY_GAMMA if stats.copy_draft else 0) + 1
+        if stats.copy_draft:
+            rec["draft_sources"] = stats.by_source()
         rec.update(rounds=stats.rounds, accepted_hist=_histogram(stats.accepted, size),
                    drafted_hist=_histogram(stats.drafted, size), host_syncs=stats.host_syncs,
                    prefill_s=stats.prefill_s, draft_s=stats.draft_s, verify_s=stats.verify_s,

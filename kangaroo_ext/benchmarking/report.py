@@ -71,7 +71,7 @@ def summarize(results: dict) -> dict:
     turns_of = {m: r["turns"] for m, r in results["methods"].items()}
     out = {}
     for m, turns in turns_of.items():
-        speculative = m.startswith("kangaroo")
+        speculative = m.startswith("kangaroo") or m == "pld"
         overall = _block(turns, turns_of, speculative)
         if "hf-eager" in turns_of:  # the naive ratio, each method's own question set (differs if fewer)
             hf = _mean(t["tok_per_s"] for t in turns_of["hf-eager"])

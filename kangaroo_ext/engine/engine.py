@@ -116,7 +116,10 @@ class Engine:
             rng=torch.zeros(2, dtype=torch.int64, device=dev),                 # (seed, offset): sampling
             draft_probs=torch.zeros(B, g, s.vocab_size, dtype=torch.float32, device=dev),  # q of each draft
             cache_len=torch.zeros(B, dtype=torch.int64, device=dev),
-            report=torch.zeros(B, Report.width(g), dtype=torch.int64, device=dev))  # read once per round
+            report=torch.zeros(B, Report.width(g), dtype=torch.int64, device=dev),  # read once per round
+            # the sequence so far (prompt + committed tokens; L = cache_len + 1 of them), which copied
+            # drafts search; a round writes up to γ + 1 tokens past L, hence the slack
+            history=torch.zeros(B, capacity + g + 2, dtype=torch.int64, device=dev))
         self.__dict__.update(new)
         self.capacity, self.max_draft = capacity, g
         self._graphs = {}  # buffer addresses changed
@@ -231,12 +234,13 @@ class Engine:
             x, res = self._mlp_block(x, res, w)
         return x, res
 
-    def adapter_forward(self, x, res, positions, with_head: bool = True, stream: int = 0):
+    def adapter_forward(self, x, res, positions, with_head: bool = True, stream: int = 0, head_on_last: bool = False):
         """The adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised residual
         stream at the exit, which verification starts from) and, with_head, (token, confidence, q) from the
         draft's head: q [B, T, N] is the draft's processed distribution over its N tokens when sampling,
         else None. Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
-        block: norm+QKV, attention, O-proj, then norm and LM head + argmax (2)."""
+        block: norm+QKV, attention, O-proj, then norm and LM head + argmax (2). head_on_last: the head on
+        the last position only (a copied chain wants the adapter's proposal after its last token alone)."""
         h_exit = None
         for b, w in enumerate(self.adapter_weights):
             x, res = self._attention_block(x, res, w, positions, slot=self.spec.num_layers + b)
@@ -245,6 +249,8 @@ class Engine:
                 x, res = self._mlp_block(x, res, w)
         if not with_head:
             return h_exit, None
+        if head_on_last:
+            x, res = x[:, -1:], res[:, -1:]
         y, _ = self._norm(x, res, self.adapter_norm)
         q = None
         if self.sampling is None:
@@ -268,6 +274,7 @@ class Engine:
         B, T = prompt.shape
         self.cache_len.zero_()
         self.tokens_in[:, 0] = prompt[:, -1]
+        self.history[:, :T] = prompt
         if T > 1:
             pos = torch.arange(T - 1, device=prompt.device)[None, :].expand(B, T - 1)
             h = F.embedding(prompt[:, :-1], self.spec.embed)
@@ -296,21 +303,46 @@ class Engine:
         h_exit, head = self.adapter_forward(x, res, pos, with_head=j < gamma, stream=j)
         self.exit_states[:, j].copy_(h_exit[:, 0])
         if j < gamma:
-            token, conf, q = head
-            keep = self.active & (conf[:, 0] >= self.threshold)
-            if q is not None:   # sampling: q, the draft's processed distribution, decides acceptance
-                if self.draft_ids is None:
-                    self.draft_probs[:, j].copy_(q[:, 0])
-                else:               # in place over the full vocabulary: 0 outside the draft's tokens
-                    self.draft_probs[:, j].zero_().index_copy_(-1, self.draft_ids, q[:, 0])
-                keep = keep & (token[:, 0] >= 0)   # a NaN draft row proposes nothing
-                token = token.clamp_min(0)
-            self.draft_tokens[:, j] = token[:, 0]
-            self.tokens_in[:, j + 1] = token[:, 0]
-            self.num_drafted.add_(keep.long())
-            self.active.copy_(keep)
-            return keep
+            return self._take_draft(j, *head)
         return None
+
+    def _take_draft(self, j: int, token, conf, q):
+        """The adapter's proposal as draft j (token, conf [B, 1]; q [B, 1, N] or None): kept while the
+        row is active and its confidence is >= η."""
+        keep = self.active & (conf[:, 0] >= self.threshold)
+        if q is not None:   # sampling: q, the draft's processed distribution, decides acceptance
+            if self.draft_ids is None:
+                self.draft_probs[:, j].copy_(q[:, 0])
+            else:               # in place over the full vocabulary: 0 outside the draft's tokens
+                self.draft_probs[:, j].zero_().index_copy_(-1, self.draft_ids, q[:, 0])
+            keep = keep & (token[:, 0] >= 0)   # a NaN draft row proposes nothing
+            token = token.clamp_min(0)
+        self.draft_tokens[:, j] = token[:, 0]
+        self.tokens_in[:, j + 1] = token[:, 0]
+        self.num_drafted.add_(keep.long())
+        self.active.copy_(keep)
+        return keep
+
+    def draft_copied(self, tokens: torch.Tensor, k: int, extend: bool):
+        """A round's first k drafts copied (tokens [B, >= k] from ops.ngram_draft), put where the
+        adapter's would go, then the shallow layers and the adapter's blocks over positions L-1 .. L-1+k in
+        one multi-row step (their exit states: what verification needs). A copied token is a deterministic
+        proposal, so its q is one-hot: speculative sampling then accepts it with probability p(token) and
+        resamples from p without it, exactly. extend: also the adapter's proposal after the last copied
+        token (draft k), kept if its confidence is >= η; returns keep [B] then, else None."""
+        ell = self.adapter.exit_layer
+        copied = tokens[:, :k]
+        self.draft_tokens[:, :k] = copied
+        self.tokens_in[:, 1:k + 1] = copied
+        self.num_drafted.fill_(k)
+        if self.sampling is not None:
+            self.draft_probs[:, :k].zero_().scatter_(-1, copied[..., None], 1.0)
+        pos = self.cache_len[:, None] + self.steps[:k + 1]                       # [B, k+1]
+        h = F.embedding(self.tokens_in[:, :k + 1], self.spec.embed)              # [B, k+1, H]
+        x, res = self.run_layers(h, pos, 0, ell)
+        h_exit, head = self.adapter_forward(x, res, pos, with_head=extend, stream=k, head_on_last=True)
+        self.exit_states[:, :k + 1].copy_(h_exit)
+        return self._take_draft(k, *head) if extend else None
 
     def verify(self, n_positions: int):
         """Layers ℓ..N-1 over the exit states of positions L-1 .. L-2+n, then accept and commit."""
@@ -353,6 +385,8 @@ class Engine:
         """Advance the caches past committed[:, :accepted+1] and report the round; all on the device.
         A row the sampling kernels flagged (accepted -1 or token -1: NaN/inf logits) reports it and does
         not advance; the host raises. Sampling moves to fresh random numbers for the next round."""
+        n = committed.shape[1]   # into the history copied drafts search: slots past accepted are overwritten later
+        self.history.scatter_(1, self.cache_len[:, None] + 1 + self.steps[:n], committed)
         if self.sampling is None:
             self.cache_len.add_(accepted + 1)
             self.tokens_in[:, 0] = committed.gather(1, accepted[:, None])[:, 0]

@@ -15,6 +15,8 @@
     accepted, committed = speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_drafted,
                                                     temperature, top_k, top_p, rng)
 
+    tokens, count, n = ngram_draft(history, length, min_ngram, max_ngram, gamma)   # copied drafts
+
 `backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
 """
 from typing import List, Optional, Tuple
@@ -302,6 +304,30 @@ def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Ten
                                        top_p, rng)
     args = (draft_tokens, draft_probs, target_logits, num_drafted, float(temperature), int(top_k), float(top_p), rng)
     return select("speculative_sample_accept", backend, *args)(*args)
+
+
+# ---- copied drafts (prompt lookup) ----------------------------------------------------------------
+# One definition for every device: the PyTorch reference is already vectorised (compares over a static
+# buffer, no host sync), and its cost, S x n int64 compares, is microseconds next to a model step, so
+# no CUDA or Triton version is worth keeping in step with it (hence not in OP_FILES).
+
+def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max_ngram: int,
+                gamma: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt-lookup drafts: for each row, the longest n in [min_ngram, max_ngram] whose last n tokens
+    occur earlier in history[:, :length] (latest occurrence wins; overlapping allowed), and up to gamma
+    tokens that followed that occurrence.
+
+    Args:
+        history: [B, S] int64, the prompt and the generated tokens; slots from length on are ignored.
+        length: [B] int64 on history's device, tokens per row (L <= S).
+        min_ngram, max_ngram: 1 <= min_ngram <= max_ngram <= 32.
+        gamma: the most tokens to copy, >= 1.
+    Returns:
+        tokens [B, gamma] int64 (-1 past count), count [B] int64 (0: no match) and the n that matched
+        [B] int64 (0: none).
+    """
+    validate.ngram_draft(history, length, min_ngram, max_ngram, gamma)
+    return reference.ngram_draft(history, length, int(min_ngram), int(max_ngram), int(gamma))
 
 
 def _sampling_reasons(backend):

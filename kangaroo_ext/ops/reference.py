@@ -277,3 +277,32 @@ def speculative_sample_accept(draft_tokens: torch.Tensor, draft_probs: torch.Ten
     drafts_padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)
     committed = torch.where(pos < a[:, None], drafts_padded, torch.where(pos == a[:, None], token[:, None], -1))
     return torch.where(bad, -1, a), committed.masked_fill(bad[:, None], -1)
+
+
+def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max_ngram: int,
+                gamma: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt lookup (copied drafts): the longest n in [min_ngram, max_ngram] whose last n tokens
+    history[b, L-n:L] also occur earlier (ending at e < L - 1; the two may overlap), its latest such
+    occurrence, and the tokens that followed it: history[b, e+1 : e+1+γ], cut at L.
+
+    history: [B, S] int64 (prompt + generated tokens; slots from L on are ignored); length: [B] int64
+    (L). Returns tokens [B, γ] int64 (-1 past count), count [B] int64 (0: no match) and the matched n
+    [B] int64 (0: none; a longer match predicts a longer accepted run). One pass over every candidate
+    end with static shapes: no host sync, so it can run inside a captured round."""
+    B, S = history.shape
+    dev = history.device
+    j = torch.arange(max_ngram, device=dev)                                    # [N]: steps back
+    ends = torch.arange(S, device=dev)                                         # [S]: candidate end e
+    back = ends[:, None] - j                                                   # [S, N]: e - j
+    left = history[:, back.clamp(min=0)]                                       # [B, S, N]: history[e - j]
+    right = history.gather(1, (length[:, None] - 1 - j).clamp(min=0))          # [B, N]: history[L-1-j]
+    same = (left == right[:, None, :]) & (back >= 0)                           # [B, S, N]
+    run = same.long().cumprod(-1).sum(-1)                                      # [B, S]: suffix matched at e, <= N
+    run = torch.where(ends[None, :] < length[:, None] - 1, run, 0)             # strictly earlier occurrences
+    score = torch.where(run >= min_ngram, run * S + ends, -1).amax(1)          # [B]: longest n, then latest e
+    found = score >= 0
+    end = score.clamp(min=0) % S                                               # [B]: e
+    count = torch.where(found, (length - 1 - end).clamp(max=gamma), 0)         # [B]
+    k = torch.arange(gamma, device=dev)                                        # [γ]
+    tokens = history.gather(1, (end[:, None] + 1 + k).clamp(max=S - 1))        # [B, γ]
+    return torch.where(k[None, :] < count[:, None], tokens, -1), count, torch.where(found, score // S, 0)

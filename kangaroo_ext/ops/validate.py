@@ -238,3 +238,26 @@ def speculative_sample_accept(draft_tokens, draft_probs, target_logits, num_draf
     _contiguous("draft_probs", draft_probs)
     sampling_filter(temperature, top_k, top_p)
     rng(rng_state, "target_logits", target_logits)
+
+
+# ---- copied drafts -----------------------------------------------------------------------------------
+
+def ngram_draft(history, length, min_ngram, max_ngram, gamma):
+    _tensor("history", history)
+    if history.dtype != torch.int64 or history.dim() != 2:
+        raise ValueError(f"history must be an int64 tensor [B, S], got {history.dtype} {tuple(history.shape)}")
+    _tensor("length", length)
+    if length.dtype != torch.int64 or length.shape != (history.shape[0],):
+        raise ValueError(f"length must be an int64 tensor [B] = [{history.shape[0]}], got {length.dtype} "
+                         f"{tuple(length.shape)}")
+    _same_device("length", length, "history", history)
+    if not (_is_int(min_ngram) and min_ngram >= 1):
+        raise ValueError(f"min_ngram must be an int >= 1, got {min_ngram!r}")
+    if not (_is_int(max_ngram) and min_ngram <= max_ngram <= MAX_NGRAM):
+        raise ValueError(f"max_ngram must be an int in [min_ngram, {MAX_NGRAM}] = [{min_ngram}, {MAX_NGRAM}], "
+                         f"got {max_ngram!r}")
+    if not (_is_int(gamma) and gamma >= 1):
+        raise ValueError(f"gamma (γ, the most tokens to copy) must be an int >= 1, got {gamma!r}")
+
+
+MAX_NGRAM = 32  # longer suffixes than this never pay: a match of 32 tokens is already certain

@@ -34,7 +34,9 @@ def measure_speed(model, tokenizer, adapters: Dict[int, Adapter], questions: Lis
         draft = Adapter(adapter.config).to(param.device, param.dtype)  # the trained weights in the model's dtype
         draft.load_state_dict(adapter.state_dict())
         for eta in opts.thresholds:
-            turns = run("kangaroo", f"kangaroo l={ell} eta={eta}", adapter=draft, threshold=float(eta))
+            # the adapter's own drafts: copied ones (on by default on a CPU) would blur what is compared
+            turns = run("kangaroo", f"kangaroo l={ell} eta={eta}", adapter=draft, threshold=float(eta),
+                        copy_draft=False)
             acc = bench_report.acceptance(turns)
             rows.append({"exit_layer": ell, "threshold": float(eta), "turns": turns,
                          "tau": round(acc["mean_accepted"], 3),
