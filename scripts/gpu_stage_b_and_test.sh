@@ -45,8 +45,9 @@ for step in $steps; do
     fp32long)
       # issue 24: fp32 agreement with transformers on long prompts (transformers before and after the engine)
       log fp32long
-      python3 bench/fp32_arbiter.py --prompt-file "${LONG_PROMPTS:-kangaroo_ext/data/long_context_dev.jsonl}" \
-        --min-prompt-tokens 1000 --max-prompt-tokens 2100 --prompts 24 --new 128 \
+      timeout "${FP32_LIMIT:-300}" python3 bench/fp32_arbiter.py \
+        --prompt-file "${LONG_PROMPTS:-kangaroo_ext/data/long_context_dev.jsonl}" \
+        --min-prompt-tokens 1000 --max-prompt-tokens 2100 --prompts "${FP32_PROMPTS:-24}" --new 128 \
         --out "bench/results/fp32_arbiter_long.json" 2>&1 | grep -v "it/s]" | cut -c1-400 | tail -40 ;;
     gpusuite)
       log gpusuite
