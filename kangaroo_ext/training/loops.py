@@ -131,3 +131,13 @@ def repeated_ngram_mask(answer: Sequence[int], n: int) -> List[bool]:
         else:
             seen.add(gram)
     return mask
+
+
+def repeated_target_mask(sequences, loss_on_prompt: bool, n: int = 16) -> torch.Tensor:
+    """[n_loss] bool in a DistillCache's target-row order: the target token lies inside a repeated n-gram of
+    its answer (repeated_ngram_mask; prompt targets are never looping). Evaluation splits agreement on it."""
+    out = []
+    for p, a in sequences:
+        prompt_targets = 0 if not loss_on_prompt else len(p) - 1        # targets t+1 that are prompt tokens
+        out += [False] * prompt_targets + repeated_ngram_mask(a, n)
+    return torch.tensor(out, dtype=torch.bool)
