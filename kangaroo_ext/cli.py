@@ -252,6 +252,8 @@ def _add_train_arguments(p: argparse.ArgumentParser):
       help="soft: the teacher's distribution (one pass through every layer; the GPU route); hard: the answers' "
            "own next tokens, the teacher's greedy argmax (only the first ℓ layers run, once, cached in "
            "OUT/exit_cache: the CPU route)")
+    a("--length-grouped", action="store_true",
+      help="batch sequences of similar length together (less padding; about 2x faster training on the CPU)")
     a("--cut-loops", type=int, default=d.cut_loops,
       help="keep this many periods of an answer that ends in a repetition loop and drop the rest (0: keep all)")
     a("--loss-on-prompt", action="store_true", help="also learn the prompt tokens' next-token distributions")

@@ -161,3 +161,23 @@ def test_loop_argument_errors():
         loops.looping_suffix(torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="n must be >= 1"):
         loops.repeated_ngram_mask([1], 0)
+
+
+# ---- length-grouped batches ----------------------------------------------------------------------------
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 1000, (203,), generator=gen)
+    train_ids = torch.arange(3, 203)                     # 200 sequences: 12 full batches of 16 per epoch
+    padded = {}
+    for grouped in (False, True):
+        kw = dict(lengths=lengths, group=4) if grouped else {}
+        epoch = [data.batch_sequences(train_ids, 16, 5, s, **kw) for s in range(12)]
+        flat = torch.cat(epoch)
+        assert len(flat) == 192 and len(set(flat.tolist())) == 192 and set(flat.tolist()) <= set(train_ids.tolist())
+        again = [data.batch_sequences(train_ids, 16, 5, s, **kw) for s in range(12)]
+        assert all(torch.equal(a, b) for a, b in zip(epoch, again))       # a function of (seed, step) alone
+        nxt = torch.cat([data.batch_sequences(train_ids, 16, 5, s, **kw) for s in range(12, 24)])
+        assert not torch.equal(nxt, flat)                                 # a fresh order each epoch
+        padded[grouped] = sum(int(lengths[b].max()) * len(b) for b in epoch)
+    assert padded[True] < 0.75 * padded[False], padded

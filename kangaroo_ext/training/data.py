@@ -348,11 +348,25 @@ def split_holdout(num_sequences: int, fraction: float, seed: int) -> Tuple[torch
     return perm[n_hold:].sort().values, perm[:n_hold].sort().values
 
 
-def batch_sequences(train_ids: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
+def batch_sequences(train_ids: torch.Tensor, batch_size: int, seed: int, step: int,
+                    lengths: Optional[torch.Tensor] = None, group: int = 64) -> torch.Tensor:
     """The sequences of step `step`: a function of (seed, step) alone, so resuming needs no sampler state.
-    Each epoch is a fresh seeded permutation, cut into full batches."""
+    Each epoch is a fresh seeded permutation, cut into full batches.
+
+    lengths: [num sequences] (a cache's seq_len) to group by length: each run of `group` batches of the
+    epoch's permutation is sorted by length before it is cut, and the epoch's batches then run in a seeded
+    random order. A batch is padded to its longest sequence, so on the CPU this halves the work per token."""
     n = len(train_ids)
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return train_ids[perm[k * batch_size:(k + 1) * batch_size]]
+    if lengths is None or n < batch_size:
+        return train_ids[perm[k * batch_size:(k + 1) * batch_size]]
+    order = perm[:per_epoch * batch_size]                                     # [per_epoch * B]
+    seq_len = lengths.to("cpu")[train_ids[order]]
+    chunk = group * batch_size
+    for lo in range(0, len(order), chunk):                                    # sort within each group
+        order[lo:lo + chunk] = order[lo:lo + chunk][torch.sort(seq_len[lo:lo + chunk], stable=True).indices]
+    batch_order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7))
+    b = int(batch_order[k])
+    return train_ids[order[b * batch_size:(b + 1) * batch_size]]

@@ -29,6 +29,7 @@ class TrainOptions:
     draft_vocab: int = 0                   # the draft's vocabulary: the N most frequent answer tokens; 0 = full
     steps: int = 1000                      # optimizer steps per exit layer
     batch_size: int = 16                   # sequences per step
+    length_grouped: bool = False           # batches of similar-length sequences (less padding: the CPU route)
     lr: float = 3e-3                       # high for a small block: the next-layer init starts far off (CE ~15)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1              # cosine decays to lr * min_lr_ratio
@@ -96,7 +97,8 @@ class TrainOptions:
                 "loss_on_prompt", "holdout_fraction", "seed", "architecture", "draft_vocab", "eval_every")
         out = {k: getattr(self, k) for k in keys}
         # Only when not the default, so runs and checkpoints made before these options still resume.
-        out.update({k: getattr(self, k) for k, default in (("labels", "soft"), ("cut_loops", 0))
+        out.update({k: getattr(self, k) for k, default in (("labels", "soft"), ("cut_loops", 0),
+                                                                  ("length_grouped", False))
                     if getattr(self, k) != default})
         return out
 
