@@ -145,7 +145,8 @@ def build_cache(model, sequences, exit_layers: Sequence[int], loss_on_prompt: bo
     seconds = time.perf_counter() - t0
     stats = {"tokens": n_tok, "computed_tokens": computed, "seconds": round(seconds, 2),
              "tokens_per_s": round(computed / seconds, 1) if computed and seconds else None,
-             "layers_run": max(exit_layers), "storage": "float16 memory-mapped files" if cache_dir else "float32 memory",
+             "layers_run": max(exit_layers),
+             "storage": "float16 memory-mapped files" if cache_dir else "float32 memory",
              "reused_batches": done_batches}
     return cache, stats
 

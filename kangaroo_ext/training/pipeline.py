@@ -103,8 +103,11 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
                              "loss_on": "prompt and answer tokens" if opts.loss_on_prompt else "answer tokens",
                              "train_sequences": len(train_ids), "holdout_sequences": len(hold_ids),
                              "seconds": round(timings["teacher_s"], 2)}
-        say(f"[train] teacher pass: {cache.num_sequences} sequences, {cache.num_targets} target positions "
-            f"({cache.describe_targets()}) in {timings['teacher_s']:.1f} s")
+        rate = report["exit_pass"]["tokens_per_s"] if opts.labels == "hard" else None  # None: all reused
+        phase = "exit pass (first ℓ layers)" if opts.labels == "hard" else "teacher pass"
+        say(f"[train] {phase}: {cache.num_sequences} "
+            f"sequences, {cache.num_targets} target positions ({cache.describe_targets()}) in "
+            f"{timings['teacher_s']:.1f} s" + (f", {rate:.0f} tok/s" if rate else ""))
         rope = rope_tables(spec, int(cache.seq_len.max()))
         vocab = None
         if opts.draft_vocab:  # the most frequent tokens of the training answers (never the held-out ones)
