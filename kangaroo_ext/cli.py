@@ -267,6 +267,14 @@ def _add_train_arguments(p: argparse.ArgumentParser):
     a("--generation-time-limit", type=float, default=None, help="seconds; later batches are not generated (0: none, train on the answers already in --data)")
     a("--teacher-tokens-per-batch", type=int, default=None, help="default: 32768 on GPU, 4096 on CPU")
     a("--top-k", type=int, default=d.top_k, help="teacher top-k + rest bucket; 0 = full softmax")
+    a("--labels", choices=["soft", "hard"], default=d.labels,
+      help="soft: the teacher's distribution (one pass through every layer; the GPU route); hard: the answers' "
+           "own next tokens, the teacher's greedy argmax (only the first ℓ layers run, once, cached in "
+           "OUT/exit_cache: the CPU route)")
+    a("--length-grouped", action="store_true",
+      help="batch sequences of similar length together (less padding; about 2x faster training on the CPU)")
+    a("--cut-loops", type=int, default=d.cut_loops,
+      help="keep this many periods of an answer that ends in a repetition loop and drop the rest (0: keep all)")
     a("--loss-on-prompt", action="store_true", help="also learn the prompt tokens' next-token distributions")
     a("--holdout-fraction", type=float, default=d.holdout_fraction, help="share of sequences held out for agreement")
     a("--architecture", choices=["kangaroo", "decoder", "decoder2"], default=d.architecture,

@@ -45,6 +45,7 @@ def _fails_fast(argv, message, capsys):
     (["train", "--prompts", "/nope.jsonl"], "prompt file not found: /nope.jsonl"),
     (["train", "--steps", "0"], "steps must be a positive int"),
     (["train", "--draft-vocab", "-3"], "draft_vocab must be an int"),
+    (["train", "--cut-loops", "-1"], "cut_loops must be an int >= 0 (periods of a loop kept; 0 = no cut), got -1"),
     (["train", "--ship"], "--ship chooses by measured speedup: give --mt-bench"),
     (["train", "--model", "/no/such/model"], "--model: no such model folder"),
     (["generate", "hi", "--temperature", "0.5"], "--temperature only applies to sampling: add --sample"),

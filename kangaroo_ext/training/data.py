@@ -236,8 +236,24 @@ class DistillCache:
     top_k > 0: target_idx [n, k] and target_prob [n, k], the rest of the mass one extra bucket;
     top_k == 0: target_hidden [n, H], the teacher's final normed state, its full softmax recomputed on use."""
 
+    hard_labels = False  # soft targets; hard_labels.HardLabelCache holds the answers' next tokens instead
+    repeated = None      # optional [n_loss] bool: the target token lies in looping text (evaluation splits on it)
+
     def __init__(self, sequences: List[Tuple[List[int], List[int]]], exit_layers: Sequence[int], top_k: int,
                  loss_on_prompt: bool, hidden_size: int, device, dtype):
+        self._layout(sequences, loss_on_prompt, device)
+        self.top_k = top_k
+        n_tok, n_loss = int(self.seq_len.sum()), int(self.loss_count.sum())
+        self.exit_states = {ell: torch.empty(n_tok, hidden_size, device=device, dtype=dtype) for ell in exit_layers}
+        self.teacher_top1 = torch.empty(n_loss, dtype=torch.int64, device=device)
+        if top_k > 0:
+            self.target_idx = torch.empty(n_loss, top_k, dtype=torch.int32, device=device)
+            self.target_prob = torch.empty(n_loss, top_k, dtype=torch.float32, device=device)
+        else:
+            self.target_hidden = torch.empty(n_loss, hidden_size, device=device, dtype=dtype)
+
+    def _layout(self, sequences, loss_on_prompt: bool, device):
+        """Where each sequence's tokens [seq_start, +seq_len) and loss positions [loss_start, +loss_count) lie."""
         lengths = torch.tensor([len(p) + len(a) for p, a in sequences], dtype=torch.int64)
         first = torch.zeros_like(lengths) if loss_on_prompt else \
             torch.tensor([len(p) - 1 for p, _ in sequences], dtype=torch.int64)
@@ -246,15 +262,6 @@ class DistillCache:
         self.seq_len, self.loss_first, self.loss_count = lengths.to(device), first.to(device), count.to(device)
         self.seq_start = (torch.cumsum(lengths, 0) - lengths).to(device)
         self.loss_start = (torch.cumsum(count, 0) - count).to(device)
-        self.top_k = top_k
-        n_tok, n_loss = int(lengths.sum()), int(count.sum())
-        self.exit_states = {ell: torch.empty(n_tok, hidden_size, device=device, dtype=dtype) for ell in exit_layers}
-        self.teacher_top1 = torch.empty(n_loss, dtype=torch.int64, device=device)
-        if top_k > 0:
-            self.target_idx = torch.empty(n_loss, top_k, dtype=torch.int32, device=device)
-            self.target_prob = torch.empty(n_loss, top_k, dtype=torch.float32, device=device)
-        else:
-            self.target_hidden = torch.empty(n_loss, hidden_size, device=device, dtype=dtype)
 
     @property
     def num_sequences(self) -> int:
@@ -293,17 +300,7 @@ def teacher_pass(model, sequences: List[Tuple[List[int], List[int]]], exit_layer
     num_layers = model.config.num_hidden_layers
     cache = DistillCache(sequences, exit_layers, top_k, loss_on_prompt, head.shape[1], head.device, head.dtype)
     tokens = cache.tokens.to(head.device)
-    lengths = cache.seq_len.tolist()
-    by_length = sorted(range(len(sequences)), key=lambda i: -lengths[i])
-    batches, cur, width = [], [], 0
-    for i in by_length:                           # longest first: the largest batch shows memory limits at once
-        L = lengths[i]
-        if cur and (len(cur) + 1) * max(width, L) > tokens_per_batch:
-            batches.append(cur)
-            cur, width = [], 0
-        cur.append(i)
-        width = max(width, L)
-    batches += [cur] if cur else []
+    batches = length_batches(cache.seq_len.tolist(), tokens_per_batch)
     for seq_ids in io.progress_bar(progress, iterable=batches, desc="teacher", unit="batch"):
         seq_ids = torch.tensor(seq_ids, device=cache.seq_len.device)
         rows, _, loss_mask, target_rows = cache._index(seq_ids)
@@ -327,6 +324,21 @@ def teacher_pass(model, sequences: List[Tuple[List[int], List[int]]], exit_layer
     return cache
 
 
+def length_batches(lengths: List[int], tokens_per_batch: int) -> List[List[int]]:
+    """Sequence ids in batches of similar length, each at most tokens_per_batch padded tokens (a longer
+    sequence alone), longest first: the largest batch shows memory limits at once."""
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, width = [], [], 0
+    for i in by_length:
+        L = lengths[i]
+        if cur and (len(cur) + 1) * max(width, L) > tokens_per_batch:
+            batches.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, L)
+    return batches + ([cur] if cur else [])
+
+
 def split_holdout(num_sequences: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(train ids, held-out ids): a seeded random `fraction` held out, at least one each when possible."""
     perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed + 7919))
@@ -336,11 +348,25 @@ def split_holdout(num_sequences: int, fraction: float, seed: int) -> Tuple[torch
     return perm[n_hold:].sort().values, perm[:n_hold].sort().values
 
 
-def batch_sequences(train_ids: torch.Tensor, batch_size: int, seed: int, step: int) -> torch.Tensor:
+def batch_sequences(train_ids: torch.Tensor, batch_size: int, seed: int, step: int,
+                    lengths: Optional[torch.Tensor] = None, group: int = 64) -> torch.Tensor:
     """The sequences of step `step`: a function of (seed, step) alone, so resuming needs no sampler state.
-    Each epoch is a fresh seeded permutation, cut into full batches."""
+    Each epoch is a fresh seeded permutation, cut into full batches.
+
+    lengths: [num sequences] (a cache's seq_len) to group by length: each run of `group` batches of the
+    epoch's permutation is sorted by length before it is cut, and the epoch's batches then run in a seeded
+    random order. A batch is padded to its longest sequence, so on the CPU this halves the work per token."""
     n = len(train_ids)
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return train_ids[perm[k * batch_size:(k + 1) * batch_size]]
+    if lengths is None or n < batch_size:
+        return train_ids[perm[k * batch_size:(k + 1) * batch_size]]
+    order = perm[:per_epoch * batch_size]                                     # [per_epoch * B]
+    seq_len = lengths.to("cpu")[train_ids[order]]
+    chunk = group * batch_size
+    for lo in range(0, len(order), chunk):                                    # sort within each group
+        order[lo:lo + chunk] = order[lo:lo + chunk][torch.sort(seq_len[lo:lo + chunk], stable=True).indices]
+    batch_order = torch.randperm(per_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7))
+    b = int(batch_order[k])
+    return train_ids[order[b * batch_size:(b + 1) * batch_size]]

@@ -72,6 +72,8 @@ def distill_loss(logits: torch.Tensor, cache: data.DistillCache, rows: torch.Ten
     """Soft cross-entropy of the student's logits [n, N] against the teacher's targets at cache rows `rows`,
     averaged over the positions whose teacher top-1 token the draft vocabulary holds (all, without one).
     lm_head: the full [V, H] head (recomputes the teacher's softmax when the cache holds its states)."""
+    if getattr(cache, "hard_labels", False):  # duck-typed caches (tests) are soft
+        return hard_label_loss(logits, cache.teacher_top1[rows], vocab)
     logits = logits.float()
     log_z = torch.logsumexp(logits, -1)
     if cache.top_k > 0:
@@ -99,6 +101,21 @@ def distill_loss(logits: torch.Tensor, cache: data.DistillCache, rows: torch.Ten
     return (ce * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, vocab: Optional[DraftVocab] = None) -> torch.Tensor:
+    """Cross-entropy of logits [n, N] against token ids labels [n] (the teacher's argmax), averaged over the
+    labels the draft vocabulary holds (all, without one): the soft loss with a one-hot teacher."""
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"hard_label_loss: logits must be [n, N] and labels [n], got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    labels = labels.to(logits.device)
+    if vocab is None:
+        return F.cross_entropy(logits.float(), labels)
+    idx = vocab.inv[labels]
+    weight = (idx >= 0).float()
+    ce = F.cross_entropy(logits.float(), idx.clamp_min(0), reduction="none")
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def proposed(logits: torch.Tensor, vocab: Optional[DraftVocab]) -> torch.Tensor:
     """The token ids the draft proposes from its logits [n, N]."""
     top = logits.argmax(-1)
@@ -112,6 +129,7 @@ def teacher_forced_metrics(adapter, spec, cache, ell, seq_ids, batch_size, rope,
     position (teacher-forced = the engine's first draft of a round), the raw-exit baseline's (final norm +
     LM head on hidden_states[ℓ]) and, with a reduced vocabulary, the share of targets it covers."""
     n, loss, agree, raw, covered = 0, 0.0, 0, 0, 0
+    split = {True: [0, 0], False: [0, 0]}  # looping text or not (cache.repeated): [tokens, agreed]
     head = draft_head(spec, vocab)
     for lo in range(0, len(seq_ids), batch_size):
         batch = cache.batch(seq_ids[lo:lo + batch_size], ell)
@@ -122,11 +140,21 @@ def teacher_forced_metrics(adapter, spec, cache, ell, seq_ids, batch_size, rope,
             normed, _ = reference.fused_add_rms_norm(batch.exit_hidden[batch.loss_mask], None, spec.final_norm,
                                                      spec.rms_norm_eps)
             raw += int((F.linear(normed, spec.lm_head).argmax(-1) == top1).sum())
-        agree += int((proposed(logits, vocab) == top1).sum())
+        hits = proposed(logits, vocab) == top1
+        agree += int(hits.sum())
+        if getattr(cache, "repeated", None) is not None:
+            rep = cache.repeated[batch.target_rows.to(cache.repeated.device)].to(hits.device)
+            for flag, where in ((True, rep), (False, ~rep)):
+                split[flag][0] += int(where.sum())
+                split[flag][1] += int(hits[where].sum())
         covered += len(top1) if vocab is None else int(vocab.covers(top1).sum())
         n += len(top1)
     if n == 0:
         return {"tokens": 0, "loss": None, "top1_agreement": None, "raw_exit_top1_agreement": None,
                 "vocab_coverage": None}
-    return {"tokens": n, "loss": round(loss / n, 4), "top1_agreement": round(agree / n, 4),
-            "raw_exit_top1_agreement": round(raw / n, 4), "vocab_coverage": round(covered / n, 4)}
+    out = {"tokens": n, "loss": round(loss / n, 4), "top1_agreement": round(agree / n, 4),
+           "raw_exit_top1_agreement": round(raw / n, 4), "vocab_coverage": round(covered / n, 4)}
+    if getattr(cache, "repeated", None) is not None:
+        out["by_text"] = {name: {"tokens": t, "top1_agreement": round(a / t, 4) if t else None}
+                          for name, (t, a) in (("looping", split[True]), ("not_looping", split[False]))}
+    return out

@@ -69,7 +69,8 @@ def train_layer(spec, cache, ell, train_ids, rope, opts: TrainOptions, ckpt: Opt
     head = draft_head(spec, vocab)
     t0 = now(spec.device.type == "cuda")
     while step < opts.steps:
-        seq_ids = data.batch_sequences(train_ids, opts.batch_size, opts.seed, step)
+        seq_ids = data.batch_sequences(train_ids, opts.batch_size, opts.seed, step,
+                                       lengths=cache.seq_len if opts.length_grouped else None)
         batch = cache.batch(seq_ids, ell)
         tokens_seen += cache.loss_count[seq_ids.to(cache.loss_count.device)].sum()
         with autocast(spec):

@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence
 
 DEFAULT_EXIT_LAYERS = (1, 2, 3, 4, 6)
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+LABELS = ("soft", "hard")
 
 
 @dataclasses.dataclass
@@ -19,12 +20,16 @@ class TrainOptions:
     generation_time_limit: Optional[float] = None  # seconds; no new generation batch starts after it
     teacher_tokens_per_batch: Optional[int] = None  # None: 32768 on a GPU, 4096 on the CPU
     top_k: int = 64                        # teacher targets: top-k + rest bucket; 0 = full softmax
+    labels: str = "soft"                   # soft: the teacher's distribution (a full teacher pass; GPU);
+                                           # hard: the answers' own next tokens (first ℓ layers only; CPU)
+    cut_loops: int = 0                     # keep this many periods of an answer's looping suffix; 0 = keep all
     loss_on_prompt: bool = False           # also learn the prompt tokens' next-token distributions
     holdout_fraction: float = 0.05         # sequences held out for teacher-forced agreement
     architecture: str = "kangaroo"         # adapter.ARCHITECTURES: kangaroo, decoder, decoder2
     draft_vocab: int = 0                   # the draft's vocabulary: the N most frequent answer tokens; 0 = full
     steps: int = 1000                      # optimizer steps per exit layer
     batch_size: int = 16                   # sequences per step
+    length_grouped: bool = False           # batches of similar-length sequences (less padding: the CPU route)
     lr: float = 3e-3                       # high for a small block: the next-layer init starts far off (CE ~15)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1              # cosine decays to lr * min_lr_ratio
@@ -79,6 +84,10 @@ class TrainOptions:
         if not isinstance(self.draft_vocab, int) or not 0 <= self.draft_vocab <= vocab_size:
             raise ValueError(f"draft_vocab must be an int in [0, {vocab_size}] (0 = the full vocabulary), "
                              f"got {self.draft_vocab!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {self.labels!r}")
+        if not isinstance(self.cut_loops, int) or isinstance(self.cut_loops, bool) or self.cut_loops < 0:
+            raise ValueError(f"cut_loops must be an int >= 0 (periods of a loop kept; 0 = no cut), got {self.cut_loops!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
 
@@ -86,7 +95,12 @@ class TrainOptions:
         """What a checkpoint or finished layer must agree on to be resumed."""
         keys = ("steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "top_k",
                 "loss_on_prompt", "holdout_fraction", "seed", "architecture", "draft_vocab", "eval_every")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        # Only when not the default, so runs and checkpoints made before these options still resume.
+        out.update({k: getattr(self, k) for k, default in (("labels", "soft"), ("cut_loops", 0),
+                                                                  ("length_grouped", False))
+                    if getattr(self, k) != default})
+        return out
 
 
 def parse_exit_layers(exit_layer, num_layers: int) -> List[int]:

@@ -9,6 +9,10 @@ distribution through the target's frozen LM head (loop.train_layer: soft cross-e
 cosine, bf16 autocast on GPU with fp32 weights, checkpoints, resumable); then held-out teacher-forced
 agreement and an MT-bench sweep over η measured against plain decoding (evaluation.py). The best (ℓ, η) is
 the one with the highest measured speedup; card.ship_adapter installs it as the default.
+
+Without a GPU, labels="hard" replaces the teacher pass: the answers are the target's own greedy tokens, so
+the labels are their next tokens and only the first ℓ layers run, once (hard_labels.build_cache, float16
+on disk under out_dir/exit_cache). cut_loops=k keeps k periods of an answer's repetition loop (loops.py).
 """
 import contextlib
 import dataclasses
@@ -23,7 +27,7 @@ import torch
 from .. import io
 from ..adapter import Adapter
 from ..engine.spec import model_spec
-from . import data
+from . import data, hard_labels, loops
 from .card import fmt, model_card, write_curves
 from .draft import DraftVocab, teacher_forced_metrics
 from .evaluation import choose_best, measure_speed
@@ -31,6 +35,7 @@ from .loop import now, rope_tables, train_layer
 from .options import DEFAULT_EXIT_LAYERS, TrainOptions, parse_exit_layers
 
 CHECKPOINT_DIR = "checkpoint"
+EXIT_CACHE_DIR = "exit_cache"   # hard labels: the first ℓ layers' outputs, float16 on disk, reused across runs
 
 
 def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], exit_layer=DEFAULT_EXIT_LAYERS[1],
@@ -77,17 +82,32 @@ def train_adapter(model, tokenizer, prompts: Union[str, os.PathLike, Sequence], 
                 + (f"; {left} prompts left: run again with --resume to continue" if left else "; complete"))
             return None, report
         timings["generation_s"] = 0.0 if report["generation"].get("reused") else report["generation"]["seconds"]
+        if opts.cut_loops:
+            sequences, removed, n_cut = loops.cut_loops(sequences, opts.cut_loops)
+            report["loops"] = {"keep_periods": opts.cut_loops, "answers_cut": n_cut, "answer_tokens_removed": removed}
+            say(f"[train] loops cut: {n_cut} answers end in a loop; {removed} repeated tokens dropped "
+                f"({opts.cut_loops} period(s) kept)")
         t0 = now(cuda)
-        cache = data.teacher_pass(model, sequences, layers, opts.top_k, opts.loss_on_prompt,
-                                  opts.teacher_tokens_per_batch, opts.progress)
+        if opts.labels == "hard":  # the first ℓ layers only: the labels are the answers' own next tokens
+            cache, report["exit_pass"] = hard_labels.build_cache(
+                model, sequences, layers, opts.loss_on_prompt, opts.teacher_tokens_per_batch,
+                cache_dir=os.path.join(opts.out_dir, EXIT_CACHE_DIR) if opts.out_dir else None,
+                model_fingerprint=spec.fingerprint(), progress=opts.progress, say=say)
+        else:
+            cache = data.teacher_pass(model, sequences, layers, opts.top_k, opts.loss_on_prompt,
+                                      opts.teacher_tokens_per_batch, opts.progress)
         timings["teacher_s"] = now(cuda) - t0
+        cache.repeated = loops.repeated_target_mask(sequences, opts.loss_on_prompt)
         train_ids, hold_ids = data.split_holdout(cache.num_sequences, opts.holdout_fraction, opts.seed)
         report["teacher"] = {"targets": cache.describe_targets(), "target_positions": cache.num_targets,
                              "loss_on": "prompt and answer tokens" if opts.loss_on_prompt else "answer tokens",
                              "train_sequences": len(train_ids), "holdout_sequences": len(hold_ids),
                              "seconds": round(timings["teacher_s"], 2)}
-        say(f"[train] teacher pass: {cache.num_sequences} sequences, {cache.num_targets} target positions "
-            f"({cache.describe_targets()}) in {timings['teacher_s']:.1f} s")
+        rate = report["exit_pass"]["tokens_per_s"] if opts.labels == "hard" else None  # None: all reused
+        phase = "exit pass (first ℓ layers)" if opts.labels == "hard" else "teacher pass"
+        say(f"[train] {phase}: {cache.num_sequences} "
+            f"sequences, {cache.num_targets} target positions ({cache.describe_targets()}) in "
+            f"{timings['teacher_s']:.1f} s" + (f", {rate:.0f} tok/s" if rate else ""))
         rope = rope_tables(spec, int(cache.seq_len.max()))
         vocab = None
         if opts.draft_vocab:  # the most frequent tokens of the training answers (never the held-out ones)
