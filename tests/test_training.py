@@ -421,3 +421,30 @@ def test_generate_only_runs_resume_until_every_prompt_is_answered(tmp_path, monk
             break
     assert counts[0] < 9 and counts[-1] == 9 and len(counts) > 1
     assert sequences == clean
+
+
+
+def test_training_on_the_answers_there_leaves_the_file_resumable(tmp_path, monkeypatch):
+    """generation_time_limit=0 takes the answers already in a partial data file and generates nothing; the
+    file stays partial (complete=False, the same answers), so a later --resume still answers the rest."""
+    model = tiny_model("llama")
+    records = [{"prompt": f"question {i}: what is {i} plus {i + 2}?"} for i in range(8)]
+    base = dict(num_prompts=8, max_new_tokens=5, gen_batch_size=2, progress=False, verbose=False)
+    clock = [0.0]
+
+    def fake_clock():  # every call of the generation's clock moves it one second
+        clock[0] += 1.0
+        return clock[0]
+    monkeypatch.setattr(data.time, "perf_counter", fake_clock)
+    path = str(tmp_path / "answers.pt")
+    partial, _, _ = data.distill_sequences(model, FakeTokenizer(), records,
+                                           opts(data_file=path, generate_only=True, resume=True,
+                                                generation_time_limit=1.5, **base), "fp", lambda *a: None)
+    saved = torch.load(path, weights_only=True)
+    assert not saved["complete"] and 0 < len(partial) < 8
+    got, _, gen = data.distill_sequences(model, FakeTokenizer(), records,
+                                         opts(data_file=path, reuse_data=True, generation_time_limit=0, **base),
+                                         "fp", lambda *a: None)
+    assert got == partial and gen["new_tokens"] == 0 and gen["stopped_by_time_limit"]
+    after = torch.load(path, weights_only=True)
+    assert not after["complete"] and torch.equal(after["answered"], saved["answered"])

@@ -204,9 +204,10 @@ def distill_sequences(model, tokenizer, prompts, opts, model_fingerprint: str, s
         + (", stopped by the time limit" if gen["stopped_by_time_limit"] else "") + ")")
     if len(sequences) < 2 and not opts.generate_only:
         raise ValueError("fewer than 2 answers were generated; raise the generation time limit")
-    # Stopped by the time limit in a generate-only run: the last batch's save (complete=False) stands, so
-    # the next --resume continues the generation instead of training on part of the data.
-    if path and not (opts.generate_only and gen["stopped_by_time_limit"]):
+    # Stopped by the time limit (a generate-only call, or a training run told to train on what is there,
+    # generation_time_limit=0): the last batch's save (complete=False) stands, so a later --resume still
+    # answers the remaining prompts instead of taking the part for the whole.
+    if path and not gen["stopped_by_time_limit"]:
         _save(path, {"settings": settings, "complete": True, "sequences": pack_sequences(sequences),
                      "data": data_report, "generation": gen})
     return sequences, data_report, gen
