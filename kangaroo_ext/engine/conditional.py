@@ -36,8 +36,10 @@ draft budget).
 Failures. If capturing a node fails after unsupported_reason() returned "" (for example under
 PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync), the call raises ConditionalCaptureError with the cause
 chained, and the failure is remembered: unsupported_reason() reports it for that device from then on.
-Callers must catch it around the whole capture -- the `with torch.cuda.graph(...)` block, whose exit
-may replace it by its own error about the now invalid capture, so test with is_capture_error(e) --
+Callers capture through `capture(graph, pool, stream)` (torch.cuda.graph, plus: a failure to END a capture
+that holds nodes, as under cudaMallocAsync, is a ConditionalCaptureError too) and catch it around the whole
+capture -- whose exit may replace it by its own error about the now invalid capture, so test with
+is_capture_error(e) --
 discard the graph, and capture again without conditional nodes on a fresh stream (torch.cuda.graph(...,
 stream=torch.cuda.Stream())). Exceptions raised by the code inside a
 body are not wrapped; either way every node opened is closed, torch's current stream is restored, and
