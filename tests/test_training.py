@@ -397,6 +397,16 @@ def test_an_interrupted_generation_resumes_and_matches_an_uninterrupted_one(tmp_
     assert gen.get("reused") and again == clean
 
 
+def one_second_per_call(monkeypatch):
+    """The generation's clock moves one second each time it is read: time limits without waiting."""
+    clock = [0.0]
+
+    def fake_clock():
+        clock[0] += 1.0
+        return clock[0]
+    monkeypatch.setattr(data.time, "perf_counter", fake_clock)
+
+
 def test_generate_only_runs_resume_until_every_prompt_is_answered(tmp_path, monkeypatch):
     """A time-limited machine: each call answers what fits its time limit and saves; the next --resume
     continues; the finished file equals one uninterrupted generation, and training then reuses it."""
@@ -404,12 +414,7 @@ def test_generate_only_runs_resume_until_every_prompt_is_answered(tmp_path, monk
     records = [{"prompt": f"question {i}: what is {i} times {i + 1}?"} for i in range(9)]
     base = dict(num_prompts=9, max_new_tokens=6, gen_batch_size=2, progress=False, verbose=False)
     clean, _, _ = data.distill_sequences(model, FakeTokenizer(), records, opts(**base), "fp", lambda *a: None)
-    clock = [0.0]
-
-    def fake_clock():  # every call of the generation's clock moves it one second
-        clock[0] += 1.0
-        return clock[0]
-    monkeypatch.setattr(data.time, "perf_counter", fake_clock)
+    one_second_per_call(monkeypatch)
     path = str(tmp_path / "answers.pt")
     call = dict(base, data_file=path, generate_only=True, resume=True, generation_time_limit=2.5)
     counts = []
@@ -430,12 +435,7 @@ def test_training_on_the_answers_there_leaves_the_file_resumable(tmp_path, monke
     model = tiny_model("llama")
     records = [{"prompt": f"question {i}: what is {i} plus {i + 2}?"} for i in range(8)]
     base = dict(num_prompts=8, max_new_tokens=5, gen_batch_size=2, progress=False, verbose=False)
-    clock = [0.0]
-
-    def fake_clock():  # every call of the generation's clock moves it one second
-        clock[0] += 1.0
-        return clock[0]
-    monkeypatch.setattr(data.time, "perf_counter", fake_clock)
+    one_second_per_call(monkeypatch)
     path = str(tmp_path / "answers.pt")
     partial, _, _ = data.distill_sequences(model, FakeTokenizer(), records,
                                            opts(data_file=path, generate_only=True, resume=True,
