@@ -257,8 +257,9 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         generator: a torch.Generator on the model's device; the run's random seed is drawn from it. Or
             seed: an int. Neither: drawn from torch's default generator (torch.manual_seed).
         copy_draft: True: each round may copy its drafts from the prompt and the text so far (the tokens
-            that followed the latest earlier occurrence of the last 1-4 tokens), alone or extended by the
-            adapter; with no match the round is the adapter's, unchanged. "only": copied drafts alone,
+            that followed the latest earlier occurrence of the longest recurring suffix of 2-8 tokens:
+            engine/copy_rounds.py), alone or extended by the adapter; with no match the round is the
+            adapter's, unchanged. "only": copied drafts alone,
             no adapter drafting (prompt-lookup decoding on this engine: the `pld` benchmark method).
             Eager rounds only ("host", "device"); in "graphs" mode it is off (stats.copy_draft_off says so).
             Never changes the output. stats.draft_sources / by_source() tell which source each round used.
