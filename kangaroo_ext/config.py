@@ -51,6 +51,9 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_DISABLE_PDL", "flag", "run",
          "launch kernels without programmatic dependent launch (for profiling: with PDL a kernel's "
          "recorded duration overlaps the previous one's tail)"),
+    Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
+         "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
+         "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),
     Knob("KANGAROO_CACHE_DIR", "text", "run",
          "where the default model's dequantized copy is cached (default: $XDG_CACHE_HOME/kangaroo_ext "
          "or ~/.cache/kangaroo_ext)"),

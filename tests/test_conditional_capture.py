@@ -193,7 +193,9 @@ def test_capture_failure_raises_conditional_capture_error_and_is_remembered(fake
     reason = conditional.unsupported_reason("cuda:0")
     assert "failed earlier in this process" in reason and "operation not permitted" in reason
     conditional.forget_capture_failures()
-    assert "failed earlier" not in conditional.unsupported_reason("cuda:0")
+    # The bookkeeping, not unsupported_reason: on a machine with a GPU that would probe the (faked, failing)
+    # native path again and remember a new failure (3 failures on the H100 at 2fd0d9c).
+    assert _remembered_failure() == ""
 
 
 def test_a_later_capture_after_an_error_starts_at_depth_zero(fake):

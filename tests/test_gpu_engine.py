@@ -55,3 +55,21 @@ def test_without_conditional_nodes_the_adaptive_budget_is_lossless(cuda_model, m
         assert not out.stats.device_exit and conditional.DISABLE_ENV in out.stats.device_exit_off
         assert torch.equal(out.sequences, ref)
         assert out.stats.host_syncs == out.stats.rounds
+
+
+@torch.inference_mode()
+def test_graph_decoding_stops_right_after_eos(cuda_model):
+    """Plain decoding in graphs is pipelined (a round is queued before the last report is read): the output
+    must still end at the first EOS, for plain and speculative decoding, at every max_new_tokens."""
+    p = prompts(2, seed=4)[1].cuda()
+    free = kx.generate(cuda_model, p, max_new_tokens=64, eos_token_id=[]).sequences[0, len(p):].tolist()
+    eos = free[17]
+    first = free.index(eos)
+    adapter = kx.Adapter.for_model(cuda_model, exit_layer=3, init="next_layer")
+    for n in (1, 2, first + 1, 63):
+        plain = kx.generate(cuda_model, p, max_new_tokens=n, eos_token_id=eos).sequences[0, len(p):].tolist()
+        assert plain == free[:min(n, first + 1)], f"plain, max_new_tokens={n}"
+        spec = kx.speculative_generate(cuda_model, p, adapter=adapter, max_new_tokens=n, threshold=0.0,
+                                       max_draft=6, eos_token_id=eos)
+        assert spec.stats.mode == "graphs"
+        assert spec.sequences[0, len(p):].tolist() == free[:min(n, first + 1)], f"speculative, max_new_tokens={n}"

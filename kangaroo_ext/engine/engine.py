@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import config, ops
+from .cpu_linear import PackedLinear, unavailable_reason as cpu_packing_unavailable
 from .graphs import CudaGraphs
 from .rounds import Report
 from .spec import LayerWeights, ModelSpec, model_spec
@@ -60,6 +61,18 @@ class Engine:
         self.sampling: Optional[Sampling] = None  # None: greedy
         self._graphs: Dict[tuple, CudaGraphs] = {}  # (γ, speculative, device exit, sampling, adapter)
         self._bindings: Dict[int, tuple] = {}         # id(adapter) -> its weights, head norm, draft head, ids
+        # Multi-row linears (verify, prefill): on the CPU in fp32, oneDNN with packed weights (cpu_linear.py)
+        self.cpu_packing_off = self._cpu_packing_off(spec)
+        self._linear = PackedLinear() if not self.cpu_packing_off else F.linear
+
+    @staticmethod
+    def _cpu_packing_off(spec: ModelSpec) -> str:
+        """'' where multi-row linears use packed weights, else why not."""
+        if spec.device.type != "cpu" or spec.dtype != torch.float32:
+            return f"packed CPU linears are for fp32 on the CPU, the model is {spec.dtype} on {spec.device}"
+        if config.flag("KANGAROO_DISABLE_CPU_PACKING"):
+            return "KANGAROO_DISABLE_CPU_PACKING is set"
+        return cpu_packing_unavailable()
 
     @contextlib.contextmanager
     def request(self):
@@ -203,25 +216,30 @@ class Engine:
         return ops.rope_append_attention(q, k, v, self.rope_cos, self.rope_sin, positions, self.k_cache[slot],
                                          self.v_cache[slot], s.attn_scale, s.sliding_window or 0)
 
+    def _fused(self, rows: int) -> bool:
+        """Whether a step of `rows` rows runs the fused decode ops; on the CPU with packed weights, only
+        one-row steps do (several rows are cheaper through the packed linears)."""
+        return rows <= (1 if not self.cpu_packing_off else self.FUSED_MAX_ROWS)
+
     def _attention_block(self, x, res, w: LayerWeights, positions, slot: int):
         """(x, res) -> (attention output before the O-projection's residual add, residual stream)."""
         B, T = positions.shape
-        if B * T <= self.FUSED_MAX_ROWS:
+        if self._fused(B * T):
             (q, k, v), res = ops.rms_norm_linear(x, res, w.input_norm, self.spec.rms_norm_eps, [w.q, w.k, w.v],
                                                  [w.q_bias, w.k_bias, w.v_bias])
             return ops.decode_linear(self._attend(q, k, v, positions, slot), w.o, w.o_bias), res
         normed, res = self._norm(x, res, w.input_norm)
-        q, k, v = (F.linear(normed, wt, bt) for wt, bt in ((w.q, w.q_bias), (w.k, w.k_bias), (w.v, w.v_bias)))
-        return F.linear(self._attend(q, k, v, positions, slot), w.o, w.o_bias), res
+        q, k, v = (self._linear(normed, wt, bt) for wt, bt in ((w.q, w.q_bias), (w.k, w.k_bias), (w.v, w.v_bias)))
+        return self._linear(self._attend(q, k, v, positions, slot), w.o, w.o_bias), res
 
     def _mlp_block(self, x, res, w: LayerWeights):
         B, T = x.shape[:2]
-        if B * T <= self.FUSED_MAX_ROWS and w.gate_bias is None and w.up_bias is None:
+        if self._fused(B * T) and w.gate_bias is None and w.up_bias is None:
             act, res = ops.rms_norm_gate_up(x, res, w.post_norm, self.spec.rms_norm_eps, w.gate, w.up)
             return ops.decode_linear(act, w.down, w.down_bias), res
         normed, res = self._norm(x, res, w.post_norm)
-        act = F.silu(F.linear(normed, w.gate, w.gate_bias)) * F.linear(normed, w.up, w.up_bias)
-        return F.linear(act, w.down, w.down_bias), res
+        act = F.silu(self._linear(normed, w.gate, w.gate_bias)) * self._linear(normed, w.up, w.up_bias)
+        return self._linear(act, w.down, w.down_bias), res
 
     def run_layers(self, h, positions, start: int, end: int):
         """Layers [start, end) on the residual stream h [B, T, H] at positions [B, T].
@@ -257,7 +275,7 @@ class Engine:
             token, confidence = ops.lm_head_argmax(y, self.draft_head)
         else:  # draw from the draft's processed distribution; its top-1 probability is the confidence
             c = self.sampling
-            token, q, confidence = ops.sample_logits(F.linear(y, self.draft_head), c.temperature, c.top_k,
+            token, q, confidence = ops.sample_logits(self._linear(y, self.draft_head), c.temperature, c.top_k,
                                                      c.top_p, self.rng, stream)
         if self.draft_ids is not None:
             token = self.draft_ids[token.clamp_min(0)]    # draft-vocabulary index -> token id
@@ -265,7 +283,7 @@ class Engine:
 
     def logits(self, x, res):
         y, _ = self._norm(x, res, self.spec.final_norm)
-        return F.linear(y, self.spec.lm_head)
+        return self._linear(y, self.spec.lm_head)
 
     # ---- prefill ---------------------------------------------------------------------------------
 
@@ -369,7 +387,7 @@ class Engine:
         if self.sampling is None:
             return ops.lm_head_argmax(y, self.spec.lm_head)[0]
         c = self.sampling
-        return ops.sample_logits(F.linear(y, self.spec.lm_head), c.temperature, c.top_k, c.top_p, self.rng,
+        return ops.sample_logits(self._linear(y, self.spec.lm_head), c.temperature, c.top_k, c.top_p, self.rng,
                                  TARGET_STREAM)[0]
 
     def plain_step(self):
