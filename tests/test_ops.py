@@ -280,6 +280,7 @@ BAD_ACCEPT = {
     "target non-contiguous": (lambda d, t, n: (d, t.t().contiguous().t(), n), "target_tokens must be contiguous"),
     "num_drafted shape": (lambda d, t, n: (d, t, n[:1]), r"num_drafted must be int64 of shape \[2\]"),
     "num_drafted dtype": (lambda d, t, n: (d, t, n.int()), "num_drafted must be int64"),
+    "k too large": (lambda d, t, n: (d.new_zeros(2, 1 << 20), t.new_zeros(2, (1 << 20) + 1), n), r"k < 2\^20"),
     "not a tensor": (lambda d, t, n: (d, t.tolist(), n), "target_tokens must be a torch.Tensor"),
 }
 

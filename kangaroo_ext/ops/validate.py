@@ -98,6 +98,9 @@ def verify_accept(draft_tokens, target_logits, num_drafted: Optional[torch.Tenso
     _num_drafted(num_drafted, draft_tokens)
 
 
+MAX_ACCEPT_DRAFTS = 1 << 20  # as csrc/checks.h (verify_accept's CUDA launcher has the same bound)
+
+
 def accept_greedy(draft_tokens, target_tokens, num_drafted: Optional[torch.Tensor]):
     _draft_tokens(draft_tokens)
     B, k = draft_tokens.shape
@@ -110,9 +113,6 @@ def accept_greedy(draft_tokens, target_tokens, num_drafted: Optional[torch.Tenso
     _num_drafted(num_drafted, draft_tokens)
     if k >= MAX_ACCEPT_DRAFTS:  # the CUDA kernel indexes positions with int; every backend says the same
         raise ValueError(f"draft_tokens must have k < 2^20 drafts per row, got k = {k}")
-
-
-MAX_ACCEPT_DRAFTS = 1 << 20  # as csrc/checks.h (verify_accept's CUDA launcher has the same bound)
 
 
 def rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
