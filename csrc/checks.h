@@ -31,18 +31,36 @@ inline void float_dtype(const at::Tensor& t, const char* name) {
                     " must be float32, float16 or bfloat16, got ", d);
 }
 
+// Drafts as every accept op takes them: draft_tokens CUDA int64 [B, k], B >= 1, 1 <= k < 2^20
+// (kernels index positions with int), contiguous.
+inline void drafts(const at::Tensor& draft_tokens) {
+  cuda(draft_tokens, "draft_tokens");
+  TORCH_CHECK_VALUE(draft_tokens.scalar_type() == at::kLong && draft_tokens.dim() == 2 && draft_tokens.size(1) >= 1,
+                    "draft_tokens must be int64 of shape [B, k] with k >= 1, got ", draft_tokens.scalar_type(), " ",
+                    draft_tokens.sizes());
+  TORCH_CHECK_VALUE(draft_tokens.size(0) >= 1, "draft_tokens must have at least one row (B >= 1)");
+  contiguous(draft_tokens, "draft_tokens");
+}
+
+// num_drafted: none, or CUDA int64 [B] (B = draft_tokens' rows) on draft_tokens' device, contiguous.
+inline void drafted_counts(const std::optional<at::Tensor>& num_drafted, const at::Tensor& draft_tokens) {
+  if (!num_drafted.has_value()) return;
+  const at::Tensor& n = *num_drafted;
+  const int64_t batch = draft_tokens.size(0);
+  cuda(n, "num_drafted");
+  TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.dim() == 1 && n.size(0) == batch,
+                    "num_drafted must be int64 of shape [", batch, "], got ", n.scalar_type(), " ", n.sizes());
+  same_device(n, "num_drafted", draft_tokens, "draft_tokens");
+  contiguous(n, "num_drafted");
+}
+
 // A chain of drafts and the target's scores of it, as every verify-and-accept op takes them:
 // draft_tokens int64 [B, k] (k >= 1), target_logits float [B, k+1, V], num_drafted int64 [B] or none;
 // all CUDA, contiguous, on one device. Returns V.
 inline int64_t draft_chain(const at::Tensor& draft_tokens, const at::Tensor& target_logits,
                            const std::optional<at::Tensor>& num_drafted) {
-  cuda(draft_tokens, "draft_tokens");
-  TORCH_CHECK_VALUE(draft_tokens.scalar_type() == at::kLong && draft_tokens.dim() == 2 && draft_tokens.size(1) >= 1,
-                    "draft_tokens must be int64 of shape [B, k] with k >= 1, got ", draft_tokens.scalar_type(), " ",
-                    draft_tokens.sizes());
+  drafts(draft_tokens);
   const int64_t batch = draft_tokens.size(0), k = draft_tokens.size(1);
-  TORCH_CHECK_VALUE(batch >= 1, "draft_tokens must have at least one row (B >= 1)");
-  contiguous(draft_tokens, "draft_tokens");
   cuda(target_logits, "target_logits");
   float_dtype(target_logits, "target_logits");
   TORCH_CHECK_VALUE(target_logits.dim() == 3 && target_logits.size(0) == batch && target_logits.size(1) == k + 1 &&
@@ -52,15 +70,26 @@ inline int64_t draft_chain(const at::Tensor& draft_tokens, const at::Tensor& tar
   same_device(target_logits, "target_logits", draft_tokens, "draft_tokens");
   contiguous(target_logits, "target_logits");
   TORCH_CHECK_VALUE(k < (1 << 20), "draft_tokens must have k < 2^20, got ", k);
-  if (num_drafted.has_value()) {
-    const at::Tensor& n = *num_drafted;
-    cuda(n, "num_drafted");
-    TORCH_CHECK_VALUE(n.scalar_type() == at::kLong && n.dim() == 1 && n.size(0) == batch,
-                      "num_drafted must be int64 of shape [", batch, "], got ", n.scalar_type(), " ", n.sizes());
-    same_device(n, "num_drafted", draft_tokens, "draft_tokens");
-    contiguous(n, "num_drafted");
-  }
+  drafted_counts(num_drafted, draft_tokens);
   return target_logits.size(2);
+}
+
+// A chain of drafts and the target's tokens at each of its positions (accept_greedy): draft_tokens
+// int64 [B, k] (1 <= k < 2^20), target_tokens int64 [B, k+1], num_drafted int64 [B] or none; all CUDA,
+// contiguous, on one device.
+inline void token_chain(const at::Tensor& draft_tokens, const at::Tensor& target_tokens,
+                        const std::optional<at::Tensor>& num_drafted) {
+  drafts(draft_tokens);
+  const int64_t batch = draft_tokens.size(0), k = draft_tokens.size(1);
+  cuda(target_tokens, "target_tokens");
+  TORCH_CHECK_VALUE(target_tokens.scalar_type() == at::kLong && target_tokens.dim() == 2 &&
+                        target_tokens.size(0) == batch && target_tokens.size(1) == k + 1,
+                    "target_tokens must be int64 of shape [B, k+1] = [", batch, ", ", k + 1, "] for draft_tokens [",
+                    batch, ", ", k, "], got ", target_tokens.scalar_type(), " ", target_tokens.sizes());
+  same_device(target_tokens, "target_tokens", draft_tokens, "draft_tokens");
+  contiguous(target_tokens, "target_tokens");
+  TORCH_CHECK_VALUE(k < (1 << 20), "draft_tokens must have k < 2^20 drafts per row, got k = ", k);
+  drafted_counts(num_drafted, draft_tokens);
 }
 
 }  // namespace checks

@@ -22,6 +22,11 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const
 std::tuple<at::Tensor, at::Tensor> verify_accept(const at::Tensor& draft_tokens, const at::Tensor& target_logits,
                                                  const std::optional<at::Tensor>& num_drafted);
 
+// accept_greedy(Tensor draft_tokens, Tensor target_tokens, Tensor? num_drafted) -> (Tensor, Tensor)
+// Returns (accepted [B], committed [B, k+1]); accept_greedy.cu.
+std::tuple<at::Tensor, at::Tensor> accept_greedy(const at::Tensor& draft_tokens, const at::Tensor& target_tokens,
+                                                 const std::optional<at::Tensor>& num_drafted);
+
 // rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions,
 //                       Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor
 // Returns out [B, T, Hq*D]; writes the new k/v rows into the caches; attention.cu.

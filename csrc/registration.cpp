@@ -8,6 +8,7 @@
 TORCH_LIBRARY(kangaroo, m) {
   m.def("fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("verify_accept(Tensor draft_tokens, Tensor target_logits, Tensor? num_drafted) -> (Tensor, Tensor)");
+  m.def("accept_greedy(Tensor draft_tokens, Tensor target_tokens, Tensor? num_drafted) -> (Tensor, Tensor)");
   m.def("rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor");
   m.def("lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)");
@@ -26,6 +27,7 @@ TORCH_LIBRARY(kangaroo, m) {
 TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
   m.impl("fused_add_rms_norm", &kangaroo::fused_add_rms_norm);
   m.impl("verify_accept", &kangaroo::verify_accept);
+  m.impl("accept_greedy", &kangaroo::accept_greedy);
   m.impl("rope_append_attention", &kangaroo::rope_append_attention);
   m.impl("lm_head_argmax", &kangaroo::lm_head_argmax);
   m.impl("rms_norm_linear", &kangaroo::rms_norm_linear);

@@ -212,3 +212,42 @@ def test_adaptive_draft_budget_is_lossless(adaptive):
         for d in out.stats.drafted:
             assert d <= budget
             budget = next_budget(budget, d, 6)
+
+
+@torch.inference_mode()
+def test_greedy_verify_never_materializes_logits(monkeypatch):
+    """Greedy verification takes the target's tokens from the fused LM head + argmax (as a plain step
+    does) and ops.accept_greedy: Engine.logits ([B, k+1, V]) is never called, in host and device
+    rounds, with and without copied drafts, and the output still equals plain decoding. Sampled
+    verification still scores the drafts with Engine.logits."""
+    model = tiny_model("llama")
+    p = prompts(3, seed=11)[2]
+    ref = kx.generate(model, p, max_new_tokens=40, eos_token_id=[]).sequences
+    calls = {"logits": 0, "accept_greedy": 0}
+    logits, accept_greedy = Engine.logits, kx.ops.accept_greedy
+
+    def refuse(self, x, res):
+        raise AssertionError("greedy verification materialized the [B, k+1, V] logits")
+
+    def counting_accept(*args, **kwargs):
+        calls["accept_greedy"] += 1
+        return accept_greedy(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "logits", refuse)
+    monkeypatch.setattr(kx.ops, "accept_greedy", counting_accept)
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    for mode, copy_draft in (("host", False), ("host", True), ("device", False)):
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.0, max_draft=4,
+                                      eos_token_id=[], mode=mode, copy_draft=copy_draft)
+        assert torch.equal(out.sequences, ref), f"mode={mode} copy_draft={copy_draft}"
+        assert sum(out.stats.accepted) > 0, "no draft accepted: the accept path went untested"
+    assert calls["accept_greedy"] > 0
+
+    def counting_logits(self, x, res):
+        calls["logits"] += 1
+        return logits(self, x, res)
+
+    monkeypatch.setattr(Engine, "logits", counting_logits)
+    kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=16, threshold=0.0, max_draft=4,
+                            eos_token_id=[], do_sample=True, seed=0)
+    assert calls["logits"] > 0, "the sampled verify path no longer scores drafts with Engine.logits"

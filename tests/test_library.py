@@ -23,6 +23,10 @@ def _sample_args(name, device):
         return [(torch.randint(0, 111, (3, 4), device=device), torch.randn(3, 5, 111, device=device),
                  torch.tensor([4, 0, 2], device=device)),
                 (torch.randint(0, 32000, (1, 1), device=device), torch.randn(1, 2, 32000, device=device), None)]
+    if name == "accept_greedy":
+        target = torch.randint(0, 5, (3, 5), device=device)
+        return [(target[:, :4].clone(), target, torch.tensor([4, 0, 2], device=device)),
+                (torch.randint(0, 5, (1, 7), device=device), torch.randint(0, 5, (1, 8), device=device), None)]
     if name == "rope_append_attention":
         def case(B, T, Hq, Hkv, D, S, start, dtype):
             cos = torch.randn(S, D, device=device)

@@ -121,6 +121,93 @@ def test_verify_accept_nan_counts_as_max_like_torch_argmax(backend):
     assert committed.cpu()[0, 1] == 7 and accepted.item() == 2
 
 
+# ---- greedy accept on the target's tokens -------------------------------------------------------
+
+def _make_accept_case(B, k, gen):
+    """Target tokens from a small vocabulary (so drafts often match by chance too) and drafts that
+    follow them for a random prefix, then differ."""
+    target = torch.randint(0, 7, (B, k + 1), generator=gen)
+    drafts = torch.randint(0, 7, (B, k), generator=gen)
+    prefix = torch.randint(0, k + 1, (B,), generator=gen)
+    for b in range(B):
+        p = int(prefix[b])
+        drafts[b, :p] = target[b, :p]
+        if p < k:
+            drafts[b, p] = (target[b, p] + 1) % 7
+    return drafts, target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [1, 3, 5])
+@pytest.mark.parametrize("k", [1, 2, 7, 16])
+def test_accept_greedy_matches_reference(backend, B, k):
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(100 * k + B)
+    drafts, target = _make_accept_case(B, k, gen)
+    drafts, target = drafts.to(device), target.to(device)
+    counts = (None, torch.randint(0, k + 1, (B,), generator=gen), torch.zeros(B, dtype=torch.int64),
+              torch.full((B,), k), torch.tensor([-3, k + 5, 1] * B)[:B])  # last: out of range, clamped
+    for num_drafted in counts:
+        n = None if num_drafted is None else num_drafted.to(device)
+        accepted, committed = kops.accept_greedy(drafts, target, n, backend=backend)
+        ref_acc, ref_com = reference.accept_greedy(drafts, target, n)
+        assert accepted.dtype == torch.int64 and committed.dtype == torch.int64
+        assert accepted.shape == (B,) and committed.shape == (B, k + 1)
+        assert torch.equal(accepted, ref_acc) and torch.equal(committed, ref_com)
+        if num_drafted is not None and not num_drafted.any():
+            assert not accepted.any() and torch.equal(committed[:, 0], target[:, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accept_greedy_long_chain_spans_several_chunks(backend):
+    """k past one warp's 32 positions and past the Triton kernel's 1024-position chunk."""
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(5)
+    drafts, target = _make_accept_case(3, 1500, gen)
+    drafts[0], target[0, :1500] = 1, 1     # row 0 accepts everything: the bonus token ends the row
+    drafts, target = drafts.to(device), target.to(device)
+    accepted, committed = kops.accept_greedy(drafts, target, None, backend=backend)
+    ref_acc, ref_com = reference.accept_greedy(drafts, target, None)
+    assert accepted[0].item() == 1500
+    assert torch.equal(accepted, ref_acc) and torch.equal(committed, ref_com)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_verify_accept_is_accept_greedy_on_the_argmax(backend, dtype):
+    """One accept rule: verify_accept(logits) == accept_greedy(logits.argmax(-1)), planted ties included."""
+    device = device_for(backend)
+    skip_unsupported(backend, device, dtype)
+    gen = torch.Generator().manual_seed(21)
+    for B, k in ((1, 1), (3, 4), (5, 7)):
+        drafts, logits = _make_verify_case(B, k, 111, dtype, device, gen)
+        for num_drafted in (None, torch.randint(0, k + 1, (B,), generator=gen).to(device)):
+            want = kops.accept_greedy(drafts, logits.argmax(-1), num_drafted, backend=backend)
+            got = kops.verify_accept(drafts, logits, num_drafted, backend=backend)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_accept_greedy_kernels_are_opt_in(monkeypatch):
+    """Auto-selection passes over the kernels unless KANGAROO_ACCEPT_KERNEL=1 (they await a GPU test);
+    a forced backend ignores the switch."""
+    from kangaroo_ext.ops import backends
+    monkeypatch.delenv("KANGAROO_BACKEND", raising=False)
+    monkeypatch.delenv("KANGAROO_ACCEPT_KERNEL", raising=False)
+    for backend in ("cuda", "triton"):
+        assert "KANGAROO_ACCEPT_KERNEL=1" in backends._opt_in_reasons("accept_greedy", backend)[0]
+        assert backends._opt_in_reasons("verify_accept", backend) == []
+    assert backends._opt_in_reasons("accept_greedy", "reference") == []
+    d, t = torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64)
+    assert kops.select("accept_greedy", None, d, t, None) is reference.accept_greedy
+    if not kops.available_backends()["triton"]:
+        why = kops.reasons_against("accept_greedy", "triton", d, t, None, auto=True)
+        assert any("KANGAROO_ACCEPT_KERNEL=1" in r for r in why)
+        assert kops.reasons_against("accept_greedy", "triton", d, t, None) == []   # forced: runs
+    monkeypatch.setenv("KANGAROO_ACCEPT_KERNEL", "1")
+    for backend in ("cuda", "triton"):
+        assert backends._opt_in_reasons("accept_greedy", backend) == []
+
+
 # ---- bad input: each backend's entry point names the argument ------------------------------------
 
 def _rms_args(device):
@@ -180,6 +267,34 @@ def test_verify_accept_rejects_bad_input(backend, case):
     make, msg = BAD_VERIFY[case]
     with pytest.raises(ValueError, match=msg):
         kops.verify_accept(*make(d, logits, n), backend=backend)
+
+
+BAD_ACCEPT = {
+    "drafts dtype": (lambda d, t, n: (d.int(), t, n), "draft_tokens must be int64"),
+    "drafts 1-D": (lambda d, t, n: (d[0], t, n), r"draft_tokens must be int64 of shape \[B, k\]"),
+    "drafts empty": (lambda d, t, n: (d[:, :0], t[:, :1], n), "with k >= 1"),
+    "target dtype": (lambda d, t, n: (d, t.float(), n), r"target_tokens must be int64 of shape \[B, k\+1\]"),
+    "target logits": (lambda d, t, n: (d, torch.randn(2, 4, 50, device=d.device), n), "target_tokens must be int64"),
+    "target k+1": (lambda d, t, n: (d, t[:, :-1], n), r"\[B, k\+1\] = \[2, 4\] .* got torch.int64 \(2, 3\)"),
+    "target B": (lambda d, t, n: (d, t[:1], n), r"\[B, k\+1\] = \[2, 4\] .* got torch.int64 \(1, 4\)"),
+    "target non-contiguous": (lambda d, t, n: (d, t.t().contiguous().t(), n), "target_tokens must be contiguous"),
+    "num_drafted shape": (lambda d, t, n: (d, t, n[:1]), r"num_drafted must be int64 of shape \[2\]"),
+    "num_drafted dtype": (lambda d, t, n: (d, t, n.int()), "num_drafted must be int64"),
+    "k too large": (lambda d, t, n: (d.new_zeros(2, 1 << 20), t.new_zeros(2, (1 << 20) + 1), n), r"k < 2\^20"),
+    "not a tensor": (lambda d, t, n: (d, t.tolist(), n), "target_tokens must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_ACCEPT))
+def test_accept_greedy_rejects_bad_input(backend, case):
+    device = device_for(backend)
+    d = torch.randint(0, 50, (2, 3), device=device)
+    t = torch.randint(0, 50, (2, 4), device=device)
+    n = torch.tensor([1, 3], device=device)
+    make, msg = BAD_ACCEPT[case]
+    with pytest.raises(ValueError, match=msg):
+        kops.accept_greedy(*make(d, t, n), backend=backend)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import List
 
 from . import attention as _attention
 from . import lm_head as _lm_head
+from .accept_greedy import accept_greedy
 from .attention import rope_append_attention
 from .decode_linear import decode_linear, rms_norm_gate_up, rms_norm_linear
 from .lm_head import lm_head_argmax
@@ -17,7 +18,7 @@ from .rms_norm import fused_add_rms_norm
 from .sampling import sample_logits, sampling_probs, speculative_sample_accept
 from .verify_accept import verify_accept
 
-__all__ = ["decode_linear", "fused_add_rms_norm", "lm_head_argmax", "resource_reasons", "rms_norm_gate_up",
+__all__ = ["accept_greedy", "decode_linear", "fused_add_rms_norm", "lm_head_argmax", "resource_reasons", "rms_norm_gate_up",
            "rms_norm_linear", "rope_append_attention", "sample_logits", "sampling_probs", "speculative_sample_accept",
            "verify_accept"]
 

@@ -371,9 +371,10 @@ class Engine:
             committed = self._target_token(x, res)                               # [B, 1]
             accepted = torch.zeros_like(self.num_drafted)
         elif self.sampling is None:
-            logits = self.logits(x, res)                                         # [B, n, V]
-            accepted, committed = ops.verify_accept(self.draft_tokens[:, :n_positions - 1], logits,
-                                                    self.num_drafted)
+            # Each position's token as a plain step computes it (_target_argmax), never writing [B, n, V]
+            # logits: argmax over logits from a GEMM could break a bf16 near-tie the other way.
+            accepted, committed = ops.accept_greedy(self.draft_tokens[:, :n_positions - 1],
+                                                    self._target_argmax(x, res), self.num_drafted)
         else:
             c, k = self.sampling, n_positions - 1
             accepted, committed = ops.speculative_sample_accept(
@@ -381,11 +382,20 @@ class Engine:
                 c.temperature, c.top_k, c.top_p, self.rng)
         self._commit(accepted, committed)
 
+    def _target_argmax(self, x, res) -> torch.Tensor:
+        """The target's greedy token at each position [B, T] from the last layer's (x, res): the final norm,
+        then the fused LM head + argmax over the full vocabulary (the draft's head may be reduced). Plain
+        steps and greedy verification both take their tokens from here, so they agree token for token."""
+        y, _ = self._norm(x, res, self.spec.final_norm)
+        if not self._fused(y.shape[0] * y.shape[1]):  # CPU, several rows: the packed LM head, then argmax
+            return self._linear(y, self.spec.lm_head).argmax(dim=-1)
+        return ops.lm_head_argmax(y, self.spec.lm_head)[0]
+
     def _target_token(self, x, res) -> torch.Tensor:
         """The target's next token [B, 1] from the last layer's (x, res): argmax, or a sample."""
-        y, _ = self._norm(x, res, self.spec.final_norm)
         if self.sampling is None:
-            return ops.lm_head_argmax(y, self.spec.lm_head)[0]
+            return self._target_argmax(x, res)
+        y, _ = self._norm(x, res, self.spec.final_norm)
         c = self.sampling
         return ops.sample_logits(self._linear(y, self.spec.lm_head), c.temperature, c.top_k, c.top_p, self.rng,
                                  TARGET_STREAM)[0]

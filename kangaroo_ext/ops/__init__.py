@@ -2,6 +2,7 @@
 
     out, residual_out = fused_add_rms_norm(x, residual, weight, eps, backend=None)
     accepted, committed = verify_accept(draft_tokens, target_logits, num_drafted=None, backend=None)
+    accepted, committed = accept_greedy(draft_tokens, target_tokens, num_drafted=None, backend=None)
 
     out = rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window=0)
     token, confidence = lm_head_argmax(hidden, lm_head)
@@ -49,6 +50,8 @@ OP_FILES = {
                            triton="triton_kernels/lm_head.py"),
     "verify_accept": dict(cuda="csrc/verify_accept.cu", kernel="csrc/kernels/verify_accept.cuh",
                           triton="triton_kernels/verify_accept.py"),
+    "accept_greedy": dict(cuda="csrc/accept_greedy.cu", kernel="csrc/kernels/accept_greedy.cuh",
+                          triton="triton_kernels/accept_greedy.py"),
     "sampling_probs": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
                            triton="triton_kernels/sampling.py"),
     "sample_logits": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
@@ -106,6 +109,39 @@ def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
 def _verify_reasons(backend):
     def reasons(draft_tokens, target_logits, num_drafted):
         return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_logits": target_logits,
+                                        "num_drafted": num_drafted})
+    return reasons
+
+
+def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor,
+                  num_drafted: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verify_accept's accept rule on the target's tokens instead of its logits, on the device (no host sync).
+
+    The engine's greedy verify takes the target's tokens from lm_head_argmax, the fused LM head a plain
+    step uses, so no [B, k+1, V] logits are written and each position's token is computed the way
+    plain decoding computes it. Automatic selection runs the PyTorch reference (graph-capturable torch
+    ops) unless KANGAROO_ACCEPT_KERNEL=1 opts into the CUDA / Triton kernels; backend="cuda" or
+    "triton" runs a kernel regardless.
+
+    Args:
+        draft_tokens: [B, k] int64, 1 <= k < 2^20.
+        target_tokens: [B, k+1] int64; column j is the target's token after draft j-1 (column 0: after
+            the last committed token).
+        num_drafted: [B] int64, drafts actually proposed per row (clamped to [0, k]); None = k.
+    Returns:
+        accepted [B] int64: length a of the longest prefix (among the first num_drafted) where
+            draft == target_tokens.
+        committed [B, k+1] int64: drafts[:a], then target_tokens[:, a], then -1.
+    """
+    validate.accept_greedy(draft_tokens, target_tokens, num_drafted)
+    return select("accept_greedy", backend, draft_tokens, target_tokens, num_drafted)(
+        draft_tokens, target_tokens, num_drafted)
+
+
+def _accept_greedy_reasons(backend):
+    def reasons(draft_tokens, target_tokens, num_drafted):
+        return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_tokens": target_tokens,
                                         "num_drafted": num_drafted})
     return reasons
 
@@ -354,6 +390,7 @@ def _triton(name):
 
 
 for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons),
+                        ("accept_greedy", _accept_greedy_reasons),
                         ("rope_append_attention", _attention_reasons), ("lm_head_argmax", _head_reasons),
                         ("rms_norm_linear", _linear_reasons), ("rms_norm_gate_up", _gate_up_reasons),
                         ("decode_linear", _decode_linear_reasons), ("sampling_probs", _sampling_reasons),

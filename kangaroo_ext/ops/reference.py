@@ -22,27 +22,38 @@ def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight
     return out, s.clone() if residual is None else s
 
 
+def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor,
+                  num_drafted: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The greedy accept rule: longest prefix of drafts equal to the target's tokens, plus one token.
+
+    draft_tokens: [B, k] int64; target_tokens: [B, k+1] int64, the target's argmax at each position
+    (target_tokens[:, j] follows draft j-1; j = 0: follows the last committed token);
+    num_drafted: [B] int64 (clamped to [0, k]) or None (= k).
+    Returns accepted [B] int64 (a) and committed [B, k+1] int64: drafts 0..a-1, then target_tokens[:, a]
+    (correction, or bonus when every draft matched), then -1.
+    """
+    B, k = draft_tokens.shape
+    n = torch.full((B,), k, dtype=torch.int64, device=draft_tokens.device) if num_drafted is None \
+        else num_drafted.clamp(0, k)                                       # [B]
+    j = torch.arange(k, device=draft_tokens.device)                        # [k]
+    match = (draft_tokens == target_tokens[:, :k]) & (j[None, :] < n[:, None])  # [B, k]
+    accepted = match.long().cumprod(dim=1).sum(dim=1)                      # [B]
+    pos = torch.arange(k + 1, device=draft_tokens.device)[None, :]         # [1, k+1]
+    drafts_padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)  # [B, k+1]
+    committed = torch.where(pos < accepted[:, None], drafts_padded,
+                            torch.where(pos == accepted[:, None], target_tokens, torch.full_like(target_tokens, -1)))
+    return accepted, committed
+
+
 def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
                   num_drafted: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Greedy verification: longest prefix of drafts equal to the target's argmax, plus one token.
+    """Greedy verification from logits: accept_greedy on the target's argmax (one accept rule).
 
     draft_tokens: [B, k] int64; target_logits: [B, k+1, V]; num_drafted: [B] int64 in [0, k] or None (= k).
     target_logits[:, j] scores the token that follows draft j-1 (j = 0: follows the last committed token).
-    Returns accepted [B] int64 (a) and committed [B, k+1] int64: drafts 0..a-1, then the target's
-    token at position a (correction, or bonus when every draft matched), then -1.
+    Returns accepted [B] int64 and committed [B, k+1] int64, as accept_greedy.
     """
-    B, k = draft_tokens.shape
-    target = target_logits.argmax(dim=-1)                                  # [B, k+1]; first max wins
-    n = torch.full((B,), k, dtype=torch.int64, device=draft_tokens.device) if num_drafted is None \
-        else num_drafted.clamp(0, k)
-    j = torch.arange(k, device=draft_tokens.device)                        # [k]
-    match = (draft_tokens == target[:, :k]) & (j[None, :] < n[:, None])   # [B, k]
-    accepted = match.long().cumprod(dim=1).sum(dim=1)                      # [B]
-    pos = torch.arange(k + 1, device=draft_tokens.device)[None, :]         # [1, k+1]
-    drafts_padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)
-    committed = torch.where(pos < accepted[:, None], drafts_padded,
-                            torch.where(pos == accepted[:, None], target, torch.full_like(target, -1)))
-    return accepted, committed
+    return accept_greedy(draft_tokens, target_logits.argmax(dim=-1), num_drafted)  # argmax: first max wins
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

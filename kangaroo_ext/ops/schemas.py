@@ -32,6 +32,10 @@ def _fake_verify_accept(draft_tokens, target_logits, num_drafted):
             draft_tokens.new_empty((B, k + 1), dtype=torch.int64))
 
 
+def _fake_accept_greedy(draft_tokens, target_tokens, num_drafted):
+    return _fake_verify_accept(draft_tokens, None, num_drafted)
+
+
 def _fake_rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
     B, T, Hq, D = q.shape
     return q.new_empty((B, T, Hq * D))
@@ -76,6 +80,9 @@ OPS: Dict[str, OpDef] = {
     "verify_accept": OpDef(
         "verify_accept(Tensor draft_tokens, Tensor target_logits, Tensor? num_drafted) -> (Tensor, Tensor)",
         _fake_verify_accept, reference.verify_accept),
+    "accept_greedy": OpDef(
+        "accept_greedy(Tensor draft_tokens, Tensor target_tokens, Tensor? num_drafted) -> (Tensor, Tensor)",
+        _fake_accept_greedy, reference.accept_greedy),
     "rope_append_attention": OpDef(
         "rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor",

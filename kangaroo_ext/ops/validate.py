@@ -60,15 +60,33 @@ def fused_add_rms_norm(x, residual: Optional[torch.Tensor], weight, eps, weight_
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
 
 
-def verify_accept(draft_tokens, target_logits, num_drafted: Optional[torch.Tensor]):
+def _draft_tokens(draft_tokens):
+    """draft_tokens: int64 [B, k], B, k >= 1, contiguous."""
     _tensor("draft_tokens", draft_tokens)
     if draft_tokens.dtype != torch.int64 or draft_tokens.dim() != 2 or draft_tokens.shape[1] < 1:
         raise ValueError(f"draft_tokens must be int64 of shape [B, k] with k >= 1, got "
                          f"{draft_tokens.dtype} {tuple(draft_tokens.shape)}")
-    B, k = draft_tokens.shape
-    if B < 1:
+    if draft_tokens.shape[0] < 1:
         raise ValueError("draft_tokens must have at least one row (B >= 1)")
     _contiguous("draft_tokens", draft_tokens)
+
+
+def _num_drafted(num_drafted, draft_tokens):
+    """num_drafted: None, or int64 [B] on draft_tokens' device, contiguous."""
+    if num_drafted is None:
+        return
+    B = draft_tokens.shape[0]
+    _tensor("num_drafted", num_drafted)
+    if num_drafted.dtype != torch.int64 or num_drafted.shape != (B,):
+        raise ValueError(f"num_drafted must be int64 of shape [{B}], got {num_drafted.dtype} "
+                         f"{tuple(num_drafted.shape)}")
+    _same_device("num_drafted", num_drafted, "draft_tokens", draft_tokens)
+    _contiguous("num_drafted", num_drafted)
+
+
+def verify_accept(draft_tokens, target_logits, num_drafted: Optional[torch.Tensor]):
+    _draft_tokens(draft_tokens)
+    B, k = draft_tokens.shape
     _tensor("target_logits", target_logits)
     if target_logits.dtype not in FLOATS:
         raise ValueError(f"target_logits must be float32, float16 or bfloat16, got {target_logits.dtype}")
@@ -77,13 +95,24 @@ def verify_accept(draft_tokens, target_logits, num_drafted: Optional[torch.Tenso
                          f"[{B}, {k}], got {tuple(target_logits.shape)}")
     _same_device("target_logits", target_logits, "draft_tokens", draft_tokens)
     _contiguous("target_logits", target_logits)
-    if num_drafted is not None:
-        _tensor("num_drafted", num_drafted)
-        if num_drafted.dtype != torch.int64 or num_drafted.shape != (B,):
-            raise ValueError(f"num_drafted must be int64 of shape [{B}], got {num_drafted.dtype} "
-                             f"{tuple(num_drafted.shape)}")
-        _same_device("num_drafted", num_drafted, "draft_tokens", draft_tokens)
-        _contiguous("num_drafted", num_drafted)
+    _num_drafted(num_drafted, draft_tokens)
+
+
+MAX_ACCEPT_DRAFTS = 1 << 20  # as csrc/checks.h (verify_accept's CUDA launcher has the same bound)
+
+
+def accept_greedy(draft_tokens, target_tokens, num_drafted: Optional[torch.Tensor]):
+    _draft_tokens(draft_tokens)
+    B, k = draft_tokens.shape
+    _tensor("target_tokens", target_tokens)
+    if target_tokens.dtype != torch.int64 or target_tokens.shape != (B, k + 1):
+        raise ValueError(f"target_tokens must be int64 of shape [B, k+1] = [{B}, {k + 1}] for draft_tokens "
+                         f"[{B}, {k}], got {target_tokens.dtype} {tuple(target_tokens.shape)}")
+    _same_device("target_tokens", target_tokens, "draft_tokens", draft_tokens)
+    _contiguous("target_tokens", target_tokens)
+    _num_drafted(num_drafted, draft_tokens)
+    if k >= MAX_ACCEPT_DRAFTS:  # the CUDA kernel indexes positions with int; every backend says the same
+        raise ValueError(f"draft_tokens must have k < 2^20 drafts per row, got k = {k}")
 
 
 def rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
