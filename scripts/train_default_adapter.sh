@@ -8,18 +8,18 @@
 #
 # Everything lands under $OUT_DIR (default out/default-adapter): answers.pt (the answers as token ids, ~25 MB
 # for 5M tokens: copy it to $OUT and carry it back in the next call), one folder per run with report.json,
-# MODEL_CARD.md, curves.png and the adapters. Settings by environment: ARCH (kangaroo), VOCAB (8192; 0 = full),
-# LAYERS (1,2,3,4), STEPS (8000), GEN_LIMIT (seconds of generation per call, 480), DATA_DIR (holds
+# MODEL_CARD.md, curves.png and the adapters. Settings by environment: ARCH (decoder), VOCAB (8192; 0 = full),
+# LAYERS (2), STEPS (13000), GEN_LIMIT (seconds of generation per call, 480), DATA_DIR (holds
 # train_prompts.jsonl; default: the first of .carry/data, shared/data, ../shared/data, /work/shared/data).
 # MT-bench is the evaluation set (the package's copy); it is never trained on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT_DIR:-out/default-adapter}
-ARCH=${ARCH:-kangaroo}
+ARCH=${ARCH:-decoder}
 VOCAB=${VOCAB:-8192}
-LAYERS=${LAYERS:-1,2,3,4}
-STEPS=${STEPS:-8000}
+LAYERS=${LAYERS:-2}
+STEPS=${STEPS:-13000}
 GEN_LIMIT=${GEN_LIMIT:-480}
 phase=${1:-generate}; shift || true
 
@@ -61,7 +61,7 @@ case $phase in
       --architecture "$ARCH" --draft-vocab "$VOCAB" --steps "$STEPS" --batch-size 32 --lr 3e-3 --warmup-steps 200 \
       --checkpoint-every 250 --eval-every 500 --top-k 64 --seed 0 \
       --mt-bench kangaroo_ext/data/mt_bench_question.jsonl --eval-questions 16 --eval-max-new-tokens 256 \
-      --thresholds 0.2,0.3,0.4,0.5,0.6 --max-draft 6 "$@" 2>&1 | tee -a "$run.log" | grep -v "it/s]" | tail -30 ;;
+      --thresholds 0.2,0.3,0.4,0.5,0.6 --max-draft 6 --cut-loops 2 "$@" 2>&1 | tee -a "$run.log" | grep -v "it/s]" | tail -30 ;;
   ship)
     best=$("$PY" - "$OUT_DIR" <<'EOF'
 import glob, json, sys

@@ -5,6 +5,8 @@ import os
 import shutil
 from typing import Optional
 
+import torch
+
 from ..adapter import Adapter
 
 
@@ -69,9 +71,12 @@ def model_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-def ship_adapter(out_dir: str, destination: Optional[str] = None) -> str:
+def ship_adapter(out_dir: str, destination: Optional[str] = None, dtype: Optional[torch.dtype] = torch.bfloat16
+                 ) -> str:
     """Install the best adapter of a finished run (by measured speedup) as the default model's adapter:
-    adapter.safetensors, adapter_config.json (with recommended_threshold) and MODEL_CARD.md."""
+    adapter.safetensors, adapter_config.json (with recommended_threshold) and MODEL_CARD.md. The weights are
+    stored as `dtype` (bf16: half the package size; GPU decoding runs in bf16, and loading casts to the
+    model's dtype); None keeps the run's."""
     from ..default_model import ADAPTER_DIR
     report_path = os.path.join(out_dir, "report.json")
     if not os.path.isfile(report_path):
@@ -80,7 +85,7 @@ def ship_adapter(out_dir: str, destination: Optional[str] = None) -> str:
         best = json.load(f)["best"]
     if best.get("speedup") is None:
         raise ValueError("the run has no speed sweep (give --mt-bench): shipping is chosen by measured speedup")
-    adapter = Adapter.from_pretrained(os.path.join(out_dir, f"layer-{best['exit_layer']}"))
+    adapter = Adapter.from_pretrained(os.path.join(out_dir, f"layer-{best['exit_layer']}"), dtype=dtype)
     adapter.config["recommended_threshold"] = best["threshold"]
     destination = destination or ADAPTER_DIR
     adapter.save_pretrained(destination)
