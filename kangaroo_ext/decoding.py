@@ -48,6 +48,8 @@ class DecodeStats:
     copy_draft_off: str = ""              # why not, where copy_draft was asked for but the rounds cannot
     draft_sources: List[str] = field(default_factory=list)  # per round: "copy", "mixed", "adapter", "plain"
     copied: List[int] = field(default_factory=list)         # per round: drafts copied (mixed: the rest: adapter's)
+    cpu_packing_off: str = ""             # why steps of several rows do not use packed CPU weights ("" where they do)
+    packed_weights_mb: float = 0.0        # memory of those packed copies (the engine keeps them between calls)
 
     @property
     def mean_accepted(self) -> float:
@@ -343,6 +345,8 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
     if copying:
         stats.draft_sources, stats.copied = rounds.sources[:stats.rounds], rounds.copied[:stats.rounds]
     stats.copy_draft_off = copy_off
+    stats.cpu_packing_off = engine.cpu_packing_off
+    stats.packed_weights_mb = getattr(engine._linear, "packed_bytes", 0) / 2 ** 20
     stats.threshold = threshold
     stats.sampling = dict(asdict(sampling), seed=seed) if sampling else None
     sequences = torch.cat([prompt[0].cpu(), torch.tensor(new_tokens, dtype=torch.int64)])[None]

@@ -108,3 +108,4 @@ def test_speculative_with_packed_verification_equals_plain_and_transformers():
                                        eos_token_id=[], copy_draft=False)
         assert torch.equal(plain, hf) and torch.equal(spec.sequences, plain)
         assert spec.stats.mean_accepted > 1.0, "drafts were accepted: verify steps had several rows"
+        assert spec.stats.cpu_packing_off == "" and spec.stats.packed_weights_mb > 0
