@@ -93,13 +93,27 @@ def test_the_engine_says_where_packing_is_off(monkeypatch):
     assert "fp32 on the CPU" in Engine(model_spec(half)).cpu_packing_off
 
 
+def ordinary_copy(model):
+    """A copy whose weights are ordinary tensors (tiny_model's may have been made under inference_mode)."""
+    with torch.inference_mode(False):
+        model = copy.deepcopy(model)
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model
+
+
 @needs_onednn
-@torch.inference_mode()
 def test_speculative_with_packed_verification_equals_plain_and_transformers():
     """Verify steps (several rows) go through the packed linears, plain steps (one row) do not; the
     tokens still equal plain decoding's and transformers'."""
-    model = tiny_model("llama")
+    model = ordinary_copy(tiny_model("llama"))
     adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    assert not next(model.parameters()).is_inference() and not next(adapter.parameters()).is_inference()
+    with torch.inference_mode():
+        _packed_run_equals_plain(model, adapter)
+
+
+def _packed_run_equals_plain(model, adapter):
     for p in prompts(3, seed=31):
         hf = model.generate(p[None], max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0,
                             attention_mask=torch.ones_like(p[None]))
@@ -109,3 +123,17 @@ def test_speculative_with_packed_verification_equals_plain_and_transformers():
         assert torch.equal(plain, hf) and torch.equal(spec.sequences, plain)
         assert spec.stats.mean_accepted > 1.0, "drafts were accepted: verify steps had several rows"
         assert spec.stats.cpu_packing_off == "" and spec.stats.packed_weights_mb > 0
+
+
+@needs_onednn
+def test_inference_mode_weights_are_not_packed_and_stats_say_so():
+    with torch.inference_mode():
+        model = copy.deepcopy(tiny_model("llama"))
+        assert next(model.parameters()).is_inference()
+        adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+        p = prompts(1, seed=32)[0]
+        plain = kx.generate(model, p, max_new_tokens=12, eos_token_id=[]).sequences
+        spec = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=12, threshold=0.0, max_draft=3,
+                                       eos_token_id=[], copy_draft=False)
+    assert torch.equal(spec.sequences, plain)
+    assert "inference tensor" in spec.stats.cpu_packing_off and spec.stats.packed_weights_mb == 0

@@ -43,14 +43,22 @@ class PackedLinear:
     one row, other dtypes or devices, autograd, and inference-mode weights (no version counter) go to
     F.linear."""
 
+    INFERENCE_WEIGHTS = ("a weight used on several rows is an inference tensor (made under torch.inference_mode: "
+                         "the model's or the adapter's), which has no version counter to notice an in-place change, "
+                         "so it goes to F.linear; load the model outside inference_mode to pack it")
+
     def __init__(self):
         self._packed: Dict[int, Tuple[weakref.ref, int, torch.Tensor]] = {}  # id(w) -> (w, version, packed)
         self.packed_bytes = 0
+        self.skipped = ""  # why a multi-row fp32 CPU call last went to F.linear ('' if none did)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if (rows <= 1 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
-                or w.device.type != "cpu" or w.is_inference() or (torch.is_grad_enabled() and w.requires_grad)):
+                or w.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad)):
+            return F.linear(x, w, b)
+        if w.is_inference():
+            self.skipped = self.INFERENCE_WEIGHTS
             return F.linear(x, w, b)
         packed = self._weight(w)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), packed, b,
