@@ -345,8 +345,7 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
     if copying:
         stats.draft_sources, stats.copied = rounds.sources[:stats.rounds], rounds.copied[:stats.rounds]
     stats.copy_draft_off = copy_off
-    stats.cpu_packing_off = engine.cpu_packing_off or getattr(engine._linear, "skipped", "")
-    stats.packed_weights_mb = getattr(engine._linear, "packed_bytes", 0) / 2 ** 20
+    stats.cpu_packing_off, stats.packed_weights_mb = engine.cpu_packing()
     stats.threshold = threshold
     stats.sampling = dict(asdict(sampling), seed=seed) if sampling else None
     sequences = torch.cat([prompt[0].cpu(), torch.tensor(new_tokens, dtype=torch.int64)])[None]

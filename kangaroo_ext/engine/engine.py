@@ -65,6 +65,11 @@ class Engine:
         self.cpu_packing_off = self._cpu_packing_off(spec)
         self._linear = PackedLinear() if not self.cpu_packing_off else F.linear
 
+    def cpu_packing(self) -> Tuple[str, float]:
+        """(why steps of several rows do not use packed CPU weights, '' where they do; MiB of packed copies)."""
+        return (self.cpu_packing_off or getattr(self._linear, "skipped", ""),
+                getattr(self._linear, "packed_bytes", 0) / 2 ** 20)
+
     @staticmethod
     def _cpu_packing_off(spec: ModelSpec) -> str:
         """'' where multi-row linears use packed weights, else why not."""
@@ -387,7 +392,7 @@ class Engine:
         then the fused LM head + argmax over the full vocabulary (the draft's head may be reduced). Plain
         steps and greedy verification both take their tokens from here, so they agree token for token."""
         y, _ = self._norm(x, res, self.spec.final_norm)
-        if not self._fused(y.shape[0] * y.shape[1]):  # CPU, several rows: the packed LM head, then argmax
+        if not self._fused(y.shape[0] * y.shape[1]):  # several rows on the CPU, or past FUSED_MAX_ROWS
             return self._linear(y, self.spec.lm_head).argmax(dim=-1)
         return ops.lm_head_argmax(y, self.spec.lm_head)[0]
 
