@@ -116,3 +116,23 @@ def bandwidth_info(us: float, nbytes: int, copy_GBps: float) -> dict:
     gbps = nbytes / (us / 1e6) / GB if us > 0 else 0.0
     return {"us": us, "bytes": nbytes, "GBps": gbps, "fraction_of_copy": gbps / copy_GBps if copy_GBps else None,
             "copy_GBps": copy_GBps}
+
+
+def kernels_per_replay(fn: Callable[[], object], setup: Optional[Callable[[], object]] = None,
+                       replays: int = 5) -> float:
+    """Kernels one fn() launches, counted by the profiler (CUPTI sees the kernels inside graph replays);
+    memcpy / memset nodes are not counted."""
+    from torch.profiler import ProfilerActivity, profile
+    if setup:
+        setup()
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            if setup:
+                setup()
+            fn()
+        torch.cuda.synchronize()
+    kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+               and "Memcpy" not in ev.name and "Memset" not in ev.name]
+    return len(kernels) / replays

@@ -9,6 +9,8 @@ Needs a CUDA device. About a minute on an H100, half of it loading the default m
   sampling_vs_greedy  per backend: speculative_sample_accept (plain and filtered sampling) against the
              greedy verify_accept at the default model's verify shape (V = 49152, k+1 = 7, bf16)
   engine     one draft round / one verify step of the default model, as the engine's own CUDA graphs
+  round      the price of a round against a plain step, by draft steps and by positions verified, and
+             the kernels a round launches (bench/round_price.py; issue 21's targets)
   decode     kx.generate vs kx.speculative_generate, default model and adapter, chat prompts,
              256 new tokens, after warm-up; host syncs per round (1 = the design: one report read)
 """
@@ -24,6 +26,7 @@ sys.path.insert(0, BENCH_DIR)
 
 import bench_cases  # noqa: E402
 import bench_timing  # noqa: E402
+import round_price  # noqa: E402
 import kangaroo_ext.ops as kops  # noqa: E402
 from kangaroo_ext import io  # noqa: E402
 
@@ -46,7 +49,13 @@ def measure_ops(copy_GBps: float):
                 except kops.BackendUnavailable as e:
                     skipped[key] = str(e)
                     continue
-                graph = bench_timing.capture_burst(fn, case.launches)
+                try:
+                    graph = bench_timing.capture_burst(fn, case.launches)
+                except RuntimeError as e:  # one op that cannot be captured must not end the report
+                    torch.cuda.synchronize()
+                    skipped[key] = f"capture failed: {str(e).splitlines()[0][:200]}"
+                    print(f"  {key:45s} capture failed: {skipped[key]}", flush=True)
+                    continue
                 info = bench_timing.bandwidth_info(bench_timing.us_per_launch(graph, case.launches), case.nbytes,
                                                    copy_GBps)
                 ops[key] = {"backend": backend, "us": info["us"], "GBps": info["GBps"],
@@ -108,7 +117,7 @@ def main(argv=None) -> int:
     print(f"  copy bandwidth {copy:.0f} GB/s", flush=True)
     ops, skipped = measure_ops(copy)
     sampling = sampling_vs_greedy(ops)
-    engine = decode = None
+    engine = decode = round_ = None
     model_error = None
     try:
         eng = bench_cases.DefaultEngine()
@@ -117,6 +126,8 @@ def main(argv=None) -> int:
         print(f"  default model unavailable, no engine/decode numbers: {model_error}", file=sys.stderr)
     else:
         engine = measure_engine(eng, copy)
+        round_ = round_price.measure_round(eng)
+        print("  round: " + ", ".join(f"{k} {v:.3g}" for k, v in round_["ratios"].items()), flush=True)
         speeds = bench_cases.decode_speeds(eng.model, eng.tokenizer, eng.adapter, max_new_tokens=DECODE_NEW_TOKENS)
         decode = {"plain_tok_per_s": speeds["plain"]["tok_per_s"],
                   "speculative_tok_per_s": speeds["speculative"]["tok_per_s"],
@@ -125,12 +136,13 @@ def main(argv=None) -> int:
                   "mean_accepted": speeds["speculative"]["mean_accepted"], "max_new_tokens": DECODE_NEW_TOKENS,
                   "prompts": len(bench_cases.CHAT_PROMPTS), "adapter_trained": eng.adapter.config.get("trained"),
                   "detail": speeds}
+        round_["host_syncs_per_round"] = decode["host_syncs_per_round"]
         print(f"  decode: plain {decode['plain_tok_per_s']:.0f} tok/s, speculative "
               f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
               f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
     report = {**meta, "copy_GBps": copy, "ops": ops, "sampling_vs_greedy": sampling, "skipped": skipped,
               "missing_cases": bench_cases.missing_cases(),
-              "engine": engine, "decode": decode, "default_model_error": model_error,
+              "engine": engine, "round": round_, "decode": decode, "default_model_error": model_error,
               "seconds": time.perf_counter() - t0}
     io.write_json(args.out, report)
     print(f"wrote {args.out} in {report['seconds']:.0f} s")

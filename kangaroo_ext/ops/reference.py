@@ -220,7 +220,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     or +inf z, or only -inf, are all NaN. Returns [..., V].
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    t = torch.tensor(temperature, dtype=torch.float32, device=logits.device).to(dtype)
+    # torch.full, not torch.tensor: no host-to-device copy, so a CUDA graph can capture it
+    t = torch.full((), temperature, dtype=torch.float32, device=logits.device).to(dtype)
     z = logits.to(dtype) / t                                                   # [..., V]
     bad = (z.isnan() | (z == float("inf"))).any(-1, keepdim=True) | (z == float("-inf")).all(-1, keepdim=True)
     z = z.masked_fill(bad, 0.0)                                                # NaN rows: filled in at the end
