@@ -126,8 +126,12 @@ def main(argv=None) -> int:
         print(f"  default model unavailable, no engine/decode numbers: {model_error}", file=sys.stderr)
     else:
         engine = measure_engine(eng, copy)
-        round_ = round_price.measure_round(eng)
-        print("  round: " + ", ".join(f"{k} {v:.3g}" for k, v in round_["ratios"].items()), flush=True)
+        try:
+            round_ = round_price.measure_round(eng)
+            print("  round: " + ", ".join(f"{k} {v:.3g}" for k, v in round_["ratios"].items()), flush=True)
+        except RuntimeError as e:  # keep the rest of the report; the error is recorded in its place
+            round_ = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  round: failed: {round_['error']}", file=sys.stderr, flush=True)
         speeds = bench_cases.decode_speeds(eng.model, eng.tokenizer, eng.adapter, max_new_tokens=DECODE_NEW_TOKENS)
         decode = {"plain_tok_per_s": speeds["plain"]["tok_per_s"],
                   "speculative_tok_per_s": speeds["speculative"]["tok_per_s"],
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
                   "mean_accepted": speeds["speculative"]["mean_accepted"], "max_new_tokens": DECODE_NEW_TOKENS,
                   "prompts": len(bench_cases.CHAT_PROMPTS), "adapter_trained": eng.adapter.config.get("trained"),
                   "detail": speeds}
-        round_["host_syncs_per_round"] = decode["host_syncs_per_round"]
+        if "error" not in round_:
+            round_["host_syncs_per_round"] = decode["host_syncs_per_round"]
         print(f"  decode: plain {decode['plain_tok_per_s']:.0f} tok/s, speculative "
               f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
               f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
