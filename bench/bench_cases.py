@@ -70,6 +70,19 @@ def _verify_case(B: int, k: int, V: int, launches: int) -> OpCase:
     return OpCase("verify_accept", f"B{B}-k{k}-V{V}", launches, make, nbytes)
 
 
+def _accept_greedy_case(B: int, k: int, launches: int) -> OpCase:
+    """The greedy verify's accept step on the target's tokens (lm_head_argmax over the k+1 rows gives them)."""
+    def make(backend):
+        target = torch.randint(0, 49152, (B, k + 1), device=DEVICE)
+        drafts = target[:, :k].clone()
+        drafts[:, k // 2:] += 1                             # half the chain agrees: a typical partial accept
+        num_drafted = torch.full((B,), k, dtype=torch.int64, device=DEVICE)
+        kops.accept_greedy(drafts, target, num_drafted, backend=backend)
+        return lambda: kops.accept_greedy(drafts, target, num_drafted, backend=backend)
+    # reads drafts, target tokens, num_drafted; writes accepted, committed
+    return OpCase("accept_greedy", f"B{B}-k{k}", launches, make, 8 * (B * k + B * (k + 1) + B + B + B * (k + 1)))
+
+
 # Sampling settings: plain temperature sampling, and a typical filtered one (both filters searched).
 SAMPLING_SETTINGS = {"T1": (1.0, 0, 1.0), "T0.7-k50-p0.9": (0.7, 50, 0.9)}
 
@@ -168,11 +181,13 @@ def _linear_case(op: str, M: int, K: int, Ns, launches: int, residual: bool = Tr
 OP_CASES: Dict[str, List[OpCase]] = {
     "fused_add_rms_norm": [_rms_case(1, 576, 200), _rms_case(7, 576, 200), _rms_case(4096, 4096, 10)],
     "verify_accept": [_verify_case(1, 6, 49152, 200)],
+    "accept_greedy": [_accept_greedy_case(1, 6, 200)],
     "sampling_probs": [_sampling_case("sampling_probs", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "sample_logits": [_sampling_case("sample_logits", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "speculative_sample_accept": [_sample_accept_case(1, 6, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "rope_append_attention": [_attention_case(1, 1024, 2048, 100), _attention_case(7, 1024, 2048, 100)],
-    "lm_head_argmax": [_head_case(1, 576, 49152, 50)],
+    # 1 row: a plain step; 7 rows: a greedy verify of 6 drafts (then accept_greedy on its tokens)
+    "lm_head_argmax": [_head_case(1, 576, 49152, 50), _head_case(7, 576, 49152, 50)],
     # SmolLM2-135M's layer shapes (q/k/v 576/192/192, MLP 1536) at decode (1 row) and verify (7 rows),
     # plus Llama-7B-sized matrices, where the weight stream, not launch latency, dominates.
     "rms_norm_linear": [_linear_case("rms_norm_linear", 1, 576, (576, 192, 192), 200),
@@ -257,9 +272,9 @@ class DefaultEngine:
         e, s = self.engine, self.engine.spec
         g, ell = self.graphs.gamma, self.adapter.exit_layer
         positions = int(self._saved["cache_len"][0]) + g + 1
-        kv = 2 * e.B * s.num_kv_heads * positions * s.head_dim * e.k_cache.element_size()  # one layer's K, V
+        kv = 2 * e.ROWS * s.num_kv_heads * positions * s.head_dim * e.k_cache.element_size()  # one layer's K, V
         lm_head = s.lm_head.numel() * s.lm_head.element_size()
-        shallow = sum(_weight_bytes(w) for w in s.layers[:ell]) + _weight_bytes(e.adapter_weights)
+        shallow = sum(_weight_bytes(w) for w in s.layers[:ell]) + sum(_weight_bytes(w) for w in e.adapter_weights)
         deep = sum(_weight_bytes(w) for w in s.layers[ell:])
         return {"draft_round": (g + 1) * (shallow + (ell + 1) * kv) + g * lm_head,
                 "verify_step": deep + (s.num_layers - ell) * kv + lm_head}
