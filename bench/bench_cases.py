@@ -227,15 +227,24 @@ def _weight_bytes(layer) -> int:
 class DefaultEngine:
     """The default model (bf16, CUDA) and its engine after one Kangaroo generation: the engine holds
     the captured draft / verify graphs and a realistic cache length. restore() puts back the decode
-    state (cache and output lengths, pending token) so every timed replay does the same work."""
+    state (cache and output lengths, pending token) so every timed replay does the same work.
 
-    def __init__(self, new_tokens: int = 128):
+    model / adapter / prompt (token ids [1, L]) replace the default model, its adapter and the chat
+    prompt, e.g. a random-weight model of another shape (bench/shaped_models.py)."""
+
+    def __init__(self, new_tokens: int = 128, model=None, adapter=None, prompt: Optional[torch.Tensor] = None):
         import kangaroo_ext as kx
         t0 = time.perf_counter()
-        self.model, self.tokenizer = kx.load_default_model(device=DEVICE, dtype=DTYPE)
+        if model is None:
+            self.model, self.tokenizer = kx.load_default_model(device=DEVICE, dtype=DTYPE)
+            self.adapter = kx.load_default_adapter(self.model)
+            self.prompt = chat_ids(self.tokenizer, CHAT_PROMPTS[0])
+        else:
+            if adapter is None or prompt is None:
+                raise ValueError("DefaultEngine: a model given needs its adapter and a prompt (token ids [1, L])")
+            self.model, self.tokenizer, self.adapter, self.prompt = model, None, adapter, prompt
         self.load_s = time.perf_counter() - t0
-        self.adapter = kx.load_default_adapter(self.model)
-        out = kx.speculative_generate(self.model, chat_ids(self.tokenizer, CHAT_PROMPTS[0]), adapter=self.adapter,
+        out = kx.speculative_generate(self.model, self.prompt, adapter=self.adapter,
                                       max_new_tokens=new_tokens, max_draft=MAX_DRAFT)
         assert out.stats.mode == "graphs", out.stats.mode
         self.engine = engine_for(self.model)

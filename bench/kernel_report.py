@@ -13,6 +13,7 @@ Needs a CUDA device. About a minute on an H100, half of it loading the default m
   engine     one draft round / one verify step of the default model, as the engine's own CUDA graphs
   round      the price of a round against a plain step, by draft steps and by positions verified, and
              the kernels a round launches (bench/round_price.py; issue 21's targets)
+  round_1b   the same at Llama-3.2-1B's shape, random weights, 8k draft vocabulary (--no-1b skips it)
   decode     kx.generate vs kx.speculative_generate, default model and adapter, chat prompts,
              256 new tokens, after warm-up; host syncs per round (1 = the design: one report read)
 """
@@ -109,6 +110,7 @@ def measure_engine(eng, copy_GBps: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DEFAULT_OUT, help=f"default: {os.path.relpath(DEFAULT_OUT)}")
+    p.add_argument("--no-1b", action="store_true", help="skip round_1b (a 2.5 GB random-weight model)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_report: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -148,9 +150,19 @@ def main(argv=None) -> int:
         print(f"  decode: plain {decode['plain_tok_per_s']:.0f} tok/s, speculative "
               f"{decode['speculative_tok_per_s']:.0f} tok/s (τ {decode['mean_accepted']:.2f}), "
               f"{decode['host_syncs_per_round']:.2f} host syncs/round", flush=True)
+    round_1b = None
+    if not args.no_1b:
+        try:
+            round_1b = round_price.measure_round_1b()
+            print("  round_1b: " + ", ".join(f"{k} {v:.3g}" for k, v in round_1b.get("ratios", {}).items())
+                  + f"; plain step {round_1b['plain_step_us']:.0f} us", flush=True)
+        except (RuntimeError, ImportError, ValueError) as e:  # e.g. out of memory: the rest still counts
+            round_1b = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  round_1b: failed: {round_1b['error']}", file=sys.stderr, flush=True)
     report = {**meta, "copy_GBps": copy, "ops": ops, "sampling_vs_greedy": sampling, "skipped": skipped,
               "missing_cases": bench_cases.missing_cases(),
-              "engine": engine, "round": round_, "decode": decode, "default_model_error": model_error,
+              "engine": engine, "round": round_, "round_1b": round_1b, "decode": decode,
+              "default_model_error": model_error,
               "seconds": time.perf_counter() - t0}
     io.write_json(args.out, report)
     print(f"wrote {args.out} in {report['seconds']:.0f} s")

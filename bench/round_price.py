@@ -17,7 +17,8 @@ warm-up, median of 50, decode state restored between replays), at the cache leng
   ratios               verify_us[γ+1] / verify_us[1], (γ drafts + verify γ+1) / plain step,
                        draft_step_us / plain step: the issue's targets in its own terms
 
-summarize_round is the arithmetic, apart from the GPU, so a CPU test can check it.
+summarize_round is the arithmetic, apart from the GPU, so a CPU test can check it. measure_round_1b does
+the same for a random-weight model of Llama-3.2-1B's shape (bench/shaped_models.py): the `round_1b` object.
 """
 from typing import Dict, Optional
 
@@ -66,12 +67,11 @@ def measure_round(de) -> dict:
     """The round object for a bench_cases.DefaultEngine `de` (CUDA). Needs the GPU confidence exit
     (conditional graph nodes); without it only the full round is measurable, and that is said."""
     import kangaroo_ext as kx
-    from kangaroo_ext import io
     eng, graphs, gamma = de.engine, de.graphs, de.graphs.gamma
     # The plain step's graph: one kx.generate call captures it in the same engine, at the same buffers;
     # generate moves the engine's lengths, so the saved decode state is put back before timing.
     saved = {n: t.clone() for n, t in de._saved.items()}
-    kx.generate(de.model, io.chat_ids(de.tokenizer, "Say hi."), max_new_tokens=4)
+    kx.generate(de.model, de.prompt[:, :8], max_new_tokens=4)
     plain, _ = eng.graphs_for(1, False, device_exit=False)
     de._saved = saved
     plain_us = bench_timing.us_each(plain.plain.replay, setup=de.restore)
@@ -94,4 +94,28 @@ def measure_round(de) -> dict:
     out = summarize_round(plain_us, draft, verify, gamma, launches)
     out["plain_step_launches"] = plain_launches
     out["device_exit"] = True
+    return out
+
+
+def measure_round_1b(prompt_tokens: int = 160, new_tokens: int = 128, exit_layer: int = 2,
+                     draft_vocab: int = 8192) -> dict:
+    """The round object at Llama-3.2-1B's shape: random weights (bf16, CUDA), an untrained `decoder`
+    adapter after layer `exit_layer` drafting over `draft_vocab` tokens, a random prompt, then the same
+    measurements as measure_round. Frees the model before returning."""
+    import torch
+
+    import bench_cases
+    import shaped_models
+    model = shaped_models.random_llama(shaped_models.LLAMA_3_2_1B, "cuda", bench_cases.DTYPE)
+    adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, shaped_models.LLAMA_3_2_1B["vocab_size"], (1, prompt_tokens), generator=g)
+    de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt.cuda())
+    out = measure_round(de)
+    out["model"] = {"shape": "Llama-3.2-1B (random weights, no RoPE scaling)",
+                    "parameters": shaped_models.parameter_count(shaped_models.LLAMA_3_2_1B),
+                    "exit_layer": exit_layer, "draft_vocab": draft_vocab, "adapter": "decoder, random",
+                    "cache_len": int(de._saved["cache_len"][0])}
+    del de, model, adapter
+    torch.cuda.empty_cache()
     return out
