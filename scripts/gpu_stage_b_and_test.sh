@@ -3,7 +3,7 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
-#           steps: build diag fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
+#           steps: build diag probe fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
 #                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -51,6 +51,27 @@ for step in $steps; do
       fi
       python3 -m pytest -q -p no:cacheprovider tests/test_conditional_graphs.py -k malloc_async 2>&1 | tail -30 \
         | tee -a "$OUT/diag.log" ;;
+    probe)
+      # issue 24: the launcher crash outside pytest, op by op, under process set-ups that changed it
+      # (it passed with scripts/segv_backtrace.c preloaded, crashed with and without faulthandler).
+      # Each line says what reached Python; "rc=139" with no line means the process died.
+      log probe
+      gcc -shared -fPIC -O1 -o /tmp/segv_backtrace.so scripts/segv_backtrace.c 2>/dev/null
+      for which in sampling accept attention; do
+        for setup in plain faulthandler import-triton preload stack-unlimited cpp-stacktraces; do
+          case $setup in
+            plain) cmd=(python3 scripts/launcher_crash_probe.py "$which") ;;
+            faulthandler) cmd=(python3 -X faulthandler scripts/launcher_crash_probe.py "$which") ;;
+            import-triton) cmd=(python3 scripts/launcher_crash_probe.py "$which" --import-triton) ;;
+            preload) cmd=(env LD_PRELOAD=/tmp/segv_backtrace.so python3 scripts/launcher_crash_probe.py "$which") ;;
+            stack-unlimited) cmd=(bash -c "ulimit -s unlimited; python3 scripts/launcher_crash_probe.py $which") ;;
+            cpp-stacktraces) cmd=(env TORCH_SHOW_CPP_STACKTRACES=1 python3 scripts/launcher_crash_probe.py "$which") ;;
+          esac
+          res=$(timeout 60 "${cmd[@]}" 2>&1; echo "rc=$?")
+          out=$(echo "$res" | grep -E "raised|no error|segv_backtrace|Fatal" | head -3 | tr '\n' ' ')
+          echo "$which / $setup: $(echo "$res" | tail -1) ${out}"
+        done
+      done 2>&1 | tee "$OUT/probe.log" ;;
     fp32long)
       # issue 24: fp32 agreement with transformers on long prompts (transformers before and after the engine)
       log fp32long
