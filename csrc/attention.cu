@@ -110,8 +110,12 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     const bool vec16 = (D * static_cast<int64_t>(sizeof(T_))) % 16 == 0 && is_aligned(p.k, 16) &&
                        is_aligned(p.v, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
                        is_aligned(p.q, 16) && is_aligned(p.rope_cos, 16) && is_aligned(p.rope_sin, 16);
-    const attention::Plan pl = attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len,
-                                               sizeof(T_), vec16, num_sms, clusters);
+    attention::Plan pl = attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len, sizeof(T_),
+                                         vec16, num_sms, clusters, batch_invariant_attention());
+    if (pl.invariant && pl.smem_bytes + 1024 > max_smem) {  // its larger reduction does not fit: default order
+      pl = attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len, sizeof(T_), vec16, num_sms,
+                           clusters, false);
+    }
     TORCH_CHECK_VALUE(pl.n_qtiles <= 65535, "q has too many query rows per kv head for one launch (T * Hq / Hkv = ",
                       T * G, ")");
     TORCH_CHECK_VALUE(pl.smem_bytes + 1024 <= max_smem, "rope_append_attention needs ", pl.smem_bytes + 1024,

@@ -6,10 +6,15 @@ namespace kangaroo {
 
 namespace {
 std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by every launch on any thread
+std::atomic<bool> invariant_attention{false};
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
 
 void set_pdl_launches(bool enabled) { pdl_enabled.store(enabled, std::memory_order_relaxed); }
+
+bool batch_invariant_attention() { return invariant_attention.load(std::memory_order_relaxed); }
+
+void set_batch_invariant_attention(bool enabled) { invariant_attention.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

@@ -111,6 +111,17 @@ PyObject* set_pdl_launches(PyObject*, PyObject* args) {
 
 PyObject* pdl_launches(PyObject*, PyObject*) { return PyBool_FromLong(kangaroo::pdl_launches() ? 1 : 0); }
 
+PyObject* set_batch_invariant_attention(PyObject*, PyObject* args) {
+  int enabled = 0;
+  if (!PyArg_ParseTuple(args, "p", &enabled)) return nullptr;
+  kangaroo::set_batch_invariant_attention(enabled != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* batch_invariant_attention(PyObject*, PyObject*) {
+  return PyBool_FromLong(kangaroo::batch_invariant_attention() ? 1 : 0);
+}
+
 PyObject* branch_select(PyObject*, PyObject* args) {
   long long index = 0;
   if (!PyArg_ParseTuple(args, "L", &index)) return nullptr;
@@ -141,6 +152,10 @@ PyMethodDef kMethods[] = {
     {"set_pdl_launches", set_pdl_launches, METH_VARARGS,
      "set_pdl_launches(enabled: bool): whether later kernel launches may use programmatic dependent launch"},
     {"pdl_launches", pdl_launches, METH_NOARGS, "pdl_launches() -> bool"},
+    {"set_batch_invariant_attention", set_batch_invariant_attention, METH_VARARGS,
+     "set_batch_invariant_attention(enabled: bool): whether later attention launches sum every row's keys in "
+     "the key groups of a one-token step (csrc/kernels/attention.cuh)"},
+    {"batch_invariant_attention", batch_invariant_attention, METH_NOARGS, "batch_invariant_attention() -> bool"},
     {"branch_unsupported_reason", branch_unsupported_reason, METH_VARARGS,
      "branch_unsupported_reason(device) -> str: why conditional graph nodes cannot be captured ('' if they can)"},
     {"branch_begin", branch_begin, METH_VARARGS,

@@ -51,6 +51,10 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_DISABLE_PDL", "flag", "run",
          "launch kernels without programmatic dependent launch (for profiling: with PDL a kernel's "
          "recorded duration overlaps the previous one's tail)"),
+    Knob("KANGAROO_BATCH_INVARIANT_ATTENTION", "flag", "run",
+         "attention sums every query row's keys in the groups a one-token decode step uses, so a verified "
+         "row is bitwise the decode step's row (csrc/kernels/attention.cuh); off (default) until it has "
+         "passed its GPU tests"),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),

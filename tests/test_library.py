@@ -228,3 +228,20 @@ def test_the_pdl_switch_reaches_the_launchers(monkeypatch):
     finally:
         monkeypatch.delenv("KANGAROO_DISABLE_PDL", raising=False)
         _extension.apply_launch_settings()
+
+
+def test_the_batch_invariant_attention_switch_reaches_the_launchers(monkeypatch):
+    """KANGAROO_BATCH_INVARIANT_ATTENTION (off by default) is handed to the attention launcher at import."""
+    from kangaroo_ext import _extension
+    if not _extension.loaded():
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    try:
+        monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION", raising=False)
+        _extension.apply_launch_settings()
+        assert _extension._C.batch_invariant_attention() is False
+        monkeypatch.setenv("KANGAROO_BATCH_INVARIANT_ATTENTION", "1")
+        _extension.apply_launch_settings()
+        assert _extension._C.batch_invariant_attention() is True
+    finally:
+        monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION", raising=False)
+        _extension.apply_launch_settings()

@@ -146,3 +146,61 @@ def test_decode_ops_reject_bad_input(backend):
         kops.lm_head_argmax(q[0, 0], torch.randn(10, 8, device=device), backend=backend)
     with pytest.raises(ValueError, match="lm_head must have hidden's dtype"):
         kops.lm_head_argmax(q[0, 0], torch.randn(10, 16, device=device).half(), backend=backend)
+
+
+# ---- batch invariance of attention (issue 21: a verified row is bitwise the decode step's row) --------
+
+INVARIANCE_CASES = {  # Hq, Hkv, D, start position (keys before it are random cache rows), T verified
+    "smollm2-gqa3-d64": (9, 3, 64, 300, 7),
+    "llama1b-gqa4-d64": (32, 8, 64, 200, 7),
+    "gqa3-d64-2-tokens": (9, 3, 64, 100, 2),
+    "gqa3-d64-4-tokens": (9, 3, 64, 450, 4),
+    "gqa4-d128": (8, 2, 128, 150, 4),   # 16 rows: a tile of head dim 128 holds at most 16 (one PV slot each)
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(INVARIANCE_CASES))
+def test_attention_verified_rows_are_the_decode_steps_rows(dtype, case):
+    """T tokens attended in one call (a verify step) give, row for row, bitwise what T one-token calls
+    (plain decode steps, each appending its key) give, with the launchers' batch-invariant order on
+    (KANGAROO_BATCH_INVARIANT_ATTENTION). Contexts stay below 512 keys, where the split boundaries cannot
+    move (csrc/kernels/attention_tiles.cuh, split_keys). With the order off, the rows that differ are
+    counted and printed (the reason for bf16 outputs that differ from plain decoding)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    skip_missing_kernel("cuda", "rope_append_attention")
+    from kangaroo_ext import _extension
+    C = _extension._C
+    Hq, Hkv, D, start, T = INVARIANCE_CASES[case]
+    S, device = 512, "cuda"
+    g = torch.Generator().manual_seed(len(case) * 7 + T)
+    q, k, v = (torch.randn(1, T, h, D, generator=g).to(dtype).to(device) for h in (Hq, Hkv, Hkv))
+    k_cache = torch.randn(1, Hkv, S, D, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(1, Hkv, S, D, generator=g).to(dtype).to(device)
+    cos, sin = _rope_tables(S, D, device)
+    positions = (start + torch.arange(T, device=device))[None]
+
+    def rows_differing() -> int:
+        call = lambda t0, t1, kc, vc: kops.rope_append_attention(  # noqa: E731
+            q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], cos, sin, positions[:, t0:t1], kc, vc, D ** -0.5, 0,
+            backend="cuda")
+        kc, vc, kc1, vc1 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+        together = call(0, T, kc, vc)
+        alone = torch.cat([call(t, t + 1, kc1, vc1) for t in range(T)], dim=1)
+        assert torch.equal(kc, kc1) and torch.equal(vc, vc1), "the cache rows written must not depend on T"
+        torch.testing.assert_close(together, alone)           # either order: the same values within rounding
+        return int((together != alone).reshape(T, Hq, D).any(-1).sum())
+
+    before = C.batch_invariant_attention()
+    try:
+        C.set_batch_invariant_attention(False)
+        default_order = rows_differing()
+        C.set_batch_invariant_attention(True)
+        invariant_order = rows_differing()
+    finally:
+        C.set_batch_invariant_attention(before)
+    print(f"{case} {dtype}: rows differing from the decode step's: {default_order} of {T * Hq} in the "
+          f"default order, {invariant_order} in the batch-invariant order")
+    assert invariant_order == 0, f"{invariant_order} of {T * Hq} verified rows differ from the decode step's"

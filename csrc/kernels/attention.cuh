@@ -62,10 +62,14 @@ namespace attention {
 // grid (B * Hkv, n_qtiles, n_splits), kThreads threads, smem_layout(...).total bytes of dynamic smem.
 // T: element type; VEC: elements per access (16 bytes, or 1); HD: head dim (0 = runtime p.head_dim);
 // RPT: query rows per warp (the block holds 8 * RPT >= m_tile rows).
-template <typename T, int VEC, int HD, int RPT>
+// INV: the batch-invariant PV order (see "Batch invariance" below); the host takes it only for tiles that
+// hold every query row of a single q-tile, at most one row slot each, and at most kMaxLocalGroups key
+// groups per thread (plan()).
+template <typename T, int VEC, int HD, int RPT, bool INV = false>
 __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) {
   constexpr int M_ALLOC = kWarps * RPT;
   constexpr int UPT = units_per_thread(VEC, HD, RPT);
+  constexpr int NACC = INV ? kMaxLocalGroups : UPT;  // accumulators: key groups (INV) or row units
   extern __shared__ __align__(16) unsigned char smem[];
   pdl_launch_dependents();  // see common.cuh: everything below may depend on the previous kernel
   pdl_wait();
@@ -73,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
 
   const int D = HD > 0 ? HD : p.head_dim;
   const int half = D / 2;
-  const SmemLayout L = smem_layout(D, static_cast<int>(sizeof(T)), VEC, M_ALLOC);
+  const SmemLayout L = smem_layout(D, static_cast<int>(sizeof(T)), VEC, M_ALLOC, INV);
   float* Qs = reinterpret_cast<float*>(smem + L.q);
   T* Ks = reinterpret_cast<T*>(smem + L.k);
   T* Vs = reinterpret_cast<T*>(smem + L.v);
@@ -215,24 +219,34 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   }
 
   // PV ownership: column slice c of rows rbase + i * RS; or, with few rows, key group kg.
+  //
+  // Batch invariance (INV). The key groups split each 64-key tile's PV sum, and the groups' sums are
+  // added at the end in group order; so a row's rounding depends on the number of groups, which falls
+  // as rows are added (a decode step's 3 rows: 8 groups; a 7-token verify's 21 rows: 1). A verified
+  // row then differs in the last bits from the plain step that computes the same position, and bf16
+  // near-ties can flip. With INV every row is summed in NG = pv_key_groups(G) groups, the decode
+  // step's count: a thread holds NGL = NG / KG of them (keys (kg * NGL + l) * kpg ...), and the
+  // groups are added in order 0, 1, ..., NG - 1, as a decode step adds them. The scores, the online
+  // softmax and the split merge already treat every row alone, and the split boundaries depend on the
+  // tile's key range only through multiples of 512 keys (split_keys); so a verified row is bitwise
+  // the row a decode step computes, except where the tile's last key is past such a boundary.
   const int nd = D / VEC;
   const int RS = kThreads / nd;  // >= 1 since nd <= 256
-  int KG = 1;
-  if (2 * m_rows <= RS) {
-    KG = RS / m_rows;
-    KG = KG >= kMaxKeyGroups ? kMaxKeyGroups : (KG >= 8 ? 8 : (KG >= 4 ? 4 : 2));
-  }
+  const int KG = pv_key_groups(m_rows, RS);
+  const int NG = INV ? pv_key_groups(min(p.group, p.m_tile), RS) : KG;
+  const int NGL = NG / KG;  // key groups per thread: 1 unless INV (the host keeps it <= kMaxLocalGroups)
   const int slot = tid / nd, c = tid - slot * nd;
   const int kg = KG > 1 ? slot / m_rows : 0;
   const int rbase = slot - kg * m_rows;
   const bool pv_active = slot < RS && kg < KG;
-  const int kpg = kKeyTile / KG;
-  const int jb = kg * kpg;
-  float acc[UPT][VEC];
+  const int kpg = kKeyTile / NG;  // keys per group
+  const int jb = kg * NGL * kpg;
+  float acc[NACC][VEC];
   bool ok_u[UPT];
 #pragma unroll
-  for (int i = 0; i < UPT; ++i) {
-    ok_u[i] = pv_active && (i == 0 || KG == 1) && rbase + i * RS < m_rows;
+  for (int i = 0; i < UPT; ++i) ok_u[i] = pv_active && (i == 0 || KG == 1) && rbase + i * RS < m_rows;
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[i][e] = 0.f;
   }
@@ -314,7 +328,30 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
     cp_async_wait<1>();  // everything but that newest group: this tile's V has landed
     __syncthreads();
 
-    // O = O * alpha + P V over this thread's key group.
+    // O = O * alpha + P V over this thread's key group(s).
+    if constexpr (INV) {
+      if (ok_u[0]) {  // one row, NGL key groups of kpg keys, each group's keys in order
+        const float a = alpha_s[rbase];
+        const float* prow = Ps + rbase * kPStride;
+#pragma unroll
+        for (int l = 0; l < kMaxLocalGroups; ++l) {
+          if (l >= NGL) break;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[l][e] *= a;
+          for (int j = jb + l * kpg; j < jb + (l + 1) * kpg; j += 4) {
+            const float4 pj = *reinterpret_cast<const float4*>(prow + j);
+            const float pw[4] = {pj.x, pj.y, pj.z, pj.w};
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj) {
+              float vf[VEC];
+              load_as_float<T, VEC>(Vs + (j + jj) * ks + c * VEC, vf);
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[l][e] = fmaf(pw[jj], vf[e], acc[l][e]);
+            }
+          }
+        }
+      }
+    } else {
 #pragma unroll
     for (int i = 0; i < UPT; ++i) {
       if (!ok_u[i]) continue;
@@ -322,7 +359,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[i][e] *= a;
     }
-    if (pv_active) {
+    }
+    if (!INV && pv_active) {
 #pragma unroll 2
       for (int j = jb; j < jb + kpg; j += 4) {
 #pragma unroll
@@ -357,18 +395,32 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
       l_s[warp + kWarps * i] = l_i[i];
     }
   }
-  float* red = reinterpret_cast<float*>(smem + L.k);  // [KG][m_rows][nd][VEC] floats <= kThreads * VEC
+  // The groups the owner does not hold, NGL .. NG-1: [NG - NGL][m_rows][nd][VEC] floats, at most
+  // kThreads * VEC (kInvariantRedFactor times that with INV: pv_key_groups' bound).
+  float* red = reinterpret_cast<float*>(smem + L.k);
   if (KG > 1 && pv_active && kg > 0) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) red[((kg * m_rows + rbase) * nd + c) * VEC + e] = acc[0][e];
+    for (int l = 0; l < NACC; ++l) {
+      if (l >= NGL) break;
+      const int g = kg * NGL + l - NGL;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) red[((g * m_rows + rbase) * nd + c) * VEC + e] = acc[l][e];
+    }
   }
   __syncthreads();
 
+  // The owner adds the groups in order: its own (0 .. NGL-1), then the other threads' (NGL .. NG-1).
   const bool owner = pv_active && kg == 0;  // holds finished column slices once the groups are summed
-  if (KG > 1 && owner) {
-    for (int g2 = 1; g2 < KG; ++g2) {
+  if (owner) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[0][e] += red[((g2 * m_rows + rbase) * nd + c) * VEC + e];
+    for (int l = 1; l < NACC; ++l) {
+      if (l >= NGL) break;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[0][e] += acc[l][e];
+    }
+    for (int g = 0; g < NG - NGL; ++g) {  // group NGL + g
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[0][e] += red[((g * m_rows + rbase) * nd + c) * VEC + e];
     }
   }
   const bool merge = n_used > 1;  // the same for every block of the cluster (one tile, one key range)
@@ -441,8 +493,21 @@ struct Plan {
   int hd;       // compile-time head dim (64, 128) or 0
   int rpt;      // rows per warp: 1, 2, 4, 8
   int m_tile, n_qtiles, n_splits, min_chunk;
+  bool invariant;  // the batch-invariant PV order (attention_kernel's INV)
   int smem_bytes;
 };
+
+// Whether the batch-invariant PV order can run this tile shape: one q-tile holding every row (its row
+// count is then the device's m_rows), each row one PV slot, at most kMaxLocalGroups key groups per thread,
+// and an instantiation for it (16-byte accesses, head dim 64 or 128, at most 4 rows per warp).
+inline bool invariant_eligible(const Plan& pl, int64_t rows, int group, int head_dim) {
+  if (pl.vec == 1 || pl.hd == 0 || pl.rpt > 4 || pl.n_qtiles != 1) return false;
+  const int rs = kThreads / (head_dim / pl.vec);
+  if (rows > rs) return false;
+  const int kg = pv_key_groups(static_cast<int>(rows), rs);
+  const int ng = pv_key_groups(std::min(group, pl.m_tile), rs);
+  return ng % kg == 0 && ng / kg <= kMaxLocalGroups;
+}
 
 // Whether splits may form clusters on the current device: the device supports cluster launches
 // (sm_90+) and the kernel code the runtime picked for it was compiled for sm_90+ (an sm_80 build
@@ -467,8 +532,9 @@ inline bool clusters_usable() {
 
 // vec16: the head dim and every K/V pointer allow 16-byte accesses. num_sms: the device's SM count.
 // clusters: the device has thread-block clusters (sm_90+); without them a tile is never split.
+// invariant: take the batch-invariant PV order where invariant_eligible (the launcher's switch).
 inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len, int elem_size, bool vec16,
-                 int num_sms, bool clusters) {
+                 int num_sms, bool clusters, bool invariant = false) {
   Plan pl{};
   pl.vec = vec16 ? 16 / elem_size : 1;
   pl.hd = (vec16 && (head_dim == 64 || head_dim == 128)) ? head_dim : 0;
@@ -488,13 +554,14 @@ inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int ca
   const int64_t useful = ceil_div(cache_len, pl.min_chunk);
   const int64_t cap = clusters ? kMaxSplits : 1;
   pl.n_splits = static_cast<int>(std::max<int64_t>(1, std::min({want, useful, cap})));
-  pl.smem_bytes = smem_layout(head_dim, elem_size, pl.vec, kWarps * pl.rpt).total;
+  pl.invariant = invariant && invariant_eligible(pl, rows, group, head_dim);
+  pl.smem_bytes = smem_layout(head_dim, elem_size, pl.vec, kWarps * pl.rpt, pl.invariant).total;
   return pl;
 }
 
-template <typename T, int VEC, int HD, int RPT>
+template <typename T, int VEC, int HD, int RPT, bool INV = false>
 cudaError_t launch_with(const Params<T>& p, const Plan& pl, Launch stream) {
-  constexpr auto kernel = attention_kernel<T, VEC, HD, RPT>;
+  constexpr auto kernel = attention_kernel<T, VEC, HD, RPT, INV>;
   const cudaError_t serr = ensure_dynamic_smem<kernel>(pl.smem_bytes);
   if (serr != cudaSuccess) return serr;
   const dim3 grid(static_cast<unsigned>(p.batch * p.hkv), static_cast<unsigned>(pl.n_qtiles),
@@ -505,6 +572,15 @@ cudaError_t launch_with(const Params<T>& p, const Plan& pl, Launch stream) {
 
 template <typename T, int VEC, int HD>
 cudaError_t launch_rpt(const Params<T>& p, const Plan& pl, Launch stream) {
+  if constexpr (VEC > 1 && HD > 0) {  // the batch-invariant instantiations (invariant_eligible)
+    if (pl.invariant) {
+      switch (pl.rpt) {
+        case 1: return launch_with<T, VEC, HD, 1, true>(p, pl, stream);
+        case 2: return launch_with<T, VEC, HD, 2, true>(p, pl, stream);
+        default: return launch_with<T, VEC, HD, 4, true>(p, pl, stream);
+      }
+    }
+  }
   switch (pl.rpt) {
     case 1: return launch_with<T, VEC, HD, 1>(p, pl, stream);
     case 2: return launch_with<T, VEC, HD, 2>(p, pl, stream);

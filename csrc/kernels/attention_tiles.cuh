@@ -18,6 +18,8 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTileRows = 64;         // query rows per block
 constexpr int kMaxSplits = 8;            // cluster size: 8 is the portable maximum
 constexpr int kMaxKeyGroups = 16;        // PV key groups: at least 4 keys each (float4 reads of P)
+constexpr int kMaxLocalGroups = 8;       // batch-invariant PV: key groups one thread may hold
+constexpr int kInvariantRedFactor = 4;   // batch-invariant PV: its reduction buffer, in units of kThreads * vec floats
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
@@ -52,11 +54,14 @@ struct SmemLayout {
 
 __host__ __device__ constexpr inline int align16(int x) { return (x + 15) / 16 * 16; }
 
-__host__ __device__ inline SmemLayout smem_layout(int D, int elem_size, int vec, int m_alloc) {
+// invariant: the batch-invariant PV order's layout (attention.cuh), whose reduction holds every key group
+// of every row separately: at most kInvariantRedFactor times the default's (see pv_key_groups).
+__host__ __device__ inline SmemLayout smem_layout(int D, int elem_size, int vec, int m_alloc, bool invariant = false) {
   SmemLayout s{};
   s.ks = D + ((D / vec) % 2 == 0 ? vec : 0);
   const int kv = align16(kKeyTile * s.ks * elem_size);
-  const int red = kThreads * vec * 4;  // the PV key-group reduction reuses the K tile after the loop
+  // the PV key-group reduction reuses the K tile after the loop
+  const int red = kThreads * vec * 4 * (invariant ? kInvariantRedFactor : 1);
   int off = 0;
   s.q = off;
   off += align16(m_alloc * D * 4);
@@ -91,6 +96,21 @@ __host__ __device__ constexpr inline int units_per_thread(int vec, int hd, int r
   const int nd_max = max_head_dim(hd, m_alloc) / vec;
   const int rs_min = kThreads / nd_max > 0 ? kThreads / nd_max : 1;
   return (m_alloc + rs_min - 1) / rs_min;
+}
+
+// PV key groups for a tile of m_rows query rows, rs = kThreads / (D / VEC) row slots: 1, or as many
+// groups (2, 4, 8, 16) as fit while every row keeps a slot per group. Fewer rows, more groups.
+//
+// Batch-invariant order (attention.cuh, INV): a row's PV sum is always split into NG = pv_key_groups(G)
+// groups, the count a single token's tile (its G query heads) uses; a tile of KG < NG groups per row
+// gives each thread NG / KG of them. The reduction buffer holds the groups the owner thread does not:
+// (NG - NG/KG) groups of m_rows <= rs / KG rows of D floats = NG (KG - 1) / KG^2 * kThreads * vec
+// floats, at most 16 / 4 = kInvariantRedFactor times kThreads * vec (KG = 2, NG = 16); without INV
+// (NG = KG) under kThreads * vec.
+__host__ __device__ constexpr inline int pv_key_groups(int m_rows, int rs) {
+  if (m_rows < 1 || 2 * m_rows > rs) return 1;
+  const int kg = rs / m_rows;
+  return kg >= kMaxKeyGroups ? kMaxKeyGroups : (kg >= 8 ? 8 : (kg >= 4 ? 4 : 2));
 }
 
 // ---- device helpers --------------------------------------------------------------------
