@@ -3,7 +3,7 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
-#           steps: build diag probe fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
+#           steps: build diag probe invariant fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
 #                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -51,6 +51,20 @@ for step in $steps; do
       fi
       python3 -m pytest -q -p no:cacheprovider tests/test_conditional_graphs.py -k malloc_async 2>&1 | tail -30 \
         | tee -a "$OUT/diag.log" ;;
+    invariant)
+      # issue 21: attention's batch-invariant PV order (KANGAROO_BATCH_INVARIANT_ATTENTION, off by default):
+      # its op test (verified rows == decode-step rows, both orders counted), the engine's GPU tests with
+      # it on, then how often bf16 Kangaroo equals plain decoding with it off and on (same prompts)
+      log invariant
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_ops_decode.py -k verified_rows 2>&1 \
+        | grep -E "rows differing|passed|failed|Error" | tail -14 | tee "$OUT/invariant.log"
+      KANGAROO_BATCH_INVARIANT_ATTENTION=1 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 | tail -3 | tee -a "$OUT/invariant.log"
+      for on in 0 1; do
+        KANGAROO_BATCH_INVARIANT_ATTENTION=$on timeout "${INV_LIMIT:-150}" python3 bench/bf16_lossless.py \
+          --prompts "${INV_PROMPTS:-40}" --max-new-tokens 256 --out "bench/results/bf16_lossless_invariant$on.json" \
+          2>&1 | grep -v "it/s]" | tail -4 | tee -a "$OUT/invariant.log"
+      done ;;
     probe)
       # issue 24: the launcher crash outside pytest, op by op, under process set-ups that changed it
       # (it passed with scripts/segv_backtrace.c preloaded, crashed with and without faulthandler).
