@@ -4,13 +4,15 @@ Float tolerances come from the reference's own error: the reference is run in th
 in float64 on the same inputs, and a backend may be off from the float64 result by at most twice the
 reference's own worst error (plus a float32 floor). Integer outputs must match exactly.
 """
+import re
+
 import pytest
 import torch
 
 import kangaroo_ext.ops as kops
 from kangaroo_ext.ops import reference
 
-from conftest import backend_params, device_for, skip_unsupported
+from conftest import backend_params, device_for, skip_missing_kernel, skip_unsupported
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = backend_params()
@@ -439,6 +441,31 @@ def test_take_draft_rejects_mixed_devices(backend, name):
     args[name] = args[name].cpu()
     with pytest.raises(ValueError, match=f"{name} is on cpu but token is on cuda"):
         kops.take_draft(**args, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_take_draft_cuda_launcher_checks_as_validate_does():
+    """The compiled op called directly (no validate.py) rejects every bad input with validate.py's ValueError:
+    the same argument and expectation, up to how the two print what they got."""
+    from kangaroo_ext.ops import validate
+    skip_missing_kernel("cuda", "take_draft")
+    for case, (make, _) in BAD_TAKE_DRAFT.items():
+        args = _take_draft_args("cuda")
+        make(args)
+        if not all(isinstance(v, torch.Tensor) for k, v in args.items() if k != "step") or \
+                not isinstance(args["step"], int):
+            continue  # not a tensor (an int): the dispatcher refuses it before the launcher runs
+        with pytest.raises(ValueError) as want:
+            validate.take_draft(*args.values())
+        expected = re.split(r",? \(?got ", str(want.value))[0]
+        with pytest.raises(ValueError, match=r"(?<!\w)" + re.escape(expected)):   # the message names the argument
+            torch.ops.kangaroo.take_draft(*args.values())
+    for name in ("confidence", "threshold", "active", "num_drafted", "draft_tokens", "tokens_in", "draft_ids"):
+        args = _take_draft_args("cuda")
+        args[name] = args[name].cpu()
+        with pytest.raises(ValueError, match=rf"(?<!\w){name} (must be a CUDA tensor|is on cpu but token is on cuda)"):
+            torch.ops.kangaroo.take_draft(*args.values())
 
 
 # ---- dispatch ------------------------------------------------------------------------------------

@@ -164,8 +164,8 @@ def take_draft(token: torch.Tensor, confidence: torch.Tensor, threshold: torch.T
     or "triton" runs a kernel regardless.
 
     Args:
-        token: [B, 1] int64, B >= 1, the draft head's argmax: an index into draft_ids when given (a
-            negative one reads draft_ids[0]), else a token id.
+        token: [B, 1] int64, B >= 1, the draft head's argmax: an index into draft_ids when given (< N;
+            a negative one reads draft_ids[0]), else a token id.
         confidence: [B, 1] float32, the draft's top-1 probability.
         threshold: [] float32 on the device, η.
         active: [B] bool, rows still drafting; becomes keep.
