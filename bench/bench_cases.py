@@ -83,6 +83,27 @@ def _accept_greedy_case(B: int, k: int, launches: int) -> OpCase:
     return OpCase("accept_greedy", f"B{B}-k{k}", launches, make, 8 * (B * k + B * (k + 1) + B + B + B * (k + 1)))
 
 
+def _take_draft_case(B: int, G: int, N: int, launches: int) -> OpCase:
+    """A greedy draft step's bookkeeping after the draft head, with a reduced draft vocabulary of N tokens
+    (the index -> token id lookup fused in), at draft step G // 2 of a round of G."""
+    def make(backend):
+        token = torch.randint(0, N, (B, 1), device=DEVICE)
+        confidence = torch.rand(B, 1, device=DEVICE)
+        threshold = torch.tensor(0.5, device=DEVICE)
+        active = torch.ones(B, dtype=torch.bool, device=DEVICE)
+        num_drafted = torch.zeros(B, dtype=torch.int64, device=DEVICE)
+        draft_tokens = torch.zeros(B, G, dtype=torch.int64, device=DEVICE)
+        tokens_in = torch.zeros(B, G + 1, dtype=torch.int64, device=DEVICE)
+        draft_ids = torch.randperm(49152, device=DEVICE)[:N]
+        args = (token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, G // 2, draft_ids)
+        kops.take_draft(*args, backend=backend)
+        return lambda: kops.take_draft(*args, backend=backend)
+    # per row: reads token, confidence, active, num_drafted and one draft id; writes two token ids,
+    # num_drafted, active and keep. Plus η.
+    nbytes = B * (8 + 4 + 1 + 8 + 8) + B * (8 + 8 + 8 + 1 + 1) + 4
+    return OpCase("take_draft", f"B{B}-G{G}-N{N}", launches, make, nbytes)
+
+
 # Sampling settings: plain temperature sampling, and a typical filtered one (both filters searched).
 SAMPLING_SETTINGS = {"T1": (1.0, 0, 1.0), "T0.7-k50-p0.9": (0.7, 50, 0.9)}
 
@@ -182,6 +203,7 @@ OP_CASES: Dict[str, List[OpCase]] = {
     "fused_add_rms_norm": [_rms_case(1, 576, 200), _rms_case(7, 576, 200), _rms_case(4096, 4096, 10)],
     "verify_accept": [_verify_case(1, 6, 49152, 200)],
     "accept_greedy": [_accept_greedy_case(1, 6, 200)],
+    "take_draft": [_take_draft_case(1, 6, 8192, 200)],   # the shipped draft vocabulary: 8,192 tokens
     "sampling_probs": [_sampling_case("sampling_probs", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "sample_logits": [_sampling_case("sample_logits", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "speculative_sample_accept": [_sample_accept_case(1, 6, 49152, s, 50) for s in SAMPLING_SETTINGS],

@@ -54,7 +54,8 @@ def _kernel_times(replay, setup, replays: int = REPLAYS):
 
 def _short(name: str) -> str:
     for key in ("gemv_kernel", "attention_kernel", "combine_kernel", "partial_kernel", "fused_add_rms_norm",
-                "verify_accept", "accept_greedy", "gemm", "gemv", "elementwise", "reduce", "index", "scatter", "gather", "copy"):
+                "verify_accept", "accept_greedy", "take_draft", "gemm", "gemv", "elementwise", "reduce", "index",
+                "scatter", "gather", "copy"):
         if key in name:
             mode = ""
             if key == "gemv_kernel":

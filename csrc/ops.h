@@ -27,6 +27,13 @@ std::tuple<at::Tensor, at::Tensor> verify_accept(const at::Tensor& draft_tokens,
 std::tuple<at::Tensor, at::Tensor> accept_greedy(const at::Tensor& draft_tokens, const at::Tensor& target_tokens,
                                                  const std::optional<at::Tensor>& num_drafted);
 
+// take_draft(Tensor token, Tensor confidence, Tensor threshold, Tensor(a!) active, Tensor(b!) num_drafted,
+//            Tensor(c!) draft_tokens, Tensor(d!) tokens_in, int step, Tensor? draft_ids) -> Tensor
+// Returns keep [B] bool; writes active, num_drafted, draft_tokens[:, step], tokens_in[:, step+1]; take_draft.cu.
+at::Tensor take_draft(const at::Tensor& token, const at::Tensor& confidence, const at::Tensor& threshold,
+                      at::Tensor& active, at::Tensor& num_drafted, at::Tensor& draft_tokens, at::Tensor& tokens_in,
+                      int64_t step, const std::optional<at::Tensor>& draft_ids);
+
 // rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions,
 //                       Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor
 // Returns out [B, T, Hq*D]; writes the new k/v rows into the caches; attention.cu.

@@ -9,6 +9,8 @@ TORCH_LIBRARY(kangaroo, m) {
   m.def("fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("verify_accept(Tensor draft_tokens, Tensor target_logits, Tensor? num_drafted) -> (Tensor, Tensor)");
   m.def("accept_greedy(Tensor draft_tokens, Tensor target_tokens, Tensor? num_drafted) -> (Tensor, Tensor)");
+  m.def("take_draft(Tensor token, Tensor confidence, Tensor threshold, Tensor(a!) active, Tensor(b!) num_drafted, "
+        "Tensor(c!) draft_tokens, Tensor(d!) tokens_in, int step, Tensor? draft_ids) -> Tensor");
   m.def("rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor");
   m.def("lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)");
@@ -28,6 +30,7 @@ TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
   m.impl("fused_add_rms_norm", &kangaroo::fused_add_rms_norm);
   m.impl("verify_accept", &kangaroo::verify_accept);
   m.impl("accept_greedy", &kangaroo::accept_greedy);
+  m.impl("take_draft", &kangaroo::take_draft);
   m.impl("rope_append_attention", &kangaroo::rope_append_attention);
   m.impl("lm_head_argmax", &kangaroo::lm_head_argmax);
   m.impl("rms_norm_linear", &kangaroo::rms_norm_linear);

@@ -58,6 +58,10 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),
+    Knob("KANGAROO_TAKE_DRAFT_KERNEL", "flag", "run",
+         "let automatic backend selection run take_draft's CUDA / Triton kernel (a greedy draft step's "
+         "bookkeeping after the draft head); off (default): its PyTorch reference, a few graph-capturable "
+         "torch ops, until the kernels pass their GPU tests. backend=/KANGAROO_BACKEND still force a kernel"),
     Knob("KANGAROO_CACHE_DIR", "text", "run",
          "where the default model's dequantized copy is cached (default: $XDG_CACHE_HOME/kangaroo_ext "
          "or ~/.cache/kangaroo_ext)"),

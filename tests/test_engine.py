@@ -251,3 +251,54 @@ def test_greedy_verify_never_materializes_logits(monkeypatch):
     kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=16, threshold=0.0, max_draft=4,
                             eos_token_id=[], do_sample=True, seed=0)
     assert calls["logits"] > 0, "the sampled verify path no longer scores drafts with Engine.logits"
+
+
+@torch.inference_mode()
+def test_greedy_draft_steps_take_their_draft_in_one_op(monkeypatch):
+    """Every greedy proposal (a draft step j < γ, a copied chain's extension) is recorded by exactly one
+    ops.take_draft, which also maps a reduced draft vocabulary's indices to token ids: the output still
+    equals plain decoding, in host and device rounds, with and without copied drafts. Sampled drafts
+    never use it (their q needs the torch path)."""
+    model = tiny_model("llama")
+    p = prompts(3, seed=12)[2]
+    ref = kx.generate(model, p, max_new_tokens=40, eos_token_id=[]).sequences
+    calls = {"take_draft": 0, "proposals": 0}
+    take_draft, draft_step, draft_copied = kx.ops.take_draft, Engine.draft_step, Engine.draft_copied
+
+    def counting_take(*args, **kwargs):
+        calls["take_draft"] += 1
+        keep = take_draft(*args, **kwargs)
+        draft_tokens, step = args[5], args[7]
+        assert torch.isin(draft_tokens[:, step], ids).all(), "a draft's index was not mapped to its token id"
+        return keep
+
+    def counting_step(self, j, gamma):
+        calls["proposals"] += j < gamma
+        return draft_step(self, j, gamma)
+
+    def counting_copied(self, tokens, k, extend):
+        calls["proposals"] += extend
+        return draft_copied(self, tokens, k, extend)
+
+    monkeypatch.setattr(kx.ops, "take_draft", counting_take)
+    monkeypatch.setattr(Engine, "draft_step", counting_step)
+    monkeypatch.setattr(Engine, "draft_copied", counting_copied)
+    # A reduced draft vocabulary in shuffled order (index != token id) that holds the answer's tokens
+    answer = ref[0, len(p):].unique()
+    rest = torch.tensor([t for t in range(111) if t not in answer.tolist()][:20])
+    ids = torch.cat([answer, rest])[torch.randperm(len(answer) + 20, generator=torch.Generator().manual_seed(3))]
+    adapter = kx.Adapter.for_model(model, exit_layer=4, init="next_layer").with_draft_vocab(ids)
+    accepted = 0
+    for mode, copy_draft in (("host", False), ("host", True), ("device", False)):
+        before = dict(calls)
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.0, max_draft=4,
+                                      eos_token_id=[], mode=mode, copy_draft=copy_draft)
+        assert torch.equal(out.sequences, ref), f"mode={mode} copy_draft={copy_draft}"
+        proposals = calls["proposals"] - before["proposals"]
+        assert proposals > 0 and calls["take_draft"] - before["take_draft"] == proposals, (mode, copy_draft, calls)
+        accepted += sum(out.stats.accepted) if not copy_draft else 0
+    assert accepted > 0, "no adapter draft accepted: the drafts' token ids went untested"
+    before = calls["take_draft"]
+    kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=16, threshold=0.0, max_draft=4,
+                            eos_token_id=[], do_sample=True, seed=0)
+    assert calls["take_draft"] == before, "a sampled draft went through ops.take_draft"

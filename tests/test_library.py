@@ -27,6 +27,14 @@ def _sample_args(name, device):
         target = torch.randint(0, 5, (3, 5), device=device)
         return [(target[:, :4].clone(), target, torch.tensor([4, 0, 2], device=device)),
                 (torch.randint(0, 5, (1, 7), device=device), torch.randint(0, 5, (1, 8), device=device), None)]
+    if name == "take_draft":
+        def case(B, G, step, with_ids):
+            ids = torch.randperm(50, device=device)[:7] if with_ids else None
+            return (torch.randint(0, 7, (B, 1), device=device), torch.rand(B, 1, device=device),
+                    torch.tensor(0.5, device=device), torch.arange(B, device=device) % 3 != 2,
+                    torch.zeros(B, dtype=torch.int64, device=device), torch.zeros(B, G, dtype=torch.int64, device=device),
+                    torch.zeros(B, G + 1, dtype=torch.int64, device=device), step, ids)
+        return [case(3, 4, 1, True), case(1, 1, 0, False)]
     if name == "rope_append_attention":
         def case(B, T, Hq, Hkv, D, S, start, dtype):
             cos = torch.randn(S, D, device=device)

@@ -4,13 +4,15 @@ Float tolerances come from the reference's own error: the reference is run in th
 in float64 on the same inputs, and a backend may be off from the float64 result by at most twice the
 reference's own worst error (plus a float32 floor). Integer outputs must match exactly.
 """
+import re
+
 import pytest
 import torch
 
 import kangaroo_ext.ops as kops
 from kangaroo_ext.ops import reference
 
-from conftest import backend_params, device_for, skip_unsupported
+from conftest import backend_params, device_for, skip_missing_kernel, skip_unsupported
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = backend_params()
@@ -202,6 +204,87 @@ def test_accept_greedy_auto_selection_takes_the_kernels(monkeypatch):
         assert kops.select("accept_greedy", None, d, t, None) is not reference.accept_greedy
 
 
+# ---- a greedy draft step's bookkeeping -----------------------------------------------------------
+
+ETA = 0.25  # exact in float32: a confidence of exactly η must be kept
+
+
+def _take_draft_case(B, G, with_ids, device, gen):
+    """Buffers as a round leaves them, and a proposal whose rows take the confidences above η, exactly η
+    (kept), NaN and below η (not kept) in turn, every third row already inactive. With draft_ids the head
+    indices include -1 (read as index 0); without, token ids pass through unchanged, -1 included."""
+    N = 9
+    ids = torch.randperm(1000, generator=gen)[:N] if with_ids else None
+    token = torch.randint(-1, N if with_ids else 1000, (B, 1), generator=gen)
+    confidence = torch.tensor([0.9, ETA, float("nan"), 0.1])[torch.arange(B) % 4][:, None]
+    active = torch.arange(B) % 3 != 2
+    bufs = dict(active=active, num_drafted=torch.randint(0, G + 1, (B,), generator=gen),
+                draft_tokens=torch.randint(0, 1000, (B, G), generator=gen),
+                tokens_in=torch.randint(0, 1000, (B, G + 1), generator=gen))
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(token), move(confidence), torch.tensor(ETA, device=device), {k: move(v) for k, v in bufs.items()}, \
+        move(ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [1, 3, 5])
+@pytest.mark.parametrize("G", [1, 6, 17])
+@pytest.mark.parametrize("with_ids", [True, False], ids=["draft-ids", "token-ids"])
+def test_take_draft_matches_reference(backend, B, G, with_ids):
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(100 * B + G + with_ids)
+    for step in sorted({0, G // 2, G - 1}):                     # first, middle, last column
+        token, conf, eta, before, ids = _take_draft_case(B, G, with_ids, device, gen)
+        got, want = ({k: v.clone() for k, v in before.items()} for _ in range(2))
+        keep = kops.take_draft(token, conf, eta, *got.values(), step, ids, backend=backend)
+        ref_keep = reference.take_draft(token, conf, eta, *want.values(), step, ids)
+        assert keep.dtype == torch.bool and keep.shape == (B,) and keep.data_ptr() != got["active"].data_ptr()
+        assert torch.equal(keep, ref_keep)
+        for name in before:
+            assert torch.equal(got[name], want[name]), f"{name} differs from the reference at step {step}"
+        # The definition, row by row: every backend (the reference included) is checked against it.
+        t = ids[token.clamp_min(0)] if with_ids else token                                  # [B, 1]
+        expected = [bool(a) and c >= ETA for a, c in zip(before["active"].tolist(), conf[:, 0].tolist())]
+        assert keep.tolist() == expected and torch.equal(got["active"], keep)
+        assert torch.equal(got["num_drafted"], before["num_drafted"] + keep.long())
+        assert torch.equal(got["draft_tokens"][:, step], t[:, 0])
+        assert torch.equal(got["tokens_in"][:, step + 1], t[:, 0])
+        untouched = [j for j in range(G) if j != step]             # draft_tokens' other columns
+        assert torch.equal(got["draft_tokens"][:, untouched], before["draft_tokens"][:, untouched])
+        untouched = [j for j in range(G + 1) if j != step + 1]     # tokens_in's
+        assert torch.equal(got["tokens_in"][:, untouched], before["tokens_in"][:, untouched])
+
+
+def test_take_draft_kernels_are_opt_in(monkeypatch):
+    """Auto-selection passes over take_draft's kernels unless KANGAROO_TAKE_DRAFT_KERNEL=1 (they await a GPU
+    test); a forced backend ignores the switch."""
+    from kangaroo_ext.ops import backends
+    monkeypatch.delenv("KANGAROO_BACKEND", raising=False)
+    monkeypatch.delenv("KANGAROO_TAKE_DRAFT_KERNEL", raising=False)
+    for backend in ("cuda", "triton"):
+        assert "KANGAROO_TAKE_DRAFT_KERNEL=1" in backends._opt_in_reasons("take_draft", backend)[0]
+        assert backends._opt_in_reasons("accept_greedy", backend) == []
+    assert backends._opt_in_reasons("take_draft", "reference") == []
+    device = device_for("reference")   # CUDA where there is one
+    token, conf, eta, bufs, ids = _take_draft_case(2, 3, True, device, torch.Generator().manual_seed(0))
+    args = (token, conf, eta, *bufs.values(), 1, ids)
+    assert kops.select("take_draft", None, *args) is reference.take_draft
+    for backend in ("cuda", "triton"):
+        if not kops.available_backends()[backend]:
+            why = kops.reasons_against("take_draft", backend, *args, auto=True)
+            assert any("KANGAROO_TAKE_DRAFT_KERNEL=1" in r for r in why)
+            assert kops.reasons_against("take_draft", backend, *args) == []          # forced: runs
+            assert kops.select("take_draft", backend, *args) is not reference.take_draft
+    monkeypatch.setenv("KANGAROO_TAKE_DRAFT_KERNEL", "1")
+    for backend in ("cuda", "triton"):
+        assert backends._opt_in_reasons("take_draft", backend) == []
+    if device == "cuda":
+        assert kops.select("take_draft", None, *args) is not reference.take_draft
+    monkeypatch.setenv("KANGAROO_TAKE_DRAFT_KERNEL", "maybe")
+    with pytest.raises(ValueError, match="KANGAROO_TAKE_DRAFT_KERNEL='maybe' is not a boolean"):
+        backends._opt_in_reasons("take_draft", "triton")
+
+
 # ---- bad input: each backend's entry point names the argument ------------------------------------
 
 def _rms_args(device):
@@ -289,6 +372,100 @@ def test_accept_greedy_rejects_bad_input(backend, case):
     make, msg = BAD_ACCEPT[case]
     with pytest.raises(ValueError, match=msg):
         kops.accept_greedy(*make(d, t, n), backend=backend)
+
+
+def _column_major(t):
+    return t.t().contiguous().t()   # [B, G] values with column-major strides
+
+
+BAD_TAKE_DRAFT = {  # (token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step, draft_ids)
+    "token dtype": (lambda a: a.update(token=a["token"].int()), r"token must be int64 of shape \[B, 1\]"),
+    "token [B]": (lambda a: a.update(token=a["token"][:, 0]), r"token must be int64 of shape \[B, 1\]"),
+    "token no rows": (lambda a: a.update(token=a["token"][:0]), r"token must have at least one row \(B >= 1\)"),
+    "token non-contiguous": (lambda a: a.update(token=a["token"].repeat(1, 2)[:, :1]), "token must be contiguous"),
+    "not a tensor": (lambda a: a.update(token=a["token"].tolist()), "token must be a torch.Tensor"),
+    "confidence dtype": (lambda a: a.update(confidence=a["confidence"].double()),
+                         r"confidence must be float32 of shape \[B, 1\] = \[3, 1\], got torch.float64"),
+    "confidence [B]": (lambda a: a.update(confidence=a["confidence"][:, 0]), r"= \[3, 1\], got torch.float32 \(3,\)"),
+    "threshold [1]": (lambda a: a.update(threshold=a["threshold"][None]), "threshold must be a 0-dim float32 tensor"),
+    "threshold dtype": (lambda a: a.update(threshold=a["threshold"].double()), "threshold must be a 0-dim float32"),
+    "threshold a float": (lambda a: a.update(threshold=0.25), "threshold must be a torch.Tensor"),
+    "active dtype": (lambda a: a.update(active=a["active"].long()), r"active must be bool of shape \[B\] = \[3\]"),
+    "active non-contiguous": (lambda a: a.update(active=a["active"].repeat(2)[::2]), "active must be contiguous"),
+    "num_drafted dtype": (lambda a: a.update(num_drafted=a["num_drafted"].int()),
+                          r"num_drafted must be int64 of shape \[B\] = \[3\], got torch.int32"),
+    "num_drafted B": (lambda a: a.update(num_drafted=a["num_drafted"][:2]), r"num_drafted must be int64 .* \(2,\)"),
+    "draft_tokens 1-D": (lambda a: a.update(draft_tokens=a["draft_tokens"][0]),
+                         r"draft_tokens must be int64 of shape \[B, G\] with G >= 1"),
+    "draft_tokens G = 0": (lambda a: a.update(draft_tokens=a["draft_tokens"][:, :0]), "with G >= 1"),
+    "draft_tokens B": (lambda a: a.update(draft_tokens=a["draft_tokens"][:2].contiguous()),
+                       r"draft_tokens must be int64 of shape \[B, G\] = \[3, 6\], got torch.int64 \(2, 6\)"),
+    "draft_tokens dtype": (lambda a: a.update(draft_tokens=a["draft_tokens"].int()), "got torch.int32"),
+    "draft_tokens non-contiguous": (lambda a: a.update(draft_tokens=_column_major(a["draft_tokens"])),
+                                    "draft_tokens must be contiguous"),
+    "tokens_in G": (lambda a: a.update(tokens_in=a["tokens_in"][:, :-1].contiguous()),
+                    r"tokens_in must be int64 of shape \[B, G\+1\] = \[3, 7\], got torch.int64 \(3, 6\)"),
+    "tokens_in non-contiguous": (lambda a: a.update(tokens_in=_column_major(a["tokens_in"])),
+                                 "tokens_in must be contiguous"),
+    "step negative": (lambda a: a.update(step=-1), r"step must be an int in \[0, G\) = \[0, 6\) .*got -1"),
+    "step G": (lambda a: a.update(step=6), r"step must be an int in \[0, G\) = \[0, 6\) .*got 6"),
+    "step a float": (lambda a: a.update(step=1.0), r"step must be an int .*got 1.0"),
+    "draft_ids dtype": (lambda a: a.update(draft_ids=a["draft_ids"].int()), r"draft_ids must be int64 of shape \[N\]"),
+    "draft_ids empty": (lambda a: a.update(draft_ids=a["draft_ids"][:0]), r"with N >= 1 .* got torch.int64 \(0,\)"),
+    "draft_ids 2-D": (lambda a: a.update(draft_ids=a["draft_ids"][None]), r"draft_ids must be int64 of shape \[N\]"),
+    "draft_ids non-contiguous": (lambda a: a.update(draft_ids=a["draft_ids"][::2]), "draft_ids must be contiguous"),
+}
+
+
+def _take_draft_args(device):
+    token, conf, eta, bufs, ids = _take_draft_case(3, 6, True, device, torch.Generator().manual_seed(1))
+    return dict(token=token, confidence=conf, threshold=eta, **bufs, step=2, draft_ids=ids)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_TAKE_DRAFT))
+def test_take_draft_rejects_bad_input(backend, case):
+    args = _take_draft_args(device_for(backend))
+    make, msg = BAD_TAKE_DRAFT[case]
+    make(args)
+    with pytest.raises(ValueError, match=msg):
+        kops.take_draft(**args, backend=backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside the CPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["confidence", "threshold", "active", "num_drafted", "draft_tokens", "tokens_in",
+                                  "draft_ids"])
+def test_take_draft_rejects_mixed_devices(backend, name):
+    args = _take_draft_args("cuda")
+    args[name] = args[name].cpu()
+    with pytest.raises(ValueError, match=f"{name} is on cpu but token is on cuda"):
+        kops.take_draft(**args, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_take_draft_cuda_launcher_checks_as_validate_does():
+    """The compiled op called directly (no validate.py) rejects every bad input with validate.py's ValueError:
+    the same argument and expectation, up to how the two print what they got."""
+    from kangaroo_ext.ops import validate
+    skip_missing_kernel("cuda", "take_draft")
+    for case, (make, _) in BAD_TAKE_DRAFT.items():
+        args = _take_draft_args("cuda")
+        make(args)
+        if not all(isinstance(v, torch.Tensor) for k, v in args.items() if k != "step") or \
+                not isinstance(args["step"], int):
+            continue  # not a tensor (an int): the dispatcher refuses it before the launcher runs
+        with pytest.raises(ValueError) as want:
+            validate.take_draft(*args.values())
+        expected = re.split(r",? \(?got ", str(want.value))[0]
+        with pytest.raises(ValueError, match=r"(?<!\w)" + re.escape(expected)):   # the message names the argument
+            torch.ops.kangaroo.take_draft(*args.values())
+    for name in ("confidence", "threshold", "active", "num_drafted", "draft_tokens", "tokens_in", "draft_ids"):
+        args = _take_draft_args("cuda")
+        args[name] = args[name].cpu()
+        with pytest.raises(ValueError, match=rf"(?<!\w){name} (must be a CUDA tensor|is on cpu but token is on cuda)"):
+            torch.ops.kangaroo.take_draft(*args.values())
 
 
 # ---- dispatch ------------------------------------------------------------------------------------

@@ -16,11 +16,12 @@ from .decode_linear import decode_linear, rms_norm_gate_up, rms_norm_linear
 from .lm_head import lm_head_argmax
 from .rms_norm import fused_add_rms_norm
 from .sampling import sample_logits, sampling_probs, speculative_sample_accept
+from .take_draft import take_draft
 from .verify_accept import verify_accept
 
 __all__ = ["accept_greedy", "decode_linear", "fused_add_rms_norm", "lm_head_argmax", "resource_reasons", "rms_norm_gate_up",
            "rms_norm_linear", "rope_append_attention", "sample_logits", "sampling_probs", "speculative_sample_accept",
-           "verify_accept"]
+           "take_draft", "verify_accept"]
 
 # The ops whose launch configuration can need more shared memory than a device has (resources.py);
 # the others use at most ~1 KB whatever their inputs.

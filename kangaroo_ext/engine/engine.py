@@ -261,7 +261,9 @@ class Engine:
         """The adapter on the exit layer's (x, res). Returns h_exit [B, T, H] (the materialised residual
         stream at the exit, which verification starts from) and, with_head, (token, confidence, q) from the
         draft's head: q [B, T, N] is the draft's processed distribution over its N tokens when sampling,
-        else None. Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
+        else None. token is a token id when sampling; greedy, it is the head's argmax, an index into
+        draft_ids where the draft vocabulary is reduced (ops.take_draft maps it along with the rest of the
+        draft's bookkeeping). Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
         block: norm+QKV, attention, O-proj, then norm and LM head + argmax (2). head_on_last: the head on
         the last position only (a copied chain wants the adapter's proposal after its last token alone)."""
         h_exit = None
@@ -275,13 +277,13 @@ class Engine:
         if head_on_last:
             x, res = x[:, -1:], res[:, -1:]
         y, _ = self._norm(x, res, self.adapter_norm)
-        q = None
-        if self.sampling is None:
+        if self.sampling is None:  # the draft-vocabulary index stays: _take_draft maps it (ops.take_draft)
             token, confidence = ops.lm_head_argmax(y, self.draft_head)
-        else:  # draw from the draft's processed distribution; its top-1 probability is the confidence
-            c = self.sampling
-            token, q, confidence = ops.sample_logits(self._linear(y, self.draft_head), c.temperature, c.top_k,
-                                                     c.top_p, self.rng, stream)
+            return h_exit, (token, confidence, None)
+        # draw from the draft's processed distribution; its top-1 probability is the confidence
+        c = self.sampling
+        token, q, confidence = ops.sample_logits(self._linear(y, self.draft_head), c.temperature, c.top_k,
+                                                 c.top_p, self.rng, stream)
         if self.draft_ids is not None:
             token = self.draft_ids[token.clamp_min(0)]    # draft-vocabulary index -> token id
         return h_exit, (token, confidence, q)
@@ -331,15 +333,19 @@ class Engine:
 
     def _take_draft(self, j: int, token, conf, q):
         """The adapter's proposal as draft j (token, conf [B, 1]; q [B, 1, N] or None): kept while the
-        row is active and its confidence is >= η."""
+        row is active and its confidence is >= η. Greedy (q is None), token is the head's index (see
+        adapter_forward) and ops.take_draft does all of it in one op."""
+        if q is None:
+            return ops.take_draft(token, conf, self.threshold, self.active, self.num_drafted, self.draft_tokens,
+                                  self.tokens_in, j, self.draft_ids)
         keep = self.active & (conf[:, 0] >= self.threshold)
-        if q is not None:   # sampling: q, the draft's processed distribution, decides acceptance
-            if self.draft_ids is None:
-                self.draft_probs[:, j].copy_(q[:, 0])
-            else:               # in place over the full vocabulary: 0 outside the draft's tokens
-                self.draft_probs[:, j].zero_().index_copy_(-1, self.draft_ids, q[:, 0])
-            keep = keep & (token[:, 0] >= 0)   # a NaN draft row proposes nothing
-            token = token.clamp_min(0)
+        # sampling: q, the draft's processed distribution, decides acceptance
+        if self.draft_ids is None:
+            self.draft_probs[:, j].copy_(q[:, 0])
+        else:               # in place over the full vocabulary: 0 outside the draft's tokens
+            self.draft_probs[:, j].zero_().index_copy_(-1, self.draft_ids, q[:, 0])
+        keep = keep & (token[:, 0] >= 0)   # a NaN draft row proposes nothing
+        token = token.clamp_min(0)
         self.draft_tokens[:, j] = token[:, 0]
         self.tokens_in[:, j + 1] = token[:, 0]
         self.num_drafted.add_(keep.long())

@@ -3,6 +3,8 @@
     out, residual_out = fused_add_rms_norm(x, residual, weight, eps, backend=None)
     accepted, committed = verify_accept(draft_tokens, target_logits, num_drafted=None, backend=None)
     accepted, committed = accept_greedy(draft_tokens, target_tokens, num_drafted=None, backend=None)
+    keep = take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step,
+                      draft_ids=None, backend=None)                        # writes the buffers in place
 
     out = rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window=0)
     token, confidence = lm_head_argmax(hidden, lm_head)
@@ -52,6 +54,8 @@ OP_FILES = {
                           triton="triton_kernels/verify_accept.py"),
     "accept_greedy": dict(cuda="csrc/accept_greedy.cu", kernel="csrc/kernels/accept_greedy.cuh",
                           triton="triton_kernels/accept_greedy.py"),
+    "take_draft": dict(cuda="csrc/take_draft.cu", kernel="csrc/kernels/take_draft.cuh",
+                       triton="triton_kernels/take_draft.py"),
     "sampling_probs": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
                            triton="triton_kernels/sampling.py"),
     "sample_logits": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
@@ -142,6 +146,48 @@ def _accept_greedy_reasons(backend):
     def reasons(draft_tokens, target_tokens, num_drafted):
         return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_tokens": target_tokens,
                                         "num_drafted": num_drafted})
+    return reasons
+
+
+# ---- a greedy draft step's bookkeeping -----------------------------------------------------------
+
+def take_draft(token: torch.Tensor, confidence: torch.Tensor, threshold: torch.Tensor, active: torch.Tensor,
+               num_drafted: torch.Tensor, draft_tokens: torch.Tensor, tokens_in: torch.Tensor, step: int,
+               draft_ids: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Record the draft head's greedy proposal as draft `step`, on the device (no host sync).
+
+    Everything a greedy draft step does after lm_head_argmax, in one launch of the CUDA or Triton
+    kernel instead of about nine tiny torch ops: map the draft-vocabulary index to a token id, write it
+    where the round's drafts and the next step's input live, and apply Kangaroo's confidence exit.
+    Automatic selection runs the PyTorch reference (graph-capturable torch ops) unless
+    KANGAROO_TAKE_DRAFT_KERNEL=1 opts into the kernels, which await their GPU tests; backend="cuda"
+    or "triton" runs a kernel regardless.
+
+    Args:
+        token: [B, 1] int64, B >= 1, the draft head's argmax: an index into draft_ids when given (< N;
+            a negative one reads draft_ids[0]), else a token id.
+        confidence: [B, 1] float32, the draft's top-1 probability.
+        threshold: [] float32 on the device, η.
+        active: [B] bool, rows still drafting; becomes keep.
+        num_drafted: [B] int64, drafts per row this round; keep adds one.
+        draft_tokens: [B, G] int64, G >= 1; column `step` gets the token id (in every row).
+        tokens_in: [B, G+1] int64; column `step + 1` gets the token id (in every row).
+        step: int in [0, G), the draft's position in the round.
+        draft_ids: [N] int64, draft-vocabulary index -> token id, or None (token holds token ids).
+    All tensors contiguous, on one device; only the columns and buffers named are written.
+    Returns:
+        keep [B] bool, a new tensor: active & (confidence >= threshold); a NaN confidence is not kept.
+    """
+    validate.take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step, draft_ids)
+    args = (token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, int(step), draft_ids)
+    return select("take_draft", backend, *args)(*args)
+
+
+def _take_draft_reasons(backend):
+    def reasons(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step, draft_ids):
+        return tensor_reasons(backend, {"token": token, "confidence": confidence, "threshold": threshold,
+                                        "active": active, "num_drafted": num_drafted, "draft_tokens": draft_tokens,
+                                        "tokens_in": tokens_in, "draft_ids": draft_ids})
     return reasons
 
 
@@ -389,7 +435,7 @@ def _triton(name):
 
 
 for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", _verify_reasons),
-                        ("accept_greedy", _accept_greedy_reasons),
+                        ("accept_greedy", _accept_greedy_reasons), ("take_draft", _take_draft_reasons),
                         ("rope_append_attention", _attention_reasons), ("lm_head_argmax", _head_reasons),
                         ("rms_norm_linear", _linear_reasons), ("rms_norm_gate_up", _gate_up_reasons),
                         ("decode_linear", _decode_linear_reasons), ("sampling_probs", _sampling_reasons),

@@ -45,6 +45,27 @@ def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor,
     return accepted, committed
 
 
+def take_draft(token: torch.Tensor, confidence: torch.Tensor, threshold: torch.Tensor, active: torch.Tensor,
+               num_drafted: torch.Tensor, draft_tokens: torch.Tensor, tokens_in: torch.Tensor, step: int,
+               draft_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A greedy draft step's bookkeeping after the draft head: record its proposal as draft `step`, which
+    a row keeps while it is still drafting and its confidence is >= η (NaN never is).
+
+    token: [B, 1] int64, the head's argmax (an index into draft_ids when given, else a token id);
+    confidence: [B, 1] float32; threshold: [] float32 (η); active: [B] bool and num_drafted: [B] int64,
+    updated in place; draft_tokens: [B, G] int64 (column step written); tokens_in: [B, G+1] int64
+    (column step + 1 written); 0 <= step < G; draft_ids: [N] int64 (draft index -> token id) or None.
+    Returns keep [B] bool, a new tensor (active holds a copy of it).
+    """
+    t = token if draft_ids is None else draft_ids[token.clamp_min(0)]        # [B, 1] token ids
+    keep = active & (confidence[:, 0] >= threshold)                          # [B]; NaN >= η is False
+    draft_tokens[:, step] = t[:, 0]
+    tokens_in[:, step + 1] = t[:, 0]
+    num_drafted.add_(keep.long())
+    active.copy_(keep)
+    return keep
+
+
 def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
                   num_drafted: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification from logits: accept_greedy on the target's argmax (one accept rule).

@@ -36,6 +36,10 @@ def _fake_accept_greedy(draft_tokens, target_tokens, num_drafted):
     return _fake_verify_accept(draft_tokens, None, num_drafted)
 
 
+def _fake_take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step, draft_ids):
+    return torch.empty_like(active)  # keep [B] bool; the buffers' writes are declared (a!) in the schema
+
+
 def _fake_rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
     B, T, Hq, D = q.shape
     return q.new_empty((B, T, Hq * D))
@@ -83,6 +87,10 @@ OPS: Dict[str, OpDef] = {
     "accept_greedy": OpDef(
         "accept_greedy(Tensor draft_tokens, Tensor target_tokens, Tensor? num_drafted) -> (Tensor, Tensor)",
         _fake_accept_greedy, reference.accept_greedy),
+    "take_draft": OpDef(
+        "take_draft(Tensor token, Tensor confidence, Tensor threshold, Tensor(a!) active, Tensor(b!) num_drafted, "
+        "Tensor(c!) draft_tokens, Tensor(d!) tokens_in, int step, Tensor? draft_ids) -> Tensor",
+        _fake_take_draft, reference.take_draft),
     "rope_append_attention": OpDef(
         "rope_append_attention(Tensor q, Tensor k, Tensor v, Tensor rope_cos, Tensor rope_sin, Tensor positions, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, float scale, int window) -> Tensor",

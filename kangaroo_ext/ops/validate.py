@@ -115,6 +115,52 @@ def accept_greedy(draft_tokens, target_tokens, num_drafted: Optional[torch.Tenso
         raise ValueError(f"draft_tokens must have k < 2^20 drafts per row, got k = {k}")
 
 
+def _row_buffer(name, t, dtype, shape, shape_text, token):
+    """t: a tensor of `dtype` and `shape` (written as shape_text) on token's device, contiguous: the
+    kernels index every buffer as a dense row-major array."""
+    _tensor(name, t)
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be {str(dtype).replace('torch.', '')} of shape {shape_text} = "
+                         f"[{', '.join(map(str, shape))}], got {t.dtype} {tuple(t.shape)}")
+    _same_device(name, t, "token", token)
+    _contiguous(name, t)
+
+
+def take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step, draft_ids):
+    _tensor("token", token)
+    if token.dtype != torch.int64 or token.dim() != 2 or token.shape[1] != 1:
+        raise ValueError(f"token must be int64 of shape [B, 1] (the draft head's argmax), got {token.dtype} "
+                         f"{tuple(token.shape)}")
+    B = token.shape[0]
+    if B < 1:
+        raise ValueError("token must have at least one row (B >= 1)")
+    _contiguous("token", token)
+    _row_buffer("confidence", confidence, torch.float32, (B, 1), "[B, 1]", token)
+    _tensor("threshold", threshold)
+    if threshold.dtype != torch.float32 or threshold.dim() != 0:
+        raise ValueError(f"threshold must be a 0-dim float32 tensor (η, on the device), got {threshold.dtype} "
+                         f"{tuple(threshold.shape)}")
+    _same_device("threshold", threshold, "token", token)
+    _row_buffer("active", active, torch.bool, (B,), "[B]", token)
+    _row_buffer("num_drafted", num_drafted, torch.int64, (B,), "[B]", token)
+    _tensor("draft_tokens", draft_tokens)
+    if draft_tokens.dim() != 2 or draft_tokens.shape[1] < 1:
+        raise ValueError(f"draft_tokens must be int64 of shape [B, G] with G >= 1, got {draft_tokens.dtype} "
+                         f"{tuple(draft_tokens.shape)}")
+    G = draft_tokens.shape[1]
+    _row_buffer("draft_tokens", draft_tokens, torch.int64, (B, G), "[B, G]", token)
+    _row_buffer("tokens_in", tokens_in, torch.int64, (B, G + 1), "[B, G+1]", token)
+    if not (_is_int(step) and 0 <= step < G):
+        raise ValueError(f"step must be an int in [0, G) = [0, {G}) (the draft column written), got {step!r}")
+    if draft_ids is not None:
+        _tensor("draft_ids", draft_ids)
+        if draft_ids.dtype != torch.int64 or draft_ids.dim() != 1 or draft_ids.shape[0] < 1:
+            raise ValueError(f"draft_ids must be int64 of shape [N] with N >= 1 (draft index -> token id) or "
+                             f"None, got {draft_ids.dtype} {tuple(draft_ids.shape)}")
+        _same_device("draft_ids", draft_ids, "token", token)
+        _contiguous("draft_ids", draft_ids)
+
+
 def rope_append_attention(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window):
     for name, t in (("q", q), ("k", k), ("v", v), ("rope_cos", rope_cos), ("rope_sin", rope_sin),
                     ("positions", positions), ("k_cache", k_cache), ("v_cache", v_cache)):
