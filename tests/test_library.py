@@ -221,35 +221,24 @@ def test_another_running_torch_warns_once_and_info_says_why():
     assert line in run.stdout
 
 
-def test_the_pdl_switch_reaches_the_launchers(monkeypatch):
-    """KANGAROO_DISABLE_PDL is read by config.py and handed to the launchers at import; no header reads it."""
+@pytest.mark.parametrize("knob, getter, when_set", [
+    ("KANGAROO_DISABLE_PDL", "pdl_launches", False),                        # PDL is on unless disabled
+    ("KANGAROO_BATCH_INVARIANT_ATTENTION", "batch_invariant_attention", True),  # off unless asked for
+])
+def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set):
+    """The launchers' run-time switches are read by config.py and handed over at import (no kernel header
+    reads the environment): set, unset and back."""
     from kangaroo_ext import _extension
     if not _extension.loaded():
         pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    read = getattr(_extension._C, getter)
     try:
-        monkeypatch.setenv("KANGAROO_DISABLE_PDL", "1")
+        monkeypatch.setenv(knob, "1")
         _extension.apply_launch_settings()
-        assert _extension._C.pdl_launches() is False
-        monkeypatch.setenv("KANGAROO_DISABLE_PDL", "0")
+        assert read() is when_set
+        monkeypatch.setenv(knob, "0")
         _extension.apply_launch_settings()
-        assert _extension._C.pdl_launches() is True
+        assert read() is (not when_set)
     finally:
-        monkeypatch.delenv("KANGAROO_DISABLE_PDL", raising=False)
-        _extension.apply_launch_settings()
-
-
-def test_the_batch_invariant_attention_switch_reaches_the_launchers(monkeypatch):
-    """KANGAROO_BATCH_INVARIANT_ATTENTION (off by default) is handed to the attention launcher at import."""
-    from kangaroo_ext import _extension
-    if not _extension.loaded():
-        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
-    try:
-        monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION", raising=False)
-        _extension.apply_launch_settings()
-        assert _extension._C.batch_invariant_attention() is False
-        monkeypatch.setenv("KANGAROO_BATCH_INVARIANT_ATTENTION", "1")
-        _extension.apply_launch_settings()
-        assert _extension._C.batch_invariant_attention() is True
-    finally:
-        monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION", raising=False)
+        monkeypatch.delenv(knob, raising=False)
         _extension.apply_launch_settings()
