@@ -58,21 +58,6 @@
 namespace kangaroo {
 namespace attention {
 
-// acc += P[0..3] * V[0..3] (one column slice of 4 consecutive keys), key by key: the one PV step both
-// orders use, so a row's FMAs are the same instructions in either.
-template <typename T, int VEC>
-__device__ __forceinline__ void pv_four_keys(const float* p, const T* v, int ks, float (&acc)[VEC]) {
-  const float4 pj = *reinterpret_cast<const float4*>(p);
-  const float pw[4] = {pj.x, pj.y, pj.z, pj.w};
-#pragma unroll
-  for (int jj = 0; jj < 4; ++jj) {
-    float vf[VEC];
-    load_as_float<T, VEC>(v + jj * ks, vf);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] = fmaf(pw[jj], vf[e], acc[e]);
-  }
-}
-
 // ---- the attention kernel -------------------------------------------------------------------------
 // grid (B * Hkv, n_qtiles, n_splits), kThreads threads, smem_layout(...).total bytes of dynamic smem.
 // T: element type; VEC: elements per access (16 bytes, or 1); HD: head dim (0 = runtime p.head_dim);

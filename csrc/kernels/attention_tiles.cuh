@@ -187,6 +187,21 @@ __device__ __forceinline__ void split_keys(int klo, int khi, int n_splits, int m
   n_used = (len + chunk - 1) / chunk;
 }
 
+// acc += P[0..3] * V[0..3] (one column slice of 4 consecutive keys), key by key: the one PV step both
+// orders use, so a row's FMAs are the same instructions in either.
+template <typename T, int VEC>
+__device__ __forceinline__ void pv_four_keys(const float* p, const T* v, int ks, float (&acc)[VEC]) {
+  const float4 pj = *reinterpret_cast<const float4*>(p);
+  const float pw[4] = {pj.x, pj.y, pj.z, pj.w};
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    float vf[VEC];
+    load_as_float<T, VEC>(v + jj * ks, vf);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = fmaf(pw[jj], vf[e], acc[e]);
+  }
+}
+
 // Output row of tile row r: out[b, t, kvh * G + g, :].
 __device__ __forceinline__ int64_t out_row(int b, int tokens, int hq, int kvh, int group, int row) {
   const int t = row / group, g = row - t * group;
