@@ -7,10 +7,13 @@ Every time is one replay of the engine's own captured CUDA graph (bench_timing.u
 warm-up, median of 50, decode state restored between replays), at the cache length a real generation left:
 
   plain_step_us        the plain decoding step (kx.generate's graph)
-  draft_round_us       {draft steps run: µs} for the draft graph. With conditional nodes the GPU applies
-                       the confidence exit, so the round can be made to stop after step 1 (η = 2, no draft
-                       proposed) or run all γ steps (η = 0); steps between cannot be forced.
-  draft_step_us        the price of one more draft step: (all γ steps - step 1 only) / (γ - 1)
+  draft_round_us       {drafts proposed: µs} for the draft graph, which runs steps 0..γ (step j: the exit
+                       layers and the adapter on token j; steps below γ also the draft head and its
+                       bookkeeping). With conditional nodes the GPU applies the confidence exit, so the round
+                       can be made to propose nothing (η = 2: step 0 alone) or all γ drafts (η = 0: every
+                       step); counts between cannot be forced.
+  draft_step_us        the price of each step after the first: (γ drafts - none) / γ (an average: the last
+                       of those γ steps has no head)
   verify_us            {positions verified: µs}, 1 .. γ + 1 (the verify graph with num_drafted = 0 .. γ)
   launches_per_round   kernels launched by a full round (γ drafts + γ + 1 positions verified), counted by the
                        profiler inside the graph replays; per_phase splits it
@@ -29,11 +32,12 @@ def summarize_round(plain_step_us: float, draft_round_us: Dict[int, float], veri
                     gamma: int, launches: Optional[Dict[str, float]] = None) -> dict:
     """The `round` object from measured times.
 
-    draft_round_us: {steps run: µs}, holding 1 and gamma; verify_us: {positions: µs}, holding 1 and gamma + 1.
+    draft_round_us: {drafts proposed: µs}, holding 0 and gamma; verify_us: {positions: µs}, holding 1 and
+    gamma + 1.
     """
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
-    for name, table, keys in (("draft_round_us", draft_round_us, (1, gamma)),
+    for name, table, keys in (("draft_round_us", draft_round_us, (0, gamma)),
                               ("verify_us", verify_us, (1, gamma + 1))):
         missing = [k for k in keys if k not in table]
         if missing:
@@ -41,11 +45,11 @@ def summarize_round(plain_step_us: float, draft_round_us: Dict[int, float], veri
     if plain_step_us <= 0:
         raise ValueError(f"plain_step_us must be > 0, got {plain_step_us}")
     full = draft_round_us[gamma] + verify_us[gamma + 1]
-    step = (draft_round_us[gamma] - draft_round_us[1]) / (gamma - 1) if gamma > 1 else draft_round_us[1]
+    step = (draft_round_us[gamma] - draft_round_us[0]) / gamma
     out = {
         "gamma": gamma,
         "plain_step_us": plain_step_us,
-        "first_draft_step_us": draft_round_us[1],
+        "first_draft_step_us": draft_round_us[0],
         "draft_step_us": step,
         "draft_round_us": {str(k): v for k, v in sorted(draft_round_us.items())},
         "verify_us": {str(k): v for k, v in sorted(verify_us.items())},
@@ -83,7 +87,7 @@ def measure_round(de) -> dict:
                         "positions, so per-size prices cannot be measured",
                 f"round_{gamma}_drafts_us": full_draft + full_verify,
                 "ratios": {f"round_{gamma}_drafts_over_plain_step": (full_draft + full_verify) / plain_us}}
-    draft = {1: bench_timing.us_each(graphs.draft.replay, setup=lambda: de.restore(0)),
+    draft = {0: bench_timing.us_each(graphs.draft.replay, setup=lambda: de.restore(0)),
              gamma: bench_timing.us_each(graphs.draft.replay, setup=de.restore)}
     verify = {k + 1: bench_timing.us_each(graphs.verify.replay, setup=lambda k=k: de.restore(k))
               for k in range(gamma + 1)}
