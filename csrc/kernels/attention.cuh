@@ -229,7 +229,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   // groups are added in order 0, 1, ..., NG - 1, as a decode step adds them. The scores, the online
   // softmax and the split merge already treat every row alone, and the split boundaries depend on the
   // tile's key range only through multiples of 512 keys (split_keys); so a verified row is bitwise
-  // the row a decode step computes, except where the tile's last key is past such a boundary.
+  // the row a decode step computes, except where the tile's last key is past such a boundary. INV also
+  // skips the scores of padding rows (a 7-token verify's 21 rows sit in 32 row slots), which leaves every
+  // real row's arithmetic as it is.
   const int nd = D / VEC;
   const int RS = kThreads / nd;  // >= 1 since nd <= 256
   const int KG = pv_key_groups(m_rows, RS);
@@ -292,6 +294,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
         load_as_float<T, VEC>(k1 + d, kf1);
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
+          if (INV && warp + kWarps * i >= m_rows) break;  // padding rows (INV): skipped, warp-uniformly
           float qf[VEC];
           load_floats<VEC>(Qs + (warp + kWarps * i) * D + d, qf);
 #pragma unroll
@@ -305,6 +308,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         const int r = warp + kWarps * i;
+        if (INV && r >= m_rows) break;  // nothing reads a padding row's P, alpha or softmax state
         const int lo = lo_s[r], hi = min(hi_s[r], c_hi);
         const float x0 = (s0 >= lo && s0 <= hi) ? sc[i][0] : -INFINITY;
         const float x1 = (s1 >= lo && s1 <= hi) ? sc[i][1] : -INFINITY;
