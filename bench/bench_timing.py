@@ -5,8 +5,9 @@ Every number is GPU time from CUDA events, after a warm-up, as the median of rep
     free of Python and launch overhead, as the op runs inside the engine's decode graphs);
   - an engine phase: the engine's own captured graph, one replay at a time, state restored between.
 """
+import collections
 import statistics
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -118,21 +119,29 @@ def bandwidth_info(us: float, nbytes: int, copy_GBps: float) -> dict:
             "copy_GBps": copy_GBps}
 
 
-def kernels_per_replay(fn: Callable[[], object], setup: Optional[Callable[[], object]] = None,
-                       replays: int = 5) -> float:
-    """Kernels one fn() launches, counted by the profiler (CUPTI sees the kernels inside graph replays);
-    memcpy / memset nodes are not counted."""
+
+def kernel_times(fn: Callable[[], object], setup: Callable[[], object],
+                 replays: int = 20) -> Dict[str, Tuple[float, float]]:
+    """{kernel name: (calls, µs)} per fn() call, from a profiler trace of `replays` calls after 3 warm-up
+    ones (CUPTI sees the kernels inside graph replays); memcpy / memset nodes are left out."""
     from torch.profiler import ProfilerActivity, profile
-    if setup:
+    for _ in range(3):
         setup()
-    fn()
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
-            if setup:
-                setup()
+            setup()
             fn()
         torch.cuda.synchronize()
-    kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
-               and "Memcpy" not in ev.name and "Memset" not in ev.name]
-    return len(kernels) / replays
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in ev.name and "Memset" not in ev.name:
+            totals[ev.name][0] += 1
+            totals[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    return {name: (c / replays, us / replays) for name, (c, us) in totals.items()}
+
+
+def kernels_per_replay(fn: Callable[[], object], setup: Callable[[], object], replays: int = 5) -> float:
+    """Kernels one fn() launches (kernel_times' calls, summed)."""
+    return sum(calls for calls, _ in kernel_times(fn, setup, replays).values())

@@ -32,26 +32,6 @@ from kangaroo_ext import config, io  # noqa: E402
 REPLAYS = 20
 
 
-def _kernel_times(replay, setup, replays: int = REPLAYS):
-    """{kernel name: (calls, total µs)} per replay, from a profiler trace of `replays` replays."""
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        setup()
-        replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            setup()
-            replay()
-        torch.cuda.synchronize()
-    totals = collections.defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in ev.name and "Memset" not in ev.name:
-            totals[ev.name][0] += 1
-            totals[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-    return {name: (c / replays, us / replays) for name, (c, us) in totals.items()}
-
-
 def _short(name: str) -> str:
     for key in ("gemv_kernel", "attention_kernel", "combine_kernel", "partial_kernel", "fused_add_rms_norm",
                 "verify_accept", "accept_greedy", "take_draft", "gemm", "gemv", "elementwise", "reduce", "index",
@@ -67,7 +47,7 @@ def _short(name: str) -> str:
 
 def profile_phase(name: str, replay, setup) -> dict:
     wall = bench_timing.us_each(replay, setup=setup)
-    kernels = _kernel_times(replay, setup)
+    kernels = bench_timing.kernel_times(replay, setup, REPLAYS)
     grouped = collections.defaultdict(lambda: [0.0, 0.0])
     for k, (calls, us) in kernels.items():
         g = grouped[_short(k)]
