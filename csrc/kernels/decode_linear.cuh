@@ -221,7 +221,10 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
   __syncthreads();
   if (out == nullptr) return;  // no barriers below
 
-  // Rows mb..MB-1 of xs are zeros (load_rows): every row is computed, so the loops fully unroll.
+  // Rows mb..MB-1 of xs are zeros (load_rows). Their products are skipped: a 5-row verify step runs in an
+  // 8-row block, and computing the 3 padding rows made its GEMVs cost like 8 rows (verify of 4 -> 5
+  // positions: +162 us on an H100, kernels.json at 6e24b13). mb is uniform over the block, so the
+  // unrolled loop only branches, never diverges; a real row's sum is the same sequence of FMAs as before.
   float acc[MB * NR];
 #pragma unroll
   for (int j = 0; j < MB * NR; ++j) acc[j] = 0.f;
@@ -244,6 +247,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
         for (int e = 0; e < VEC; ++e) wf[r][e] = to_float(cur[r][u].v[e]);
 #pragma unroll
       for (int m = 0; m < MB; ++m) {
+        if (m >= mb) break;  // padding rows: their sums stay 0 and are never written
         V xv;
         xv.load(xs + m * p.k + i * VEC);
 #pragma unroll
