@@ -70,12 +70,16 @@ def summarize_round(plain_step_us: float, draft_round_us: Dict[int, float], veri
 def measure_round(de) -> dict:
     """The round object for a bench_cases.DefaultEngine `de` (CUDA). Needs the GPU confidence exit
     (conditional graph nodes); without it only the full round is measurable, and that is said."""
+    import torch
+
     import kangaroo_ext as kx
     eng, graphs, gamma = de.engine, de.graphs, de.graphs.gamma
     # The plain step's graph: one kx.generate call captures it in the same engine, at the same buffers;
     # generate moves the engine's lengths, so the saved decode state is put back before timing.
+    # (de.prompt is the chat prompt's id list for the default model, a [1, L] tensor for a shaped one.)
     saved = {n: t.clone() for n, t in de._saved.items()}
-    kx.generate(de.model, de.prompt[:, :8], max_new_tokens=4)
+    first_ids = torch.as_tensor(de.prompt, device=de.model.device).reshape(1, -1)[:, :8]
+    kx.generate(de.model, first_ids, max_new_tokens=4)
     plain, _ = eng.graphs_for(1, False, device_exit=False)
     de._saved = saved
     plain_us = bench_timing.us_each(plain.plain.replay, setup=de.restore)
