@@ -6,7 +6,7 @@ namespace kangaroo {
 
 namespace {
 std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by every launch on any thread
-std::atomic<bool> invariant_attention{false};
+std::atomic<bool> invariant_attention{true};  // config.py's default; set again at import
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }

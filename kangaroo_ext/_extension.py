@@ -115,8 +115,8 @@ if _warn:
 
 def apply_launch_settings():
     """Hand the launchers their switches (the kernel headers read no environment): programmatic
-    dependent launch unless KANGAROO_DISABLE_PDL; attention's batch-invariant order with
-    KANGAROO_BATCH_INVARIANT_ATTENTION. Called at import; call again after changing them."""
+    dependent launch unless KANGAROO_DISABLE_PDL; attention's batch-invariant order unless
+    KANGAROO_BATCH_INVARIANT_ATTENTION=0. Called at import; call again after changing them."""
     from . import config
     if _C is not None and hasattr(_C, "set_pdl_launches"):
         _C.set_pdl_launches(not config.flag("KANGAROO_DISABLE_PDL"))

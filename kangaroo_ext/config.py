@@ -31,6 +31,7 @@ class Knob:
     when: str          # "build" (setup.py), "run" (import / call time), "test" (the test suite)
     doc: str
     choices: Tuple[str, ...] = ()
+    on_by_default: bool = False   # a flag's value when unset or empty
 
 
 KNOBS: Dict[str, Knob] = {k.name: k for k in (
@@ -53,15 +54,12 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "recorded duration overlaps the previous one's tail)"),
     Knob("KANGAROO_BATCH_INVARIANT_ATTENTION", "flag", "run",
          "attention sums every query row's keys in the groups a one-token decode step uses, so a verified "
-         "row is bitwise the decode step's row (csrc/kernels/attention.cuh); off (default) until it has "
-         "passed its GPU tests"),
+         "row is bitwise the decode step's row and bf16 speculative output equals plain decoding "
+         "(csrc/kernels/attention.cuh). On by default since its GPU tests passed (H100, 4d5b778); 0 restores "
+         "the split order of earlier releases", on_by_default=True),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),
-    Knob("KANGAROO_TAKE_DRAFT_KERNEL", "flag", "run",
-         "let automatic backend selection run take_draft's CUDA / Triton kernel (a greedy draft step's "
-         "bookkeeping after the draft head); off (default): its PyTorch reference, a few graph-capturable "
-         "torch ops, until the kernels pass their GPU tests. backend=/KANGAROO_BACKEND still force a kernel"),
     Knob("KANGAROO_CACHE_DIR", "text", "run",
          "where the default model's dequantized copy is cached (default: $XDG_CACHE_HOME/kangaroo_ext "
          "or ~/.cache/kangaroo_ext)"),
@@ -90,7 +88,10 @@ def flag(name: str) -> bool:
     knob = KNOBS.get(name)
     if knob is not None and knob.kind != "flag":
         raise KeyError(f"{name} is not a boolean variable")
-    return parse_flag(name, _raw(name))
+    raw = _raw(name)
+    if raw == "" and knob is not None:
+        return knob.on_by_default
+    return parse_flag(name, raw)
 
 
 def text(name: str) -> Optional[str]:
@@ -161,6 +162,6 @@ def check_all():
 def markdown_table() -> str:
     rows = ["| variable | when | effect |", "|---|---|---|"]
     for k in KNOBS.values():
-        values = "1/0" if k.kind == "flag" else ", ".join(k.choices) if k.kind == "choice" else "text"
+        values = ("1/0, default 1" if k.on_by_default else "1/0") if k.kind == "flag" else ", ".join(k.choices) if k.kind == "choice" else "text"
         rows.append(f"| `{k.name}` ({values}) | {k.when} | {k.doc} |")
     return "\n".join(rows)

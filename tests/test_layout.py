@@ -134,6 +134,15 @@ def test_one_boolean_parser(monkeypatch, value, expected):
     assert config.flag("KANGAROO_DISABLE_PDL") is expected
 
 
+@pytest.mark.parametrize("value,expected", [("", True), ("1", True), ("0", False), ("off", False)])
+def test_a_flag_on_by_default_reads_unset_as_on(monkeypatch, value, expected):
+    assert config.KNOBS["KANGAROO_BATCH_INVARIANT_ATTENTION"].on_by_default
+    monkeypatch.setenv("KANGAROO_BATCH_INVARIANT_ATTENTION", value)
+    assert config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION") is expected
+    monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION")
+    assert config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION") is True
+
+
 def test_an_unrecognised_value_fails_loudly(monkeypatch):
     monkeypatch.setenv("KANGAROO_DISABLE_CONDITIONAL_GRAPHS", "flase")
     with pytest.raises(ValueError, match="KANGAROO_DISABLE_CONDITIONAL_GRAPHS='flase' is not a boolean"):

@@ -221,11 +221,11 @@ def test_another_running_torch_warns_once_and_info_says_why():
     assert line in run.stdout
 
 
-@pytest.mark.parametrize("knob, getter, when_set", [
-    ("KANGAROO_DISABLE_PDL", "pdl_launches", False),                        # PDL is on unless disabled
-    ("KANGAROO_BATCH_INVARIANT_ATTENTION", "batch_invariant_attention", True),  # off unless asked for
+@pytest.mark.parametrize("knob, getter, when_set, when_unset", [
+    ("KANGAROO_DISABLE_PDL", "pdl_launches", False, True),                          # PDL is on unless disabled
+    ("KANGAROO_BATCH_INVARIANT_ATTENTION", "batch_invariant_attention", True, True),  # on unless set to 0
 ])
-def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set):
+def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set, when_unset):
     """The launchers' run-time switches are read by config.py and handed over at import (no kernel header
     reads the environment): set, unset and back."""
     from kangaroo_ext import _extension
@@ -239,6 +239,9 @@ def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set
         monkeypatch.setenv(knob, "0")
         _extension.apply_launch_settings()
         assert read() is (not when_set)
+        monkeypatch.delenv(knob, raising=False)
+        _extension.apply_launch_settings()
+        assert read() is when_unset
     finally:
         monkeypatch.delenv(knob, raising=False)
         _extension.apply_launch_settings()

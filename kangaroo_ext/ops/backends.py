@@ -97,19 +97,6 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return None if b in ("", "auto") else b
 
 
-# Ops whose kernels auto-selection takes only when a flag opts in: kernels not yet run on a GPU. Their
-# reference is torch ops (device-side, graph-capturable), so the default costs speed, never correctness.
-OPT_IN_KERNELS = {"take_draft": "KANGAROO_TAKE_DRAFT_KERNEL"}
-
-
-def _opt_in_reasons(op: str, backend: str) -> List[str]:
-    """Why auto-selection passes over an opt-in kernel (OPT_IN_KERNELS) whose flag is off."""
-    knob = OPT_IN_KERNELS.get(op)
-    if knob is not None and backend != "reference" and not config.flag(knob):
-        return [f"auto-selection runs {op}'s kernels only with {knob}=1 (not yet tested on a GPU)"]
-    return []
-
-
 def _auto_only_reasons(backend: str, args) -> List[str]:
     """Reasons auto-selection passes a backend over that a forced backend ignores."""
     if backend == "triton" and any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args):
@@ -125,7 +112,7 @@ def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[st
     if g:
         return g
     if auto:
-        why = _opt_in_reasons(op, backend) or _auto_only_reasons(backend, args)
+        why = _auto_only_reasons(backend, args)
         if why:
             return why
     if backend == "cuda" and op in MISSING_FROM_EXTENSION:
