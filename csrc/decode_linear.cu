@@ -1,6 +1,9 @@
 // ATen launchers for kernels/decode_linear.cuh: decode_linear, rms_norm_linear, rms_norm_gate_up.
 // Checks arguments as kangaroo_ext/ops/validate.py does, allocates outputs with torch and launches
 // one kernel on the current stream (programmatic dependent launch: see the header). No host sync.
+// With set_tensor_core_gemv(true) (KANGAROO_TENSOR_CORE_GEMV) the 16-bit ops whose shapes allow it run
+// kernels/decode_linear_mma.cuh instead; the choice depends on K, N, dtype and alignment, never on the
+// number of rows, so plain and verify steps stay bitwise alike.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,6 +18,7 @@
 #include "device_info.h"
 #include "dispatch.cuh"
 #include "kernels/decode_linear.cuh"
+#include "kernels/decode_linear_mma.cuh"
 #include "launch_options.h"
 #include "ops.h"
 
@@ -109,6 +113,18 @@ void run(const at::Tensor& x, const std::vector<const at::Tensor*>& weights,
     if (MODE == Mode::kNormGateUp) n_total = p.seg[0].n;
     TORCH_CHECK_VALUE(n_total < std::numeric_limits<int>::max(), "the weights have too many rows in total");
     p.n_total = static_cast<int>(n_total);
+    if constexpr (sizeof(T) == 2) {
+      int rows[gemv::kMaxSegments] = {};
+      for (int s = 0; s < p.n_segments; ++s) rows[s] = p.seg[s].n;
+      if (tensor_core_gemv() && vec16 && gemv_mma::eligible(p.k, rows, p.n_segments)) {
+        const gemv::Plan pl = gemv_mma::plan(p.m, p.k, p.n_total, static_cast<int>(sizeof(T)), max_smem);
+        TORCH_CHECK_VALUE(pl.smem_bytes + 4096 <= max_smem, "x's last dimension K = ", K,
+                          " is too large for the CUDA kernel (", pl.smem_bytes,
+                          " bytes of x rows must fit the device's shared memory per block, ", max_smem, " bytes)");
+        C10_CUDA_CHECK((gemv_mma::launch<T, MODE>(p, pl, Launch{stream, pdl_launches()})));
+        return;
+      }
+    }
     const gemv::Plan pl =
         gemv::plan(p.m, p.k, p.n_total, static_cast<int>(sizeof(T)), vec16, num_sms, max_smem);
     TORCH_CHECK_VALUE(pl.smem_bytes + 1024 <= max_smem, "x's last dimension K = ", K,

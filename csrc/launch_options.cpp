@@ -7,6 +7,7 @@ namespace kangaroo {
 namespace {
 std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by every launch on any thread
 std::atomic<bool> invariant_attention{true};  // config.py's default; set again at import
+std::atomic<bool> mma_gemv{false};
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
@@ -16,5 +17,9 @@ void set_pdl_launches(bool enabled) { pdl_enabled.store(enabled, std::memory_ord
 bool batch_invariant_attention() { return invariant_attention.load(std::memory_order_relaxed); }
 
 void set_batch_invariant_attention(bool enabled) { invariant_attention.store(enabled, std::memory_order_relaxed); }
+
+bool tensor_core_gemv() { return mma_gemv.load(std::memory_order_relaxed); }
+
+void set_tensor_core_gemv(bool enabled) { mma_gemv.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

@@ -9,9 +9,14 @@ namespace kangaroo {
 bool pdl_launches();
 void set_pdl_launches(bool enabled);
 
-// Whether attention uses its batch-invariant PV order where the tile allows it (default false until it
-// has passed its GPU tests; csrc/kernels/attention.cuh, "Batch invariance").
+// Whether attention uses its batch-invariant PV order where the tile allows it (default true since its GPU
+// tests passed; csrc/kernels/attention.cuh, "Batch invariance").
 bool batch_invariant_attention();
 void set_batch_invariant_attention(bool enabled);
+
+// Whether the 16-bit decode GEMVs run on tensor cores where the shapes allow it (default false until they
+// have passed their GPU tests; csrc/kernels/decode_linear_mma.cuh).
+bool tensor_core_gemv();
+void set_tensor_core_gemv(bool enabled);
 
 }  // namespace kangaroo

@@ -122,6 +122,15 @@ PyObject* batch_invariant_attention(PyObject*, PyObject*) {
   return PyBool_FromLong(kangaroo::batch_invariant_attention() ? 1 : 0);
 }
 
+PyObject* set_tensor_core_gemv(PyObject*, PyObject* args) {
+  int enabled = 0;
+  if (!PyArg_ParseTuple(args, "p", &enabled)) return nullptr;
+  kangaroo::set_tensor_core_gemv(enabled != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* tensor_core_gemv(PyObject*, PyObject*) { return PyBool_FromLong(kangaroo::tensor_core_gemv() ? 1 : 0); }
+
 PyObject* branch_select(PyObject*, PyObject* args) {
   long long index = 0;
   if (!PyArg_ParseTuple(args, "L", &index)) return nullptr;
@@ -156,6 +165,10 @@ PyMethodDef kMethods[] = {
      "set_batch_invariant_attention(enabled: bool): whether later attention launches sum every row's keys in "
      "the key groups of a one-token step (csrc/kernels/attention.cuh)"},
     {"batch_invariant_attention", batch_invariant_attention, METH_NOARGS, "batch_invariant_attention() -> bool"},
+    {"set_tensor_core_gemv", set_tensor_core_gemv, METH_VARARGS,
+     "set_tensor_core_gemv(enabled: bool): whether later 16-bit decode GEMV launches use tensor cores where the "
+     "shapes allow (csrc/kernels/decode_linear_mma.cuh)"},
+    {"tensor_core_gemv", tensor_core_gemv, METH_NOARGS, "tensor_core_gemv() -> bool"},
     {"branch_unsupported_reason", branch_unsupported_reason, METH_VARARGS,
      "branch_unsupported_reason(device) -> str: why conditional graph nodes cannot be captured ('' if they can)"},
     {"branch_begin", branch_begin, METH_VARARGS,

@@ -116,12 +116,15 @@ if _warn:
 def apply_launch_settings():
     """Hand the launchers their switches (the kernel headers read no environment): programmatic
     dependent launch unless KANGAROO_DISABLE_PDL; attention's batch-invariant order unless
-    KANGAROO_BATCH_INVARIANT_ATTENTION=0. Called at import; call again after changing them."""
+    KANGAROO_BATCH_INVARIANT_ATTENTION=0; tensor-core GEMVs with KANGAROO_TENSOR_CORE_GEMV. Called at
+    import; call again after changing them."""
     from . import config
     if _C is not None and hasattr(_C, "set_pdl_launches"):
         _C.set_pdl_launches(not config.flag("KANGAROO_DISABLE_PDL"))
     if _C is not None and hasattr(_C, "set_batch_invariant_attention"):
         _C.set_batch_invariant_attention(config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION"))
+    if _C is not None and hasattr(_C, "set_tensor_core_gemv"):
+        _C.set_tensor_core_gemv(config.flag("KANGAROO_TENSOR_CORE_GEMV"))
 
 
 apply_launch_settings()

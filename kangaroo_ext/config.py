@@ -57,6 +57,11 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "row is bitwise the decode step's row and bf16 speculative output equals plain decoding "
          "(csrc/kernels/attention.cuh). On by default since its GPU tests passed (H100, 4d5b778); 0 restores "
          "the split order of earlier releases", on_by_default=True),
+    Knob("KANGAROO_TENSOR_CORE_GEMV", "flag", "run",
+         "bf16 / fp16 decode GEMVs (q/k/v, O, gate/up, down) run on tensor cores where K % 32 == 0 and every "
+         "weight's rows % 8 == 0 (csrc/kernels/decode_linear_mma.cuh): verify rows then cost about what one row "
+         "costs. Plain and verify steps both switch, so they stay bitwise alike. Off (default) until its GPU "
+         "tests pass"),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),

@@ -1,0 +1,146 @@
+"""The tensor-core decode GEMVs (csrc/kernels/decode_linear_mma.cuh, KANGAROO_TENSOR_CORE_GEMV): the same ops
+and the same tests as the CUDA-core kernels (tests/test_ops_linear.py) with the switch on, at the default
+model's and Llama-3.2-1B's shapes too; the switch really routes eligible shapes to the new kernel and only
+those; and bf16 speculative decoding stays token for token plain decoding with it on."""
+import contextlib
+
+import pytest
+import torch
+
+import kangaroo_ext as kx
+from kangaroo_ext import ops as kops
+from kangaroo_ext.ops import reference
+
+import test_ops_linear as base
+from conftest import skip_missing_kernel
+from models import prompts, tiny_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@contextlib.contextmanager
+def tensor_core_gemv(enabled: bool):
+    from kangaroo_ext import _extension
+    if not _extension.loaded():
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    before = _extension._C.tensor_core_gemv()
+    _extension._C.set_tensor_core_gemv(enabled)
+    try:
+        yield
+    finally:
+        _extension._C.set_tensor_core_gemv(before)
+
+
+@pytest.fixture
+def tensor_cores():
+    with tensor_core_gemv(True):
+        yield
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(base.LINEAR_CASES))
+def test_rms_norm_linear(tensor_cores, dtype, case):
+    base.test_rms_norm_linear_matches_reference("cuda", dtype, case)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(base.GATE_UP_CASES))
+def test_rms_norm_gate_up(tensor_cores, dtype, case):
+    base.test_rms_norm_gate_up_matches_reference("cuda", dtype, case)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(base.DECODE_LINEAR_CASES))
+def test_decode_linear(tensor_cores, dtype, case):
+    base.test_decode_linear_matches_reference("cuda", dtype, case)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_kernels_round_where_the_reference_does(tensor_cores, dtype):
+    base.test_kernels_round_where_the_reference_does("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("K", [577, 576], ids=["k577-cuda-cores", "k576-tensor-cores"])
+def test_rows_are_batch_invariant(tensor_cores, dtype, K):
+    base.test_rows_are_batch_invariant("cuda", dtype, K)
+
+
+LLAMA_1B = {"hidden": 2048, "q": 2048, "kv": 512, "intermediate": 8192}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 8, 9])
+def test_llama_1b_shapes(tensor_cores, rows):
+    """The four GEMVs of a Llama-3.2-1B layer (K up to 8,192, N up to 8,192) against the reference."""
+    dtype, s = torch.bfloat16, LLAMA_1B
+    x, res, nw, g = base._inputs((rows,), s["hidden"], dtype, "cuda", True, seed=rows)
+    ws = [base._matrix(n, s["hidden"], dtype, "cuda", g) for n in (s["q"], s["kv"], s["kv"])]
+    outs, res_out = kops.rms_norm_linear(x, res, nw, base.EPS, ws, [None] * 3, backend="cuda")
+    ref_outs, ref_res = reference.rms_norm_linear(x, res, nw, base.EPS, ws, [None] * 3)
+    xn64 = base._normed64(ref_res, nw, base.EPS)
+    for i, (out, ref, w) in enumerate(zip(outs, ref_outs, ws)):
+        base._check_close(out, ref, base._linear64(xn64, w, None), f"qkv[{i}]")
+    gate, up = (base._matrix(s["intermediate"], s["hidden"], dtype, "cuda", g) for _ in range(2))
+    act, _ = kops.rms_norm_gate_up(x, res, nw, base.EPS, gate, up, backend="cuda")
+    ref_act, _ = reference.rms_norm_gate_up(x, res, nw, base.EPS, gate, up)
+    act64 = torch.nn.functional.silu(base._linear64(xn64, gate, None)) * base._linear64(xn64, up, None)
+    base._check_close(act, ref_act, act64, "act")
+    for K, N in ((s["q"], s["hidden"]), (s["intermediate"], s["hidden"])):   # O and down
+        xk = torch.randn(rows, K, generator=g).to(dtype).cuda()
+        w = base._matrix(N, K, dtype, "cuda", g)
+        base._check_close(kops.decode_linear(xk, w, None, backend="cuda"), reference.decode_linear(xk, w, None),
+                          base._linear64(xk.double(), w, None), f"linear K={K}")
+
+
+def _kernel_names(fn) -> set:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {ev.name for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@pytest.mark.parametrize("dtype,K,N,expected", [
+    (torch.bfloat16, 576, 576, True),
+    (torch.float16, 64, 200, True),
+    (torch.bfloat16, 577, 576, False),   # K % 32 != 0
+    (torch.bfloat16, 576, 100, False),   # N % 8 != 0
+    (torch.float32, 576, 576, False),    # no 16-bit tensor-core path for fp32
+])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_the_switch_routes_exactly_the_eligible_shapes(dtype, K, N, expected, rows):
+    """With the switch on, an eligible shape runs gemv_mma_kernel whatever the number of rows, and any
+    other shape the CUDA-core gemv_kernel; with it off, always gemv_kernel."""
+    skip_missing_kernel("cuda", "decode_linear")
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(rows, K, generator=g).to(dtype).cuda()
+    w = torch.randn(N, K, generator=g).to(dtype).cuda()
+    run = lambda: kops.decode_linear(x, w, None, backend="cuda")  # noqa: E731
+    with tensor_core_gemv(True):
+        names = _kernel_names(run)
+    assert any("gemv_mma_kernel" in n for n in names) == expected, names
+    assert any("gemv_kernel" in n and "mma" not in n for n in names) == (not expected), names
+    with tensor_core_gemv(False):
+        names = _kernel_names(run)
+    assert not any("gemv_mma_kernel" in n for n in names), names
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["cuda-cores", "tensor-cores"])
+@torch.inference_mode()
+def test_bf16_speculative_equals_plain(enabled):
+    """bf16, CUDA graphs: Kangaroo's tokens equal plain decoding's, token for token (batch-invariant GEMVs and
+    attention: a verified row rounds like the plain step's row)."""
+    import copy
+    model = copy.deepcopy(tiny_model("llama", layers=4)).to(torch.bfloat16).cuda()
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    with tensor_core_gemv(enabled):
+        for p in prompts(4, seed=21):
+            p = p.cuda()
+            ref = kx.generate(model, p, max_new_tokens=40, eos_token_id=[]).sequences
+            for eta, gamma in ((0.0, 6), (0.5, 3)):
+                out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=eta,
+                                              max_draft=gamma, eos_token_id=[])
+                assert torch.equal(out.sequences, ref), (eta, gamma)
