@@ -3,7 +3,7 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
-#           steps: build diag probe invariant fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
+#           steps: build diag probe invariant mma fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
 #                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -64,6 +64,15 @@ for step in $steps; do
         KANGAROO_BATCH_INVARIANT_ATTENTION=$on timeout "${INV_LIMIT:-150}" python3 bench/bf16_lossless.py \
           --prompts "${INV_PROMPTS:-40}" --max-new-tokens 256 --out "bench/results/bf16_lossless_invariant$on.json" \
           2>&1 | grep -v "it/s]" | tail -4 | tee -a "$OUT/invariant.log"
+      done ;;
+    mma)
+      # issue 21: the tensor-core GEMVs (KANGAROO_TENSOR_CORE_GEMV, off by default): their op tests (reference,
+      # batch invariance, routing, bf16 speculative == plain), then the round's price with them off and on
+      log mma
+      python3 -m pytest -q -p no:cacheprovider tests/test_ops_linear_mma.py 2>&1 | tail -15 | tee "$OUT/mma_tests.log"
+      for on in 0 1; do
+        KANGAROO_TENSOR_CORE_GEMV=$on python3 bench/kernel_report.py --out "bench/results/kernels_mma$on.json" 2>&1 \
+          | grep -E "engine/|round|decode:|wrote" | tee -a "$OUT/mma_report.log"
       done ;;
     probe)
       # issue 24: the launcher crash outside pytest, op by op, under process set-ups that changed it
