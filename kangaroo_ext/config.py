@@ -99,6 +99,12 @@ def flag(name: str) -> bool:
     return parse_flag(name, raw)
 
 
+def run_flags() -> Dict[str, bool]:
+    """Every run-time flag's effective value (set or default): what a benchmark result records, so an A/B
+    of a switch (e.g. KANGAROO_TENSOR_CORE_GEMV) says which side each number is."""
+    return {k.name: flag(k.name) for k in KNOBS.values() if k.kind == "flag" and k.when == "run"}
+
+
 def text(name: str) -> Optional[str]:
     """A free-text variable's value, or None when unset or empty."""
     return _raw(name) or None

@@ -313,10 +313,10 @@ def which_commit(trees: Dict[str, str], root: Optional[str] = None, depth: int =
 
 def provenance(device) -> dict:
     """What every committed result records: device, UTC date, commit (and whether the tree was dirty),
-    code_trees, torch and Python versions."""
+    code_trees, torch and Python versions, and the run-time switches in effect (config.run_flags)."""
     import torch
     commit, dirty = git_commit()
     return {"device": device_name(device),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": commit, "dirty": dirty, "code_trees": code_trees(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "run_flags": config.run_flags()}

@@ -409,3 +409,18 @@ def test_a_sampled_benchmark_runs_every_method_reproducibly(model):
         if method != "hf-eager":  # ours are seeded per turn; transformers' sampling is not
             assert [t["output_sha1"] for t in turns[0]] == [t["output_sha1"] for t in turns[1]]
     assert report.summarize(runs[0])["kangaroo"]["overall"]["mean_accepted"] >= 1.0
+
+
+def test_provenance_records_the_run_switches_in_effect(monkeypatch):
+    """Every result says which side of each run-time switch it measured: defaults when unset, the
+    environment's value when set (a flag on by default reads unset as on)."""
+    from kangaroo_ext import config
+    for name in ("KANGAROO_TENSOR_CORE_GEMV", "KANGAROO_BATCH_INVARIANT_ATTENTION", "KANGAROO_DISABLE_PDL"):
+        monkeypatch.delenv(name, raising=False)
+    flags = io.provenance("cpu")["run_flags"]
+    assert set(flags) == {k.name for k in config.KNOBS.values() if k.kind == "flag" and k.when == "run"}
+    assert flags["KANGAROO_TENSOR_CORE_GEMV"] is False and flags["KANGAROO_BATCH_INVARIANT_ATTENTION"] is True
+    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "1")
+    monkeypatch.setenv("KANGAROO_BATCH_INVARIANT_ATTENTION", "0")
+    flags = io.provenance("cpu")["run_flags"]
+    assert flags["KANGAROO_TENSOR_CORE_GEMV"] is True and flags["KANGAROO_BATCH_INVARIANT_ATTENTION"] is False

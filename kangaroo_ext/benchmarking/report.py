@@ -100,7 +100,7 @@ def latest_summary(results: dict, summary: dict) -> dict:
             methods[m]["mean_accepted"] = o["mean_accepted"]
     return {
         "device": meta.get("device"), "date": meta.get("date"), "commit": meta.get("commit"),
-        "dirty": meta.get("dirty"), "code_trees": meta.get("code_trees"),
+        "dirty": meta.get("dirty"), "code_trees": meta.get("code_trees"), "run_flags": meta.get("run_flags"),
         "questions": cfg.get("questions"), "max_new_tokens": cfg.get("max_new_tokens"),
         "dtype": cfg.get("dtype"), "threshold": cfg.get("threshold"), "max_draft": cfg.get("max_draft"),
         "adapter": cfg.get("adapter"), "methods": methods,
