@@ -55,8 +55,9 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_BATCH_INVARIANT_ATTENTION", "flag", "run",
          "attention sums every query row's keys in the groups a one-token decode step uses, so a verified "
          "row is bitwise the decode step's row and bf16 speculative output equals plain decoding "
-         "(csrc/kernels/attention.cuh). On by default since its GPU tests passed (H100, 4d5b778); 0 restores "
-         "the split order of earlier releases", on_by_default=True),
+         "(csrc/kernels/attention.cuh). bf16 / fp16 only (fp32 keeps the old order until its GPU tests run with "
+         "this one). On by default since its GPU tests passed (H100, 4d5b778); 0 restores the split order of "
+         "earlier releases", on_by_default=True),
     Knob("KANGAROO_TENSOR_CORE_GEMV", "flag", "run",
          "bf16 / fp16 decode GEMVs (q/k/v, O, gate/up, down) run on tensor cores where K % 32 == 0 and every "
          "weight's rows % 8 == 0 (csrc/kernels/decode_linear_mma.cuh): verify rows then cost about what one row "
