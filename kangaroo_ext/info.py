@@ -44,6 +44,11 @@ def collect() -> dict:
     except ValueError as e:
         info["CPU threads"] = f"invalid: {e}"
     try:
+        info["run switches"] = {name.removeprefix("KANGAROO_").lower(): ("on" if on else "off")
+                                for name, on in config.run_flags().items()}
+    except ValueError as e:  # a flag set to something unrecognised: "environment" below names it
+        info["run switches"] = f"invalid: {e}"
+    try:
         config.check_all()
         info["environment"] = "every KANGAROO_* variable that is set has a valid value"
     except ValueError as e:
@@ -63,7 +68,8 @@ def print_info():
     for key, value in collect().items():
         if isinstance(value, dict):
             print(f"{key}:")
+            width = max(10, *(len(k) for k in value))
             for k, v in value.items():
-                print(f"  {k:<10} {v}")
+                print(f"  {k:<{width}} {v}")
         else:
             print(f"{key:<17} {value}")

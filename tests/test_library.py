@@ -132,6 +132,19 @@ def test_package_version_and_info_runs(capsys):
     assert "torch" in out and "backends" in out and kangaroo_ext.__version__ in out
 
 
+def test_info_shows_the_run_switches_in_effect(monkeypatch):
+    """`kangaroo info` lists every run-time switch as on/off: defaults when unset, the environment when set."""
+    from kangaroo_ext import info
+    monkeypatch.delenv("KANGAROO_TENSOR_CORE_GEMV", raising=False)
+    monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION", raising=False)
+    switches = info.collect()["run switches"]
+    assert switches["tensor_core_gemv"] == "off" and switches["batch_invariant_attention"] == "on"
+    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "1")
+    assert info.collect()["run switches"]["tensor_core_gemv"] == "on"
+    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "maybe")
+    assert info.collect()["run switches"].startswith("invalid: KANGAROO_TENSOR_CORE_GEMV='maybe'")
+
+
 # ---- the torch the extension was built for ---------------------------------------------------------
 
 RUNNING = {"torch": "2.14.1+cu130", "cuda": "13.0", "cxx11_abi": "1"}
