@@ -18,7 +18,8 @@ import torch
 from . import io
 from .adapter import Adapter
 from .engine.engine import Engine, Sampling, engine_for
-from .engine.copy_rounds import DEFAULT_COPY_GAMMA, CopyRounds
+from .engine import conditional
+from .engine.copy_rounds import DEFAULT_COPY_GAMMA, CapturedCopyRounds, CopyRounds
 from .engine.rounds import MODES, RoundRunner, start_rounds
 
 DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
@@ -263,7 +264,9 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
             engine/copy_rounds.py), alone or extended by the adapter; with no match the round is the
             adapter's, unchanged. "only": copied drafts alone,
             no adapter drafting (prompt-lookup decoding on this engine: the `pld` benchmark method).
-            Eager rounds only ("host", "device"); in "graphs" mode it is off (stats.copy_draft_off says so).
+            In "graphs" mode the rounds are captured (engine/copy_rounds.py, CapturedCopyRounds: copy or
+            adapter per round, chosen on the device; no mixed rounds); that needs conditional graph nodes,
+            else it is off and stats.copy_draft_off says why. Not yet run on a GPU: opt-in there.
             Never changes the output. stats.draft_sources / by_source() tell which source each round used.
             None (default): on in "host" mode (the CPU's default), where it was measured to win (1.45x vs
             0.97x for the adapter alone on MT-bench, 0.97x vs 0.91x on long prompts: BENCHMARKS.md), off in
@@ -304,6 +307,28 @@ def generate(model, input_ids: Union[torch.Tensor, Sequence[int]], max_new_token
                 sampling=sampling, seed=_draw_seed(generator, seed) if sampling else 0)
 
 
+def _captured_copy_unavailable(engine) -> str:
+    """Why copied drafts cannot be captured in mode 'graphs' here ('' if they can): they need conditional
+    nodes (the lookup's result picks the branch on the device)."""
+    why = conditional.unsupported_reason(engine.spec.device)
+    return f"captured copy rounds need conditional graph nodes: {why}" if why else ""
+
+
+def _copy_rounds(engine, mode: str, adapter_gamma: int):
+    """Copy rounds for this mode, prepared: host-decided (CopyRounds) in 'host' / 'device' mode, captured
+    (CapturedCopyRounds) in 'graphs' mode; None where that capture failed (conditional.py remembers why)."""
+    if mode != "graphs":
+        return CopyRounds(engine, adapter_gamma, mode=mode)
+    rounds = CapturedCopyRounds(engine, adapter_gamma)
+    try:
+        rounds.prepare()
+    except Exception as e:  # noqa: BLE001  only a capture failure falls back; anything else re-raises
+        if not conditional.is_capture_error(e):
+            raise
+        return None
+    return rounds
+
+
 def check_copy_draft(copy_draft):
     if not (copy_draft is None or copy_draft is True or copy_draft is False or copy_draft == "only"):
         raise ValueError(f"copy_draft must be True, False, 'only' (copied drafts alone) or None (on in 'host' "
@@ -323,8 +348,7 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
     eos = io.eos_ids(model, eos_token_id)
     if copy_draft is None:  # the measured default: see speculative_generate
         copy_draft = mode == "host" and gamma > 0
-    copy_off = "mode='graphs' captures the adapter's rounds only; copied drafts run in mode 'host' or 'device'" \
-        if copy_draft and mode == "graphs" else ""
+    copy_off = _captured_copy_unavailable(engine) if copy_draft and mode == "graphs" else ""
     copying = bool(copy_draft) and not copy_off
     adapter_gamma = 0 if copy_draft == "only" else gamma
     if copying:  # the buffers hold the longest chain either source proposes
@@ -338,8 +362,11 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         engine.set_sampling(sampling)
         # Graphs are captured here, before prefill: a capture's warm-up runs overwrite the decode state
         # (the random stream's offset too, hence the seed after it).
-        rounds = CopyRounds(engine, adapter_gamma, mode=mode) if copying else \
+        rounds = _copy_rounds(engine, mode, adapter_gamma) if copying else \
             start_rounds(engine, mode, gamma, adaptive_draft)
+        if copying and rounds is None:  # capturing the copy round failed: the adapter's rounds, and why
+            copying, copy_off = False, _captured_copy_unavailable(engine) or "capturing the copy round failed"
+            rounds = start_rounds(engine, mode, adapter_gamma, adaptive_draft)
         engine.seed(seed)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
     if copying:

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 import kangaroo_ext as kx
+from kangaroo_ext import decoding
+from kangaroo_ext.engine.copy_rounds import CapturedCopyRounds, CopyPolicy
+from kangaroo_ext.engine.engine import engine_for
+from kangaroo_ext.engine.rounds import Rounds
 
 from models import prompts, tiny_model
 
@@ -55,7 +59,7 @@ def test_copy_draft_is_lossless_and_uses_every_source(mode):
 
 
 @torch.inference_mode()
-def test_copy_draft_off_says_why_in_graphs_mode_and_rejects_bad_values():
+def test_copy_draft_defaults_and_bad_values():
     model = tiny_model("llama", layers=6)
     adapter = kx.Adapter.for_model(model, exit_layer=2)
     with pytest.raises(ValueError, match="copy_draft"):
@@ -68,3 +72,75 @@ def test_copy_draft_off_says_why_in_graphs_mode_and_rejects_bad_values():
         out = kx.speculative_generate(model, [1, 2, 3], adapter=adapter, max_new_tokens=4, eos_token_id=[],
                                       mode=mode, copy_draft=copy_draft)
         assert not out.stats.copy_draft and out.stats.draft_sources == []
+
+
+class CapturedCopyRoundsOnTheHost(Rounds):
+    """What a captured copy round (engine/graphs.py, CudaGraphs with `copy`) runs, in the same engine calls
+    and order, with each conditional node's choice made by the host instead: the SWITCH on "a match was
+    found", the IF per adapter draft step on "some row still drafts", the verify SWITCH on the number of
+    drafts. The captures themselves need a GPU (tests/test_gpu_engine.py)."""
+    mode, pipelined = "device", False
+
+    def __init__(self, engine, gamma: int, policy: CopyPolicy):
+        super().__init__(engine, max(gamma, policy.rows))
+        self.adapter_gamma, self.policy, self.sources = gamma, policy, []
+
+    def draft(self):
+        e = self.engine
+        e.begin_round()
+        tokens, k = e.copy_lookup(self.policy)
+        if int(k.max()) > 0:
+            e.draft_copied_rows(tokens, k, self.policy.rows)
+            return
+        for j in range(self.adapter_gamma + 1):
+            keep = e.draft_step(j, self.adapter_gamma)
+            if keep is None or not bool(keep.any()):
+                break
+
+    def verify(self):
+        self.engine.verify(int(self.engine.num_drafted.max()) + 1)
+
+    def observe(self, result):
+        self.sources.append("copy" if result.copied else "adapter")
+
+
+@pytest.mark.parametrize("rows", [10, 3])
+@torch.inference_mode()
+def test_the_captured_copy_round_is_lossless(rows):
+    """The captured copy round's engine steps (copy_lookup, draft_copied_rows with its static rows and
+    padding slots, verification of up to max(γ, rows) drafts) give plain decoding's tokens, fp32, CPU, and
+    both branches run; the report's `copied` slot names the copy rounds."""
+    model = tiny_model("llama", layers=6)
+    policy, gamma, n_new = CopyPolicy(rows=rows), 4, 40
+    seen = set()
+    for i, p in enumerate(repetitive_prompts(4, seed=5)):
+        plain = kx.generate(model, p, max_new_tokens=n_new, eos_token_id=[]).sequences[0, len(p):].tolist()
+        adapter = kx.Adapter.for_model(model, exit_layer=1 + i % 3, init="next_layer", seed=i)
+        e = engine_for(model)
+        with e.request():
+            e.reserve(decoding._capacity(len(p), n_new, max(gamma, rows)), max(gamma, rows))
+            e.bind_adapter(adapter)
+            e.threshold.fill_(0.3)
+            e.set_sampling(None)
+            rounds = CapturedCopyRoundsOnTheHost(e, gamma, policy)
+            new, stats = decoding._decode(e, rounds, p[None], n_new, set(), None)
+        assert new == plain, f"prompt {i}"
+        for src, d in zip(rounds.sources, stats.drafted):
+            assert d <= (rows if src == "copy" else gamma)
+        seen.update(rounds.sources)
+    assert seen == {"copy", "adapter"}, seen
+
+
+def test_captured_copy_rounds_say_what_they_are():
+    """CapturedCopyRounds (mode 'graphs'): verification covers max(γ, rows) drafts, a round's source comes
+    from the report's `copied` slot, and describe() says copying is on."""
+    from kangaroo_ext.engine.rounds import RoundResult
+    r = CapturedCopyRounds(engine=None, gamma=6, policy=CopyPolicy(rows=10))
+    assert (r.gamma, r.adapter_gamma, r.mode) == (10, 6, "graphs")
+    r.observe(RoundResult(accepted=2, drafted=5, committed=[1, 2, 3], copied=5))
+    r.observe(RoundResult(accepted=0, drafted=1, committed=[4], copied=0))
+    assert (r.sources, r.copied) == (["copy", "adapter"], [5, 0])
+    assert r.describe() == {"mode": "graphs", "device_exit": True, "copy_draft": True}
+    only = CapturedCopyRounds(engine=None, gamma=0)            # copy_draft="only": no adapter drafting
+    only.observe(RoundResult(accepted=0, drafted=0, committed=[4], copied=0))
+    assert only.sources == ["plain"]

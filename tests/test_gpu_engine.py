@@ -73,3 +73,25 @@ def test_graph_decoding_stops_right_after_eos(cuda_model):
                                        max_draft=6, eos_token_id=eos)
         assert spec.stats.mode == "graphs"
         assert spec.sequences[0, len(p):].tolist() == free[:min(n, first + 1)], f"speculative, max_new_tokens={n}"
+
+
+@torch.inference_mode()
+def test_captured_copy_rounds_are_lossless_fp32(cuda_model):
+    """copy_draft=True in graphs mode: the captured copy round (lookup, copy-or-adapter SWITCH, verify
+    SWITCH up to max(γ, rows)) gives plain decoding's tokens, with one host sync per round, and some rounds
+    copy. Skipped where conditional nodes are unavailable (stats.copy_draft_off then says why)."""
+    from test_copy_draft import repetitive_prompts
+    if conditional.unsupported_reason("cuda"):
+        pytest.skip(conditional.unsupported_reason("cuda"))
+    adapter = kx.Adapter.for_model(cuda_model, exit_layer=2, init="next_layer")
+    sources = set()
+    for p in repetitive_prompts(4, seed=7):
+        p = p.cuda()
+        ref = kx.generate(cuda_model, p, max_new_tokens=48, eos_token_id=[]).sequences
+        out = kx.speculative_generate(cuda_model, p, adapter=adapter, max_new_tokens=48, threshold=0.3,
+                                      max_draft=4, eos_token_id=[], copy_draft=True)
+        assert out.stats.mode == "graphs" and out.stats.copy_draft and out.stats.copy_draft_off == ""
+        assert torch.equal(out.sequences, ref)
+        assert out.stats.host_syncs == out.stats.rounds, "exactly one host sync per round"
+        sources.update(out.stats.draft_sources)
+    assert sources == {"copy", "adapter"}, sources

@@ -13,7 +13,10 @@ def test_report_layout_round_trips():
     report = torch.full((1, Report.width(4)), -1, dtype=torch.int64)
     Report.write(report, torch.tensor([2]), torch.tensor([3]), torch.tensor([[11, 12, 13, -1]]))
     r = Report.read(report[0].tolist())
-    assert (r.accepted, r.drafted, r.committed) == (2, 3, [11, 12, 13])
+    assert (r.accepted, r.drafted, r.committed, r.copied) == (2, 3, [11, 12, 13], 0)   # copied unset: 0
+    report[0, Report.COPIED] = 3
+    assert Report.read(report[0].tolist()).copied == 3
+    assert Report.COMMITTED + 4 + 1 == Report.width(4) - 1, "copied sits after the γ + 1 committed slots"
 
 
 class FakeEngine:

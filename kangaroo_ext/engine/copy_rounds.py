@@ -24,10 +24,11 @@ these rounds are eager (mode "host" or "device"); mode "graphs" keeps the adapte
 and says why in stats.copy_draft_off. A captured version would run the copy block at a fixed copy_gamma
 rows and mask by count, as the budget path does.
 """
+from dataclasses import dataclass
 from typing import List
 
 from .. import ops
-from .rounds import HostRounds
+from .rounds import ConditionalRounds, HostRounds
 
 # The policy's numbers, from the greedy SmolLM2 answers to 12 prompts of the long-context development set
 # (bench/results/copy_draft_cpu/README.md): the tokens accepted after a match grow with the matched n,
@@ -39,6 +40,15 @@ DEFAULT_MIN_NGRAM = 2
 DEFAULT_MAX_NGRAM = 8
 DEFAULT_COPY_GAMMA = 10       # copied drafts cost one multi-row step, so a longer chain than the adapter's pays
 COPIED_PER_MATCHED_TOKEN = 2
+
+
+@dataclass(frozen=True)
+class CopyPolicy:
+    """What a captured copy round looks up and copies (hashable: it keys the engine's graph cache)."""
+    min_ngram: int = DEFAULT_MIN_NGRAM
+    max_ngram: int = DEFAULT_MAX_NGRAM
+    rows: int = DEFAULT_COPY_GAMMA                  # copied slots per copy round (a static shape)
+    per_matched: int = COPIED_PER_MATCHED_TOKEN
 
 
 class CopyRounds(HostRounds):
@@ -102,3 +112,29 @@ class CopyRounds(HostRounds):
 
     def describe(self) -> dict:
         return {"mode": self.mode, "copy_draft": True}
+
+
+class CapturedCopyRounds(ConditionalRounds):
+    """Copy rounds on a GPU, captured (engine/graphs.py): the lookup, the choice between copying and the
+    adapter's draft loop, and verification of exactly the drafts all run on the device, so the host still
+    reads one report per round and rounds stay pipelined. Unlike CopyRounds there is no "mixed" round (the
+    adapter does not extend a copied chain) and a copy round always runs its shallow step over policy.rows
+    slots. Needs conditional nodes. The report's `copied` slot says which source each round used."""
+
+    def __init__(self, engine, gamma: int, policy: CopyPolicy = CopyPolicy()):
+        super().__init__(engine, max(gamma, policy.rows))
+        self.adapter_gamma, self.policy = gamma, policy
+        self.sources: List[str] = []
+        self.copied: List[int] = []
+
+    def prepare(self):
+        graphs, seconds = self.engine.graphs_for(self.adapter_gamma, True, True, copy=self.policy)
+        self.capture_s += seconds
+        self.graphs = graphs
+
+    def observe(self, result):
+        self.sources.append("copy" if result.copied else ("adapter" if self.adapter_gamma else "plain"))
+        self.copied.append(result.copied)
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "device_exit": True, "copy_draft": True}

@@ -144,23 +144,23 @@ class Engine:
 
     # ---- captured graphs, owned here because they replay this engine's buffers ---------------------
 
-    def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool) -> tuple:
+    def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> tuple:
         return (gamma, speculative, bool(device_exit and speculative), self.sampling,
-                id(self.adapter) if speculative else None)
+                id(self.adapter) if speculative else None, copy)
 
-    def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool) -> Optional[CudaGraphs]:
+    def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Optional[CudaGraphs]:
         """The graphs graphs_for captured for these settings and the bound adapter, or None."""
-        return self._graphs.get(self._graphs_key(gamma, speculative, device_exit))
+        return self._graphs.get(self._graphs_key(gamma, speculative, device_exit, copy))
 
-    def graphs_for(self, gamma: int, speculative: bool, device_exit: bool) -> Tuple[CudaGraphs, float]:
-        """The CUDA graphs of a round with this γ (and the current sampling settings and adapter),
-        captured on first use; (graphs, capture seconds)."""
-        key = self._graphs_key(gamma, speculative, device_exit)
+    def graphs_for(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Tuple[CudaGraphs, float]:
+        """The CUDA graphs of a round with this γ (and the current sampling settings and adapter; copy: a
+        copy_rounds.CopyPolicy for captured copy rounds), captured on first use; (graphs, capture seconds)."""
+        key = self._graphs_key(gamma, speculative, device_exit, copy)
         graphs = self._graphs.get(key)
         if graphs is not None:
             return graphs, 0.0
         t0 = time.perf_counter()
-        graphs = CudaGraphs(self, gamma, speculative, device_exit=key[2])
+        graphs = CudaGraphs(self, gamma, speculative, device_exit=key[2], copy=copy)
         self._graphs[key] = graphs
         return graphs, time.perf_counter() - t0
 
@@ -317,6 +317,7 @@ class Engine:
     def begin_round(self):
         self.active.fill_(True)
         self.num_drafted.zero_()
+        self.report[:, Report.COPIED] = 0
 
     def draft_step(self, j: int, gamma: int):
         """Draft step j: shallow layers on tokens_in[:, j], save the exit state, and (j < γ) let the
@@ -372,6 +373,32 @@ class Engine:
         h_exit, head = self.adapter_forward(x, res, pos, with_head=extend, stream=k, head_on_last=True)
         self.exit_states[:, :k + 1].copy_(h_exit)
         return self._take_draft(k, *head) if extend else None
+
+    def copy_lookup(self, policy) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This round's copied drafts, on the device (no host sync): tokens [B, policy.rows] from
+        ops.ngram_draft and k [B], how many of them to propose (0: no match of policy.min_ngram tokens;
+        else at most policy.per_matched per matched token)."""
+        tokens, count, matched = ops.ngram_draft(self.history, self.cache_len + 1, policy.min_ngram,
+                                                 policy.max_ngram, policy.rows)
+        return tokens, count.minimum(matched * policy.per_matched)
+
+    def draft_copied_rows(self, tokens: torch.Tensor, k: torch.Tensor, rows: int):
+        """draft_copied with static shapes, for a captured round: always `rows` copied slots, of which the
+        first k [B] (device) are the drafts (num_drafted = k). The slots past k are filled with token 0;
+        their exit states and cache rows lie past anything verification can accept, so they are never used
+        (rollback is the cache length). No adapter proposal after the copied tokens."""
+        copied = tokens[:, :rows].clamp_min(0)
+        self.draft_tokens[:, :rows] = copied
+        self.tokens_in[:, 1:rows + 1] = copied
+        self.num_drafted.copy_(k)
+        self.report[:, Report.COPIED] = k
+        if self.sampling is not None:
+            self.draft_probs[:, :rows].zero_().scatter_(-1, copied[..., None], 1.0)
+        pos = self.cache_len[:, None] + self.steps[:rows + 1]                    # [B, rows+1]
+        h = F.embedding(self.tokens_in[:, :rows + 1], self.spec.embed)           # [B, rows+1, H]
+        x, res = self.run_layers(h, pos, 0, self.adapter.exit_layer)
+        h_exit, _ = self.adapter_forward(x, res, pos, with_head=False, stream=rows, head_on_last=True)
+        self.exit_states[:, :rows + 1].copy_(h_exit)
 
     def verify(self, n_positions: int):
         """Layers ℓ..N-1 over the exit states of positions L-1 .. L-2+n, then accept and commit."""

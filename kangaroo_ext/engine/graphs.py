@@ -8,6 +8,12 @@ itself: draft step j is nested in an IF on "some row still drafts", so once the 
 η the remaining steps cost one untaken node, and the verify step is a SWITCH on the number of drafts
 k whose body k runs layers ℓ..N over exactly k + 1 positions. Without them every captured step runs
 (the confidence exit only limits what is proposed) and verification covers γ + 1 positions.
+
+Captured copy rounds (`copy`, a copy_rounds.CopyPolicy; conditional nodes required): the draft phase first
+looks the sequence's last tokens up on the device (Engine.copy_lookup), then a SWITCH on "a match was found"
+runs either the copy branch (Engine.draft_copied_rows: copy.rows slots in one multi-row shallow step, k of
+them drafts) or the adapter's draft loop above. Verification is the same SWITCH on the number of drafts,
+with bodies up to max(γ, copy.rows). The host still reads one report per round.
 """
 import contextlib
 import time
@@ -18,9 +24,13 @@ from . import conditional
 
 
 class CudaGraphs:
-    def __init__(self, engine, gamma: int, speculative: bool, device_exit: bool = False):
+    def __init__(self, engine, gamma: int, speculative: bool, device_exit: bool = False, copy=None):
+        if copy is not None and not (device_exit and speculative):
+            raise ValueError("captured copy rounds need conditional nodes (device_exit) and a speculative round")
         self.engine = engine
-        self.gamma = gamma
+        self.adapter_gamma = gamma                                     # the adapter's draft steps
+        self.copy = copy
+        self.gamma = max(gamma, copy.rows) if copy is not None else gamma   # the most drafts a round verifies
         self.speculative = speculative
         self.device_exit = bool(device_exit and speculative)
         self.pool = torch.cuda.graph_pool_handle()
@@ -36,13 +46,29 @@ class CudaGraphs:
     def _draft_phase(self, capturing: bool):
         e = self.engine
         e.begin_round()
+        if self.copy is None:
+            self._adapter_drafts(capturing)
+            return
+        tokens, k = e.copy_lookup(self.copy)
+        if not capturing:  # warm-up: each branch once (the state is reset before the capture)
+            self._adapter_drafts(capturing)
+            e.draft_copied_rows(tokens, k, self.copy.rows)
+            return
+        with conditional.switch_max((k > 0).long(), 2, self.pool) as case:
+            with case(0):
+                self._adapter_drafts(capturing)
+            with case(1):
+                e.draft_copied_rows(tokens, k, self.copy.rows)
+
+    def _adapter_drafts(self, capturing: bool):
+        e = self.engine
         with contextlib.ExitStack() as rest:
-            for j in range(self.gamma + 1):
+            for j in range(self.adapter_gamma + 1):
                 if j and capturing and self.device_exit:
                     # Step j only serves draft j (its exit state, the next proposal): it and every
                     # later step sit inside "draft j was proposed by some row".
                     rest.enter_context(conditional.if_any(e.active, self.pool))
-                e.draft_step(j, self.gamma)
+                e.draft_step(j, self.adapter_gamma)
 
     def _verify_phase(self, capturing: bool):
         e = self.engine

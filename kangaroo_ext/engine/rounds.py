@@ -32,16 +32,19 @@ class RoundResult:
     accepted: int            # drafts accepted (the bonus token not counted)
     drafted: int             # drafts proposed
     committed: List[int]     # the accepted drafts, then the target's token: accepted + 1 tokens
+    copied: int = 0          # drafts copied from the sequence (captured copy rounds; 0: the adapter's)
 
 
 class Report:
     """The one definition of the report's layout: an int64 row per batch row on the device,
-    [accepted, drafted, committed_0 .. committed_γ] (committed slots past accepted + 1 hold -1)."""
+    [accepted, drafted, committed_0 .. committed_γ, copied] (committed slots past accepted + 1 hold -1;
+    `copied`, the last slot, is set by the draft phase: Engine.begin_round and a captured copy round)."""
     ACCEPTED, DRAFTED, COMMITTED = 0, 1, 2
+    COPIED = -1
 
     @staticmethod
     def width(gamma: int) -> int:
-        return Report.COMMITTED + gamma + 1
+        return Report.COMMITTED + gamma + 1 + 1
 
     @staticmethod
     def write(report: torch.Tensor, accepted: torch.Tensor, drafted: torch.Tensor, committed: torch.Tensor):
@@ -54,7 +57,8 @@ class Report:
     def read(row: List[int]) -> RoundResult:
         accepted = row[Report.ACCEPTED]
         committed = row[Report.COMMITTED:Report.COMMITTED + accepted + 1]
-        return RoundResult(accepted=accepted, drafted=row[Report.DRAFTED], committed=committed)
+        return RoundResult(accepted=accepted, drafted=row[Report.DRAFTED], committed=committed,
+                           copied=max(0, row[Report.COPIED]))
 
 
 # ---- how a round is issued --------------------------------------------------------------------------
