@@ -3,7 +3,7 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
-#           steps: build diag probe invariant mma fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
+#           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
 #                  mtbench sampled
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -74,6 +74,15 @@ for step in $steps; do
         KANGAROO_TENSOR_CORE_GEMV=$on python3 bench/kernel_report.py --out "bench/results/kernels_mma$on.json" 2>&1 \
           | grep -E "engine/|round|decode:|wrote" | tee -a "$OUT/mma_report.log"
       done ;;
+    copy)
+      # captured copy rounds (copy_draft=True in graphs mode, opt-in): the GPU test, then MT-bench with
+      # Kangaroo, Kangaroo + copied drafts and plain decoding in one run
+      log copy
+      python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py -k captured_copy 2>&1 | tail -5 \
+        | tee "$OUT/copy_tests.log"
+      python3 -m kangaroo_ext bench --methods kangaroo,kangaroo-copy,plain --no-progress \
+        ${COPY_QUESTIONS:+--max-questions $COPY_QUESTIONS} \
+        --out "bench/results/mt_bench_copy_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -30 ;;
     probe)
       # issue 24: the launcher crash outside pytest, op by op, under process set-ups that changed it
       # (it passed with scripts/segv_backtrace.c preloaded, crashed with and without faulthandler).
