@@ -18,11 +18,11 @@ the target's law (a copied draft's q is one-hot: engine.draft_copied).
 Where the lookup runs. On the device, over the engine's history buffer, with no host sync (the op has
 static shapes): with pipelined rounds the host's copy of the sequence is a round behind (round i+1 is
 queued before round i's report is read), so a host-side lookup would either miss the newest tokens or
-stall the pipeline. The round then reads the match length back (`count`), because the number of rows of
-the shallow step and of verification follows it: free on a CPU, one extra sync per round on a GPU. So
-these rounds are eager (mode "host" or "device"); mode "graphs" keeps the adapter-only captured rounds
-and says why in stats.copy_draft_off. A captured version would run the copy block at a fixed copy_gamma
-rows and mask by count, as the budget path does.
+stall the pipeline. CopyRounds (modes "host", "device") then reads the match length back (`count`),
+because the number of rows of the shallow step and of verification follows it: free on a CPU, one extra
+sync per round on a GPU. CapturedCopyRounds (mode "graphs") reads nothing: its copy step always has
+CopyPolicy.rows rows, the first k of them drafts (num_drafted = k, on the device), a conditional node picks
+the copy step or the adapter's draft loop, and verification's SWITCH covers exactly the k drafts.
 """
 from dataclasses import dataclass
 from typing import List
