@@ -119,12 +119,12 @@ def apply_launch_settings():
     KANGAROO_BATCH_INVARIANT_ATTENTION=0; tensor-core GEMVs with KANGAROO_TENSOR_CORE_GEMV. Called at
     import; call again after changing them."""
     from . import config
-    if _C is not None and hasattr(_C, "set_pdl_launches"):
-        _C.set_pdl_launches(not config.flag("KANGAROO_DISABLE_PDL"))
-    if _C is not None and hasattr(_C, "set_batch_invariant_attention"):
-        _C.set_batch_invariant_attention(config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION"))
-    if _C is not None and hasattr(_C, "set_tensor_core_gemv"):
-        _C.set_tensor_core_gemv(config.flag("KANGAROO_TENSOR_CORE_GEMV"))
+    settings = {"set_pdl_launches": not config.flag("KANGAROO_DISABLE_PDL"),
+                "set_batch_invariant_attention": config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION"),
+                "set_tensor_core_gemv": config.flag("KANGAROO_TENSOR_CORE_GEMV")}
+    for setter, value in settings.items():
+        if _C is not None and hasattr(_C, setter):  # an extension older than the switch lacks its setter
+            getattr(_C, setter)(value)
 
 
 apply_launch_settings()

@@ -174,6 +174,9 @@ def check_all():
 def markdown_table() -> str:
     rows = ["| variable | when | effect |", "|---|---|---|"]
     for k in KNOBS.values():
-        values = ("1/0, default 1" if k.on_by_default else "1/0") if k.kind == "flag" else ", ".join(k.choices) if k.kind == "choice" else "text"
+        if k.kind == "flag":
+            values = "1/0, default 1" if k.on_by_default else "1/0"
+        else:
+            values = ", ".join(k.choices) if k.kind == "choice" else "text"
         rows.append(f"| `{k.name}` ({values}) | {k.when} | {k.doc} |")
     return "\n".join(rows)

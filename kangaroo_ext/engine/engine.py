@@ -317,7 +317,6 @@ class Engine:
     def begin_round(self):
         self.active.fill_(True)
         self.num_drafted.zero_()
-        self.report[:, Report.COPIED] = 0
 
     def draft_step(self, j: int, gamma: int):
         """Draft step j: shallow layers on tokens_in[:, j], save the exit state, and (j < γ) let the
@@ -360,45 +359,44 @@ class Engine:
         proposal, so its q is one-hot: speculative sampling then accepts it with probability p(token) and
         resamples from p without it, exactly. extend: also the adapter's proposal after the last copied
         token (draft k), kept if its confidence is >= η; returns keep [B] then, else None."""
-        ell = self.adapter.exit_layer
-        copied = tokens[:, :k]
-        self.draft_tokens[:, :k] = copied
-        self.tokens_in[:, 1:k + 1] = copied
         self.num_drafted.fill_(k)
-        if self.sampling is not None:
-            self.draft_probs[:, :k].zero_().scatter_(-1, copied[..., None], 1.0)
-        pos = self.cache_len[:, None] + self.steps[:k + 1]                       # [B, k+1]
-        h = F.embedding(self.tokens_in[:, :k + 1], self.spec.embed)              # [B, k+1, H]
-        x, res = self.run_layers(h, pos, 0, ell)
-        h_exit, head = self.adapter_forward(x, res, pos, with_head=extend, stream=k, head_on_last=True)
-        self.exit_states[:, :k + 1].copy_(h_exit)
+        head = self._copied_step(tokens[:, :k], with_head=extend)
         return self._take_draft(k, *head) if extend else None
 
     def copy_lookup(self, policy) -> Tuple[torch.Tensor, torch.Tensor]:
         """This round's copied drafts, on the device (no host sync): tokens [B, policy.rows] from
         ops.ngram_draft and k [B], how many of them to propose (0: no match of policy.min_ngram tokens;
-        else at most policy.per_matched per matched token)."""
+        else at most policy.per_matched per matched token). k also goes to the report's `copied` slot: the
+        captured round copies exactly when some row has k > 0, each row its own k."""
         tokens, count, matched = ops.ngram_draft(self.history, self.cache_len + 1, policy.min_ngram,
                                                  policy.max_ngram, policy.rows)
-        return tokens, count.minimum(matched * policy.per_matched)
+        k = count.minimum(matched * policy.per_matched)
+        self.report[:, Report.COPIED] = k
+        return tokens, k
 
     def draft_copied_rows(self, tokens: torch.Tensor, k: torch.Tensor, rows: int):
         """draft_copied with static shapes, for a captured round: always `rows` copied slots, of which the
         first k [B] (device) are the drafts (num_drafted = k). The slots past k are filled with token 0;
         their exit states and cache rows lie past anything verification can accept, so they are never used
         (rollback is the cache length). No adapter proposal after the copied tokens."""
-        copied = tokens[:, :rows].clamp_min(0)
-        self.draft_tokens[:, :rows] = copied
-        self.tokens_in[:, 1:rows + 1] = copied
         self.num_drafted.copy_(k)
-        self.report[:, Report.COPIED] = k
+        self._copied_step(tokens[:, :rows].clamp_min(0), with_head=False)
+
+    def _copied_step(self, copied: torch.Tensor, with_head: bool):
+        """Copied tokens [B, n] as drafts 0..n-1, then one multi-row step of the shallow layers and the
+        adapter's blocks over positions L-1 .. L-1+n, keeping their exit states; the adapter's head output
+        on the last position when with_head (see adapter_forward)."""
+        n = copied.shape[1]
+        self.draft_tokens[:, :n] = copied
+        self.tokens_in[:, 1:n + 1] = copied
         if self.sampling is not None:
-            self.draft_probs[:, :rows].zero_().scatter_(-1, copied[..., None], 1.0)
-        pos = self.cache_len[:, None] + self.steps[:rows + 1]                    # [B, rows+1]
-        h = F.embedding(self.tokens_in[:, :rows + 1], self.spec.embed)           # [B, rows+1, H]
+            self.draft_probs[:, :n].zero_().scatter_(-1, copied[..., None], 1.0)
+        pos = self.cache_len[:, None] + self.steps[:n + 1]                       # [B, n+1]
+        h = F.embedding(self.tokens_in[:, :n + 1], self.spec.embed)              # [B, n+1, H]
         x, res = self.run_layers(h, pos, 0, self.adapter.exit_layer)
-        h_exit, _ = self.adapter_forward(x, res, pos, with_head=False, stream=rows, head_on_last=True)
-        self.exit_states[:, :rows + 1].copy_(h_exit)
+        h_exit, head = self.adapter_forward(x, res, pos, with_head=with_head, stream=n, head_on_last=True)
+        self.exit_states[:, :n + 1].copy_(h_exit)
+        return head
 
     def verify(self, n_positions: int):
         """Layers ℓ..N-1 over the exit states of positions L-1 .. L-2+n, then accept and commit."""
