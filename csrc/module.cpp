@@ -102,34 +102,19 @@ PyObject* branch_depth(PyObject*, PyObject*) {
   return guarded([&] { return PyLong_FromLongLong(kangaroo::graph::branch_depth()); });
 }
 
-PyObject* set_pdl_launches(PyObject*, PyObject* args) {
-  int enabled = 1;
-  if (!PyArg_ParseTuple(args, "p", &enabled)) return nullptr;
-  kangaroo::set_pdl_launches(enabled != 0);
-  Py_RETURN_NONE;
-}
-
-PyObject* pdl_launches(PyObject*, PyObject*) { return PyBool_FromLong(kangaroo::pdl_launches() ? 1 : 0); }
-
-PyObject* set_batch_invariant_attention(PyObject*, PyObject* args) {
+// The launchers' process-wide switches (launch_options.h): one setter and one getter shape for all of them.
+template <void (*Set)(bool)>
+PyObject* set_switch(PyObject*, PyObject* args) {
   int enabled = 0;
   if (!PyArg_ParseTuple(args, "p", &enabled)) return nullptr;
-  kangaroo::set_batch_invariant_attention(enabled != 0);
+  Set(enabled != 0);
   Py_RETURN_NONE;
 }
 
-PyObject* batch_invariant_attention(PyObject*, PyObject*) {
-  return PyBool_FromLong(kangaroo::batch_invariant_attention() ? 1 : 0);
+template <bool (*Get)()>
+PyObject* get_switch(PyObject*, PyObject*) {
+  return PyBool_FromLong(Get() ? 1 : 0);
 }
-
-PyObject* set_tensor_core_gemv(PyObject*, PyObject* args) {
-  int enabled = 0;
-  if (!PyArg_ParseTuple(args, "p", &enabled)) return nullptr;
-  kangaroo::set_tensor_core_gemv(enabled != 0);
-  Py_RETURN_NONE;
-}
-
-PyObject* tensor_core_gemv(PyObject*, PyObject*) { return PyBool_FromLong(kangaroo::tensor_core_gemv() ? 1 : 0); }
 
 PyObject* branch_select(PyObject*, PyObject* args) {
   long long index = 0;
@@ -158,17 +143,18 @@ PyObject* branch_close(PyObject*, PyObject* args) {
 }
 
 PyMethodDef kMethods[] = {
-    {"set_pdl_launches", set_pdl_launches, METH_VARARGS,
+    {"set_pdl_launches", set_switch<kangaroo::set_pdl_launches>, METH_VARARGS,
      "set_pdl_launches(enabled: bool): whether later kernel launches may use programmatic dependent launch"},
-    {"pdl_launches", pdl_launches, METH_NOARGS, "pdl_launches() -> bool"},
-    {"set_batch_invariant_attention", set_batch_invariant_attention, METH_VARARGS,
+    {"pdl_launches", get_switch<kangaroo::pdl_launches>, METH_NOARGS, "pdl_launches() -> bool"},
+    {"set_batch_invariant_attention", set_switch<kangaroo::set_batch_invariant_attention>, METH_VARARGS,
      "set_batch_invariant_attention(enabled: bool): whether later attention launches sum every row's keys in "
      "the key groups of a one-token step (csrc/kernels/attention.cuh)"},
-    {"batch_invariant_attention", batch_invariant_attention, METH_NOARGS, "batch_invariant_attention() -> bool"},
-    {"set_tensor_core_gemv", set_tensor_core_gemv, METH_VARARGS,
+    {"batch_invariant_attention", get_switch<kangaroo::batch_invariant_attention>, METH_NOARGS,
+     "batch_invariant_attention() -> bool"},
+    {"set_tensor_core_gemv", set_switch<kangaroo::set_tensor_core_gemv>, METH_VARARGS,
      "set_tensor_core_gemv(enabled: bool): whether later 16-bit decode GEMV launches use tensor cores where the "
      "shapes allow (csrc/kernels/decode_linear_mma.cuh)"},
-    {"tensor_core_gemv", tensor_core_gemv, METH_NOARGS, "tensor_core_gemv() -> bool"},
+    {"tensor_core_gemv", get_switch<kangaroo::tensor_core_gemv>, METH_NOARGS, "tensor_core_gemv() -> bool"},
     {"branch_unsupported_reason", branch_unsupported_reason, METH_VARARGS,
      "branch_unsupported_reason(device) -> str: why conditional graph nodes cannot be captured ('' if they can)"},
     {"branch_begin", branch_begin, METH_VARARGS,
