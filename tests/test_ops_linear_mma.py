@@ -70,9 +70,11 @@ def test_rows_are_batch_invariant(tensor_cores, dtype, K):
 LLAMA_1B = {"hidden": 2048, "q": 2048, "kv": 512, "intermediate": 8192}
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7, 8, 9])
+@pytest.mark.parametrize("rows", range(1, 10))
 def test_llama_1b_shapes(tensor_cores, rows):
-    """The four GEMVs of a Llama-3.2-1B layer (K up to 8,192, N up to 8,192) against the reference."""
+    """The four GEMVs of a Llama-3.2-1B layer (K up to 8,192, N up to 8,192) against the reference. Every row
+    count: 2 rows of K 8,192 take exactly 48 KiB of dynamic shared memory, which failed to launch while the
+    kernel's static arrays went uncounted (common.cuh's ensure_dynamic_smem)."""
     dtype, s = torch.bfloat16, LLAMA_1B
     x, res, nw, g = base._inputs((rows,), s["hidden"], dtype, "cuda", True, seed=rows)
     ws = [base._matrix(n, s["hidden"], dtype, "cuda", g) for n in (s["q"], s["kv"], s["kv"])]
