@@ -133,4 +133,26 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
   return out;
 }
 
+int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t elem_size, int64_t device) {
+  TORCH_CHECK_VALUE(group >= 1 && head_dim >= 1 && head_dim <= attention::kMaxHeadDim,
+                    "group must be >= 1 and head_dim in 1..", attention::kMaxHeadDim, ", got group = ", group,
+                    ", head_dim = ", head_dim);
+  TORCH_CHECK_VALUE(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4 (bytes), got ", elem_size);
+  // The launcher's own choice, above: the switch, 16-bit only, and the invariant reduction must fit.
+  if (!batch_invariant_attention() || elem_size != 2) return 0;
+  const auto index = static_cast<c10::DeviceIndex>(device);
+  const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, index);
+  const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
+  int64_t most = 0;
+  // Eligibility depends on the rows of one KV head's tile (tokens * group), not on the batch, the KV heads
+  // or the cache length (those only change the split count): 1 sequence, 1 KV head, any cache length.
+  for (int tokens = 1; tokens <= attention::kMaxTileRows; ++tokens) {
+    const attention::Plan pl = attention::plan(1, tokens, 1, static_cast<int>(group), static_cast<int>(head_dim),
+                                               4096, static_cast<int>(elem_size), true, num_sms, true, true);
+    if (!pl.invariant || pl.smem_bytes + 1024 > max_smem) break;
+    most = tokens;
+  }
+  return most;
+}
+
 }  // namespace kangaroo

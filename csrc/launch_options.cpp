@@ -7,7 +7,7 @@ namespace kangaroo {
 namespace {
 std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by every launch on any thread
 std::atomic<bool> invariant_attention{true};  // config.py's default; set again at import
-std::atomic<bool> mma_gemv{false};
+std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }

@@ -14,8 +14,8 @@ void set_pdl_launches(bool enabled);
 bool batch_invariant_attention();
 void set_batch_invariant_attention(bool enabled);
 
-// Whether the 16-bit decode GEMVs run on tensor cores where the shapes allow it (default false until they
-// have passed their GPU tests; csrc/kernels/decode_linear_mma.cuh).
+// Whether the 16-bit decode GEMVs run on tensor cores where the shapes allow it (default true since their GPU
+// tests passed on the H100 at 50fdea6; csrc/kernels/decode_linear_mma.cuh).
 bool tensor_core_gemv();
 void set_tensor_core_gemv(bool enabled);
 

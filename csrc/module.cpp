@@ -11,6 +11,7 @@
 
 #include "graph_branch.h"
 #include "launch_options.h"
+#include "ops.h"
 
 // Two levels so the macro's value, not its name, is stringified. setup.py / CMakeLists.txt pass
 // the arch list as one preprocessor number (e.g. 8.0_9.0a) to avoid shell quoting.
@@ -116,6 +117,14 @@ PyObject* get_switch(PyObject*, PyObject*) {
   return PyBool_FromLong(Get() ? 1 : 0);
 }
 
+PyObject* attention_invariant_max_tokens(PyObject*, PyObject* args) {
+  long long group = 0, head_dim = 0, elem_size = 0, device = 0;
+  if (!PyArg_ParseTuple(args, "LLLL", &group, &head_dim, &elem_size, &device)) return nullptr;
+  return guarded([&] {
+    return PyLong_FromLongLong(kangaroo::attention_invariant_max_tokens(group, head_dim, elem_size, device));
+  });
+}
+
 PyObject* branch_select(PyObject*, PyObject* args) {
   long long index = 0;
   if (!PyArg_ParseTuple(args, "L", &index)) return nullptr;
@@ -155,6 +164,9 @@ PyMethodDef kMethods[] = {
      "set_tensor_core_gemv(enabled: bool): whether later 16-bit decode GEMV launches use tensor cores where the "
      "shapes allow (csrc/kernels/decode_linear_mma.cuh)"},
     {"tensor_core_gemv", get_switch<kangaroo::tensor_core_gemv>, METH_NOARGS, "tensor_core_gemv() -> bool"},
+    {"attention_invariant_max_tokens", attention_invariant_max_tokens, METH_VARARGS,
+     "attention_invariant_max_tokens(group, head_dim, elem_size, device) -> int: the most query tokens one "
+     "attention call may carry in the batch-invariant order (0: none; csrc/ops.h)"},
     {"branch_unsupported_reason", branch_unsupported_reason, METH_VARARGS,
      "branch_unsupported_reason(device) -> str: why conditional graph nodes cannot be captured ('' if they can)"},
     {"branch_begin", branch_begin, METH_VARARGS,

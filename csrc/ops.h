@@ -41,6 +41,13 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& positions,
                                  at::Tensor& k_cache, at::Tensor& v_cache, double scale, int64_t window);
 
+// Not an op: the most query tokens one rope_append_attention call on `device` may carry and still sum every
+// row in the batch-invariant order (so a verify step over that many positions rounds like one-token steps),
+// for a GQA group of `group` query heads per KV head, head dim `head_dim` and 16-bit elements with aligned
+// caches; 0 where no call does (the switch off, fp32, head dims without an invariant instantiation).
+// The engine keeps its copied drafts within it (engine/copy_rounds.py). attention.cu.
+int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t elem_size, int64_t device);
+
 // lm_head_argmax(Tensor hidden, Tensor lm_head) -> (Tensor, Tensor)
 // Returns (token [...] int64, confidence [...] float32); lm_head.cu.
 std::tuple<at::Tensor, at::Tensor> lm_head_argmax(const at::Tensor& hidden, const at::Tensor& lm_head);

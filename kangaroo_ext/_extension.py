@@ -134,6 +134,15 @@ def loaded() -> bool:
     return _C is not None
 
 
+def attention_invariant_max_tokens(group: int, head_dim: int, elem_size: int, device_index: int) -> Optional[int]:
+    """The most query tokens one CUDA attention call may carry in the batch-invariant order (csrc/ops.h), for
+    this GQA group, head dim and element size (bytes) on this device: 0 where no call does (the switch off,
+    fp32); None where the extension is missing or predates the query."""
+    if _C is None or not hasattr(_C, "attention_invariant_max_tokens"):
+        return None
+    return int(_C.attention_invariant_max_tokens(group, head_dim, elem_size, device_index))
+
+
 def library_path():
     return getattr(_C, "__file__", None)
 

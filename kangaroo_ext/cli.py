@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Spec-Bench / MT-bench questions (question_id, category, turns); default: the shipped "
                         "MT-bench (80 questions); 'long-context': the shipped long-context development set")
     b.add_argument("--methods", default="kangaroo,plain,hf-eager,pld,hf-pld",
-                   help="comma list of: kangaroo, kangaroo-copy (adapter and copied drafts), pld (copied drafts "
+                   help="comma list of: kangaroo (speculative_generate's defaults), kangaroo-adapter (the "
+                        "adapter's drafts alone), kangaroo-copy (adapter and copied drafts), pld (copied drafts "
                         "alone, our engine), plain, hf-eager, hf-pld (transformers' prompt lookup), hf-static")
     b.add_argument("--max-questions", type=int, help="at most N questions, round-robin over categories")
     b.add_argument("--hf-max-questions", type=int, help="at most N questions for the slow hf-* methods")

@@ -18,7 +18,7 @@ QUESTIONS = [
     {"question_id": 3, "category": "writing", "turns": ["Describe a cat."]},
     {"question_id": 4, "category": "coding", "turns": ["Sort a list.", "In C?"]},
 ]
-METHODS = ["kangaroo", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld"]  # not hf-static: it compiles
+METHODS = ["kangaroo", "kangaroo-adapter", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld"]  # not hf-static
 
 
 class CharChatTokenizer:
@@ -132,8 +132,11 @@ def test_copied_draft_methods_are_identical_to_plain_and_record_their_sources(ru
         for t in results["methods"][m]["turns"]:
             assert sum(row["rounds"] for row in t["draft_sources"].values()) == t["rounds"]
     assert all(set(t["draft_sources"]) <= {"copy", "plain"} for t in results["methods"]["pld"]["turns"])
-    # kangaroo follows speculative_generate's default: copied drafts on in host mode, the CPU's
+    # kangaroo follows speculative_generate's default: copied drafts on in host mode, the CPU's;
+    # kangaroo-adapter never copies
     assert "draft_sources" in results["methods"]["kangaroo"]["turns"][0]
+    assert summary["kangaroo-adapter"]["overall"]["identical_to_plain"] == 1.0
+    assert not any("draft_sources" in t for t in results["methods"]["kangaroo-adapter"]["turns"])
 
 
 def test_summary_json_has_the_latest_json_form(run):
@@ -218,7 +221,8 @@ def test_missing_questions_file(tmp_path):
 
 
 def test_unknown_method_lists_the_valid_ones(qfile):
-    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, kangaroo-copy, pld, "
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, kangaroo-adapter, "
+                                         r"kangaroo-copy, pld, "
                                          r"plain, hf-eager, hf-pld, hf-static, hf-prompt-lookup"):
         _bench("--questions", qfile, "--methods", "kangaroo,medusa")
 
@@ -419,8 +423,9 @@ def test_provenance_records_the_run_switches_in_effect(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     flags = io.provenance("cpu")["run_flags"]
     assert set(flags) == {k.name for k in config.KNOBS.values() if k.kind == "flag" and k.when == "run"}
-    assert flags["KANGAROO_TENSOR_CORE_GEMV"] is False and flags["KANGAROO_BATCH_INVARIANT_ATTENTION"] is True
-    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "1")
-    monkeypatch.setenv("KANGAROO_BATCH_INVARIANT_ATTENTION", "0")
+    assert flags["KANGAROO_TENSOR_CORE_GEMV"] is True and flags["KANGAROO_BATCH_INVARIANT_ATTENTION"] is True
+    assert flags["KANGAROO_DISABLE_PDL"] is False
+    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "0")
+    monkeypatch.setenv("KANGAROO_DISABLE_PDL", "1")
     flags = io.provenance("cpu")["run_flags"]
-    assert flags["KANGAROO_TENSOR_CORE_GEMV"] is True and flags["KANGAROO_BATCH_INVARIANT_ATTENTION"] is False
+    assert flags["KANGAROO_TENSOR_CORE_GEMV"] is False and flags["KANGAROO_DISABLE_PDL"] is True

@@ -144,3 +144,34 @@ def test_captured_copy_rounds_say_what_they_are():
     only = CapturedCopyRounds(engine=None, gamma=0)            # copy_draft="only": no adapter drafting
     only.observe(RoundResult(accepted=0, drafted=0, committed=[4], copied=0))
     assert only.sources == ["plain"]
+
+
+@pytest.mark.parametrize("device, dtype, widest, rows", [
+    ("cuda", torch.bfloat16, 11, 10),     # wide enough: the measured default
+    ("cuda", torch.bfloat16, 10, 9),      # the default model's width on the H100: 9 copied + 1 verified
+    ("cuda", torch.float16, 2, 1),
+    ("cuda", torch.bfloat16, 0, 10),      # the invariant order switched off: nothing to keep within
+    ("cuda", torch.bfloat16, None, 10),   # no extension
+    ("cuda", torch.float32, 10, 10),      # fp32: the order is not invariant anyway (never asked)
+    ("cpu", torch.bfloat16, 10, 10),      # CPU: not the CUDA kernel (never asked)
+])
+def test_copy_policy_keeps_copy_rounds_within_the_invariant_width(monkeypatch, device, dtype, widest, rows):
+    """A captured copy round verifies rows + 1 positions: on a GPU in 16 bits, no more than the attention
+    kernel keeps batch-invariant (bf16 output equal to plain decoding), asked with the model's GQA group,
+    head dim, element size and device."""
+    from types import SimpleNamespace
+    from kangaroo_ext import _extension
+    from kangaroo_ext.engine import copy_rounds
+    asked = []
+
+    def widest_for(group, head_dim, elem_size, device_index):
+        asked.append((group, head_dim, elem_size, device_index))
+        return widest
+
+    monkeypatch.setattr(_extension, "attention_invariant_max_tokens", widest_for)
+    spec = SimpleNamespace(device=torch.device(device, 1) if device == "cuda" else torch.device("cpu"),
+                           dtype=dtype, num_heads=9, num_kv_heads=3, head_dim=64)
+    policy = copy_rounds.copy_policy_for(SimpleNamespace(spec=spec))
+    assert policy == CopyPolicy(rows=rows)
+    needs_asking = device == "cuda" and dtype != torch.float32
+    assert asked == ([(3, 64, dtype.itemsize, 1)] if needs_asking else [])

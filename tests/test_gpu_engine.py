@@ -95,3 +95,36 @@ def test_captured_copy_rounds_are_lossless_fp32(cuda_model):
         assert out.stats.host_syncs == out.stats.rounds, "exactly one host sync per round"
         sources.update(out.stats.draft_sources)
     assert sources == {"copy", "adapter"}, sources
+
+
+@torch.inference_mode()
+def test_copied_drafts_are_the_greedy_graphs_default_and_bf16_stays_plain():
+    """speculative_generate's defaults on a GPU: greedy decoding in graphs mode copies drafts (where
+    conditional nodes allow), sampling and 'device' mode do not; in bf16 the copy rounds stay within the
+    attention's batch-invariant width (copy_policy_for), so the tokens equal plain decoding's."""
+    import copy
+    from test_copy_draft import repetitive_prompts
+    from kangaroo_ext.engine.copy_rounds import copy_policy_for
+    from kangaroo_ext.engine.engine import engine_for
+    if conditional.unsupported_reason("cuda"):
+        pytest.skip(conditional.unsupported_reason("cuda"))
+    model = copy.deepcopy(tiny_model("llama", layers=4)).to(torch.bfloat16).cuda()
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    spec = engine_for(model).spec
+    widest = kx._extension.attention_invariant_max_tokens(spec.num_heads // spec.num_kv_heads, spec.head_dim, 2,
+                                                          torch.cuda.current_device())
+    assert copy_policy_for(engine_for(model)).rows + 1 <= widest
+    sources = set()
+    for p in repetitive_prompts(4, seed=3):
+        p = p.cuda()
+        ref = kx.generate(model, p, max_new_tokens=64, eos_token_id=[]).sequences
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=64, threshold=0.3, max_draft=6,
+                                      eos_token_id=[])
+        assert out.stats.mode == "graphs" and out.stats.copy_draft and out.stats.copy_draft_off == ""
+        assert torch.equal(out.sequences, ref)
+        sources.update(out.stats.draft_sources)
+    assert "copy" in sources, sources
+    p = repetitive_prompts(1, seed=4)[0].cuda()
+    sampled = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=8, do_sample=True, seed=1)
+    on_device = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=8, mode="device")
+    assert not sampled.stats.copy_draft and not on_device.stats.copy_draft

@@ -138,9 +138,9 @@ def test_info_shows_the_run_switches_in_effect(monkeypatch):
     monkeypatch.delenv("KANGAROO_TENSOR_CORE_GEMV", raising=False)
     monkeypatch.delenv("KANGAROO_BATCH_INVARIANT_ATTENTION", raising=False)
     switches = info.collect()["run switches"]
-    assert switches["tensor_core_gemv"] == "off" and switches["batch_invariant_attention"] == "on"
-    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "1")
-    assert info.collect()["run switches"]["tensor_core_gemv"] == "on"
+    assert switches["tensor_core_gemv"] == "on" and switches["batch_invariant_attention"] == "on"
+    monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "0")
+    assert info.collect()["run switches"]["tensor_core_gemv"] == "off"
     monkeypatch.setenv("KANGAROO_TENSOR_CORE_GEMV", "maybe")
     assert info.collect()["run switches"].startswith("invalid: KANGAROO_TENSOR_CORE_GEMV='maybe'")
 
@@ -237,7 +237,7 @@ def test_another_running_torch_warns_once_and_info_says_why():
 @pytest.mark.parametrize("knob, getter, when_set, when_unset", [
     ("KANGAROO_DISABLE_PDL", "pdl_launches", False, True),                          # PDL is on unless disabled
     ("KANGAROO_BATCH_INVARIANT_ATTENTION", "batch_invariant_attention", True, True),  # on unless set to 0
-    ("KANGAROO_TENSOR_CORE_GEMV", "tensor_core_gemv", True, False),                  # off unless asked for
+    ("KANGAROO_TENSOR_CORE_GEMV", "tensor_core_gemv", True, True),                   # on unless set to 0
 ])
 def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set, when_unset):
     """The launchers' run-time switches are read by config.py and handed over at import (no kernel header

@@ -156,6 +156,11 @@ INVARIANCE_CASES = {  # Hq, Hkv, D, start position (keys before it are random ca
     "gqa3-d64-2-tokens": (9, 3, 64, 100, 2),
     "gqa3-d64-4-tokens": (9, 3, 64, 450, 4),
     "gqa4-d128": (8, 2, 128, 150, 4),   # 16 rows: a tile of head dim 128 holds at most 16 (one PV slot each)
+    # None: as many tokens as the launcher says stay invariant (attention_invariant_max_tokens), the width
+    # the engine keeps copied drafts within (engine/copy_rounds.py, copy_policy_for)
+    "smollm2-widest": (9, 3, 64, 300, None),
+    "llama1b-widest": (32, 8, 64, 200, None),
+    "gqa4-d128-widest": (8, 2, 128, 150, None),
 }
 
 
@@ -174,6 +179,12 @@ def test_attention_verified_rows_are_the_decode_steps_rows(dtype, case):
     from kangaroo_ext import _extension
     C = _extension._C
     Hq, Hkv, D, start, T = INVARIANCE_CASES[case]
+    if T is None:
+        before = C.batch_invariant_attention()
+        C.set_batch_invariant_attention(True)
+        T = _extension.attention_invariant_max_tokens(Hq // Hkv, D, dtype.itemsize, torch.cuda.current_device())
+        C.set_batch_invariant_attention(before)
+        assert T is not None and T >= 1, f"no invariant width for {case}: {T}"
     S, device = 512, "cuda"
     g = torch.Generator().manual_seed(len(case) * 7 + T)
     q, k, v = (torch.randn(1, T, h, D, generator=g).to(dtype).to(device) for h in (Hq, Hkv, Hkv))

@@ -17,11 +17,19 @@ import torch
 import kangaroo_ext.ops as kops
 from kangaroo_ext.ops import reference
 
-from conftest import backend_params, device_for, skip_missing_kernel, skip_unsupported
+from conftest import backend_params, device_for, skip_missing_kernel, skip_unsupported, tensor_core_gemv
 
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _cuda_cores():
+    """These tests are the CUDA-core GEMVs' (the tensor-core ones, on by default, run them again in
+    test_ops_linear_mma.py with the switch on)."""
+    with tensor_core_gemv(False):
+        yield
 
 
 def _allowed(ref_lowp, ref64):

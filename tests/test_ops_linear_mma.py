@@ -2,8 +2,6 @@
 and the same tests as the CUDA-core kernels (tests/test_ops_linear.py) with the switch on, at the default
 model's and Llama-3.2-1B's shapes too; the switch really routes eligible shapes to the new kernel and only
 those; and bf16 speculative decoding stays token for token plain decoding with it on."""
-import contextlib
-
 import pytest
 import torch
 
@@ -12,28 +10,18 @@ from kangaroo_ext import ops as kops
 from kangaroo_ext.ops import reference
 
 import test_ops_linear as base
-from conftest import skip_missing_kernel
+from conftest import skip_missing_kernel, tensor_core_gemv
 from models import prompts, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
-@contextlib.contextmanager
-def tensor_core_gemv(enabled: bool):
+@pytest.fixture
+def tensor_cores():
     from kangaroo_ext import _extension
     if not _extension.loaded():
         pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
-    before = _extension._C.tensor_core_gemv()
-    _extension._C.set_tensor_core_gemv(enabled)
-    try:
-        yield
-    finally:
-        _extension._C.set_tensor_core_gemv(before)
-
-
-@pytest.fixture
-def tensor_cores():
     with tensor_core_gemv(True):
         yield
 

@@ -29,14 +29,17 @@ from ..engine.copy_rounds import DEFAULT_COPY_GAMMA
 from ..engine.engine import engine_for
 from . import plots, report
 
-# Three kinds of draft side by side: the adapter's (kangaroo), copied from the context (pld: our engine,
-# copy only; hf-pld: transformers' prompt lookup, against hf-eager) and both (kangaroo-copy).
-# hf-prompt-lookup is hf-pld's older name.
-METHODS = ("kangaroo", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld", "hf-static", "hf-prompt-lookup")
+# The kinds of draft side by side: speculative_generate's default (kangaroo: copied drafts beside the
+# adapter's where that was measured to win), the adapter's alone (kangaroo-adapter), both forced on
+# (kangaroo-copy), copied from the context alone (pld: our engine; hf-pld: transformers' prompt lookup,
+# against hf-eager). hf-prompt-lookup is hf-pld's older name.
+METHODS = ("kangaroo", "kangaroo-adapter", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld", "hf-static",
+           "hf-prompt-lookup")
 DEFAULT_METHODS = ("kangaroo", "plain", "hf-eager", "pld", "hf-pld")
 HF_METHODS = ("hf-eager", "hf-pld", "hf-static", "hf-prompt-lookup")
-ENGINE_METHODS = ("kangaroo", "kangaroo-copy", "pld", "plain")
-COPY_DRAFT_OF = {"kangaroo-copy": True, "pld": "only"}  # speculative_generate's copy_draft per method
+SPECULATIVE_METHODS = ("kangaroo", "kangaroo-adapter", "kangaroo-copy", "pld")   # need an adapter
+ENGINE_METHODS = SPECULATIVE_METHODS + ("plain",)
+COPY_DRAFT_OF = {"kangaroo-adapter": False, "kangaroo-copy": True, "pld": "only"}  # speculative_generate's copy_draft
 WARMUP_MAX_NEW_TOKENS = 128   # warm-up only has to trigger compilation / capture / allocation
 PROMPT_LOOKUP_TOKENS = 10
 # What must match for --resume to keep earlier turns.
@@ -99,7 +102,7 @@ def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float
         return dict(do_sample=True, temperature=temperature, seed=turn[0]) if temperature > 0 else {}
 
     def run(ids: List[int], max_new: int, stop_after: Optional[int] = None):
-        if method in ("kangaroo", "kangaroo-copy", "pld"):
+        if method in SPECULATIVE_METHODS:
             out = speculative_generate(model, ids, adapter=adapter, max_new_tokens=max_new, threshold=threshold,
                                        max_draft=max_draft, eos_token_id=eos, copy_draft=copy_draft, **sampling())
             return out.sequences[0, len(ids):].tolist(), out.stats
@@ -179,7 +182,7 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not questions:
         raise ValueError("no questions to run")
-    needing = [m for m in methods if m in ("kangaroo", "kangaroo-copy", "pld")]
+    needing = [m for m in methods if m in SPECULATIVE_METHODS]
     if needing and adapter is None:
         raise ValueError(f"method '{needing[0]}' needs an adapter (pld runs on the engine's early-exit layout)")
     eos = getattr(tokenizer, "eos_token_id", None)
