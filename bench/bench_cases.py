@@ -266,8 +266,8 @@ class DefaultEngine:
                 raise ValueError("DefaultEngine: a model given needs its adapter and a prompt (token ids [1, L])")
             self.model, self.tokenizer, self.adapter, self.prompt = model, None, adapter, prompt
         self.load_s = time.perf_counter() - t0
-        out = kx.speculative_generate(self.model, self.prompt, adapter=self.adapter,
-                                      max_new_tokens=new_tokens, max_draft=MAX_DRAFT)
+        out = kx.speculative_generate(self.model, self.prompt, adapter=self.adapter,   # the adapter's round
+                                      max_new_tokens=new_tokens, max_draft=MAX_DRAFT, copy_draft=False)
         assert out.stats.mode == "graphs", out.stats.mode
         self.engine = engine_for(self.model)
         self.graphs, _ = self.engine.graphs_for(MAX_DRAFT, True, device_exit=out.stats.device_exit)

@@ -320,7 +320,7 @@ def engine_after_a_run():
     model = copy.deepcopy(tiny_model("llama", layers=6)).cuda()
     adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
     out = kx.speculative_generate(model, prompts(1, seed=21)[0].cuda(), adapter=adapter, max_new_tokens=24,
-                                  max_draft=4, eos_token_id=[])
+                                  max_draft=4, eos_token_id=[], copy_draft=False)   # the adapter's rounds
     engine = engine_for(model)
     graphs, _ = engine.graphs_for(4, True, device_exit=True)  # the cached graphs the run replayed
     return out, engine, graphs
