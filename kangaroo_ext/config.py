@@ -62,8 +62,8 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "bf16 / fp16 decode GEMVs (q/k/v, O, gate/up, down) run on tensor cores where K % 32 == 0 and every "
          "weight's rows % 8 == 0 (csrc/kernels/decode_linear_mma.cuh): verify rows then cost about what one row "
          "costs. Plain and verify steps both switch, so they stay bitwise alike. On by default since its GPU "
-         "tests passed (H100, a258f80 + 50fdea6: verify of 7 positions 1,130 -> 897 us on the default model); 0 restores "
-         "the CUDA-core kernels", on_by_default=True),
+         "tests passed (H100, a258f80 + 50fdea6: verify of 7 positions 1,130 -> 897 us on the default model); "
+         "0 restores the CUDA-core kernels", on_by_default=True),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),
