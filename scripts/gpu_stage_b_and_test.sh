@@ -148,6 +148,7 @@ for step in $steps; do
       # issue 14: MT-bench at temperature 1.0 (the Spec-Bench sampled setting), kangaroo vs plain sampling
       log sampled
       python3 -m kangaroo_ext bench --methods kangaroo,plain --temperature 1.0 --no-progress \
+        ${SAMPLED_QUESTIONS:+--max-questions $SAMPLED_QUESTIONS} \
         --out "bench/results/mt_bench_sampled_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
     cond)
       # The conditional-graph tests and the engine's GPU tests first (fail fast); on a failure, the same
@@ -193,7 +194,9 @@ for step in $steps; do
       bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
     mtbench)
       log mtbench
-      python3 -m kangaroo_ext bench --methods kangaroo,plain ${ETA:+--threshold $ETA} --no-progress \
+      # kangaroo: the defaults (copied drafts beside the adapter's, greedy on a GPU); kangaroo-adapter: its drafts alone
+      python3 -m kangaroo_ext bench --methods kangaroo,kangaroo-adapter,plain ${ETA:+--threshold $ETA} --no-progress \
+        ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
         --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
   esac
   # after every step, so a call stopped at its time limit still brings back what finished
