@@ -259,3 +259,22 @@ def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set
     finally:
         monkeypatch.delenv(knob, raising=False)
         _extension.apply_launch_settings()
+
+
+def test_attention_invariant_width_query_checks_its_arguments():
+    """_C.attention_invariant_max_tokens (the copy rounds' width, engine/copy_rounds.py) names a bad argument
+    before it asks any device; the Python wrapper answers None without an extension."""
+    if not _extension.loaded():
+        assert _extension.attention_invariant_max_tokens(3, 64, 2, 0) is None
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    with pytest.raises(RuntimeError, match="group must be >= 1 and head_dim in 1..256, got group = 0"):
+        _extension.attention_invariant_max_tokens(0, 64, 2, 0)
+    with pytest.raises(RuntimeError, match="elem_size must be 2 or 4"):
+        _extension.attention_invariant_max_tokens(3, 64, 3, 0)
+    before = _extension._C.batch_invariant_attention()
+    try:
+        _extension._C.set_batch_invariant_attention(False)   # switched off: no call is invariant, no device asked
+        assert _extension.attention_invariant_max_tokens(3, 64, 2, 0) == 0
+    finally:
+        _extension._C.set_batch_invariant_attention(before)
+    assert _extension.attention_invariant_max_tokens(3, 64, 4, 0) == 0   # fp32: the default order
