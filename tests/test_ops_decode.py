@@ -1,5 +1,7 @@
 """Decode-path ops (attention over the static cache, fused LM head + argmax) on every backend against
 the reference, on awkward shapes. Tolerances: twice the reference's own error against float64."""
+import zlib
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def test_rope_append_attention_matches_reference(backend, dtype, case):
     skip_unsupported(backend, device, dtype)
     skip_missing_kernel(backend, "rope_append_attention")
     B, T, Hq, Hkv, D, S, start, window = ATTN_CASES[case]
-    g = torch.Generator().manual_seed(hash(case) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()) % 1000)   # not hash(): salted per process
     q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype).to(device) for h in (Hq, Hkv, Hkv))
     k_cache = torch.randn(B, Hkv, S, D, generator=g).to(dtype).to(device)   # earlier keys: random
     v_cache = torch.randn(B, Hkv, S, D, generator=g).to(dtype).to(device)
