@@ -19,6 +19,25 @@
 
 namespace kangaroo {
 
+namespace {
+
+// The launcher's plan: the batch-invariant PV order where the switch asks for it, the dtype is 16-bit (its GPU
+// tests, the op test and bf16 decoding equal to plain decoding, ran on those; fp32 keeps the order its
+// lossless tests passed with until they run with it), the tile allows it and its larger reduction fits the
+// shared memory; else the default order. attention_invariant_max_tokens asks the same question.
+attention::Plan launch_plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len, int elem_size,
+                            bool vec16, int num_sms, int max_smem, bool clusters) {
+  const bool invariant = batch_invariant_attention() && elem_size == 2;
+  attention::Plan pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms,
+                                       clusters, invariant);
+  if (pl.invariant && pl.smem_bytes + 1024 > max_smem) {
+    pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms, clusters, false);
+  }
+  return pl;
+}
+
+}  // namespace
+
 at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& positions,
                                  at::Tensor& k_cache, at::Tensor& v_cache, double scale, int64_t window) {
@@ -110,15 +129,8 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     const bool vec16 = (D * static_cast<int64_t>(sizeof(T_))) % 16 == 0 && is_aligned(p.k, 16) &&
                        is_aligned(p.v, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
                        is_aligned(p.q, 16) && is_aligned(p.rope_cos, 16) && is_aligned(p.rope_sin, 16);
-    // The batch-invariant order only for 16-bit dtypes: its GPU tests (the op test, bf16 decoding equal to
-    // plain decoding) ran on those. fp32 keeps the order its lossless tests passed with until they run with it.
-    const bool invariant = batch_invariant_attention() && sizeof(T_) == 2;
-    attention::Plan pl = attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len, sizeof(T_),
-                                         vec16, num_sms, clusters, invariant);
-    if (pl.invariant && pl.smem_bytes + 1024 > max_smem) {  // its larger reduction does not fit: default order
-      pl = attention::plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len, sizeof(T_), vec16, num_sms,
-                           clusters, false);
-    }
+    const attention::Plan pl = launch_plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len,
+                                           sizeof(T_), vec16, num_sms, max_smem, clusters);
     TORCH_CHECK_VALUE(pl.n_qtiles <= 65535, "q has too many query rows per kv head for one launch (T * Hq / Hkv = ",
                       T * G, ")");
     TORCH_CHECK_VALUE(pl.smem_bytes + 1024 <= max_smem, "rope_append_attention needs ", pl.smem_bytes + 1024,
@@ -138,8 +150,7 @@ int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t 
                     "group must be >= 1 and head_dim in 1..", attention::kMaxHeadDim, ", got group = ", group,
                     ", head_dim = ", head_dim);
   TORCH_CHECK_VALUE(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4 (bytes), got ", elem_size);
-  // The launcher's own choice, above: the switch, 16-bit only, and the invariant reduction must fit.
-  if (!batch_invariant_attention() || elem_size != 2) return 0;
+  if (!batch_invariant_attention() || elem_size != 2) return 0;  // launch_plan's answer, without a device
   const auto index = static_cast<c10::DeviceIndex>(device);
   const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, index);
   const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
@@ -147,9 +158,9 @@ int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t 
   // Eligibility depends on the rows of one KV head's tile (tokens * group), not on the batch, the KV heads
   // or the cache length (those only change the split count): 1 sequence, 1 KV head, any cache length.
   for (int tokens = 1; tokens <= attention::kMaxTileRows; ++tokens) {
-    const attention::Plan pl = attention::plan(1, tokens, 1, static_cast<int>(group), static_cast<int>(head_dim),
-                                               4096, static_cast<int>(elem_size), true, num_sms, true, true);
-    if (!pl.invariant || pl.smem_bytes + 1024 > max_smem) break;
+    const attention::Plan pl = launch_plan(1, tokens, 1, static_cast<int>(group), static_cast<int>(head_dim), 4096,
+                                           static_cast<int>(elem_size), true, num_sms, max_smem, true);
+    if (!pl.invariant) break;
     most = tokens;
   }
   return most;

@@ -38,8 +38,8 @@ class RoundResult:
 class Report:
     """The one definition of the report's layout: an int64 row per batch row on the device,
     [accepted, drafted, committed_0 .. committed_γ, copied] (committed slots past accepted + 1 hold -1;
-    `copied`, the last slot, is written only by a captured copy round's lookup (Engine.copy_lookup); other rounds
-    leave it at its allocation's 0)."""
+    `copied`, the last slot, is written only by a captured copy round's lookup (Engine.copy_lookup) and used
+    only by those rounds (CapturedCopyRounds.observe); for other rounds it may hold a stale value, unused)."""
     ACCEPTED, DRAFTED, COMMITTED = 0, 1, 2
     COPIED = -1
 
