@@ -147,7 +147,8 @@ for step in $steps; do
     sampled)
       # issue 14: MT-bench at temperature 1.0 (the Spec-Bench sampled setting), kangaroo vs plain sampling
       log sampled
-      python3 -m kangaroo_ext bench --methods kangaroo,plain --temperature 1.0 --no-progress \
+      # SAMPLED_METHODS=kangaroo-copy,kangaroo,plain: copied drafts under sampling (off by default on a GPU)
+      python3 -m kangaroo_ext bench --methods "${SAMPLED_METHODS:-kangaroo,plain}" --temperature 1.0 --no-progress \
         ${SAMPLED_QUESTIONS:+--max-questions $SAMPLED_QUESTIONS} \
         --out "bench/results/mt_bench_sampled_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -40 ;;
     cond)
