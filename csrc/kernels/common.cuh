@@ -235,6 +235,23 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
   return launch_pdl_cluster(kernel, grid, block, smem, launch, dim3(1, 1, 1), std::forward<Args>(args)...);
 }
 
+// ---- the threads a block body runs on ------------------------------------------------------------
+// Kernel bodies written as device functions (decode_linear_mma.cuh's gemv_mma_tile, ...) take their
+// barrier as a policy, so one body serves its own launch (a whole block: __syncthreads) and the
+// persistent draft kernel (draft_chain.cuh), where a 256-thread block runs two 128-thread bodies side by
+// side, each on a named barrier of its own (ids 1 and 2; id 0 is __syncthreads').
+struct WholeBlock {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+
+template <int kThreadsInGroup>
+struct NamedBarrier {
+  int id;  // 1..15
+  __device__ __forceinline__ void operator()() const {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kThreadsInGroup) : "memory");
+  }
+};
+
 // ---- thread-block clusters (sm_90+; the host never launches a cluster on older devices) --------------
 
 // Every thread of every block of the cluster arrives, then waits; release/acquire order each block's

@@ -83,14 +83,17 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ w, int nvec, in
 //   3. all threads: xs = T(nw * T(s * inv_rms)).
 constexpr int kPrologueUnroll = 4;
 
-template <typename T, int VEC, int MB, Mode MODE>
-__device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T* xs, T* nws, float* inv_rms_s) {
+// tid / nthreads: this thread among the threads that run the block's work (a whole block, or a sub-block
+// of the persistent draft kernel: draft_chain.cuh); sync: their barrier; write_residual: this block is the
+// one of its row group that writes residual_out (block x = 0 of a launch).
+template <typename T, int VEC, int MB, Mode MODE, class Sync>
+__device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T* xs, T* nws, float* inv_rms_s,
+                                          int tid, int nthreads, bool write_residual_block, Sync sync) {
   using V = Vec<T, VEC>;
   constexpr bool kNorm = MODE != Mode::kLinear;
   const int nvec = p.k / VEC;
   const int total = mb * nvec;
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const bool write_residual = kNorm && blockIdx.x == 0;
+  const bool write_residual = kNorm && write_residual_block;
   if constexpr (kNorm) {  // norm weight -> nws, in flight while x loads
     for (int i = tid; i < nvec; i += nthreads) {
       copy_async<T, VEC>(nws + i * VEC, p.norm_weight + static_cast<int64_t>(i) * VEC);
@@ -133,7 +136,7 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
       }
     }
     cp_async_wait<0>();
-    __syncthreads();
+    sync();
     const int lane = tid % kWarpSize, warp = tid / kWarpSize, nwarps = nthreads / kWarpSize;
     for (int m = warp; m < mb; m += nwarps) {
       float sum_sq = 0.f;
@@ -150,7 +153,7 @@ __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T*
       // Correctly rounded, as csrc/kernels/rms_norm.cuh (no rsqrtf: its error would show in fp32).
       if (lane == 0) inv_rms_s[m] = 1.0f / sqrtf(sum_sq / static_cast<float>(p.k) + p.eps);
     }
-    __syncthreads();
+    sync();
     for (int i = tid; i < total; i += nthreads) {
       const int m = i / nvec, c = i - m * nvec;
       const float inv_rms = inv_rms_s[m];
@@ -217,7 +220,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarpSize) gemv_kernel(const Params
   for (int r = 0; r < NR; ++r) load_chunk<T, VEC>(w[r], nvec, 0, lane, cur[r]);
   pdl_wait();
 
-  load_rows<T, VEC, MB, MODE>(p, m0, mb, xs, nws, inv_rms_s);
+  load_rows<T, VEC, MB, MODE>(p, m0, mb, xs, nws, inv_rms_s, threadIdx.x, blockDim.x, blockIdx.x == 0, WholeBlock{});
   __syncthreads();
   if (out == nullptr) return;  // no barriers below
 

@@ -84,23 +84,33 @@ __device__ __forceinline__ void load_weights(const T* const (&wrow)[NR], int c_f
   }
 }
 
-template <typename T, int MB, Mode MODE>
-__global__ void __launch_bounds__(kSplitK* kWarpSize) gemv_mma_kernel(const Params<T> p) {
+// Shared memory of one tile's body besides the dynamic x rows: inverse RMS per row, the warps' partial sums.
+template <int MB, Mode MODE>
+struct alignas(16) TileScratch {
+  static constexpr int kNR = MODE == Mode::kNormGateUp ? 2 : 1;
+  float inv_rms[MB];
+  float partial[kSplitK][kNR][MB][kTileN];
+};
+
+// One tile (8 output columns, row group `row_group` of MB rows of x) on kSplitK warps: threads tid
+// 0..kSplitK*32-1 of whoever runs it (nthreads = kSplitK*32, blockDim.x in the op's own launch), `sync` their
+// barrier. xs_smem: (MB + 1) * K elements (x rows, norm
+// weight). `wait` runs after the first weight loads and before anything reads x (pdl_wait in a launch of its
+// own; nothing in the persistent draft kernel, whose grid barrier came before). Tile 0 writes residual_out.
+template <typename T, int MB, Mode MODE, class Sync, class Wait>
+__device__ __forceinline__ void gemv_mma_tile(const Params<T>& p, int tile, int row_group, int tid, int nthreads,
+                                              T* xs_smem, TileScratch<MB, MODE>& sc, Sync sync, Wait wait) {
   static_assert(sizeof(T) == 2, "tensor-core GEMV: bf16 or fp16");
   static_assert(MB >= 1 && MB <= 8, "at most 8 rows of x per block (the mma's rows 8..15 are padding)");
   constexpr int NR = MODE == Mode::kNormGateUp ? 2 : 1;  // weight tiles per block: gate and up
   constexpr int VEC = kVec16<T>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* xs = reinterpret_cast<T*>(smem_raw);  // [MB][K]
-  T* nws = xs + MB * p.k;                   // [K] (norm modes)
-  __shared__ float inv_rms_s[MB];
-  __shared__ float partial[kSplitK][NR][MB][kTileN];
+  T* xs = xs_smem;          // [MB][K]
+  T* nws = xs + MB * p.k;   // [K] (norm modes)
 
-  pdl_launch_dependents();
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int g = lane / 4, q = lane % 4;
-  const int n0 = blockIdx.x * kTileN;
-  const int m0 = blockIdx.y * MB;
+  const int n0 = tile * kTileN;
+  const int m0 = row_group * MB;
   const int mb = min(MB, p.m - m0);
 
   // The weight (segment) the tile lies in; the launcher made every segment a whole number of tiles.
@@ -138,9 +148,9 @@ __global__ void __launch_bounds__(kSplitK* kWarpSize) gemv_mma_kernel(const Para
   // Weights first (they do not depend on the previous kernel), then wait for it, then x.
   uint4 cur[NR][kInFlight];
   load_weights<T, NR>(wrow, c_begin, c_end, cur);
-  pdl_wait();
-  gemv::load_rows<T, VEC, MB, MODE>(p, m0, mb, xs, nws, inv_rms_s);
-  __syncthreads();
+  wait();
+  gemv::load_rows<T, VEC, MB, MODE>(p, m0, mb, xs, nws, sc.inv_rms, tid, nthreads, tile == 0, sync);
+  sync();
 
   float d[NR][4];
 #pragma unroll
@@ -172,23 +182,23 @@ __global__ void __launch_bounds__(kSplitK* kWarpSize) gemv_mma_kernel(const Para
   if (g < mb) {
 #pragma unroll
     for (int r = 0; r < NR; ++r) {
-      partial[warp][r][g][2 * q] = d[r][0];
-      partial[warp][r][g][2 * q + 1] = d[r][1];
+      sc.partial[warp][r][g][2 * q] = d[r][0];
+      sc.partial[warp][r][g][2 * q + 1] = d[r][1];
     }
   }
-  __syncthreads();
+  sync();
 
   // One thread per (row, column): the warps' partials in warp order.
-  const int t = threadIdx.x;
+  const int t = tid;
   if (t >= MB * kTileN) return;
   const int m = t / kTileN, col = t % kTileN;
   if (m >= mb) return;
   float v[NR];
 #pragma unroll
   for (int r = 0; r < NR; ++r) {
-    v[r] = partial[0][r][m][col];
+    v[r] = sc.partial[0][r][m][col];
 #pragma unroll
-    for (int s = 1; s < kSplitK; ++s) v[r] += partial[s][r][m][col];
+    for (int s = 1; s < kSplitK; ++s) v[r] += sc.partial[s][r][m][col];
   }
   const int n_local = n_local0 + col;
   T* dst = out + static_cast<int64_t>(m0 + m) * n_cols + n_local;
@@ -200,6 +210,19 @@ __global__ void __launch_bounds__(kSplitK* kWarpSize) gemv_mma_kernel(const Para
   } else {
     *dst = from_float<T>(bias != nullptr ? v[0] + to_float(bias[n_local]) : v[0]);
   }
+}
+
+struct PdlWait {
+  __device__ __forceinline__ void operator()() const { pdl_wait(); }
+};
+
+template <typename T, int MB, Mode MODE>
+__global__ void __launch_bounds__(kSplitK* kWarpSize) gemv_mma_kernel(const Params<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ TileScratch<MB, MODE> sc;
+  pdl_launch_dependents();
+  gemv_mma_tile<T, MB, MODE>(p, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x, reinterpret_cast<T*>(smem_raw), sc,
+                             WholeBlock{}, PdlWait{});
 }
 
 // ---- launch plan ---------------------------------------------------------------------------------

@@ -147,6 +147,58 @@ __device__ __forceinline__ void accumulate(const Vec<T, VEC>& x0, const Vec<T, V
   }
 }
 
+// Hidden rows r0 .. r0 + nr - 1 (RB slots, the rest zeros) into shared memory as fp32 in HiddenLayout
+// order; threads tid of nthreads share the work. The caller's barrier publishes hs.
+template <typename T, int VEC, int RB>
+__device__ __forceinline__ void stage_hidden(const T* __restrict__ hidden, int r0, int nr, int H, float* hs, int tid,
+                                             int nthreads) {
+  using HL = HiddenLayout<VEC>;
+  constexpr int CH = HL::kChunk, P = HL::kPlanes;
+  const int nvec = H / VEC;
+  const int plane = H / P;
+  for (int i = tid; i < RB * nvec; i += nthreads) {
+    const int r = i / nvec, k = i - r * nvec;
+    Vec<T, VEC> x = vec_zero<T, VEC>();
+    if (r < nr) x.load(hidden + static_cast<int64_t>(r0 + r) * H + static_cast<int64_t>(k) * VEC);
+    float* dst = hs + r * H + k * CH;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dst[(e / CH) * plane + e % CH] = to_float(x.v[e]);
+  }
+}
+
+// The logits of W rows v0 and v0 + 1 for the RB staged hidden rows, by one group of 8 lanes (l8: this
+// lane's index in it; ok0 / ok1: whether each W row exists). Afterwards lane l8 holds the logits of
+// hidden row l8 * RB / 8 (x0: row v0, x1: row v0 + 1), not yet rounded to T. A logit's arithmetic
+// depends on nothing but its W row and hidden row: whichever group, block or kernel computes it (the
+// persistent draft kernel, draft_chain.cuh, does too), it is bitwise the same.
+template <typename T, int VEC, int RB>
+__device__ __forceinline__ void group_logits(const T* __restrict__ weight, int H, const float* hs, int v0, bool ok0,
+                                             bool ok1, int l8, float& x0, float& x1) {
+  using HL = HiddenLayout<VEC>;
+  const int nvec = H / VEC;
+  const int plane = H / HL::kPlanes;
+  const T* w0 = weight + static_cast<int64_t>(v0) * H;
+  const T* w1 = w0 + H;
+  float dot0[RB], dot1[RB];
+#pragma unroll
+  for (int r = 0; r < RB; ++r) dot0[r] = dot1[r] = 0.f;
+
+  for (int k = l8; k < nvec; k += 2 * kLanesPerRow) {
+    const int k2 = k + kLanesPerRow;
+    const bool has2 = k2 < nvec;
+    // All loads first: 4 independent 16-byte loads in flight per lane.
+    Vec<T, VEC> a0 = vec_zero<T, VEC>(), a1 = vec_zero<T, VEC>(), b0 = vec_zero<T, VEC>(), b1 = vec_zero<T, VEC>();
+    if (ok0) a0.load(w0 + static_cast<int64_t>(k) * VEC);
+    if (ok1) a1.load(w1 + static_cast<int64_t>(k) * VEC);
+    if (ok0 && has2) b0.load(w0 + static_cast<int64_t>(k2) * VEC);
+    if (ok1 && has2) b1.load(w1 + static_cast<int64_t>(k2) * VEC);
+    accumulate<T, VEC, RB>(a0, a1, hs, H, plane, k, dot0, dot1);
+    if (has2) accumulate<T, VEC, RB>(b0, b1, hs, H, plane, k2, dot0, dot1);
+  }
+  x0 = reduce_scatter8<RB>(dot0, l8);
+  x1 = reduce_scatter8<RB>(dot1, l8);
+}
+
 // grid (n_blocks, ceil(R / RB)); kThreads threads; RB * H * 4 bytes of dynamic smem.
 // partials: [R][n_blocks] triples. VEC: elements per W access (16 bytes, or 1).
 // Register budget: RB = 1 (decode and draft steps) is held to 40 registers so that 3 blocks fit an SM
@@ -156,28 +208,16 @@ template <typename T, int VEC, int RB>
 __global__ void __launch_bounds__(kThreads, RB == 1 ? 3 : 1)
 partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int rows, int vocab, int hidden_size,
                int rows_per_block, Soft* __restrict__ partials) {
-  using HL = HiddenLayout<VEC>;
-  constexpr int CH = HL::kChunk, P = HL::kPlanes;
   extern __shared__ __align__(16) float hs[];
   __shared__ Soft warp_soft[kWarps][kLanesPerRow];
   pdl_launch_dependents();  // programmatic dependent launch: common.cuh
   pdl_wait();
 
   const int H = hidden_size;
-  const int nvec = H / VEC;
-  const int plane = H / P;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int r0 = blockIdx.y * RB;
   const int nr = min(RB, rows - r0);
-
-  for (int i = tid; i < RB * nvec; i += kThreads) {
-    const int r = i / nvec, k = i - r * nvec;
-    Vec<T, VEC> x = vec_zero<T, VEC>();
-    if (r < nr) x.load(hidden + static_cast<int64_t>(r0 + r) * H + static_cast<int64_t>(k) * VEC);
-    float* dst = hs + r * H + k * CH;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dst[(e / CH) * plane + e % CH] = to_float(x.v[e]);
-  }
+  stage_hidden<T, VEC, RB>(hidden, r0, nr, H, hs, tid, kThreads);
   __syncthreads();
 
   const int gid = tid / kLanesPerRow, l8 = tid % kLanesPerRow;
@@ -190,26 +230,8 @@ partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int r
   for (int pass = 0; pass < n_pass; ++pass) {
     const int v0 = static_cast<int>(vb) + pass * kRowsPerPass + gid * kRowsPerGroup;
     const bool ok0 = v0 < ve, ok1 = v0 + 1 < ve;
-    const T* w0 = weight + static_cast<int64_t>(v0) * H;
-    const T* w1 = w0 + H;
-    float dot0[RB], dot1[RB];
-#pragma unroll
-    for (int r = 0; r < RB; ++r) dot0[r] = dot1[r] = 0.f;
-
-    for (int k = l8; k < nvec; k += 2 * kLanesPerRow) {
-      const int k2 = k + kLanesPerRow;
-      const bool has2 = k2 < nvec;
-      // All loads first: 4 independent 16-byte loads in flight per lane.
-      Vec<T, VEC> a0 = vec_zero<T, VEC>(), a1 = vec_zero<T, VEC>(), b0 = vec_zero<T, VEC>(), b1 = vec_zero<T, VEC>();
-      if (ok0) a0.load(w0 + static_cast<int64_t>(k) * VEC);
-      if (ok1) a1.load(w1 + static_cast<int64_t>(k) * VEC);
-      if (ok0 && has2) b0.load(w0 + static_cast<int64_t>(k2) * VEC);
-      if (ok1 && has2) b1.load(w1 + static_cast<int64_t>(k2) * VEC);
-      accumulate<T, VEC, RB>(a0, a1, hs, H, plane, k, dot0, dot1);
-      if (has2) accumulate<T, VEC, RB>(b0, b1, hs, H, plane, k2, dot0, dot1);
-    }
-    const float x0 = reduce_scatter8<RB>(dot0, l8);
-    const float x1 = reduce_scatter8<RB>(dot1, l8);
+    float x0, x1;
+    group_logits<T, VEC, RB>(weight, H, hs, v0, ok0, ok1, l8, x0, x1);
     if (owner) {
       if (ok0) soft_add(st, round_to<T>(x0), v0);
       if (ok1) soft_add(st, round_to<T>(x1), v0 + 1);

@@ -27,32 +27,22 @@ constexpr size_t kMaxCacheBytes = 48 * 1024;  // the dynamic smem a launch gets 
 template <int VEC>
 constexpr int kBatch = VEC == 1 ? 8 : 1;
 
-// Block = blockDim.y rows of blockDim.x threads each (blockDim.x a multiple of 32, so a warp
-// never straddles two rows). VEC elements per access: 16 bytes / sizeof(T), or 1 on the scalar
-// path for hidden sizes or pointers that are not 16-byte aligned.
-template <typename T, int VEC, bool CACHE_IN_SMEM>
-__global__ void __launch_bounds__(kMaxBlockThreads)
-fused_add_rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
-                          const T* __restrict__ residual, const T* __restrict__ weight, int64_t rows,
-                          int hidden, float eps) {
+// One row: threads tx = 0 .. stride - 1 of the row (stride a multiple of 32, the row's warps first_warp ..
+// first_warp + stride / 32 - 1 of the block). warp_sums: the block's per-warp sums in shared memory; `sync`:
+// the barrier of every thread that shares warp_sums, reached by all of them (also rows past the end:
+// active = false). cache: the row in shared memory (CACHE_IN_SMEM). The persistent draft kernel
+// (draft_chain.cuh) runs this for its draft head's norm, so its rounding is this kernel's by construction.
+template <typename T, int VEC, bool CACHE_IN_SMEM, class Sync>
+__device__ __forceinline__ void norm_row(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
+                                         const T* __restrict__ residual, const T* __restrict__ weight, int64_t offset,
+                                         int hidden, float eps, bool active, int tx, int stride, int first_warp,
+                                         T* cache, float* warp_sums, Sync sync) {
   using V = Vec<T, VEC>;
   constexpr int U = kBatch<VEC>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float warp_sums[kMaxBlockThreads / kWarpSize];
-  pdl_launch_dependents();  // programmatic dependent launch: common.cuh
-  pdl_wait();
-
   const int nvec = hidden / VEC;
-  const int stride = blockDim.x;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  // Rows past the end still take part in __syncthreads below, they just do no memory traffic.
-  const bool active = row < rows;
-  const int64_t offset = row * hidden;
-  T* cache = reinterpret_cast<T*>(smem_raw) + static_cast<int64_t>(threadIdx.y) * hidden;
-
   float sum_sq = 0.f;
   if (active) {
-    for (int base = threadIdx.x; base < nvec; base += U * stride) {
+    for (int base = tx; base < nvec; base += U * stride) {
       V s[U], r[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -80,21 +70,18 @@ fused_add_rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, con
       }
     }
   }
-
   // Row reduction: warp shuffles, then the row's warps combine through shared memory.
-  const int lane = threadIdx.x % kWarpSize;
-  const int warps_per_row = blockDim.x / kWarpSize;
-  const int first_warp = threadIdx.y * warps_per_row;
+  const int lane = tx % kWarpSize;
+  const int warps_per_row = stride / kWarpSize;
   sum_sq = warp_sum(sum_sq);
-  if (lane == 0) warp_sums[first_warp + threadIdx.x / kWarpSize] = sum_sq;
-  __syncthreads();
+  if (lane == 0) warp_sums[first_warp + tx / kWarpSize] = sum_sq;
+  sync();
   sum_sq = warp_sum(lane < warps_per_row ? warp_sums[first_warp + lane] : 0.f);
   // Correctly rounded division and square root (no fast-math): rsqrtf's 2-ulp error would be
   // visible in every fp32 output of the row, and this runs once per row.
   const float inv_rms = 1.0f / sqrtf(sum_sq / static_cast<float>(hidden) + eps);
-
   if (!active) return;
-  for (int base = threadIdx.x; base < nvec; base += U * stride) {
+  for (int base = tx; base < nvec; base += U * stride) {
     V s[U], w[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -122,6 +109,27 @@ fused_add_rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, con
       o.store(out + offset + static_cast<int64_t>(i) * VEC);
     }
   }
+}
+
+// Block = blockDim.y rows of blockDim.x threads each (blockDim.x a multiple of 32, so a warp
+// never straddles two rows). VEC elements per access: 16 bytes / sizeof(T), or 1 on the scalar
+// path for hidden sizes or pointers that are not 16-byte aligned.
+template <typename T, int VEC, bool CACHE_IN_SMEM>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+fused_add_rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
+                          const T* __restrict__ residual, const T* __restrict__ weight, int64_t rows,
+                          int hidden, float eps) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float warp_sums[kMaxBlockThreads / kWarpSize];
+  pdl_launch_dependents();  // programmatic dependent launch: common.cuh
+  pdl_wait();
+
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  // Rows past the end still take part in __syncthreads below, they just do no memory traffic.
+  T* cache = reinterpret_cast<T*>(smem_raw) + static_cast<int64_t>(threadIdx.y) * hidden;
+  norm_row<T, VEC, CACHE_IN_SMEM>(out, residual_out, x, residual, weight, row * hidden, hidden, eps, row < rows,
+                                  threadIdx.x, blockDim.x, threadIdx.y * (blockDim.x / kWarpSize), cache, warp_sums,
+                                  WholeBlock{});
 }
 
 struct LaunchConfig {
