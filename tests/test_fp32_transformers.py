@@ -136,3 +136,6 @@ def test_default_model_fp32_on_the_gpu_equals_transformers():
         assert got == want, f"{arbiter(model64, ids, got, want)}; stop set {eos}; " \
                             f"transformers ends {want[-3:]}, the engine {got[len(want) - 1:len(want) + 2]}"
         assert torch.equal(spec.sequences, plain.sequences)
+        # The shipped GPU default copies drafts in captured rounds. On the H100 at 3c49d82 a capture in this
+        # file failed and the engine fell back silently (the later copy tests were then skipped): say where.
+        assert spec.stats.copy_draft and not spec.stats.copy_draft_off, spec.stats.copy_draft_off
