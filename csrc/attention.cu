@@ -13,20 +13,20 @@
 #include "checks.h"
 #include "device_info.h"
 #include "dispatch.cuh"
+#include "attention_plan.h"
 #include "kernels/attention.cuh"
 #include "launch_options.h"
 #include "ops.h"
 
 namespace kangaroo {
 
-namespace {
-
-// The launcher's plan: the batch-invariant PV order where the switch asks for it, the dtype is 16-bit (its GPU
-// tests, the op test and bf16 decoding equal to plain decoding, ran on those; fp32 keeps the order its
-// lossless tests passed with until they run with it), the tile allows it and its larger reduction fits the
-// shared memory; else the default order. attention_invariant_max_tokens asks the same question.
-attention::Plan launch_plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len, int elem_size,
-                            bool vec16, int num_sms, int max_smem, bool clusters) {
+// The launcher's plan (attention_plan.h): the batch-invariant PV order where the switch asks for it, the dtype is
+// 16-bit (its GPU tests, the op test and bf16 decoding equal to plain decoding, ran on those; fp32 keeps the order
+// its lossless tests passed with until they run with it), the tile allows it and its larger reduction fits the
+// shared memory; else the default order. attention_invariant_max_tokens and the persistent draft kernel's
+// launcher ask the same question.
+attention::Plan attention_launch_plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len,
+                                      int elem_size, bool vec16, int num_sms, int max_smem, bool clusters) {
   const bool invariant = batch_invariant_attention() && elem_size == 2;
   attention::Plan pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms,
                                        clusters, invariant);
@@ -35,8 +35,6 @@ attention::Plan launch_plan(int batch, int tokens, int hkv, int group, int head_
   }
   return pl;
 }
-
-}  // namespace
 
 at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& positions,
@@ -129,7 +127,7 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     const bool vec16 = (D * static_cast<int64_t>(sizeof(T_))) % 16 == 0 && is_aligned(p.k, 16) &&
                        is_aligned(p.v, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
                        is_aligned(p.q, 16) && is_aligned(p.rope_cos, 16) && is_aligned(p.rope_sin, 16);
-    const attention::Plan pl = launch_plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len,
+    const attention::Plan pl = attention_launch_plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len,
                                            sizeof(T_), vec16, num_sms, max_smem, clusters);
     TORCH_CHECK_VALUE(pl.n_qtiles <= 65535, "q has too many query rows per kv head for one launch (T * Hq / Hkv = ",
                       T * G, ")");
@@ -158,8 +156,8 @@ int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t 
   // Eligibility depends on the rows of one KV head's tile (tokens * group), not on the batch, the KV heads
   // or the cache length (those only change the split count): 1 sequence, 1 KV head, any cache length.
   for (int tokens = 1; tokens <= attention::kMaxTileRows; ++tokens) {
-    const attention::Plan pl = launch_plan(1, tokens, 1, static_cast<int>(group), static_cast<int>(head_dim), 4096,
-                                           static_cast<int>(elem_size), true, num_sms, max_smem, true);
+    const attention::Plan pl = attention_launch_plan(1, tokens, 1, static_cast<int>(group), static_cast<int>(head_dim),
+                                                     4096, static_cast<int>(elem_size), true, num_sms, max_smem, true);
     if (!pl.invariant) break;
     most = tokens;
   }

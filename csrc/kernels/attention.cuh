@@ -47,6 +47,8 @@
 // its own shared memory; after a cluster barrier, block z computes output elements z, z + n_splits, ...
 // (in units of two columns) from every split's state, read through distributed shared memory; a
 // second barrier keeps each block's shared memory alive until its peers have read it.
+// Without clusters (a persistent kernel running attention_block<..., GLOBAL_MERGE = true>), the splits' states
+// go to a global MergeScratch and attention_merge_global merges them after a grid-wide barrier (attention_tiles.cuh).
 #pragma once
 
 #include <atomic>
@@ -59,21 +61,25 @@ namespace kangaroo {
 namespace attention {
 
 // ---- the attention kernel -------------------------------------------------------------------------
-// grid (B * Hkv, n_qtiles, n_splits), kThreads threads, smem_layout(...).total bytes of dynamic smem.
+// attention_block: the body of the block (bh, qt, z) of the grid (B * Hkv, n_qtiles, n_splits), which
+// attention_kernel runs at blockIdx and a persistent kernel may run itself. kThreads threads; smem:
+// smem_layout(...).total bytes (16-byte aligned), s_red: 2 int2, both shared memory. Calls one after the
+// other in a block need a __syncthreads() between them (a call's last shared-memory reads are unfenced).
 // T: element type; VEC: elements per access (16 bytes, or 1); HD: head dim (0 = runtime p.head_dim);
 // RPT: query rows per warp (the block holds 8 * RPT >= m_tile rows).
 // INV: the batch-invariant PV order (see "Batch invariance" below); the host takes it only for tiles that
 // hold every query row of a single q-tile, at most one row slot each, and at most kMaxLocalGroups key
 // groups per thread (plan()).
-template <typename T, int VEC, int HD, int RPT, bool INV = false>
-__global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) {
+// GLOBAL_MERGE: false merges a tile's splits in its cluster (the n_splits blocks of one (bh, qt); scratch
+// unused). true needs no cluster: a split leaves its state in `scratch` (MergeScratch, attention_tiles.cuh)
+// and attention_merge_global completes the outputs after a grid-wide barrier; for the kernel's bits, p's
+// plan fields and INV must be the kernel's own (the same plan(), clusters included: it sets n_splits).
+template <typename T, int VEC, int HD, int RPT, bool INV, bool GLOBAL_MERGE>
+__device__ __forceinline__ void attention_block(const Params<T>& p, int bh, int qt, int z, unsigned char* smem,
+                                                int2* s_red, const MergeScratch& scratch) {
   constexpr int M_ALLOC = kWarps * RPT;
   constexpr int UPT = units_per_thread(VEC, HD, RPT);
   constexpr int NACC = INV ? kMaxLocalGroups : UPT;  // accumulators: key groups (INV) or row units
-  extern __shared__ __align__(16) unsigned char smem[];
-  pdl_launch_dependents();  // see common.cuh: everything below may depend on the previous kernel
-  pdl_wait();
-  __shared__ int2 s_red[2];
 
   const int D = HD > 0 ? HD : p.head_dim;
   const int half = D / 2;
@@ -90,8 +96,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   const int ks = L.ks;
 
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int bh = blockIdx.x, b = bh / p.hkv, kvh = bh - b * p.hkv;
-  const int qt = blockIdx.y, z = blockIdx.z;
+  const int b = bh / p.hkv, kvh = bh - b * p.hkv;
   const int row0 = qt * p.m_tile;
   const int m_rows = min(p.m_tile, p.rows - row0);  // >= 1 except when Hq == 0 (then 0)
   const int S = p.cache_len, tokens = p.tokens;
@@ -111,6 +116,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
   int chunk, n_used;
   split_keys(klo, khi, p.n_splits, p.min_chunk, chunk, n_used);
   const bool has_keys = z < n_used;  // block-uniform; also uniform over a cluster is n_used itself
+  const int64_t tile = static_cast<int64_t>(bh) * p.n_qtiles + qt;  // GLOBAL_MERGE: scratch indices
+  const int64_t state0 = (tile * p.n_splits + z) * p.m_tile;         // (this split's row 0)
   const int c_lo = has_keys ? klo + z * chunk : 0;
   const int c_hi = has_keys ? min(c_lo + chunk, khi + 1) - 1 : -1;
   const int n_tiles = has_keys ? (c_hi - c_lo + kKeyTile) / kKeyTile : 0;
@@ -200,15 +207,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
       }
     }
   }
-  // Query rows at positions outside the cache get zeros (lo_s/hi_s are visible: synced above).
+  // Query rows at positions outside the cache get zeros (lo_s/hi_s are visible: synced above); with
+  // GLOBAL_MERGE, each row's split count for the merge stage (MergeScratch::n_used).
   if (z == 0) {
     for (int idx = tid; idx < m_rows * D; idx += kThreads) {
       const int r = idx / D;
+      if (GLOBAL_MERGE && idx == r * D) scratch.n_used[tile * p.m_tile + r] = lo_s[r] <= hi_s[r] ? n_used : 0;
       if (lo_s[r] > hi_s[r]) {
         p.out[out_row(b, tokens, p.hq, kvh, p.group, row0 + r) * D + (idx - r * D)] = from_float<T>(0.f);
       }
     }
   }
+  // A split without keys adds nothing. It must leave now unless the cluster merge's barriers need it
+  // (n_used > 1): it used to run on, and with n_used == 1 its owner threads wrote 0 * (1 / 0) = NaN rows
+  // into out, racing with split 0's real rows (first ~64 tokens of a large cache; split 0 finished last).
+  if (!has_keys && (GLOBAL_MERGE || n_used <= 1)) return;
 
   // Softmax state of this warp's rows (replicated across the lanes).
   float m_i[RPT], l_i[RPT];
@@ -411,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
     }
   }
   const bool merge = n_used > 1;  // the same for every block of the cluster (one tile, one key range)
-  float* o_s = Qs;                // merge only: the Q tile is dead after the loop's last barrier
+  float* o_s = GLOBAL_MERGE ? scratch.o + state0 * D : Qs;  // merge only: Q is dead after the loop's last barrier
   if (owner) {
 #pragma unroll
     for (int i = 0; i < UPT; ++i) {
@@ -430,10 +443,16 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
     }
   }
   if (!merge) return;
+  if constexpr (GLOBAL_MERGE) {  // o went out above; (m, l) of the rows (published by the epilogue's barrier)
+    for (int r = tid; r < m_rows; r += kThreads) {
+      scratch.m[state0 + r] = m_s[r];
+      scratch.l[state0 + r] = l_s[r];
+    }
+    return;
+  }
 
-  // Merge the splits: out = sum_z 2^(m_z - M) o_z / sum_z 2^(m_z - M) l_z, z over the splits used
-  // (a split where the row sees no key has m = -inf, l = 0, o = 0 and weighs nothing). Block z takes
-  // two-column units z, z + n_splits, ... of the tile; every split's state is read in one batch.
+  // Merge the splits (merge_splits). Block z takes two-column units z, z + n_splits, ... of the tile;
+  // every split's state is read in one batch.
   cluster_barrier();  // every block's m_s, l_s and o_s are written and visible to the cluster
   const int pairs = D / 2;  // D is even: float2 reads of o are aligned
   for (int u = z * kThreads + tid; u < m_rows * pairs; u += p.n_splits * kThreads) {
@@ -449,28 +468,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) 
         oz[zz] = *reinterpret_cast<const float2*>(cluster_peer(o_s + r * D + col, zz));
       }
     }
-    float M = -INFINITY;
-#pragma unroll
-    for (int zz = 0; zz < kMaxSplits; ++zz) {
-      if (zz < n_used) M = fmaxf(M, mz[zz]);
-    }
-    const float m_ref = M == -INFINITY ? 0.f : M;
-    float den = 0.f, a0 = 0.f, a1 = 0.f;
-#pragma unroll
-    for (int zz = 0; zz < kMaxSplits; ++zz) {
-      if (zz < n_used) {
-        const float w = exp2f(mz[zz] - m_ref);
-        den = fmaf(w, lz[zz], den);
-        a0 = fmaf(w, oz[zz].x, a0);
-        a1 = fmaf(w, oz[zz].y, a1);
-      }
-    }
-    const float inv = 1.f / den;
-    T* dst = p.out + out_row(b, tokens, p.hq, kvh, p.group, row0 + r) * D + col;
-    dst[0] = from_float<T>(a0 * inv);
-    dst[1] = from_float<T>(a1 * inv);
+    merge_splits<T>(n_used, mz, lz, oz, [&] {
+      return p.out + out_row(b, tokens, p.hq, kvh, p.group, row0 + r) * D + col;
+    });
   }
   cluster_barrier();  // no block exits (freeing its shared memory) while a peer may still read it
+}
+
+// The per-op kernel: grid (B * Hkv, n_qtiles, n_splits), clusters of the n_splits blocks of a tile.
+template <typename T, int VEC, int HD, int RPT, bool INV = false>
+__global__ void __launch_bounds__(kThreads) attention_kernel(const Params<T> p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  pdl_launch_dependents();  // see common.cuh: everything below may depend on the previous kernel
+  pdl_wait();
+  __shared__ int2 s_red[2];
+  attention_block<T, VEC, HD, RPT, INV, false>(p, blockIdx.x, blockIdx.y, blockIdx.z, smem, s_red, MergeScratch{});
 }
 
 // ---- host side ----------------------------------------------------------------------------------

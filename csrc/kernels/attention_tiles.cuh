@@ -1,6 +1,7 @@
 // Building blocks of kernels/attention.cuh: launch constants, kernel parameters, the shared-memory
-// layout (the host sizes launches with the same function), and the device helpers for RoPE, key
-// ranges and K/V tile copies. Torch-free; see attention.cuh for the algorithm.
+// layout (the host sizes launches with the same function), the device helpers for RoPE, key ranges
+// and K/V tile copies, and the split merge: its arithmetic (one function for the cluster merge and the
+// global one) and the global merge's scratch and stage. Torch-free; see attention.cuh for the algorithm.
 #pragma once
 
 #include <climits>
@@ -229,6 +230,120 @@ __device__ __forceinline__ void issue_tile(T* tile, int ks, const T* __restrict_
     const T* src = (tn >= 0 && tn < tokens) ? new_base + tn * new_stride + c * VEC
                                             : cache_head + static_cast<int64_t>(s) * D + c * VEC;
     copy_async<T, VEC>(dst, src);
+  }
+}
+
+// ---- split merge ----------------------------------------------------------------------------------
+
+// One output pair of a row from the states of its tile's n_used splits (gathered by the caller, in split
+// order): out = sum_z 2^(m_z - M) o_z / sum_z 2^(m_z - M) l_z (a split where the row sees no key has
+// m = -inf, l = 0, o = 0 and weighs nothing). The cluster merge and the global merge both call this, so
+// their outputs are the same bits by construction. out_ptr() gives the pair's output address; it is called
+// only after the sums (the instruction order the kernel had before this was factored out).
+template <typename T, typename OutPtr>
+__device__ __forceinline__ void merge_splits(int n_used, const float (&mz)[kMaxSplits], const float (&lz)[kMaxSplits],
+                                             const float2 (&oz)[kMaxSplits], OutPtr out_ptr) {
+  float M = -INFINITY;
+#pragma unroll
+  for (int zz = 0; zz < kMaxSplits; ++zz) {
+    if (zz < n_used) M = fmaxf(M, mz[zz]);
+  }
+  const float m_ref = M == -INFINITY ? 0.f : M;
+  float den = 0.f, a0 = 0.f, a1 = 0.f;
+#pragma unroll
+  for (int zz = 0; zz < kMaxSplits; ++zz) {
+    if (zz < n_used) {
+      const float w = exp2f(mz[zz] - m_ref);
+      den = fmaf(w, lz[zz], den);
+      a0 = fmaf(w, oz[zz].x, a0);
+      a1 = fmaf(w, oz[zz].y, a1);
+    }
+  }
+  const float inv = 1.f / den;
+  T* dst = out_ptr();
+  dst[0] = from_float<T>(a0 * inv);
+  dst[1] = from_float<T>(a1 * inv);
+}
+
+// Global-memory merge state (attention_block<..., GLOBAL_MERGE = true>, for callers without clusters).
+// Tile t = bh * n_qtiles + qt, split z < n_splits, tile row r < m_tile (a slot per m_tile rows, also in
+// a last q-tile with fewer rows); all in 4-byte elements, one allocation (merge_scratch_at):
+//   o       [tiles][n_splits][m_tile][D]  float  split z's unnormalized output row (first: 16-byte aligned)
+//   m, l    [tiles][n_splits][m_tile]     float  split z's row max (base 2) and sum of 2^(s - m)
+//   n_used  [tiles][m_tile]               int    the tile's n_used for a row that sees a key, else 0
+// A tile's split z < n_used writes its o, m, l rows when n_used > 1; split 0 writes n_used of each of its
+// rows (r < m_rows) on every call, and the merge stage reads n_used <= 1 as "nothing to merge" (one split:
+// written out already; 0: the row was zeroed). Slots that were not written are never read.
+struct MergeScratch {
+  float* o;
+  float* m;
+  float* l;
+  int* n_used;
+};
+
+// 4-byte elements of the scratch of one launch's tile grid (p.batch, p.hkv, p.head_dim and the plan's
+// m_tile, n_qtiles, n_splits: the values attention_block's Params carry).
+__host__ __device__ inline int64_t merge_scratch_floats(int batch, int hkv, int head_dim, int m_tile, int n_qtiles,
+                                                        int n_splits) {
+  const int64_t rows = static_cast<int64_t>(batch) * hkv * n_qtiles * m_tile;
+  return rows * n_splits * (head_dim + 2) + rows;
+}
+
+// The scratch carved from `base` (merge_scratch_floats(...) elements, 16-byte aligned), same arguments.
+__host__ __device__ inline MergeScratch merge_scratch_at(float* base, int batch, int hkv, int head_dim, int m_tile,
+                                                         int n_qtiles, int n_splits) {
+  const int64_t rows = static_cast<int64_t>(batch) * hkv * n_qtiles * m_tile, states = rows * n_splits;
+  MergeScratch s;
+  s.o = base;
+  s.m = base + states * head_dim;
+  s.l = s.m + states;
+  s.n_used = reinterpret_cast<int*>(s.l + states);
+  return s;
+}
+
+// Global merge stage: output pair u of tile (bh, qt), i.e. row r = u / (D/2), columns 2 (u % (D/2)) + {0, 1},
+// for u < m_rows * D/2 (m_rows = min(m_tile, rows - qt * m_tile)). Call it after every attention_block
+// of the launch has finished and its global writes are visible (a grid-wide barrier with release/acquire
+// ordering): it reads the scratch with plain loads. Pairs of tiles or rows with n_used <= 1 return at once.
+template <typename T>
+__device__ __forceinline__ void attention_merge_global(const Params<T>& p, const MergeScratch& s, int bh, int qt,
+                                                       int u) {
+  const int D = p.head_dim, pairs = D / 2;
+  const int r = u / pairs, col = 2 * (u - r * pairs);
+  const int64_t t = static_cast<int64_t>(bh) * p.n_qtiles + qt;
+  const int n_used = s.n_used[t * p.m_tile + r];
+  if (n_used <= 1) return;
+  float mz[kMaxSplits], lz[kMaxSplits];
+  float2 oz[kMaxSplits];
+#pragma unroll
+  for (int zz = 0; zz < kMaxSplits; ++zz) {
+    if (zz < n_used) {
+      const int64_t sr = (t * p.n_splits + zz) * p.m_tile + r;
+      mz[zz] = s.m[sr];
+      lz[zz] = s.l[sr];
+      oz[zz] = *reinterpret_cast<const float2*>(s.o + sr * D + col);
+    }
+  }
+  const int b = bh / p.hkv, kvh = bh - b * p.hkv;
+  merge_splits<T>(n_used, mz, lz, oz,
+                  [&] { return p.out + out_row(b, p.tokens, p.hq, kvh, p.group, qt * p.m_tile + r) * D + col; });
+}
+
+// The whole merge stage as one strided loop: pairs i = start, start + stride, ... of every tile
+// (i = (t * m_tile + r) * D/2 + pair, t = bh * n_qtiles + qt; slots past a last q-tile's rows skipped).
+// E.g. start = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x.
+template <typename T>
+__device__ __forceinline__ void attention_merge_global_all(const Params<T>& p, const MergeScratch& s, int64_t start,
+                                                           int64_t stride) {
+  const int pairs = p.head_dim / 2;
+  const int64_t tile_pairs = static_cast<int64_t>(p.m_tile) * pairs;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.hkv * p.n_qtiles * tile_pairs;
+  for (int64_t i = start; i < total; i += stride) {
+    const int64_t t = i / tile_pairs;
+    const int u = static_cast<int>(i - t * tile_pairs);
+    const int bh = static_cast<int>(t / p.n_qtiles), qt = static_cast<int>(t - static_cast<int64_t>(bh) * p.n_qtiles);
+    if (u / pairs >= p.rows - qt * p.m_tile) continue;  // past the last q-tile's rows
+    attention_merge_global<T>(p, s, bh, qt, u);
   }
 }
 
