@@ -18,6 +18,12 @@ LLAMA_3_2_1B: Dict[str, object] = dict(
     num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5,
     rope_theta=500000.0, max_position_embeddings=131072)
 
+# HuggingFaceTB/SmolLM2-135M-Instruct's config.json: the default model's shape, for prices without its weights.
+SMOLLM2_135M: Dict[str, object] = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    head_dim=64, vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
+    max_position_embeddings=8192)
+
 
 def parameter_count(shape: Dict[str, object]) -> int:
     """Parameters of a Llama of this shape (no biases), from the shape alone."""

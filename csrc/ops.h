@@ -88,4 +88,18 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
                                                              double temperature, int64_t top_k, double top_p,
                                                              const at::Tensor& rng);
 
+// persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches,
+//                  int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos,
+//                  Tensor rope_sin, Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens,
+//                  Tensor(e!) num_drafted, Tensor(f!) active, Tensor(g!) exit_states, Tensor(h!) barrier, int gamma,
+//                  bool stop_at_exit, float eps, float scale, int window) -> ()
+// A whole draft phase in one launch; writes the buffers marked (!); persistent_draft.cu.
+void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at::Tensor>>& layer_weights,
+                      at::TensorList k_caches, at::TensorList v_caches, int64_t num_exit_layers,
+                      const at::Tensor& head_norm, const at::Tensor& head, const std::optional<at::Tensor>& draft_ids,
+                      const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& threshold,
+                      const at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& draft_tokens,
+                      at::Tensor& num_drafted, at::Tensor& active, at::Tensor& exit_states, at::Tensor& barrier,
+                      int64_t gamma, bool stop_at_exit, double eps, double scale, int64_t window);
+
 }  // namespace kangaroo

@@ -134,6 +134,11 @@ def loaded() -> bool:
     return _C is not None
 
 
+def tensor_core_gemv() -> bool:
+    """Whether the launchers run the tensor-core GEMVs (the switch as the extension holds it)."""
+    return bool(_C is not None and hasattr(_C, "tensor_core_gemv") and _C.tensor_core_gemv())
+
+
 def attention_invariant_max_tokens(group: int, head_dim: int, elem_size: int, device_index: int) -> Optional[int]:
     """The most query tokens one CUDA attention call may carry in the batch-invariant order (csrc/ops.h), for
     this GQA group, head dim and element size (bytes) on this device: 0 where no call does (the switch off,

@@ -64,6 +64,11 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "costs. Plain and verify steps both switch, so they stay bitwise alike. On by default since its GPU "
          "tests passed (H100, a258f80 + 50fdea6: verify of 7 positions 1,130 -> 897 us on the default model); "
          "0 restores the CUDA-core kernels", on_by_default=True),
+    Knob("KANGAROO_PERSISTENT_DRAFT", "flag", "run",
+         "greedy draft phases on a GPU run as one persistent kernel (csrc/kernels/persistent_draft.cuh: the exit "
+         "layers, the adapter, the draft head and the confidence exit of every step in one launch) instead of "
+         "~23 launches a step; where a call cannot, the per-op graph runs and stats.draft_kernel_off says why. "
+         "Off until its GPU tests pass"),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),

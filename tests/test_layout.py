@@ -158,12 +158,17 @@ def test_every_op_is_findable_by_its_name():
     from kangaroo_ext.ops import reference
     from kangaroo_ext.ops.schemas import OPS
     assert set(OP_FILES) == set(OPS)
+    from kangaroo_ext.ops import NO_TRITON
     for op, files in OP_FILES.items():
+        if files["triton"] is None:  # says why instead (the Triton backend's reason)
+            assert NO_TRITON[op]
+            files = dict(files, triton="triton_kernels/__init__.py")
         for key in ("cuda", "kernel", "triton"):
             path = os.path.join(ROOT, files[key])
             assert os.path.isfile(path), f"{op}: {files[key]} does not exist"
         assert op in open(os.path.join(ROOT, files["cuda"])).read(), f"{op} not in {files['cuda']}"
-        assert f"def {op}(" in open(os.path.join(ROOT, files["triton"])).read(), f"{op} not in {files['triton']}"
+        if op not in NO_TRITON:
+            assert f"def {op}(" in open(os.path.join(ROOT, files["triton"])).read(), f"{op} not in {files['triton']}"
         assert callable(getattr(reference, op))
 
 

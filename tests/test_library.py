@@ -72,6 +72,16 @@ def _sample_args(name, device):
                     num_drafted, 0.8, 5, 0.9, torch.tensor([1, 2], device=device))
         return [case(3, 4, 111, torch.float32, torch.tensor([4, 0, 2], device=device)),
                 case(1, 1, 50, torch.float16, None)]
+    if name == "persistent_draft":
+        from test_persistent_draft import eligible_model, _prepared
+        from kangaroo_ext.engine.engine import engine_for
+        import copy
+        if device == "cpu":
+            model = copy.deepcopy(eligible_model(layers=3, hidden=64, heads=2, kv_heads=1, inter=128, vocab=50))
+        else:
+            model = copy.deepcopy(eligible_model(layers=3)).to(torch.bfloat16).cuda()
+        engine = _prepared(model, 2, 3, 0.2)
+        return [engine._persistent_args(3, True), engine._persistent_args(2, False)]
     raise KeyError(name)
 
 

@@ -238,7 +238,7 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
 // ---- the threads a block body runs on ------------------------------------------------------------
 // Kernel bodies written as device functions (decode_linear_mma.cuh's gemv_mma_tile, ...) take their
 // barrier as a policy, so one body serves its own launch (a whole block: __syncthreads) and the
-// persistent draft kernel (draft_chain.cuh), where a 256-thread block runs two 128-thread bodies side by
+// persistent draft kernel (persistent_draft.cuh), where a 256-thread block runs two 128-thread bodies side by
 // side, each on a named barrier of its own (ids 1 and 2; id 0 is __syncthreads').
 struct WholeBlock {
   __device__ __forceinline__ void operator()() const { __syncthreads(); }

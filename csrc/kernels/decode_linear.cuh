@@ -84,7 +84,7 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ w, int nvec, in
 constexpr int kPrologueUnroll = 4;
 
 // tid / nthreads: this thread among the threads that run the block's work (a whole block, or a sub-block
-// of the persistent draft kernel: draft_chain.cuh); sync: their barrier; write_residual: this block is the
+// of the persistent draft kernel: persistent_draft.cuh); sync: their barrier; write_residual: this block is the
 // one of its row group that writes residual_out (block x = 0 of a launch).
 template <typename T, int VEC, int MB, Mode MODE, class Sync>
 __device__ __forceinline__ void load_rows(const Params<T>& p, int m0, int mb, T* xs, T* nws, float* inv_rms_s,

@@ -170,7 +170,7 @@ __device__ __forceinline__ void stage_hidden(const T* __restrict__ hidden, int r
 // lane's index in it; ok0 / ok1: whether each W row exists). Afterwards lane l8 holds the logits of
 // hidden row l8 * RB / 8 (x0: row v0, x1: row v0 + 1), not yet rounded to T. A logit's arithmetic
 // depends on nothing but its W row and hidden row: whichever group, block or kernel computes it (the
-// persistent draft kernel, draft_chain.cuh, does too), it is bitwise the same.
+// persistent draft kernel, persistent_draft.cuh, does too), it is bitwise the same.
 template <typename T, int VEC, int RB>
 __device__ __forceinline__ void group_logits(const T* __restrict__ weight, int H, const float* hs, int v0, bool ok0,
                                              bool ok1, int l8, float& x0, float& x1) {

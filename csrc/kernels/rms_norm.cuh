@@ -31,7 +31,7 @@ constexpr int kBatch = VEC == 1 ? 8 : 1;
 // first_warp + stride / 32 - 1 of the block). warp_sums: the block's per-warp sums in shared memory; `sync`:
 // the barrier of every thread that shares warp_sums, reached by all of them (also rows past the end:
 // active = false). cache: the row in shared memory (CACHE_IN_SMEM). The persistent draft kernel
-// (draft_chain.cuh) runs this for its draft head's norm, so its rounding is this kernel's by construction.
+// (persistent_draft.cuh) runs this for its draft head's norm, so its rounding is this kernel's by construction.
 template <typename T, int VEC, bool CACHE_IN_SMEM, class Sync>
 __device__ __forceinline__ void norm_row(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
                                          const T* __restrict__ residual, const T* __restrict__ weight, int64_t offset,

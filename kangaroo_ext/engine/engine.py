@@ -137,7 +137,8 @@ class Engine:
             report=torch.zeros(B, Report.width(g), dtype=torch.int64, device=dev),  # read once per round
             # the sequence so far (prompt + committed tokens; L = cache_len + 1 of them), which copied
             # drafts search; a round writes up to γ + 1 tokens past L, hence the slack
-            history=torch.zeros(B, capacity + g + 2, dtype=torch.int64, device=dev))
+            history=torch.zeros(B, capacity + g + 2, dtype=torch.int64, device=dev),
+            persistent_barrier=torch.zeros(2, dtype=torch.int32, device=dev))   # the persistent draft kernel's
         self.__dict__.update(new)
         self.capacity, self.max_draft = capacity, g
         self._graphs = {}  # buffer addresses changed
@@ -146,7 +147,7 @@ class Engine:
 
     def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> tuple:
         return (gamma, speculative, bool(device_exit and speculative), self.sampling,
-                id(self.adapter) if speculative else None, copy)
+                id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"))
 
     def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Optional[CudaGraphs]:
         """The graphs graphs_for captured for these settings and the bound adapter, or None."""
@@ -330,6 +331,37 @@ class Engine:
         if j < gamma:
             return self._take_draft(j, *head)
         return None
+
+    def persistent_draft_off(self, gamma: int) -> str:
+        """Why this engine's draft phase cannot run as one persistent kernel ('' if it can): the switch
+        (config KANGAROO_PERSISTENT_DRAFT), greedy decoding, batch 1, then the CUDA kernel's own limits."""
+        if not config.flag("KANGAROO_PERSISTENT_DRAFT"):
+            return "KANGAROO_PERSISTENT_DRAFT is off (the default until the kernel's GPU tests pass)"
+        if self.sampling is not None:
+            return "sampling: the persistent kernel drafts greedily"
+        if self.ROWS != 1:
+            return f"batch {self.ROWS}: the persistent kernel drafts one sequence"
+        if any(w.gate_bias is not None or w.up_bias is not None for w in self.spec.layers[:self.adapter.exit_layer]):
+            return "gate / up biases: the persistent kernel's MLP has none"
+        return "; ".join(ops.reasons_against("persistent_draft", "cuda", *self._persistent_args(gamma, True)))
+
+    def _persistent_args(self, gamma: int, stop_at_exit: bool) -> tuple:
+        s, n_exit = self.spec, self.adapter.exit_layer
+        slots = list(range(n_exit)) + [s.num_layers + b for b in range(len(self.adapter_weights))]
+        weights = []
+        for w in list(s.layers[:n_exit]) + list(self.adapter_weights):
+            weights += [w.input_norm, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias, w.o, w.o_bias, w.post_norm,
+                        w.gate, w.up, w.down, w.down_bias]
+        return (s.embed, weights, [self.k_cache[i] for i in slots], [self.v_cache[i] for i in slots], n_exit,
+                self.adapter_norm, self.draft_head, self.draft_ids, self.rope_cos, self.rope_sin, self.threshold,
+                self.cache_len, self.tokens_in, self.draft_tokens, self.num_drafted, self.active, self.exit_states,
+                self.persistent_barrier, gamma, stop_at_exit, s.rms_norm_eps, s.attn_scale, s.sliding_window or 0)
+
+    def draft_phase_persistent(self, gamma: int, stop_at_exit: bool):
+        """The adapter's draft steps 0..γ in one launch of the persistent draft kernel (ops.persistent_draft):
+        the same tokens, exit states and caches as draft_step(j, γ) for each j, stopping at the confidence
+        exit when stop_at_exit (as the conditional nodes do). Callers checked persistent_draft_off."""
+        ops.persistent_draft(*self._persistent_args(gamma, stop_at_exit), backend="cuda")
 
     def _take_draft(self, j: int, token, conf, q):
         """The adapter's proposal as draft j (token, conf [B, 1]; q [B, 1, N] or None): kept while the

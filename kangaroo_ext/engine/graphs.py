@@ -3,6 +3,9 @@
 Each phase is a fixed sequence of kernels over the engine's static buffers, so it is captured once per
 (engine buffers, γ, adapter) and replayed; the host only launches and, once per round, reads the report.
 
+The adapter's draft steps may instead be one launch of the persistent draft kernel (Engine.draft_phase_persistent,
+behind KANGAROO_PERSISTENT_DRAFT): the same stop at the confidence exit, decided inside the kernel.
+
 With conditional nodes (`device_exit`, see conditional.py) the GPU applies Kangaroo's draft early exit
 itself: draft step j is nested in an IF on "some row still drafts", so once the confidence falls below
 η the remaining steps cost one untaken node, and the verify step is a SWITCH on the number of drafts
@@ -33,6 +36,9 @@ class CudaGraphs:
         self.gamma = max(gamma, copy.rows) if copy is not None else gamma   # the most drafts a round verifies
         self.speculative = speculative
         self.device_exit = bool(device_exit and speculative)
+        # The adapter's draft phase as one persistent kernel where the engine can (engine.persistent_draft_off)
+        self.draft_kernel_off = engine.persistent_draft_off(gamma) if speculative and gamma > 0 else "no draft phase"
+        self.persistent = not self.draft_kernel_off
         self.pool = torch.cuda.graph_pool_handle()
         t0 = time.perf_counter()
         if speculative:
@@ -62,6 +68,9 @@ class CudaGraphs:
 
     def _adapter_drafts(self, capturing: bool):
         e = self.engine
+        if self.persistent:  # one launch: steps 0..γ, the confidence exit on the device when device_exit
+            e.draft_phase_persistent(self.adapter_gamma, stop_at_exit=self.device_exit)
+            return
         with contextlib.ExitStack() as rest:
             for j in range(self.adapter_gamma + 1):
                 if j and capturing and self.device_exit:

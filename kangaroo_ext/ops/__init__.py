@@ -20,16 +20,21 @@
 
     tokens, count, n = ngram_draft(history, length, min_ngram, max_ngram, gamma)   # copied drafts
 
+    persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
+                     rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
+                     exit_states, barrier, gamma, stop_at_exit, eps, scale, window)   # a whole draft phase
+
 `backend` is "cuda", "triton", "reference" or None/"auto" (default; KANGAROO_BACKEND overrides None).
 """
 from typing import List, Optional, Tuple
 
 import torch
 
+from .. import _extension
 from . import reference, schemas, validate  # noqa: F401  (schemas registers torch.ops.kangaroo.*)
 from .reference import ACCEPT_STREAM  # noqa: F401
-from .backends import (ORDER, BackendUnavailable, available_backends, reasons_against, register,  # noqa: F401
-                       select, tensor_reasons, triton_module)
+from .backends import (NO_TRITON, ORDER, BackendUnavailable, available_backends,  # noqa: F401
+                       reasons_against, register, select, tensor_reasons, triton_module)
 
 
 # ---- where each op lives ---------------------------------------------------------------------------
@@ -62,7 +67,10 @@ OP_FILES = {
                           triton="triton_kernels/sampling.py"),
     "speculative_sample_accept": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
                                       triton="triton_kernels/sampling.py"),
+    "persistent_draft": dict(cuda="csrc/persistent_draft.cu", kernel="csrc/kernels/persistent_draft.cuh",
+                             triton=None),
 }
+
 
 
 # ---- fused residual-add + RMSNorm ----------------------------------------------------------------
@@ -423,6 +431,80 @@ def _sample_accept_reasons(backend):
     return reasons
 
 
+# ---- a whole draft phase in one launch -------------------------------------------------------------
+
+def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers: int, head_norm, head, draft_ids,
+                     rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
+                     exit_states, barrier, gamma: int, stop_at_exit: bool, eps: float, scale: float, window: int = 0,
+                     *, backend: Optional[str] = None) -> None:
+    """Kangaroo's draft phase for one sequence in one launch: draft steps j = 0..gamma, each the target's
+    exit layers and the adapter's blocks on tokens_in[:, j], the exit state, and (j < gamma) the draft head's
+    greedy proposal with the confidence exit (reference.persistent_draft is the definition: the engine's
+    per-op draft steps). The CUDA kernel runs the stages of every step on one grid ordered by grid-wide
+    barriers, with the CUDA ops' own kernel bodies, so its exit states, caches and tokens are bitwise the
+    per-op path's (the confidence may differ in its last bits).
+
+    Args:
+        embed: [V, H] the token embedding.
+        layer_weights: 14 entries per layer (reference.PERSISTENT_DRAFT_WEIGHTS: input_norm, q, k, v, q_bias,
+            k_bias, v_bias, o, o_bias, post_norm, gate, up, down, down_bias; biases and, for adapter blocks
+            without an MLP, the last five may be None): the target's num_exit_layers layers, then the
+            adapter's blocks.
+        k_caches, v_caches: one [1, Hkv, S, D] cache per layer, written at cache_len + j.
+        head_norm: [H], head: [N, H], draft_ids: [N] int64 or None (head index -> token id).
+        rope_cos, rope_sin: [>= S, D] float32.
+        threshold: [] float32 (η); cache_len: [1] int64.
+        tokens_in: [1, >= gamma + 1], draft_tokens: [1, >= gamma] int64; num_drafted: [1] int64;
+            active: [1] bool; exit_states: [1, >= gamma + 1, H]: the round's state, written as the per-op
+            steps write it.
+        barrier: [2] int32, zero: the kernel's arrival counters (it leaves them zero); one per stream.
+        gamma: draft steps that propose (γ >= 1); stop_at_exit: step j > 0 only while active.
+    The CUDA kernel takes batch 1, 16-bit models with the tensor-core GEMVs' shapes, head dim 64 or 128 and
+    at most 8 query heads per KV head (backend reasons say which limit a call misses).
+    """
+    args = (embed, list(layer_weights), list(k_caches), list(v_caches), int(num_exit_layers), head_norm, head,
+            draft_ids, rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
+            exit_states, barrier, int(gamma), bool(stop_at_exit), float(eps), float(scale), int(window))
+    validate.persistent_draft(*args)
+    select("persistent_draft", backend, *args)(*args)
+
+
+def _persistent_reasons(backend):
+    def reasons(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids, rope_cos,
+                rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active, exit_states, barrier,
+                gamma, *rest):
+        why = tensor_reasons(backend, {"embed": embed, "exit_states": exit_states, "k_caches[0]": k_caches[0]})
+        if backend != "cuda":
+            return why
+        return why + persistent_kernel_limits(embed, layer_weights, k_caches[0])
+    return reasons
+
+
+def persistent_kernel_limits(embed, layer_weights, k_cache) -> List[str]:
+    """What the CUDA persistent draft kernel cannot take here (csrc/persistent_draft.cu checks the same)."""
+    why = []
+    if embed.dtype not in (torch.float16, torch.bfloat16):
+        why.append(f"the persistent draft kernel runs 16-bit models, not {embed.dtype}")
+    elif _extension.loaded() and not _extension.tensor_core_gemv():
+        why.append("the persistent draft kernel runs the tensor-core GEMVs, switched off (KANGAROO_TENSOR_CORE_GEMV)")
+    H, (Hkv, D) = embed.shape[1], (k_cache.shape[1], k_cache.shape[3])
+    n = len(layer_weights) // 14
+    q_rows = layer_weights[1].shape[0]
+    inter = next((w.shape[0] for w in layer_weights[10::14] if w is not None), H)
+    if D not in (64, 128):
+        why.append(f"head dim {D} (the kernel takes 64 and 128)")
+    if q_rows % D or (q_rows // D) % Hkv or q_rows // D // Hkv > 8:
+        why.append(f"{q_rows // D} query heads for {Hkv} KV heads (at most 8 per KV head)")
+    if H % 8 or H > 2048:
+        why.append(f"hidden size {H} (a multiple of 8, at most 2048: the head norm's row)")
+    if any(k % 32 for k in (H, q_rows, inter)) or any(r % 8 for r in (q_rows, Hkv * D, inter)):
+        why.append(f"GEMV shapes the tensor-core kernel cannot take (hidden {H}, q rows {q_rows}, "
+                   f"intermediate {inter}: widths % 32, rows % 8)")
+    if n > 12:
+        why.append(f"{n} layers (at most 12: exit layers and adapter blocks)")
+    return why
+
+
 # ---- registrations -------------------------------------------------------------------------------
 
 def _cuda(name):
@@ -439,7 +521,8 @@ for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", 
                         ("rms_norm_linear", _linear_reasons), ("rms_norm_gate_up", _gate_up_reasons),
                         ("decode_linear", _decode_linear_reasons), ("sampling_probs", _sampling_reasons),
                         ("sample_logits", _sampling_reasons),
-                        ("speculative_sample_accept", _sample_accept_reasons)):
+                        ("speculative_sample_accept", _sample_accept_reasons),
+                        ("persistent_draft", _persistent_reasons)):
     register(_name, "cuda", _cuda(_name), _reasons("cuda"))
     register(_name, "triton", _triton(_name), _reasons("triton"))
     register(_name, "reference", getattr(reference, _name), _reasons("reference"))

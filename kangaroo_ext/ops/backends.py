@@ -16,6 +16,12 @@ from .. import _extension, config
 from .schemas import MISSING_FROM_EXTENSION
 
 ORDER = ("cuda", "triton", "reference")
+
+# Ops without a Triton version, and why (the Triton backend gives this as its reason).
+NO_TRITON = {
+    "persistent_draft": "no Triton version: the persistent draft kernel orders its stages with grid-wide barriers "
+                        "over a cooperative launch and calls the CUDA ops' own kernel bodies for their bits",
+}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -117,6 +123,8 @@ def reasons_against(op: str, backend: str, *args, auto: bool = False) -> List[st
             return why
     if backend == "cuda" and op in MISSING_FROM_EXTENSION:
         return [f"this build of the extension has no kernel for {op} (rebuild it)"]
+    if backend == "triton" and op in NO_TRITON:
+        return [NO_TRITON[op]]
     if backend == "triton" and not hasattr(triton_module(), op):
         return [f"kangaroo_ext.triton_kernels has no kernel for {op}"]
     entry = _IMPLS.get(op, {}).get(backend)

@@ -339,3 +339,44 @@ def ngram_draft(history: torch.Tensor, length: torch.Tensor, min_ngram: int, max
     k = torch.arange(gamma, device=dev)                                        # [γ]
     tokens = history.gather(1, (end[:, None] + 1 + k).clamp(max=S - 1))        # [B, γ]
     return torch.where(k[None, :] < count[:, None], tokens, -1), count, torch.where(found, score // S, 0)
+
+
+PERSISTENT_DRAFT_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_bias", "o", "o_bias", "post_norm",
+                            "gate", "up", "down", "down_bias")   # layer_weights: these 14 per layer, None allowed
+
+
+def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers: int, head_norm, head, draft_ids,
+                     rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
+                     exit_states, barrier, gamma: int, stop_at_exit: bool, eps: float, scale: float,
+                     window: int) -> None:
+    """A whole draft phase of one sequence: the engine's per-op draft steps (Engine.draft_step), written out.
+
+    For j = 0..gamma (from j > 0 only while active[0] when stop_at_exit): the layers (the target's
+    num_exit_layers, then the adapter's blocks; a block without gate has no MLP) on tokens_in[:, j] at
+    cache_len + j, appending to k_caches / v_caches; exit_states[:, j] = the residual stream entering the
+    adapter; for j < gamma the draft head's greedy proposal through take_draft. barrier: the CUDA kernel's."""
+    n = len(layer_weights) // len(PERSISTENT_DRAFT_WEIGHTS)
+    D = k_caches[0].shape[-1]
+    for j in range(gamma + 1):
+        if j and stop_at_exit and not bool(active[0]):
+            break
+        pos = cache_len[:, None] + j                                               # [1, 1]
+        x, res = embed[tokens_in[:, j:j + 1]], None                                # [1, 1, H]
+        for layer in range(n):
+            w = dict(zip(PERSISTENT_DRAFT_WEIGHTS, layer_weights[layer * 14:(layer + 1) * 14]))
+            (q, k, v), res = rms_norm_linear(x, res, w["input_norm"], eps, [w["q"], w["k"], w["v"]],
+                                             [w["q_bias"], w["k_bias"], w["v_bias"]])
+            if layer == num_exit_layers:
+                exit_states[:, j] = res[:, 0]
+            q, k, v = (t.view(1, 1, -1, D) for t in (q, k, v))                     # [1, 1, heads, D]
+            attn = rope_append_attention(q, k, v, rope_cos, rope_sin, pos, k_caches[layer], v_caches[layer], scale,
+                                         window)
+            x = decode_linear(attn, w["o"], w["o_bias"])
+            if w["gate"] is not None:
+                act, res = rms_norm_gate_up(x, res, w["post_norm"], eps, w["gate"], w["up"])
+                x = decode_linear(act, w["down"], w["down_bias"])
+        if j == gamma:
+            break
+        y, _ = fused_add_rms_norm(x, res, head_norm, eps)
+        token, confidence = lm_head_argmax(y, head)                                # [1, 1] each
+        take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, j, draft_ids)

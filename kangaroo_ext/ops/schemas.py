@@ -77,6 +77,12 @@ def _fake_speculative_sample_accept(draft_tokens, draft_probs, target_logits, nu
     return _fake_verify_accept(draft_tokens, target_logits, num_drafted)
 
 
+def _fake_persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
+                           rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
+                           exit_states, barrier, gamma, stop_at_exit, eps, scale, window):
+    return None  # writes only the buffers declared (!) in the schema
+
+
 OPS: Dict[str, OpDef] = {
     "fused_add_rms_norm": OpDef(
         "fused_add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
@@ -120,6 +126,13 @@ OPS: Dict[str, OpDef] = {
         "speculative_sample_accept(Tensor draft_tokens, Tensor draft_probs, Tensor target_logits, "
         "Tensor? num_drafted, float temperature, int top_k, float top_p, Tensor rng) -> (Tensor, Tensor)",
         _fake_speculative_sample_accept, reference.speculative_sample_accept),
+    "persistent_draft": OpDef(
+        "persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
+        "int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos, Tensor rope_sin, "
+        "Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens, Tensor(e!) num_drafted, "
+        "Tensor(f!) active, Tensor(g!) exit_states, Tensor(h!) barrier, int gamma, bool stop_at_exit, float eps, "
+        "float scale, int window) -> ()",
+        _fake_persistent_draft, reference.persistent_draft),
 }
 
 _libs = []  # keep torch.library.Library objects alive: dropping one unregisters its kernels

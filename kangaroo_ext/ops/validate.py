@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from . import reference
 from .reference import ACCEPT_STREAM  # streams at and above it are speculative_sample_accept's
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -336,3 +337,73 @@ def ngram_draft(history, length, min_ngram, max_ngram, gamma):
 
 
 MAX_NGRAM = 32  # longer suffixes than this never pay: a match of 32 tokens is already certain
+
+
+def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
+                     rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
+                     exit_states, barrier, gamma, stop_at_exit, eps, scale, window):
+    """The structure every backend needs (the CUDA kernel's own limits are its backend reasons)."""
+    _tensor("embed", embed)
+    if embed.dim() != 2 or embed.dtype not in FLOATS:
+        raise ValueError(f"embed must be a float tensor [V, H], got {embed.dtype} {tuple(embed.shape)}")
+    H = embed.shape[1]
+    per_layer = 14
+    if not isinstance(layer_weights, (list, tuple)) or len(layer_weights) % per_layer or len(layer_weights) < 28:
+        raise ValueError("layer_weights must be a list of 14 entries (tensor or None) per layer, for at least two "
+                         f"layers (exit layers, then adapter blocks), got {type(layer_weights).__name__} of "
+                         f"{len(layer_weights) if isinstance(layer_weights, (list, tuple)) else '?'}")
+    n = len(layer_weights) // per_layer
+    if not (_is_int(num_exit_layers) and 1 <= num_exit_layers < n):
+        raise ValueError(f"num_exit_layers must be an int in [1, {n}) (at least one target layer and one adapter "
+                         f"block), got {num_exit_layers!r}")
+    for i, w in enumerate(layer_weights):
+        if w is None and i % per_layer in (0, 1, 2, 3, 7):
+            raise ValueError(f"layer_weights[{i}] ({_WEIGHT_NAMES[i % per_layer]} of layer {i // per_layer}) "
+                             "is required")
+        if w is not None:
+            _tensor(f"layer_weights[{i}]", w)
+            _same_device(f"layer_weights[{i}]", w, "embed", embed)
+        if i % per_layer == 10 and w is None and i // per_layer < num_exit_layers:
+            raise ValueError(f"layer {i // per_layer} is a target exit layer: its gate (layer_weights[{i}]) is "
+                             "required")
+    if len(k_caches) != n or len(v_caches) != n:
+        raise ValueError(f"k_caches and v_caches must hold one cache per layer ({n}), got {len(k_caches)} and "
+                         f"{len(v_caches)}")
+    c0 = k_caches[0]
+    if c0.dim() != 4 or c0.shape[0] != 1:
+        raise ValueError(f"k_caches[0] must be [1, Hkv, S, D] (batch 1), got {tuple(c0.shape)}")
+    for name, caches in (("k_caches", k_caches), ("v_caches", v_caches)):
+        for i, c in enumerate(caches):
+            if tuple(c.shape) != tuple(c0.shape):
+                raise ValueError(f"{name}[{i}] must have k_caches[0]'s shape {tuple(c0.shape)}, got {tuple(c.shape)}")
+    if not (_is_int(gamma) and gamma >= 1):
+        raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
+    for name, t, dtype, rows in (("tokens_in", tokens_in, torch.int64, gamma + 1),
+                                 ("draft_tokens", draft_tokens, torch.int64, gamma)):
+        _tensor(name, t)
+        if t.dtype != dtype or t.dim() != 2 or t.shape[0] != 1 or t.shape[1] < rows:
+            raise ValueError(f"{name} must be int64 [1, >= {rows}], got {t.dtype} {tuple(t.shape)}")
+    for name, t, dtype in (("cache_len", cache_len, torch.int64), ("num_drafted", num_drafted, torch.int64),
+                           ("active", active, torch.bool), ("barrier", barrier, torch.int32)):
+        _tensor(name, t)
+        if t.dtype != dtype or tuple(t.shape) != ((2,) if name == "barrier" else (1,)):
+            raise ValueError(f"{name} must be {str(dtype).replace('torch.', '')} of shape "
+                             f"[{2 if name == 'barrier' else 1}], got {t.dtype} {tuple(t.shape)}")
+    _tensor("threshold", threshold)
+    if threshold.dtype != torch.float32 or threshold.dim() != 0:
+        raise ValueError(f"threshold must be a 0-dim float32 tensor (η), got {threshold.dtype} "
+                         f"{tuple(threshold.shape)}")
+    _tensor("exit_states", exit_states)
+    if exit_states.dim() != 3 or exit_states.shape[0] != 1 or exit_states.shape[1] < gamma + 1 or \
+            exit_states.shape[2] != H:
+        raise ValueError(f"exit_states must be [1, >= {gamma + 1}, {H}], got {tuple(exit_states.shape)}")
+    if head.dim() != 2 or head.shape[1] != H:
+        raise ValueError(f"head must be [N, {H}], got {tuple(head.shape)}")
+    if draft_ids is not None and (draft_ids.dtype != torch.int64 or tuple(draft_ids.shape) != (head.shape[0],)):
+        raise ValueError(f"draft_ids must be int64 [{head.shape[0]}] or None, got {draft_ids.dtype} "
+                         f"{tuple(draft_ids.shape)}")
+    if not (_is_int(window) and window >= 0):
+        raise ValueError(f"window must be an int >= 0, got {window!r}")
+
+
+_WEIGHT_NAMES = reference.PERSISTENT_DRAFT_WEIGHTS

@@ -1,0 +1,111 @@
+"""The persistent draft kernel's price against the per-op draft graph (issue 21), on a GPU.
+
+    python bench/persistent_draft_price.py --out bench/results/persistent_draft.json
+
+For the default model's shape (SmolLM2-135M, the shipped adapter's layout: ℓ 2, an attention-only `kangaroo`
+block, an 8k draft vocabulary) and Llama-3.2-1B's (a `decoder` block), random weights: the draft phase of 0
+and γ drafts, the verify step and the plain step, each with KANGAROO_PERSISTENT_DRAFT off and on (CUDA
+events, medians after warm-up: round_price.measure_round), and the launches per draft phase. Also checks, for
+each shape, that one persistent draft phase leaves bitwise the per-op phase's state (tokens, exit states,
+caches). Prices only: acceptance means nothing with random weights.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_cases  # noqa: E402
+import round_price  # noqa: E402
+import shaped_models  # noqa: E402
+
+SWITCH = "KANGAROO_PERSISTENT_DRAFT"
+SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1b": (shaped_models.LLAMA_3_2_1B,
+                                                                                     "decoder")}
+
+
+def same_state(de, gamma: int) -> dict:
+    """One draft phase per-op, then persistent, from the same saved state: which buffers differ."""
+    e = de.engine
+    names = ("tokens_in", "draft_tokens", "num_drafted", "active", "exit_states", "k_cache", "v_cache")
+    de.restore()
+    e.begin_round()
+    for j in range(gamma + 1):
+        if j and not bool(e.active[0]):
+            break
+        e.draft_step(j, gamma)
+    want = {n: getattr(e, n).clone() for n in names}
+    de.restore()
+    e.begin_round()
+    e.draft_phase_persistent(gamma, True)
+    torch.cuda.synchronize()
+    got = {n: getattr(e, n) for n in names}
+    diff = [n for n in names if not torch.equal(got[n][:, :gamma + 1] if n == "exit_states" else got[n],
+                                                want[n][:, :gamma + 1] if n == "exit_states" else want[n])]
+    return {"bitwise_equal": not diff, "differ": diff, "drafted": int(want["num_drafted"][0])}
+
+
+def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
+            draft_vocab: int = 8192, eta: float = 0.0) -> dict:
+    shape, arch = SHAPES[shape_name]
+    model = shaped_models.random_llama(shape, "cuda", bench_cases.DTYPE)
+    adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab, architecture=arch)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, shape["vocab_size"], (1, prompt_tokens), generator=g).cuda()
+    out = {"shape": shape_name, "adapter": arch, "exit_layer": exit_layer, "draft_vocab": draft_vocab}
+    for on in (False, True):
+        os.environ[SWITCH] = "1" if on else "0"
+        de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt,
+                                       threshold=eta)
+        why = de.engine.persistent_draft_off(de.graphs.gamma)
+        key = "persistent" if on else "per_op"
+        if on and why:
+            out[key] = {"error": why}
+            continue
+        out[key] = round_price.measure_round(de)
+        if on:
+            out["check"] = same_state(de, de.graphs.gamma)
+        del de
+    os.environ.pop(SWITCH, None)
+    del model, adapter
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "persistent_draft.json"))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    from kangaroo_ext.io import git_commit
+    result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shapes": {}}
+    for name in args.shapes.split(","):
+        try:
+            r = measure(name)
+        except Exception as e:  # keep the other shape's numbers
+            r = {"error": f"{type(e).__name__}: {e}"}
+        result["shapes"][name] = r
+        for key in ("per_op", "persistent"):
+            m = r.get(key, {})
+            if "draft_round_us" in m:
+                d = m["draft_round_us"]
+                print(f"{name} {key}: draft round 0 / {m['gamma']} drafts {d[0]:.1f} / {d[m['gamma']]:.1f} us, "
+                      f"step {m.get('draft_step_us', float('nan')):.1f} us, plain {m['plain_step_us']:.1f} us, "
+                      f"launches {m.get('launches_per_phase', {})}", flush=True)
+            elif m:
+                print(f"{name} {key}: {m}", flush=True)
+        print(f"{name} check: {r.get('check')}", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
