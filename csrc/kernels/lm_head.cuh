@@ -256,7 +256,7 @@ partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int r
 constexpr int kCombineThreads = 256;
 
 // grid (R); one block per hidden row merges its n_blocks triples (a fixed order: deterministic).
-__global__ void __launch_bounds__(kCombineThreads)
+static __global__ void __launch_bounds__(kCombineThreads)
 combine_kernel(const Soft* __restrict__ partials, int n_blocks, int64_t* __restrict__ token,
                float* __restrict__ confidence) {
   __shared__ Soft warp_soft[kCombineThreads / kWarpSize];
