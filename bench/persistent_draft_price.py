@@ -51,7 +51,7 @@ def same_state(de, gamma: int) -> dict:
 
 
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
-            draft_vocab: int = 8192, eta: float = 0.0) -> dict:
+            draft_vocab: int = 8192) -> dict:
     shape, arch = SHAPES[shape_name]
     model = shaped_models.random_llama(shape, "cuda", bench_cases.DTYPE)
     adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab, architecture=arch)
@@ -60,8 +60,7 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
     out = {"shape": shape_name, "adapter": arch, "exit_layer": exit_layer, "draft_vocab": draft_vocab}
     for on in (False, True):
         os.environ[SWITCH] = "1" if on else "0"
-        de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt,
-                                       threshold=eta)
+        de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt)
         why = de.engine.persistent_draft_off(de.graphs.gamma)
         key = "persistent" if on else "per_op"
         if on and why:
