@@ -29,6 +29,7 @@ SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1
                                                                                      "decoder")}
 
 
+@torch.inference_mode()  # the engine's buffers are inference tensors
 def same_state(de, gamma: int) -> dict:
     """One draft phase per-op, then persistent, from the same saved state: which buffers differ."""
     e = de.engine
