@@ -94,8 +94,8 @@ def main():
         for key in ("per_op", "persistent"):
             m = r.get(key, {})
             if "draft_round_us" in m:
-                d = m["draft_round_us"]
-                print(f"{name} {key}: draft round 0 / {m['gamma']} drafts {d[0]:.1f} / {d[m['gamma']]:.1f} us, "
+                d = {int(k): v for k, v in m["draft_round_us"].items()}
+                print(f"{name} {key}: draft round 0 / {m['gamma']} drafts {d[0]:.1f} / {d[int(m['gamma'])]:.1f} us, "
                       f"step {m.get('draft_step_us', float('nan')):.1f} us, plain {m['plain_step_us']:.1f} us, "
                       f"launches {m.get('launches_per_phase', {})}", flush=True)
             elif m:
