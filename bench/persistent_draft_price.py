@@ -5,7 +5,8 @@
 For the default model's shape (SmolLM2-135M, the shipped adapter's layout: ℓ 2, an attention-only `kangaroo`
 block, an 8k draft vocabulary) and Llama-3.2-1B's (a `decoder` block), random weights: the draft phase of 0
 and γ drafts, the verify step and the plain step, each with KANGAROO_PERSISTENT_DRAFT off and on (CUDA
-events, medians after warm-up: round_price.measure_round), and the launches per draft phase. Also checks, for
+events, medians after warm-up: round_price.measure_round), the launches per draft phase, and where the persistent
+phase's time goes (its own barrier stamps: each stage kind's time and its barrier's). Also checks, for
 each shape, that one persistent draft phase leaves bitwise the per-op phase's state (tokens, exit states,
 caches). Prices only: acceptance means nothing with random weights.
 """
@@ -51,6 +52,38 @@ def same_state(de, gamma: int) -> dict:
     return {"bitwise_equal": not diff, "differ": diff, "drafted": int(want["num_drafted"][0])}
 
 
+STAGES = ("start", "qkv", "attention", "merge", "o", "gate_up", "down", "head")  # persistent_draft.cuh: Stage
+
+
+@torch.inference_mode()
+def stage_times(de, gamma: int, repeats: int = 20) -> dict:
+    """Where a persistent draft phase's time goes, from the kernel's own barrier stamps (global timer, ns):
+    per stage kind, the median over the phase's barriers and `repeats` runs of (a) the stage: from the first
+    block leaving the previous barrier to the last block arriving at this one, and (b) the barrier: from that
+    last arrival to the last departure."""
+    e = de.engine
+    blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    rows = 1 + (gamma + 1) * (len(e.adapter_weights) + e.adapter.exit_layer) * 6 + gamma
+    stage, barrier = {}, {}
+    for _ in range(repeats):
+        stamps = torch.full((rows, blocks, 3), -1, dtype=torch.int64, device="cuda")
+        de.restore()
+        e.begin_round()
+        e.draft_phase_persistent(gamma, True, stamps=stamps)
+        torch.cuda.synchronize()
+        s = stamps.cpu()
+        used = s[:, 0, 0] >= 0
+        s = s[used][:, (s[used][0, :, 0] >= 0)]                    # barriers run x blocks that ran
+        arrive, leave = s[:, :, 1].double(), s[:, :, 2].double()
+        for k in range(1, s.shape[0]):
+            kind = STAGES[int(s[k, 0, 0])]
+            stage.setdefault(kind, []).append((arrive[k].max() - leave[k - 1].min()).item() / 1e3)
+            barrier.setdefault(kind, []).append((leave[k].max() - arrive[k].max()).item() / 1e3)
+    med = lambda v: sorted(v)[len(v) // 2]
+    return {kind: {"stage_us": med(stage[kind]), "barrier_us": med(barrier[kind]),
+                   "per_phase": len(stage[kind]) // repeats} for kind in stage}
+
+
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
             draft_vocab: int = 8192) -> dict:
     shape, arch = SHAPES[shape_name]
@@ -70,6 +103,7 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
         out[key] = round_price.measure_round(de)
         if on:
             out["check"] = same_state(de, de.graphs.gamma)
+            out["stages"] = stage_times(de, de.graphs.gamma)
         del de
     os.environ.pop(SWITCH, None)
     del model, adapter
@@ -101,6 +135,8 @@ def main():
             elif m:
                 print(f"{name} {key}: {m}", flush=True)
         print(f"{name} check: {r.get('check')}", flush=True)
+        for kind, t in r.get("stages", {}).items():
+            print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, barrier {t['barrier_us']:.2f} us")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

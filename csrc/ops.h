@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
 //                  int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos,
 //                  Tensor rope_sin, Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens,
 //                  Tensor(e!) num_drafted, Tensor(f!) active, Tensor(g!) exit_states, Tensor(h!) barrier, int gamma,
-//                  bool stop_at_exit, float eps, float scale, int window) -> ()
+//                  bool stop_at_exit, float eps, float scale, int window, Tensor(i!)? stamps=None) -> ()
 // A whole draft phase in one launch; writes the buffers marked (!); persistent_draft.cu.
 void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at::Tensor>>& layer_weights,
                       at::TensorList k_caches, at::TensorList v_caches, int64_t num_exit_layers,
@@ -100,6 +100,7 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
                       const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& threshold,
                       const at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& draft_tokens,
                       at::Tensor& num_drafted, at::Tensor& active, at::Tensor& exit_states, at::Tensor& barrier,
-                      int64_t gamma, bool stop_at_exit, double eps, double scale, int64_t window);
+                      int64_t gamma, bool stop_at_exit, double eps, double scale, int64_t window,
+                      const std::optional<at::Tensor>& stamps);
 
 }  // namespace kangaroo

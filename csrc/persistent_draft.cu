@@ -60,7 +60,8 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
                       const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& threshold,
                       const at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& draft_tokens,
                       at::Tensor& num_drafted, at::Tensor& active, at::Tensor& exit_states, at::Tensor& barrier,
-                      int64_t gamma, bool stop_at_exit, double eps, double scale, int64_t window) {
+                      int64_t gamma, bool stop_at_exit, double eps, double scale, int64_t window,
+                      const std::optional<at::Tensor>& stamps) {
   checks::cuda(embed, "embed");
   const auto dt = embed.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kHalf || dt == at::kBFloat16, "persistent_draft runs 16-bit models (its GEMVs are the "
@@ -265,6 +266,15 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
     p.norm_threads = static_cast<int>(norm.block.x);
     p.head_rows_per_block = static_cast<int>((N + grid - 1) / grid);
     p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+    if (stamps.has_value()) {  // stage timing: [rows, >= grid, 3] int64 (persistent_draft.cuh: GridBarrier)
+      state(*stamps, "stamps", at::kLong, embed);
+      TORCH_CHECK_VALUE(stamps->dim() == 3 && stamps->size(1) >= grid && stamps->size(2) == 3 &&
+                            stamps->size(0) < (1LL << 31), "stamps must be int64 [rows, >= ", grid,
+                        " (this launch's blocks), 3], got ", stamps->sizes());
+      p.stamps = stamps->mutable_data_ptr<int64_t>();
+      p.stamp_rows = static_cast<int>(stamps->size(0));
+      p.stamp_stride = static_cast<int>(stamps->size(1));
+    }
 
     attention::Params<T>& a = p.attn;
     a.rope_cos = rope_cos.const_data_ptr<float>();

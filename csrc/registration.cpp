@@ -28,7 +28,7 @@ TORCH_LIBRARY(kangaroo, m) {
         "int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos, Tensor rope_sin, "
         "Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens, Tensor(e!) num_drafted, "
         "Tensor(f!) active, Tensor(g!) exit_states, Tensor(h!) barrier, int gamma, bool stop_at_exit, float eps, "
-        "float scale, int window) -> ()");
+        "float scale, int window, Tensor(i!)? stamps=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {

@@ -159,12 +159,28 @@ def test_cuda_kernel_is_bitwise_the_per_op_path(ell, gamma, eta, stop):
     start = _snapshot(engine)
     _per_op_phase(engine, gamma, stop)
     want = _snapshot(engine)
-    for _ in range(2):  # twice: the second launch starts from the counters the first one left
+    blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    stamps = torch.full((400, blocks, 3), -1, dtype=torch.int64, device="cuda")
+    for timed in (False, True):  # twice: the second launch starts from the counters the first one left
         _restore(engine, start)
-        engine.draft_phase_persistent(gamma, stop)
+        engine.draft_phase_persistent(gamma, stop, stamps=stamps if timed else None)
         torch.cuda.synchronize()
         _assert_same_state(_snapshot(engine), want, gamma)
         assert engine.persistent_barrier.tolist() == [0, 0]
+    # The timing names every barrier's stage, in the order the phase runs them (the barriers a step has).
+    steps = gamma + 1 if not stop else min(gamma + 1, int(want["num_drafted"][0]) + 1)
+    has_mlp = [w.gate is not None for w in list(engine.spec.layers[:ell]) + list(engine.adapter_weights)]
+    kinds = stamps[:, 0, 0].tolist()
+    kinds = kinds[:kinds.index(-1)] if -1 in kinds else kinds
+    merge = 3 in kinds
+    expect = [0]
+    for j in range(steps):
+        for mlp in has_mlp:
+            expect += [1, 2] + ([3] if merge else []) + [4] + ([5, 6] if mlp else [])
+        expect += [7] if j < gamma else []
+    assert kinds == expect
+    ran = stamps[0, :, 0] >= 0
+    assert (stamps[:len(kinds), ran, 2] >= stamps[:len(kinds), ran, 1]).all()
 
 
 @pytest.mark.gpu

@@ -92,6 +92,8 @@ struct Params {
   int64_t* positions;         // [G + 1]: cache_len + j, written once
   lm_head::Soft* partials;    // [gridDim.x]
   unsigned* barrier;          // [2], zero
+  int64_t* stamps;            // [stamp_rows][stamp_stride][3] (stage, arrival ns, departure ns) or null
+  int stamp_rows, stamp_stride;
 };
 
 // ---- the grid barrier -----------------------------------------------------------------------------
@@ -102,19 +104,46 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-// Every block arrives (after all its threads), then waits for all gridDim.x; `target` counts arrivals.
-__device__ __forceinline__ void grid_sync(unsigned* counter, unsigned& target) {
-  __syncthreads();
-  target += gridDim.x;
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's writes, before its arrival
-    atomicAdd(counter, 1u);
-    while (load_acquire(counter) < target) {
-    }
-    __threadfence();
-  }
-  __syncthreads();
+// What each barrier ends (stage timing: Params::stamps).
+enum Stage : int { kStart = 0, kQKV, kAttention, kMerge, kO, kGateUp, kDown, kHead };
+
+__device__ __forceinline__ int64_t global_ns() {
+  int64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
+
+// The grid barrier: every block arrives (after all its threads), then waits for all gridDim.x; `target`
+// counts arrivals. With a stamps buffer, thread 0 of each block records, for barrier k, the stage it ends
+// and the global timer at its arrival and at its departure: stamps [rows][stride >= gridDim.x][3] int64.
+struct GridBarrier {
+  unsigned* counter;
+  int64_t* stamps;  // null: no timing
+  int rows, stride;
+  unsigned target = 0;
+  int k = 0;
+
+  __device__ __forceinline__ void sync(Stage stage) {
+    __syncthreads();
+    target += gridDim.x;
+    if (threadIdx.x == 0) {
+      int64_t* row = stamps != nullptr && k < rows ? stamps + (static_cast<int64_t>(k) * stride + blockIdx.x) * 3
+                                                   : nullptr;
+      if (row != nullptr) {
+        row[0] = stage;
+        row[1] = global_ns();
+      }
+      __threadfence();  // this block's writes, before its arrival
+      atomicAdd(counter, 1u);
+      while (load_acquire(counter) < target) {
+      }
+      __threadfence();
+      if (row != nullptr) row[2] = global_ns();
+    }
+    ++k;
+    __syncthreads();
+  }
+};
 
 // ---- stages -----------------------------------------------------------------------------------------
 
@@ -168,7 +197,7 @@ __device__ __forceinline__ void add_segment(gemv::Params<T>& gp, const T* w, con
 // the barrier) the merge of every block's triples. Returns the head index of the argmax; conf: 1 / sum.
 template <typename T, int VEC>
 __device__ __forceinline__ int draft_head(const Params<T>& p, const T* x, const T* res, unsigned char* smem,
-                                          unsigned& target, float& conf) {
+                                          GridBarrier& bar, float& conf) {
   const int H = p.hidden, tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   T* in = reinterpret_cast<T*>(smem);                       // [H] x, then [H] res: shared copies (see the top)
   T* rs = in + H;
@@ -217,7 +246,7 @@ __device__ __forceinline__ int draft_head(const Params<T>& p, const T* x, const 
     for (int w = 0; w < kThreads / kWarpSize; ++w) lm_head::soft_merge(acc, warp_soft[w][0]);
     p.partials[blockIdx.x] = acc;
   }
-  grid_sync(p.barrier, target);
+  bar.sync(kHead);
 
   // Every block merges all blocks' triples in the same order: the same token everywhere.
   __shared__ lm_head::Soft result;
@@ -244,7 +273,7 @@ __device__ __forceinline__ T* other_residual(const Params<T>& p, const T* res) {
 template <typename T, int VEC, int HD, bool INV>
 __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>& w, const T*& x, const T*& res,
                                              T* exit_row, const int64_t* position, unsigned char* smem,
-                                             int tile_bytes, int xs_bytes, unsigned& target) {
+                                             int tile_bytes, int xs_bytes, GridBarrier& bar) {
   {  // norm + QKV
     T* res_out = exit_row != nullptr ? exit_row : other_residual(p, res);
     gemv::Params<T> gp = gemv_params<T>(x, res, w.input_norm, res_out, p.hidden, p.eps);
@@ -254,7 +283,7 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     gemv_stage<T, gemv::Mode::kNormLinear>(gp, smem, tile_bytes, xs_bytes);
     res = res_out;
   }
-  grid_sync(p.barrier, target);
+  bar.sync(kQKV);
 
   attention::Params<T> ap = p.attn;  // RoPE + append + attention, then the split merge
   ap.q = p.q;
@@ -273,11 +302,11 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
       __syncthreads();
     }
   }
-  grid_sync(p.barrier, target);
+  bar.sync(kAttention);
   if (ap.n_splits > 1) {
     attention::attention_merge_global_all<T>(ap, p.merge, static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x,
                                              static_cast<int64_t>(gridDim.x) * kThreads);
-    grid_sync(p.barrier, target);
+    bar.sync(kMerge);
   }
 
   {  // O projection
@@ -286,7 +315,7 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes);
     x = p.x_attn;
   }
-  grid_sync(p.barrier, target);
+  bar.sync(kO);
   if (w.gate == nullptr) return;
 
   {  // norm + gate/up + SiLU·mul
@@ -299,14 +328,14 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     gemv_stage<T, gemv::Mode::kNormGateUp>(gp, smem, tile_bytes, xs_bytes);
     res = res_out;
   }
-  grid_sync(p.barrier, target);
+  bar.sync(kGateUp);
   {  // down projection
     gemv::Params<T> gp = gemv_params<T>(p.act, nullptr, nullptr, nullptr, p.inter, p.eps);
     add_segment(gp, w.down, w.down_bias, p.x_mlp, p.hidden);
     gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes);
     x = p.x_mlp;
   }
-  grid_sync(p.barrier, target);
+  bar.sync(kDown);
 }
 
 // grid: at most the blocks resident at once (resident_blocks); kThreads threads; smem_bytes(...) bytes.
@@ -317,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
   const int max_k = max(max(p.hidden, p.q_rows), p.inter);
   const int tile_bytes = tile_smem_bytes(max_k, static_cast<int>(sizeof(T)));
   const int xs_bytes = (2 * max_k * static_cast<int>(sizeof(T)) + 15) / 16 * 16;
-  unsigned target = 0;
+  GridBarrier bar{p.barrier, p.stamps, p.stamp_rows, p.stamp_stride};
 
   if (blockIdx.x == 0) {  // the steps' positions, written once, before any stage reads them
     for (int j = threadIdx.x; j <= p.gamma; j += kThreads) p.positions[j] = p.cache_len[0] + j;
@@ -325,7 +354,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
   int64_t token = p.tokens_in[0];
   bool active = p.active[0];
   int64_t drafted = p.num_drafted[0];
-  grid_sync(p.barrier, target);
+  bar.sync(kStart);
 
   for (int j = 0; j <= p.gamma; ++j) {
     if (j > 0 && p.stop_at_exit && !active) break;  // the same in every block: the same merged token
@@ -334,11 +363,11 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
     for (int l = 0; l < p.n_layers; ++l) {
       T* exit_row = l == p.n_exit ? p.exit_states + static_cast<int64_t>(j) * p.hidden : nullptr;
       layer_stages<T, VEC, HD, INV>(p, p.layer[l], x, res, exit_row, p.positions + j, smem, tile_bytes, xs_bytes,
-                                    target);
+                                    bar);
     }
     if (j == p.gamma) break;
     float conf;
-    const int idx = draft_head<T, VEC>(p, x, res, smem, target, conf);
+    const int idx = draft_head<T, VEC>(p, x, res, smem, bar, conf);
     const int64_t id = p.draft_ids != nullptr ? p.draft_ids[idx < 0 ? 0 : min(idx, p.head_rows - 1)] : idx;
     const bool keep = active && conf >= *p.threshold;  // ordered compare: a NaN confidence is never kept
     drafted += keep ? 1 : 0;

@@ -357,11 +357,12 @@ class Engine:
                 self.cache_len, self.tokens_in, self.draft_tokens, self.num_drafted, self.active, self.exit_states,
                 self.persistent_barrier, gamma, stop_at_exit, s.rms_norm_eps, s.attn_scale, s.sliding_window or 0)
 
-    def draft_phase_persistent(self, gamma: int, stop_at_exit: bool):
+    def draft_phase_persistent(self, gamma: int, stop_at_exit: bool, stamps: Optional[torch.Tensor] = None):
         """The adapter's draft steps 0..γ in one launch of the persistent draft kernel (ops.persistent_draft):
         the same tokens, exit states and caches as draft_step(j, γ) for each j, stopping at the confidence
-        exit when stop_at_exit (as the conditional nodes do). Callers checked persistent_draft_off."""
-        ops.persistent_draft(*self._persistent_args(gamma, stop_at_exit), backend="cuda")
+        exit when stop_at_exit (as the conditional nodes do); stamps: the kernel's stage timing (ops.persistent_draft).
+        Callers checked persistent_draft_off."""
+        ops.persistent_draft(*self._persistent_args(gamma, stop_at_exit), stamps=stamps, backend="cuda")
 
     def _take_draft(self, j: int, token, conf, q):
         """The adapter's proposal as draft j (token, conf [B, 1]; q [B, 1, N] or None): kept while the

@@ -436,7 +436,7 @@ def _sample_accept_reasons(backend):
 def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers: int, head_norm, head, draft_ids,
                      rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
                      exit_states, barrier, gamma: int, stop_at_exit: bool, eps: float, scale: float, window: int = 0,
-                     *, backend: Optional[str] = None) -> None:
+                     stamps: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> None:
     """Kangaroo's draft phase for one sequence in one launch: draft steps j = 0..gamma, each the target's
     exit layers and the adapter's blocks on tokens_in[:, j], the exit state, and (j < gamma) the draft head's
     greedy proposal with the confidence exit (reference.persistent_draft is the definition: the engine's
@@ -459,12 +459,15 @@ def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers: 
             steps write it.
         barrier: [2] int32, zero: the kernel's arrival counters (it leaves them zero); one per stream.
         gamma: draft steps that propose (γ >= 1); stop_at_exit: step j > 0 only while active.
+        stamps: None, or int64 [rows, >= the launch's blocks, 3]: the CUDA kernel's stage timing, per grid
+            barrier k and block b (stage code, global-timer ns at arrival, at departure; persistent_draft.cuh's
+            Stage); rows past the barriers run are left as they were.
     The CUDA kernel takes batch 1, 16-bit models with the tensor-core GEMVs' shapes, head dim 64 or 128 and
     at most 8 query heads per KV head (backend reasons say which limit a call misses).
     """
     args = (embed, list(layer_weights), list(k_caches), list(v_caches), int(num_exit_layers), head_norm, head,
             draft_ids, rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
-            exit_states, barrier, int(gamma), bool(stop_at_exit), float(eps), float(scale), int(window))
+            exit_states, barrier, int(gamma), bool(stop_at_exit), float(eps), float(scale), int(window), stamps)
     validate.persistent_draft(*args)
     select("persistent_draft", backend, *args)(*args)
 

@@ -348,13 +348,14 @@ PERSISTENT_DRAFT_WEIGHTS = ("input_norm", "q", "k", "v", "q_bias", "k_bias", "v_
 def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers: int, head_norm, head, draft_ids,
                      rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
                      exit_states, barrier, gamma: int, stop_at_exit: bool, eps: float, scale: float,
-                     window: int) -> None:
+                     window: int, stamps=None) -> None:
     """A whole draft phase of one sequence: the engine's per-op draft steps (Engine.draft_step), written out.
 
     For j = 0..gamma (from j > 0 only while active[0] when stop_at_exit): the layers (the target's
     num_exit_layers, then the adapter's blocks; a block without gate has no MLP) on tokens_in[:, j] at
     cache_len + j, appending to k_caches / v_caches; exit_states[:, j] = the residual stream entering the
-    adapter; for j < gamma the draft head's greedy proposal through take_draft. barrier: the CUDA kernel's."""
+    adapter; for j < gamma the draft head's greedy proposal through take_draft. barrier, stamps: the CUDA
+    kernel's (its arrival counters; its stage timing, which has no meaning here and is left as it is)."""
     n = len(layer_weights) // len(PERSISTENT_DRAFT_WEIGHTS)
     D = k_caches[0].shape[-1]
     for j in range(gamma + 1):

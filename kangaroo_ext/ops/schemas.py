@@ -79,7 +79,7 @@ def _fake_speculative_sample_accept(draft_tokens, draft_probs, target_logits, nu
 
 def _fake_persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
                            rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
-                           exit_states, barrier, gamma, stop_at_exit, eps, scale, window):
+                           exit_states, barrier, gamma, stop_at_exit, eps, scale, window, stamps=None):
     return None  # writes only the buffers declared (!) in the schema
 
 
@@ -131,7 +131,7 @@ OPS: Dict[str, OpDef] = {
         "int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos, Tensor rope_sin, "
         "Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens, Tensor(e!) num_drafted, "
         "Tensor(f!) active, Tensor(g!) exit_states, Tensor(h!) barrier, int gamma, bool stop_at_exit, float eps, "
-        "float scale, int window) -> ()",
+        "float scale, int window, Tensor(i!)? stamps=None) -> ()",
         _fake_persistent_draft, reference.persistent_draft),
 }
 

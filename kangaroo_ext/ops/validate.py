@@ -341,7 +341,7 @@ MAX_NGRAM = 32  # longer suffixes than this never pay: a match of 32 tokens is a
 
 def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
                      rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
-                     exit_states, barrier, gamma, stop_at_exit, eps, scale, window):
+                     exit_states, barrier, gamma, stop_at_exit, eps, scale, window, stamps=None):
     """The structure every backend needs (the CUDA kernel's own limits are its backend reasons)."""
     _tensor("embed", embed)
     if embed.dim() != 2 or embed.dtype not in FLOATS:
@@ -404,6 +404,10 @@ def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, 
                          f"{tuple(draft_ids.shape)}")
     if not (_is_int(window) and window >= 0):
         raise ValueError(f"window must be an int >= 0, got {window!r}")
+    if stamps is not None and (not isinstance(stamps, torch.Tensor) or stamps.dtype != torch.int64 or
+                               stamps.dim() != 3 or stamps.shape[2] != 3):
+        raise ValueError("stamps must be None or int64 [rows, blocks, 3] (the kernel's stage timing), got "
+                         f"{getattr(stamps, 'dtype', type(stamps).__name__)} {tuple(getattr(stamps, 'shape', ()))}")
 
 
 _WEIGHT_NAMES = reference.PERSISTENT_DRAFT_WEIGHTS
