@@ -4,7 +4,7 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
-#                  mtbench sampled
+#                  mtbench sampled persistent
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -190,6 +190,12 @@ for step in $steps; do
       log bench
       python3 bench/kernel_report.py 2>&1 | tail -30
       python3 -m pytest bench/ --benchmark-only -q --benchmark-json "$OUT/microbench.json" 2>&1 | tail -30 ;;
+    persistent)
+      # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing
+      log persistent
+      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu 2>&1 \
+        | tail -15 | tee "$OUT/persistent_tests.log"
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 240 python3 bench/persistent_draft_price.py 2>&1 | grep -v "it/s" | tail -30 ;;
     train)
       log train
       bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
