@@ -4,11 +4,12 @@
 
 For the default model's shape (SmolLM2-135M, the shipped adapter's layout: ℓ 2, an attention-only `kangaroo`
 block, an 8k draft vocabulary) and Llama-3.2-1B's (a `decoder` block), random weights: the draft phase of 0
-and γ drafts, the verify step and the plain step, each with KANGAROO_PERSISTENT_DRAFT off and on (CUDA
-events, medians after warm-up: round_price.measure_round), the launches per draft phase, and where the persistent
-phase's time goes (its own barrier stamps: each stage kind's time and its barrier's). Also checks, for
-each shape, that one persistent draft phase leaves bitwise the per-op phase's state (tokens, exit states,
-caches). Prices only: acceptance means nothing with random weights.
+and γ drafts, the verify step and the plain step, with KANGAROO_PERSISTENT_DRAFT off, on, and on with the
+split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER), timed with CUDA events (medians after warm-up:
+round_price.measure_round); the launches per draft phase; where the persistent phase's time goes (its own
+barrier stamps: each stage kind's time and its barrier's); and, for each shape, whether one persistent draft
+phase leaves bitwise the per-op phase's state (tokens, exit states, caches). Prices only: acceptance means
+nothing with random weights.
 """
 import argparse
 import json
@@ -75,10 +76,13 @@ def stage_times(de, gamma: int, repeats: int = 20) -> dict:
         used = s[:, 0, 0] >= 0
         s = s[used][:, (s[used][0, :, 0] >= 0)]                    # barriers run x blocks that ran
         arrive, leave = s[:, :, 1].double(), s[:, :, 2].double()
+        leave = torch.where(leave >= 0, leave, float("nan"))   # split barrier: blocks without a tile leave no stamp
         for k in range(1, s.shape[0]):
             kind = STAGES[int(s[k, 0, 0])]
-            stage.setdefault(kind, []).append((arrive[k].max() - leave[k - 1].min()).item() / 1e3)
-            barrier.setdefault(kind, []).append((leave[k].max() - arrive[k].max()).item() / 1e3)
+            stage.setdefault(kind, []).append((arrive[k].max() - leave[k - 1].nan_to_num(float("inf")).min()).item()
+                                              / 1e3)
+            barrier.setdefault(kind, []).append((leave[k].nan_to_num(float("-inf")).max() - arrive[k].max()).item()
+                                                / 1e3)
     med = lambda v: sorted(v)[len(v) // 2]
     return {kind: {"stage_us": med(stage[kind]), "barrier_us": med(barrier[kind]),
                    "per_phase": len(stage[kind]) // repeats} for kind in stage}
@@ -92,20 +96,24 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, shape["vocab_size"], (1, prompt_tokens), generator=g).cuda()
     out = {"shape": shape_name, "adapter": arch, "exit_layer": exit_layer, "draft_vocab": draft_vocab}
-    for on in (False, True):
+    import kangaroo_ext as kx
+    c = kx._extension._C
+    split_before = c.persistent_split_barrier()
+    for key, on, split in (("per_op", False, False), ("persistent", True, False), ("persistent_split", True, True)):
         os.environ[SWITCH] = "1" if on else "0"
+        c.set_persistent_split_barrier(split)
         de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt)
         why = de.engine.persistent_draft_off(de.graphs.gamma)
-        key = "persistent" if on else "per_op"
         if on and why:
             out[key] = {"error": why}
             continue
         out[key] = round_price.measure_round(de)
         if on:
-            out["check"] = same_state(de, de.graphs.gamma)
-            out["stages"] = stage_times(de, de.graphs.gamma)
+            out["check" + key[10:]] = same_state(de, de.graphs.gamma)
+            out["stages" + key[10:]] = stage_times(de, de.graphs.gamma)
         del de
     os.environ.pop(SWITCH, None)
+    c.set_persistent_split_barrier(split_before)
     del model, adapter
     torch.cuda.empty_cache()
     return out
@@ -125,7 +133,7 @@ def main():
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r
-        for key in ("per_op", "persistent"):
+        for key in ("per_op", "persistent", "persistent_split"):
             m = r.get(key, {})
             if "draft_round_us" in m:
                 d = {int(k): v for k, v in m["draft_round_us"].items()}
@@ -134,9 +142,11 @@ def main():
                       f"launches {m.get('launches_per_phase', {})}", flush=True)
             elif m:
                 print(f"{name} {key}: {m}", flush=True)
-        print(f"{name} check: {r.get('check')}", flush=True)
-        for kind, t in r.get("stages", {}).items():
-            print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, barrier {t['barrier_us']:.2f} us")
+        for suffix in ("", "_split"):
+            print(f"{name} check{suffix}: {r.get('check' + suffix)}", flush=True)
+            for kind, t in r.get("stages" + suffix, {}).items():
+                print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
+                      f"barrier {t['barrier_us']:.2f} us")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

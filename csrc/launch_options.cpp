@@ -8,6 +8,7 @@ namespace {
 std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by every launch on any thread
 std::atomic<bool> invariant_attention{true};  // config.py's default; set again at import
 std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
+std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
@@ -21,5 +22,9 @@ void set_batch_invariant_attention(bool enabled) { invariant_attention.store(ena
 bool tensor_core_gemv() { return mma_gemv.load(std::memory_order_relaxed); }
 
 void set_tensor_core_gemv(bool enabled) { mma_gemv.store(enabled, std::memory_order_relaxed); }
+
+bool persistent_split_barrier() { return split_barrier.load(std::memory_order_relaxed); }
+
+void set_persistent_split_barrier(bool enabled) { split_barrier.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

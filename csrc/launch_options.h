@@ -19,4 +19,9 @@ void set_batch_invariant_attention(bool enabled);
 bool tensor_core_gemv();
 void set_tensor_core_gemv(bool enabled);
 
+// Whether the persistent draft kernel's GEMV stages wait for the grid barrier inside their tiles, after the
+// weight loads (default false until its GPU tests run; csrc/kernels/persistent_draft.cuh, GridBarrier).
+bool persistent_split_barrier();
+void set_persistent_split_barrier(bool enabled);
+
 }  // namespace kangaroo

@@ -164,6 +164,11 @@ PyMethodDef kMethods[] = {
      "set_tensor_core_gemv(enabled: bool): whether later 16-bit decode GEMV launches use tensor cores where the "
      "shapes allow (csrc/kernels/decode_linear_mma.cuh)"},
     {"tensor_core_gemv", get_switch<kangaroo::tensor_core_gemv>, METH_NOARGS, "tensor_core_gemv() -> bool"},
+    {"set_persistent_split_barrier", set_switch<kangaroo::set_persistent_split_barrier>, METH_VARARGS,
+     "set_persistent_split_barrier(enabled: bool): whether the persistent draft kernel's GEMV stages wait for the "
+     "grid barrier inside their tiles, after the weight loads (csrc/kernels/persistent_draft.cuh)"},
+    {"persistent_split_barrier", get_switch<kangaroo::persistent_split_barrier>, METH_NOARGS,
+     "persistent_split_barrier() -> bool"},
     {"attention_invariant_max_tokens", attention_invariant_max_tokens, METH_VARARGS,
      "attention_invariant_max_tokens(group, head_dim, elem_size, device) -> int: the most query tokens one "
      "attention call may carry in the batch-invariant order (0: none; csrc/ops.h)"},

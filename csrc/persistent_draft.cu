@@ -266,6 +266,7 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
     p.norm_threads = static_cast<int>(norm.block.x);
     p.head_rows_per_block = static_cast<int>((N + grid - 1) / grid);
     p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
+    p.split_barrier = persistent_split_barrier();
     if (stamps.has_value()) {  // stage timing: [rows, >= grid, 3] int64 (persistent_draft.cuh: GridBarrier)
       state(*stamps, "stamps", at::kLong, embed);
       TORCH_CHECK_VALUE(stamps->dim() == 3 && stamps->size(1) >= grid && stamps->size(2) == 3 &&

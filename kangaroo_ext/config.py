@@ -69,6 +69,10 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "layers, the adapter, the draft head and the confidence exit of every step in one launch) instead of "
          "~23 launches a step; where a call cannot, the per-op graph runs and stats.draft_kernel_off says why. "
          "Off until its GPU tests pass"),
+    Knob("KANGAROO_PERSISTENT_SPLIT_BARRIER", "flag", "run",
+         "with KANGAROO_PERSISTENT_DRAFT: its GEMV stages wait for the grid barrier inside their tiles, after "
+         "issuing their weight loads, so the weights' latency overlaps the barrier (persistent_draft.cuh, "
+         "GridBarrier). Not yet run on a GPU"),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),

@@ -94,6 +94,7 @@ struct Params {
   unsigned* barrier;          // [2], zero
   int64_t* stamps;            // [stamp_rows][stamp_stride][3] (stage, arrival ns, departure ns) or null
   int stamp_rows, stamp_stride;
+  bool split_barrier;         // GEMV stages wait inside their tiles, after the weight loads (GridBarrier)
 };
 
 // ---- the grid barrier -----------------------------------------------------------------------------
@@ -113,35 +114,68 @@ __device__ __forceinline__ int64_t global_ns() {
   return t;
 }
 
-// The grid barrier: every block arrives (after all its threads), then waits for all gridDim.x; `target`
-// counts arrivals. With a stamps buffer, thread 0 of each block records, for barrier k, the stage it ends
-// and the global timer at its arrival and at its departure: stamps [rows][stride >= gridDim.x][3] int64.
+// The grid barrier, in two halves: arrive (the block's stage is done) and wait (every block has arrived).
+// `target` counts arrivals. sync() is both at once. With `split`, a GEMV stage waits inside its tile bodies,
+// after their first weight loads (which depend on nothing earlier), as the per-op kernels do across launches
+// with programmatic dependent launch: the weights' latency then overlaps the barrier. A block never arrives
+// at barrier k before it has passed k - 1 (arrive waits first if it has not), so arrivals cannot be counted
+// towards the wrong barrier. With a stamps buffer, thread 0 of each block records for barrier k the stage it
+// ends and the global timer at its arrival and its departure: stamps [rows][stride >= gridDim.x][3] int64.
 struct GridBarrier {
   unsigned* counter;
   int64_t* stamps;  // null: no timing
   int rows, stride;
   unsigned target = 0;
   int k = 0;
+  bool pending = false;  // arrived at barrier k - 1 and not yet seen it complete (uniform over the block)
 
-  __device__ __forceinline__ void sync(Stage stage) {
+  __device__ __forceinline__ int64_t* row(int index) const {
+    return stamps != nullptr && index < rows ? stamps + (static_cast<int64_t>(index) * stride + blockIdx.x) * 3
+                                             : nullptr;
+  }
+  __device__ __forceinline__ void spin() const {  // one thread: until barrier k - 1 completes, then acquire
+    while (load_acquire(counter) < target) {
+    }
+    __threadfence();
+  }
+  __device__ __forceinline__ void arrive(Stage stage) {
     __syncthreads();
-    target += gridDim.x;
     if (threadIdx.x == 0) {
-      int64_t* row = stamps != nullptr && k < rows ? stamps + (static_cast<int64_t>(k) * stride + blockIdx.x) * 3
-                                                   : nullptr;
-      if (row != nullptr) {
-        row[0] = stage;
-        row[1] = global_ns();
+      if (pending) spin();
+      if (int64_t* r = row(k)) {
+        r[0] = stage;
+        r[1] = global_ns();
       }
       __threadfence();  // this block's writes, before its arrival
       atomicAdd(counter, 1u);
-      while (load_acquire(counter) < target) {
-      }
-      __threadfence();
-      if (row != nullptr) row[2] = global_ns();
     }
+    target += gridDim.x;
+    pending = true;
     ++k;
+  }
+  __device__ __forceinline__ void wait() {  // every thread of the block
+    if (!pending) return;
+    if (threadIdx.x == 0) {
+      spin();
+      if (int64_t* r = row(k - 1)) r[2] = global_ns();
+    }
+    pending = false;
     __syncthreads();
+  }
+  // The wait of one 128-thread tile body (its thread tid of 128, its named barrier): see `split`.
+  template <class Sync>
+  __device__ __forceinline__ void wait_tile(int tid, Sync sync) const {
+    if (tid == 0) {
+      spin();
+      if (threadIdx.x == 0) {
+        if (int64_t* r = row(k - 1)) r[2] = global_ns();
+      }
+    }
+    sync();
+  }
+  __device__ __forceinline__ void sync(Stage stage) {
+    arrive(stage);
+    wait();
   }
 };
 
@@ -157,17 +191,33 @@ __host__ __device__ inline int tile_smem_bytes(int max_k, int elem_size) {
   return xs + static_cast<int>(sizeof(gemv_mma::TileScratch<1, gemv::Mode::kNormGateUp>));
 }
 
+template <class Sync>
+struct TileWait {  // gemv_mma_tile's wait: the grid barrier's, inside the tile (GridBarrier: split)
+  const GridBarrier* bar;
+  int tid;
+  Sync sync;
+  __device__ __forceinline__ void operator()() const { bar->wait_tile(tid, sync); }
+};
+
+// The stage's GEMV tiles over the grid, two 128-thread tiles per block at a time. Starts with the grid
+// barrier's wait: before the first tile, or (split) inside each tile after its weight loads.
 template <typename T, gemv::Mode MODE>
 __device__ __forceinline__ void gemv_stage(const gemv::Params<T>& gp, unsigned char* smem, int tile_bytes,
-                                           int xs_bytes) {
+                                           int xs_bytes, GridBarrier& bar, bool split) {
   const int sub = threadIdx.x / kTileThreads, tid = threadIdx.x % kTileThreads;
   unsigned char* mine = smem + sub * tile_bytes;
   T* xs = reinterpret_cast<T*>(mine);
   auto& sc = *reinterpret_cast<gemv_mma::TileScratch<1, MODE>*>(mine + xs_bytes);
   const NamedBarrier<kTileThreads> sync{1 + sub};
   const int tiles = gp.n_total / gemv_mma::kTileN;
+  if (!split) bar.wait();
+  const TileWait<NamedBarrier<kTileThreads>> wait{&bar, tid, sync};
   for (int t = blockIdx.x * kTilesPerBlock + sub; t < tiles; t += gridDim.x * kTilesPerBlock) {
-    gemv_mma::gemv_mma_tile<T, 1, MODE>(gp, t, 0, tid, kTileThreads, xs, sc, sync, NoWait{});
+    if (split) {
+      gemv_mma::gemv_mma_tile<T, 1, MODE>(gp, t, 0, tid, kTileThreads, xs, sc, sync, wait);
+    } else {
+      gemv_mma::gemv_mma_tile<T, 1, MODE>(gp, t, 0, tid, kTileThreads, xs, sc, sync, NoWait{});
+    }
     sync();  // the next tile reuses xs and the scratch
   }
 }
@@ -206,6 +256,7 @@ __device__ __forceinline__ int draft_head(const Params<T>& p, const T* x, const 
   float* hs = reinterpret_cast<float*>(cache + H);          // [H] fp32, lm_head's layout
   __shared__ float warp_sums[kThreads / kWarpSize];
   __shared__ lm_head::Soft warp_soft[kThreads / kWarpSize][lm_head::kLanesPerRow];
+  bar.wait();  // the adapter's last stage
   for (int i = tid; i < H / VEC; i += kThreads) {
     Vec<T, VEC> a, b;
     a.load(x + i * VEC);
@@ -280,10 +331,10 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     add_segment(gp, w.q, w.q_bias, p.q, p.q_rows);
     add_segment(gp, w.k, w.k_bias, p.k, p.kv_rows);
     add_segment(gp, w.v, w.v_bias, p.v, p.kv_rows);
-    gemv_stage<T, gemv::Mode::kNormLinear>(gp, smem, tile_bytes, xs_bytes);
+    gemv_stage<T, gemv::Mode::kNormLinear>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
     res = res_out;
   }
-  bar.sync(kQKV);
+  bar.arrive(kQKV);
 
   attention::Params<T> ap = p.attn;  // RoPE + append + attention, then the split merge
   ap.q = p.q;
@@ -293,6 +344,7 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
   ap.positions = position;
   ap.k_cache = w.k_cache;
   ap.v_cache = w.v_cache;
+  bar.wait();
   {
     __shared__ int2 s_red[2];
     const int blocks = ap.hkv * ap.n_splits;  // batch 1, one q-tile
@@ -302,20 +354,21 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
       __syncthreads();
     }
   }
-  bar.sync(kAttention);
+  bar.arrive(kAttention);
   if (ap.n_splits > 1) {
+    bar.wait();
     attention::attention_merge_global_all<T>(ap, p.merge, static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x,
                                              static_cast<int64_t>(gridDim.x) * kThreads);
-    bar.sync(kMerge);
+    bar.arrive(kMerge);
   }
 
   {  // O projection
     gemv::Params<T> gp = gemv_params<T>(p.attn_out, nullptr, nullptr, nullptr, p.q_rows, p.eps);
     add_segment(gp, w.o, w.o_bias, p.x_attn, p.hidden);
-    gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes);
+    gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
     x = p.x_attn;
   }
-  bar.sync(kO);
+  bar.arrive(kO);
   if (w.gate == nullptr) return;
 
   {  // norm + gate/up + SiLU·mul
@@ -325,17 +378,17 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     gp.seg[1] = gemv::Segment<T>{w.up, nullptr, p.act, p.inter};
     gp.n_segments = 2;
     gp.n_total = p.inter;
-    gemv_stage<T, gemv::Mode::kNormGateUp>(gp, smem, tile_bytes, xs_bytes);
+    gemv_stage<T, gemv::Mode::kNormGateUp>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
     res = res_out;
   }
-  bar.sync(kGateUp);
+  bar.arrive(kGateUp);
   {  // down projection
     gemv::Params<T> gp = gemv_params<T>(p.act, nullptr, nullptr, nullptr, p.inter, p.eps);
     add_segment(gp, w.down, w.down_bias, p.x_mlp, p.hidden);
-    gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes);
+    gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
     x = p.x_mlp;
   }
-  bar.sync(kDown);
+  bar.arrive(kDown);
 }
 
 // grid: at most the blocks resident at once (resident_blocks); kThreads threads; smem_bytes(...) bytes.
@@ -354,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
   int64_t token = p.tokens_in[0];
   bool active = p.active[0];
   int64_t drafted = p.num_drafted[0];
-  bar.sync(kStart);
+  bar.arrive(kStart);
 
   for (int j = 0; j <= p.gamma; ++j) {
     if (j > 0 && p.stop_at_exit && !active) break;  // the same in every block: the same merged token
@@ -382,6 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
   }
 
   // The last block out resets the counters for the next launch (every block is past its last wait).
+  bar.wait();
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(p.barrier + 1, 1u) == gridDim.x - 1) {
