@@ -319,6 +319,18 @@ __device__ __forceinline__ T* other_residual(const Params<T>& p, const T* res) {
   return res == p.res0 ? p.res1 : p.res0;
 }
 
+// The O or down projection back to the residual width: in [K] -> out [H], then the stage's arrival.
+template <typename T>
+__device__ __forceinline__ const T* projection(const Params<T>& p, const T* in, int k, const T* w, const T* bias,
+                                               T* out, unsigned char* smem, int tile_bytes, int xs_bytes,
+                                               GridBarrier& bar, Stage stage) {
+  gemv::Params<T> gp = gemv_params<T>(in, nullptr, nullptr, nullptr, k, p.eps);
+  add_segment(gp, w, bias, out, p.hidden);
+  gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
+  bar.arrive(stage);
+  return out;
+}
+
 // One layer (a target layer or an adapter block) at this step's position: (x, res) in, (x, res) out.
 // exit_row: where the first norm's residual_out goes (the exit state), or null.
 template <typename T, int VEC, int HD, bool INV>
@@ -362,13 +374,7 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     bar.arrive(kMerge);
   }
 
-  {  // O projection
-    gemv::Params<T> gp = gemv_params<T>(p.attn_out, nullptr, nullptr, nullptr, p.q_rows, p.eps);
-    add_segment(gp, w.o, w.o_bias, p.x_attn, p.hidden);
-    gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
-    x = p.x_attn;
-  }
-  bar.arrive(kO);
+  x = projection(p, p.attn_out, p.q_rows, w.o, w.o_bias, p.x_attn, smem, tile_bytes, xs_bytes, bar, kO);
   if (w.gate == nullptr) return;
 
   {  // norm + gate/up + SiLU·mul
@@ -382,13 +388,7 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     res = res_out;
   }
   bar.arrive(kGateUp);
-  {  // down projection
-    gemv::Params<T> gp = gemv_params<T>(p.act, nullptr, nullptr, nullptr, p.inter, p.eps);
-    add_segment(gp, w.down, w.down_bias, p.x_mlp, p.hidden);
-    gemv_stage<T, gemv::Mode::kLinear>(gp, smem, tile_bytes, xs_bytes, bar, p.split_barrier);
-    x = p.x_mlp;
-  }
-  bar.arrive(kDown);
+  x = projection(p, p.act, p.inter, w.down, w.down_bias, p.x_mlp, smem, tile_bytes, xs_bytes, bar, kDown);
 }
 
 // grid: at most the blocks resident at once (resident_blocks); kThreads threads; smem_bytes(...) bytes.
