@@ -88,6 +88,12 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
                                                              double temperature, int64_t top_k, double top_p,
                                                              const at::Tensor& rng);
 
+// accept_commit(Tensor draft_tokens, Tensor target_tokens, Tensor num_drafted, Tensor(a!) cache_len,
+//               Tensor(b!) tokens_in, Tensor(c!) history, Tensor(d!) report) -> ()
+// Greedy accept + the engine's commit in one launch; accept_commit.cu.
+void accept_commit(const at::Tensor& draft_tokens, const at::Tensor& target_tokens, const at::Tensor& num_drafted,
+                   at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& history, at::Tensor& report);
+
 // persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches,
 //                  int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos,
 //                  Tensor rope_sin, Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens,

@@ -64,6 +64,10 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "costs. Plain and verify steps both switch, so they stay bitwise alike. On by default since its GPU "
          "tests passed (H100, a258f80 + 50fdea6: verify of 7 positions 1,130 -> 897 us on the default model); "
          "0 restores the CUDA-core kernels", on_by_default=True),
+    Knob("KANGAROO_FUSED_COMMIT", "flag", "run",
+         "greedy verify and plain steps on a GPU end with one accept_commit launch (csrc/kernels/accept_commit.cuh: "
+         "the accept rule, the history, the cache length, the next input and the report) instead of ~10 small "
+         "ones. Off until its GPU tests run"),
     Knob("KANGAROO_PERSISTENT_DRAFT", "flag", "run",
          "greedy draft phases on a GPU run as one persistent kernel (csrc/kernels/persistent_draft.cuh: the exit "
          "layers, the adapter, the draft head and the confidence exit of every step in one launch) instead of "

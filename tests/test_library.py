@@ -72,6 +72,13 @@ def _sample_args(name, device):
                     num_drafted, 0.8, 5, 0.9, torch.tensor([1, 2], device=device))
         return [case(3, 4, 111, torch.float32, torch.tensor([4, 0, 2], device=device)),
                 case(1, 1, 50, torch.float16, None)]
+    if name == "accept_commit":
+        from test_accept_commit import _case
+        out = []
+        for B, k in ((1, 0), (3, 4)):
+            drafts, target, nd, st = _case(B, k, 1, device=device)
+            out.append((drafts, target, nd, st["cache_len"], st["tokens_in"], st["history"], st["report"]))
+        return out
     if name == "persistent_draft":
         from test_persistent_draft import eligible_model, _prepared
         from kangaroo_ext.engine.engine import engine_for

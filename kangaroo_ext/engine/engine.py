@@ -147,7 +147,8 @@ class Engine:
 
     def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> tuple:
         return (gamma, speculative, bool(device_exit and speculative), self.sampling,
-                id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"))
+                id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"),
+                config.flag("KANGAROO_FUSED_COMMIT"))
 
     def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Optional[CudaGraphs]:
         """The graphs graphs_for captured for these settings and the bound adapter, or None."""
@@ -442,8 +443,12 @@ class Engine:
         elif self.sampling is None:
             # Each position's token as a plain step computes it (_target_argmax), never writing [B, n, V]
             # logits: argmax over logits from a GEMM could break a bf16 near-tie the other way.
-            accepted, committed = ops.accept_greedy(self.draft_tokens[:, :n_positions - 1],
-                                                    self._target_argmax(x, res), self.num_drafted)
+            drafts, targets = self.draft_tokens[:, :n_positions - 1], self._target_argmax(x, res)
+            if self._fused_commit():
+                ops.accept_commit(drafts, targets, self.num_drafted, self.cache_len, self.tokens_in, self.history,
+                                  self.report)
+                return
+            accepted, committed = ops.accept_greedy(drafts, targets, self.num_drafted)
         else:
             c, k = self.sampling, n_positions - 1
             accepted, committed = ops.speculative_sample_accept(
@@ -476,7 +481,16 @@ class Engine:
         x, res = self.run_layers(h, pos, 0, self.spec.num_layers)
         token = self._target_token(x, res)                                       # [B, 1]
         self.num_drafted.zero_()
+        if self._fused_commit():
+            ops.accept_commit(self.draft_tokens[:, :0], token, self.num_drafted, self.cache_len, self.tokens_in,
+                              self.history, self.report)
+            return
         self._commit(torch.zeros_like(self.num_drafted), token)
+
+    def _fused_commit(self) -> bool:
+        """Greedy steps on a GPU end with one accept_commit launch (KANGAROO_FUSED_COMMIT) instead of
+        accept_greedy and _commit's ~10 small ones; the same writes (tests/test_accept_commit.py)."""
+        return self.sampling is None and self.spec.device.type == "cuda" and config.flag("KANGAROO_FUSED_COMMIT")
 
     def _commit(self, accepted, committed):
         """Advance the caches past committed[:, :accepted+1] and report the round; all on the device.

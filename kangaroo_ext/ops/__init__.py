@@ -3,6 +3,7 @@
     out, residual_out = fused_add_rms_norm(x, residual, weight, eps, backend=None)
     accepted, committed = verify_accept(draft_tokens, target_logits, num_drafted=None, backend=None)
     accepted, committed = accept_greedy(draft_tokens, target_tokens, num_drafted=None, backend=None)
+    accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report)  # in place
     keep = take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step,
                       draft_ids=None, backend=None)                        # writes the buffers in place
 
@@ -67,6 +68,7 @@ OP_FILES = {
                           triton="triton_kernels/sampling.py"),
     "speculative_sample_accept": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
                                       triton="triton_kernels/sampling.py"),
+    "accept_commit": dict(cuda="csrc/accept_commit.cu", kernel="csrc/kernels/accept_commit.cuh", triton=None),
     "persistent_draft": dict(cuda="csrc/persistent_draft.cu", kernel="csrc/kernels/persistent_draft.cuh",
                              triton=None),
 }
@@ -154,6 +156,35 @@ def _accept_greedy_reasons(backend):
     def reasons(draft_tokens, target_tokens, num_drafted):
         return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_tokens": target_tokens,
                                         "num_drafted": num_drafted})
+    return reasons
+
+
+def accept_commit(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, num_drafted: torch.Tensor,
+                  cache_len: torch.Tensor, tokens_in: torch.Tensor, history: torch.Tensor, report: torch.Tensor, *,
+                  backend: Optional[str] = None) -> None:
+    """The end of a greedy verify or plain step, in one launch of the CUDA kernel: accept_greedy's rule, then
+    the engine's commit (the history the copied drafts search, the cache length, the next input token and
+    the round's report), which took about ten small launches.
+
+    Args:
+        draft_tokens: [B, k] int64 (k >= 0; 0 for a plain step), target_tokens: [B, k+1] int64 (k + 1 <= 64),
+            num_drafted: [B] int64: as accept_greedy's.
+        cache_len: [B] int64, advanced by accepted + 1. tokens_in: [B, >= 1] int64: column 0 gets the
+            committed token at `accepted`. history: [B, >= L + k + 2] int64: columns L+1 .. L+1+k get the
+            committed row (-1 past accepted + 1). report: [B, >= k + 3] int64 (engine.rounds.Report):
+            [accepted, num_drafted, committed...].
+    All int64, contiguous, on one device; written in place. Returns None.
+    """
+    validate.accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report)
+    args = (draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report)
+    select("accept_commit", backend, *args)(*args)
+
+
+def _accept_commit_reasons(backend):
+    def reasons(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report):
+        return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_tokens": target_tokens,
+                                        "num_drafted": num_drafted, "cache_len": cache_len, "tokens_in": tokens_in,
+                                        "history": history, "report": report})
     return reasons
 
 
@@ -525,7 +556,7 @@ for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", 
                         ("decode_linear", _decode_linear_reasons), ("sampling_probs", _sampling_reasons),
                         ("sample_logits", _sampling_reasons),
                         ("speculative_sample_accept", _sample_accept_reasons),
-                        ("persistent_draft", _persistent_reasons)):
+                        ("persistent_draft", _persistent_reasons), ("accept_commit", _accept_commit_reasons)):
     register(_name, "cuda", _cuda(_name), _reasons("cuda"))
     register(_name, "triton", _triton(_name), _reasons("triton"))
     register(_name, "reference", getattr(reference, _name), _reasons("reference"))

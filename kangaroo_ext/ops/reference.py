@@ -66,6 +66,25 @@ def take_draft(token: torch.Tensor, confidence: torch.Tensor, threshold: torch.T
     return keep
 
 
+def accept_commit(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, num_drafted: torch.Tensor,
+                  cache_len: torch.Tensor, tokens_in: torch.Tensor, history: torch.Tensor, report: torch.Tensor) -> None:
+    """Greedy verification's end, in place: accept_greedy, then the engine's commit (Engine._commit, greedy).
+
+    draft_tokens [B, k], target_tokens [B, k+1], num_drafted [B] int64 as accept_greedy's; cache_len [B],
+    tokens_in [B, >= 1], history [B, >= L + k + 2], report [B, >= k + 3] int64 (rounds.Report's layout):
+    history[b, L+1 .. L+1+k] = committed; cache_len += accepted + 1; tokens_in[:, 0] = the committed token
+    at `accepted`; report = [accepted, num_drafted, committed...]."""
+    accepted, committed = accept_greedy(draft_tokens, target_tokens, num_drafted)
+    n = committed.shape[1]
+    steps = torch.arange(n, device=committed.device)
+    history.scatter_(1, cache_len[:, None] + 1 + steps, committed)
+    cache_len.add_(accepted + 1)
+    tokens_in[:, 0] = committed.gather(1, accepted[:, None])[:, 0]
+    report[:, 0] = accepted
+    report[:, 1] = num_drafted
+    report[:, 2:2 + n] = committed
+
+
 def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
                   num_drafted: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification from logits: accept_greedy on the target's argmax (one accept rule).

@@ -77,6 +77,10 @@ def _fake_speculative_sample_accept(draft_tokens, draft_probs, target_logits, nu
     return _fake_verify_accept(draft_tokens, target_logits, num_drafted)
 
 
+def _fake_accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report):
+    return None  # writes only the buffers declared (!) in the schema
+
+
 def _fake_persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
                            rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
                            exit_states, barrier, gamma, stop_at_exit, eps, scale, window, stamps=None):
@@ -126,6 +130,10 @@ OPS: Dict[str, OpDef] = {
         "speculative_sample_accept(Tensor draft_tokens, Tensor draft_probs, Tensor target_logits, "
         "Tensor? num_drafted, float temperature, int top_k, float top_p, Tensor rng) -> (Tensor, Tensor)",
         _fake_speculative_sample_accept, reference.speculative_sample_accept),
+    "accept_commit": OpDef(
+        "accept_commit(Tensor draft_tokens, Tensor target_tokens, Tensor num_drafted, Tensor(a!) cache_len, "
+        "Tensor(b!) tokens_in, Tensor(c!) history, Tensor(d!) report) -> ()",
+        _fake_accept_commit, reference.accept_commit),
     "persistent_draft": OpDef(
         "persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos, Tensor rope_sin, "

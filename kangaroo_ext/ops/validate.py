@@ -411,3 +411,25 @@ def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, 
 
 
 _WEIGHT_NAMES = reference.PERSISTENT_DRAFT_WEIGHTS
+
+
+def accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report):
+    _tensor("target_tokens", target_tokens)
+    if target_tokens.dtype != torch.int64 or target_tokens.dim() != 2 or not target_tokens.shape[0] >= 1 or \
+            not 1 <= target_tokens.shape[1] <= 64:
+        raise ValueError(f"target_tokens must be int64 [B, k + 1] with B >= 1 and 1 <= k + 1 <= 64, got "
+                         f"{target_tokens.dtype} {tuple(target_tokens.shape)}")
+    B, k = target_tokens.shape[0], target_tokens.shape[1] - 1
+    for name, t, shape in (("draft_tokens", draft_tokens, (B, k)), ("num_drafted", num_drafted, (B,)),
+                           ("cache_len", cache_len, (B,))):
+        _tensor(name, t)
+        if t.dtype != torch.int64 or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be int64 of shape {list(shape)}, got {t.dtype} {tuple(t.shape)}")
+        _same_device(name, t, "target_tokens", target_tokens)
+        _contiguous(name, t)
+    for name, t, least in (("tokens_in", tokens_in, 1), ("history", history, k + 2), ("report", report, k + 3)):
+        _tensor(name, t)
+        if t.dtype != torch.int64 or t.dim() != 2 or t.shape[0] != B or t.shape[1] < least:
+            raise ValueError(f"{name} must be int64 [{B}, >= {least}], got {t.dtype} {tuple(t.shape)}")
+        _same_device(name, t, "target_tokens", target_tokens)
+        _contiguous(name, t)
