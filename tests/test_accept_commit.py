@@ -58,6 +58,21 @@ def test_reference_is_accept_greedy_then_the_engines_commit(B, k):
             assert torch.equal(got[n], want[n]), n
 
 
+@pytest.mark.parametrize("B,k", [(1, 0), (1, 1), (1, 6), (3, 4), (2, 8), (1, 63)])
+def test_triton_kernel_writes_what_the_reference_writes(B, k):
+    """On the CPU under TRITON_INTERPRET=1 (tests/conftest.py), on a GPU where there is one."""
+    if ops.triton_module() is None:
+        pytest.skip("Triton kernels are not importable here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in range(5):
+        drafts, target, nd, state = _case(B, k, seed, device=device, capacity=k + 80, gamma=max(k, 1))
+        want = {n: t.clone() for n, t in state.items()}
+        ops.accept_commit(drafts, target, nd, *(want[n] for n in BUFFERS), backend="reference")
+        ops.accept_commit(drafts, target, nd, *(state[n] for n in BUFFERS), backend="triton")
+        for n in BUFFERS:
+            assert torch.equal(state[n], want[n]), (n, seed)
+
+
 def test_bad_arguments_are_named():
     drafts, target, nd, s = _case(1, 3, 0)
     with pytest.raises(ValueError, match="draft_tokens must be int64 of shape"):

@@ -10,6 +10,7 @@ from typing import List
 
 from . import attention as _attention
 from . import lm_head as _lm_head
+from .accept_commit import accept_commit
 from .accept_greedy import accept_greedy
 from .attention import rope_append_attention
 from .decode_linear import decode_linear, rms_norm_gate_up, rms_norm_linear
@@ -19,9 +20,9 @@ from .sampling import sample_logits, sampling_probs, speculative_sample_accept
 from .take_draft import take_draft
 from .verify_accept import verify_accept
 
-__all__ = ["accept_greedy", "decode_linear", "fused_add_rms_norm", "lm_head_argmax", "resource_reasons", "rms_norm_gate_up",
-           "rms_norm_linear", "rope_append_attention", "sample_logits", "sampling_probs", "speculative_sample_accept",
-           "take_draft", "verify_accept"]
+__all__ = ["accept_commit", "accept_greedy", "decode_linear", "fused_add_rms_norm", "lm_head_argmax",
+           "resource_reasons", "rms_norm_gate_up", "rms_norm_linear", "rope_append_attention", "sample_logits",
+           "sampling_probs", "speculative_sample_accept", "take_draft", "verify_accept"]
 
 # The ops whose launch configuration can need more shared memory than a device has (resources.py);
 # the others use at most ~1 KB whatever their inputs.

@@ -68,7 +68,8 @@ OP_FILES = {
                           triton="triton_kernels/sampling.py"),
     "speculative_sample_accept": dict(cuda="csrc/sampling.cu", kernel="csrc/kernels/sampling.cuh",
                                       triton="triton_kernels/sampling.py"),
-    "accept_commit": dict(cuda="csrc/accept_commit.cu", kernel="csrc/kernels/accept_commit.cuh", triton=None),
+    "accept_commit": dict(cuda="csrc/accept_commit.cu", kernel="csrc/kernels/accept_commit.cuh",
+                          triton="triton_kernels/accept_commit.py"),
     "persistent_draft": dict(cuda="csrc/persistent_draft.cu", kernel="csrc/kernels/persistent_draft.cuh",
                              triton=None),
 }

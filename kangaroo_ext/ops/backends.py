@@ -19,8 +19,6 @@ ORDER = ("cuda", "triton", "reference")
 
 # Ops without a Triton version, and why (the Triton backend gives this as its reason).
 NO_TRITON = {
-    "accept_commit": "no Triton version: one thread per row of a few scalar compares and stores; the reference's "
-                     "torch ops or the CUDA kernel",
     "persistent_draft": "no Triton version: the persistent draft kernel orders its stages with grid-wide barriers "
                         "over a cooperative launch and calls the CUDA ops' own kernel bodies for their bits",
 }
