@@ -193,9 +193,13 @@ for step in $steps; do
     persistent)
       # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing
       log persistent
-      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu 2>&1 \
-        | tail -15 | tee "$OUT/persistent_tests.log"
-      PYTHONPATH=".:${PYTHONPATH:-}" timeout 240 python3 bench/persistent_draft_price.py 2>&1 | grep -v "it/s" | tail -30 ;;
+      # and accept_commit (KANGAROO_FUSED_COMMIT): its tests, then the prices with it off and on
+      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py \
+        tests/test_accept_commit.py -m gpu 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
+      for fc in 0 1; do
+        KANGAROO_FUSED_COMMIT=$fc PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/persistent_draft_price.py \
+          --out "bench/results/persistent_draft_fused_commit$fc.json" 2>&1 | grep -v "it/s" | tail -24
+      done ;;
     train)
       log train
       bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
