@@ -439,6 +439,10 @@ class Engine:
         x, res = self.run_layers(self.exit_states[:, :n_positions], pos, ell, self.spec.num_layers)
         if n_positions == 1:  # nothing was drafted: the bonus token alone, as a plain step takes it
             committed = self._target_token(x, res)                               # [B, 1]
+            if self._fused_commit():
+                ops.accept_commit(self.draft_tokens[:, :0], committed, self.num_drafted, self.cache_len,
+                                  self.tokens_in, self.history, self.report)
+                return
             accepted = torch.zeros_like(self.num_drafted)
         elif self.sampling is None:
             # Each position's token as a plain step computes it (_target_argmax), never writing [B, n, V]
