@@ -4,7 +4,7 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
-#                  mtbench sampled persistent
+#                  mtbench sampled persistent rowprobe
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -199,6 +199,13 @@ for step in $steps; do
       for fc in 0 1; do
         KANGAROO_FUSED_COMMIT=$fc PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/persistent_draft_price.py \
           --out "bench/results/persistent_draft_fused_commit$fc.json" 2>&1 | grep -v "it/s" | tail -24
+      done ;;
+    rowprobe)
+      # where bf16 batch invariance breaks on real text (bench/invariance_probe.py), tensor-core GEMVs on and off
+      log rowprobe
+      for tc in 1 0; do
+        KANGAROO_TENSOR_CORE_GEMV=$tc timeout 200 python3 bench/invariance_probe.py \
+          --out "bench/results/invariance_probe_tc$tc.json" 2>&1 | grep -v "it/s" | tail -20
       done ;;
     train)
       log train
