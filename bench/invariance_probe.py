@@ -44,8 +44,8 @@ def _layer_outputs(engine, x, res, positions, layer: int):
 
 
 @torch.inference_mode()
-def run_rows(engine, tokens: torch.Tensor, start: int, one_at_a_time: bool):
-    """tokens [1, n] at positions start.. ; returns [(layer, op) -> output rows [n, ...]] in order."""
+def run_rows(engine, tokens: torch.Tensor, one_at_a_time: bool):
+    """tokens [1, n] at positions cache_len, cache_len + 1, ...; returns [(layer, op) -> output rows [n, ...]] in order."""
     n = tokens.shape[1]
     chunks = [tokens[:, i:i + 1] for i in range(n)] if one_at_a_time else [tokens]
     rows = {}
@@ -87,10 +87,10 @@ def probe(model, sequence: torch.Tensor, widths, starts) -> list:
             if t + n > sequence.shape[1]:
                 continue
             rows = sequence[:, t:t + n]
-            single = run_rows(engine, rows, 0, one_at_a_time=True)
+            single = run_rows(engine, rows, one_at_a_time=True)
             engine.k_cache.copy_(saved[0])
             engine.v_cache.copy_(saved[1])
-            multi = run_rows(engine, rows, 0, one_at_a_time=False)
+            multi = run_rows(engine, rows, one_at_a_time=False)
             engine.k_cache.copy_(saved[0])
             engine.v_cache.copy_(saved[1])
             results.append((t, n, first_difference(single, multi)))

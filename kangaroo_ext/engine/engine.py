@@ -438,27 +438,28 @@ class Engine:
         pos = self.cache_len[:, None] + self.steps[:n_positions]                 # [B, n]
         x, res = self.run_layers(self.exit_states[:, :n_positions], pos, ell, self.spec.num_layers)
         if n_positions == 1:  # nothing was drafted: the bonus token alone, as a plain step takes it
-            committed = self._target_token(x, res)                               # [B, 1]
-            if self._fused_commit():
-                ops.accept_commit(self.draft_tokens[:, :0], committed, self.num_drafted, self.cache_len,
-                                  self.tokens_in, self.history, self.report)
-                return
-            accepted = torch.zeros_like(self.num_drafted)
+            self._accept_and_commit(self.draft_tokens[:, :0], self._target_token(x, res))   # [B, 1]
         elif self.sampling is None:
             # Each position's token as a plain step computes it (_target_argmax), never writing [B, n, V]
             # logits: argmax over logits from a GEMM could break a bf16 near-tie the other way.
-            drafts, targets = self.draft_tokens[:, :n_positions - 1], self._target_argmax(x, res)
-            if self._fused_commit():
-                ops.accept_commit(drafts, targets, self.num_drafted, self.cache_len, self.tokens_in, self.history,
-                                  self.report)
-                return
-            accepted, committed = ops.accept_greedy(drafts, targets, self.num_drafted)
+            self._accept_and_commit(self.draft_tokens[:, :n_positions - 1], self._target_argmax(x, res))
         else:
             c, k = self.sampling, n_positions - 1
-            accepted, committed = ops.speculative_sample_accept(
+            self._commit(*ops.speculative_sample_accept(
                 self.draft_tokens[:, :k], self.draft_probs[:, :k], self.logits(x, res), self.num_drafted,
-                c.temperature, c.top_k, c.top_p, self.rng)
-        self._commit(accepted, committed)
+                c.temperature, c.top_k, c.top_p, self.rng))
+
+    def _accept_and_commit(self, drafts: torch.Tensor, targets: torch.Tensor):
+        """The end of a step whose tokens are decided (drafts [B, k], targets [B, k+1]; k = 0: the target's
+        token alone, greedy or sampled): the greedy accept rule, then the commit. Greedy on a GPU with
+        KANGAROO_FUSED_COMMIT, both in one accept_commit launch; the same writes (tests/test_accept_commit.py)."""
+        if self.sampling is None and self.spec.device.type == "cuda" and config.flag("KANGAROO_FUSED_COMMIT"):
+            ops.accept_commit(drafts, targets, self.num_drafted, self.cache_len, self.tokens_in, self.history,
+                              self.report)
+        elif drafts.shape[1]:
+            self._commit(*ops.accept_greedy(drafts, targets, self.num_drafted))
+        else:
+            self._commit(torch.zeros_like(self.num_drafted), targets)
 
     def _target_argmax(self, x, res) -> torch.Tensor:
         """The target's greedy token at each position [B, T] from the last layer's (x, res): the final norm,
@@ -485,16 +486,7 @@ class Engine:
         x, res = self.run_layers(h, pos, 0, self.spec.num_layers)
         token = self._target_token(x, res)                                       # [B, 1]
         self.num_drafted.zero_()
-        if self._fused_commit():
-            ops.accept_commit(self.draft_tokens[:, :0], token, self.num_drafted, self.cache_len, self.tokens_in,
-                              self.history, self.report)
-            return
-        self._commit(torch.zeros_like(self.num_drafted), token)
-
-    def _fused_commit(self) -> bool:
-        """Greedy steps on a GPU end with one accept_commit launch (KANGAROO_FUSED_COMMIT) instead of
-        accept_greedy and _commit's ~10 small ones; the same writes (tests/test_accept_commit.py)."""
-        return self.sampling is None and self.spec.device.type == "cuda" and config.flag("KANGAROO_FUSED_COMMIT")
+        self._accept_and_commit(self.draft_tokens[:, :0], token)
 
     def _commit(self, accepted, committed):
         """Advance the caches past committed[:, :accepted+1] and report the round; all on the device.

@@ -75,7 +75,6 @@ OP_FILES = {
 }
 
 
-
 # ---- fused residual-add + RMSNorm ----------------------------------------------------------------
 
 def fused_add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
