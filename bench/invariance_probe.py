@@ -45,7 +45,7 @@ def _layer_outputs(engine, x, res, positions, layer: int):
 
 @torch.inference_mode()
 def run_rows(engine, tokens: torch.Tensor, one_at_a_time: bool):
-    """tokens [1, n] at positions cache_len, cache_len + 1, ...; returns [(layer, op) -> output rows [n, ...]] in order."""
+    """tokens [1, n] at positions cache_len, cache_len + 1, ...: {(layer, op): output rows [n, ...]}, in run order."""
     n = tokens.shape[1]
     chunks = [tokens[:, i:i + 1] for i in range(n)] if one_at_a_time else [tokens]
     rows = {}
