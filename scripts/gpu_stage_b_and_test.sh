@@ -4,7 +4,7 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
-#                  mtbench sampled persistent rowprobe
+#                  mtbench sampled persistent rowprobe unseen
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -210,6 +210,15 @@ for step in $steps; do
     train)
       log train
       bash scripts/train_default_adapter.sh 2>&1 | tail -60 ;;
+    unseen)
+      # prompts this project never tuned on: Spec-Bench's five non-MT-bench categories (translation,
+      # summarization, QA, math, RAG), 20 each; UNSEEN_QUESTIONS: its question.jsonl (not shipped: copy it
+      # into an ignored folder, e.g. .carry/specbench/, and carry it)
+      log unseen
+      python3 -m kangaroo_ext bench --questions "${UNSEEN_QUESTIONS:-.carry/specbench/question.jsonl}" \
+        --categories translation,summarization,qa,math_reasoning,rag --max-questions "${UNSEEN_COUNT:-100}" \
+        --methods "${UNSEEN_METHODS:-kangaroo,plain}" --no-progress \
+        --out "bench/results/spec_bench_${CARD}_${KANGAROO_COMMIT:0:7}" 2>&1 | grep -v "it/s]" | tail -30 ;;
     mtbench)
       log mtbench
       # kangaroo: the defaults (copied drafts beside the adapter's, greedy on a GPU); kangaroo-adapter: its drafts alone
