@@ -5,9 +5,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <limits>
-#include <tuple>
-#include <utility>
 
 #include "checks.h"
 #include "kernels/accept_commit.cuh"
@@ -15,18 +12,6 @@
 #include "ops.h"
 
 namespace kangaroo {
-namespace {
-
-void int_rows(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t batch) {
-  checks::cuda(t, name);
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() >= 1 && t.size(0) == batch, name,
-                    " must be int64 with ", batch, " rows (B, as target_tokens), got ", t.scalar_type(), " ",
-                    t.sizes());
-  checks::same_device(t, name, ref, "target_tokens");
-  checks::contiguous(t, name);
-}
-
-}  // namespace
 
 void accept_commit(const at::Tensor& draft_tokens, const at::Tensor& target_tokens, const at::Tensor& num_drafted,
                    at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& history, at::Tensor& report) {
@@ -37,22 +22,8 @@ void accept_commit(const at::Tensor& draft_tokens, const at::Tensor& target_toke
                     target_tokens.scalar_type(), " ", target_tokens.sizes());
   checks::contiguous(target_tokens, "target_tokens");
   const int64_t B = target_tokens.size(0), k = target_tokens.size(1) - 1;
-  int_rows(draft_tokens, "draft_tokens", target_tokens, B);
-  TORCH_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.size(1) == k, "draft_tokens must be [B, k] = [", B,
-                    ", ", k, "] (one fewer column than target_tokens), got ", draft_tokens.sizes());
-  const std::pair<const at::Tensor*, const char*> counts[] = {{&num_drafted, "num_drafted"}, {&cache_len, "cache_len"}};
-  for (const auto& [t, name] : counts) {
-    int_rows(*t, name, target_tokens, B);
-    TORCH_CHECK_VALUE(t->dim() == 1, name, " must be [B] = [", B, "], got ", t->sizes());
-  }
-  const std::tuple<at::Tensor*, const char*, int64_t> buffers[] = {
-      {&tokens_in, "tokens_in", 1}, {&history, "history", k + 2}, {&report, "report", k + 3}};
-  for (const auto& [t, name, least] : buffers) {
-    int_rows(*t, name, target_tokens, B);
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) >= least, name, " must be [B, >= ", least, "], got ",
-                      t->sizes());
-  }
-  TORCH_CHECK_VALUE(B <= std::numeric_limits<int>::max(), "target_tokens must have B < 2^31 rows, got ", B);
+  checks::commit_state(draft_tokens, num_drafted, cache_len, tokens_in, history, report, B, k, target_tokens,
+                       "target_tokens");
   const c10::cuda::OptionalCUDAGuard guard(target_tokens.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(commit::launch_accept_commit(

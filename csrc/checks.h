@@ -6,7 +6,10 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 namespace kangaroo {
 namespace checks {
@@ -90,6 +93,37 @@ inline void token_chain(const at::Tensor& draft_tokens, const at::Tensor& target
   contiguous(target_tokens, "target_tokens");
   TORCH_CHECK_VALUE(k < (1 << 20), "draft_tokens must have k < 2^20 drafts per row, got k = ", k);
   drafted_counts(num_drafted, draft_tokens);
+}
+
+// The state a greedy step's commit writes (accept_commit, verify_tail), for B rows and k drafts:
+// draft_tokens [B, k], num_drafted and cache_len [B], tokens_in [B, >= 1], history [B, >= k + 2],
+// report [B, >= k + 3]; all CUDA int64, contiguous, on ref's device (ref_name: the argument B comes from).
+inline void commit_state(const at::Tensor& draft_tokens, const at::Tensor& num_drafted, const at::Tensor& cache_len,
+                         const at::Tensor& tokens_in, const at::Tensor& history, const at::Tensor& report,
+                         int64_t batch, int64_t k, const at::Tensor& ref, const char* ref_name) {
+  const auto rows = [&](const at::Tensor& t, const char* name) {
+    cuda(t, name);
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() >= 1 && t.size(0) == batch, name,
+                      " must be int64 with ", batch, " rows (B, as ", ref_name, "), got ", t.scalar_type(), " ",
+                      t.sizes());
+    same_device(t, name, ref, ref_name);
+    contiguous(t, name);
+  };
+  rows(draft_tokens, "draft_tokens");
+  TORCH_CHECK_VALUE(draft_tokens.dim() == 2 && draft_tokens.size(1) == k, "draft_tokens must be [B, k] = [", batch,
+                    ", ", k, "] (one fewer column than ", ref_name, "'s positions), got ", draft_tokens.sizes());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&num_drafted, "num_drafted"},
+                                {&cache_len, "cache_len"}}) {
+    rows(*t, name);
+    TORCH_CHECK_VALUE(t->dim() == 1, name, " must be [B] = [", batch, "], got ", t->sizes());
+  }
+  for (const auto& [t, name, least] : {std::tuple<const at::Tensor*, const char*, int64_t>{&tokens_in, "tokens_in", 1},
+                                       {&history, "history", k + 2},
+                                       {&report, "report", k + 3}}) {
+    rows(*t, name);
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) >= least, name, " must be [B, >= ", least, "], got ", t->sizes());
+  }
+  TORCH_CHECK_VALUE(batch <= std::numeric_limits<int>::max(), ref_name, " must have B < 2^31 rows, got ", batch);
 }
 
 }  // namespace checks

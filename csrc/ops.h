@@ -94,6 +94,15 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_accept(const at::Tensor& d
 void accept_commit(const at::Tensor& draft_tokens, const at::Tensor& target_tokens, const at::Tensor& num_drafted,
                    at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& history, at::Tensor& report);
 
+// verify_tail(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor lm_head, Tensor draft_tokens,
+//             Tensor num_drafted, Tensor(a!) cache_len, Tensor(b!) tokens_in, Tensor(c!) history,
+//             Tensor(d!) report) -> Tensor
+// A greedy step's end (final norm, LM head argmax, accept, commit) in two launches; returns target_tokens
+// [B, T]; verify_tail.cu.
+at::Tensor verify_tail(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                       const at::Tensor& lm_head, const at::Tensor& draft_tokens, const at::Tensor& num_drafted,
+                       at::Tensor& cache_len, at::Tensor& tokens_in, at::Tensor& history, at::Tensor& report);
+
 // persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches,
 //                  int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos,
 //                  Tensor rope_sin, Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens,

@@ -26,6 +26,9 @@ TORCH_LIBRARY(kangaroo, m) {
         "Tensor? num_drafted, float temperature, int top_k, float top_p, Tensor rng) -> (Tensor, Tensor)");
   m.def("accept_commit(Tensor draft_tokens, Tensor target_tokens, Tensor num_drafted, Tensor(a!) cache_len, "
         "Tensor(b!) tokens_in, Tensor(c!) history, Tensor(d!) report) -> ()");
+  m.def("verify_tail(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor lm_head, Tensor draft_tokens, "
+        "Tensor num_drafted, Tensor(a!) cache_len, Tensor(b!) tokens_in, Tensor(c!) history, Tensor(d!) report) "
+        "-> Tensor");
   m.def("persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos, Tensor rope_sin, "
         "Tensor threshold, Tensor cache_len, Tensor(c!) tokens_in, Tensor(d!) draft_tokens, Tensor(e!) num_drafted, "
@@ -47,5 +50,6 @@ TORCH_LIBRARY_IMPL(kangaroo, CUDA, m) {
   m.impl("sample_logits", &kangaroo::sample_logits);
   m.impl("speculative_sample_accept", &kangaroo::speculative_sample_accept);
   m.impl("accept_commit", &kangaroo::accept_commit);
+  m.impl("verify_tail", &kangaroo::verify_tail);
   m.impl("persistent_draft", &kangaroo::persistent_draft);
 }

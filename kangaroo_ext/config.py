@@ -68,6 +68,11 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "greedy verify and plain steps on a GPU end with one accept_commit launch (csrc/kernels/accept_commit.cuh: "
          "the accept rule, the history, the cache length, the next input and the report) instead of ~10 small "
          "ones. Off until its GPU tests run"),
+    Knob("KANGAROO_FUSED_VERIFY_TAIL", "flag", "run",
+         "greedy verify and plain steps on a GPU end with ops.verify_tail (csrc/kernels/verify_tail.cuh): the "
+         "final norm, the target's argmax at every position and accept_commit in two launches instead of ~4 + "
+         "the commit's, with no normed rows or logits in memory; tokens bitwise the per-op path's. Off until "
+         "its GPU tests pass"),
     Knob("KANGAROO_PERSISTENT_DRAFT", "flag", "run",
          "greedy draft phases on a GPU run as one persistent kernel (csrc/kernels/persistent_draft.cuh: the exit "
          "layers, the adapter, the draft head and the confidence exit of every step in one launch) instead of "

@@ -191,14 +191,18 @@ for step in $steps; do
       python3 bench/kernel_report.py 2>&1 | tail -30
       python3 -m pytest bench/ --benchmark-only -q --benchmark-json "$OUT/microbench.json" 2>&1 | tail -30 ;;
     persistent)
-      # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing
+      # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing;
+      # accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their tests, then the
+      # round's prices with neither, the fused commit, and the fused tail (default model's shape only)
       log persistent
-      # and accept_commit (KANGAROO_FUSED_COMMIT): its tests, then the prices with it off and on
       timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py \
-        tests/test_accept_commit.py -m gpu 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
-      for fc in 0 1; do
-        KANGAROO_FUSED_COMMIT=$fc PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/persistent_draft_price.py \
-          --out "bench/results/persistent_draft_fused_commit$fc.json" 2>&1 | grep -v "it/s" | tail -24
+        tests/test_accept_commit.py tests/test_verify_tail.py -m gpu 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
+      for mode in none commit tail; do
+        shapes=smollm2_135m,llama_3_2_1b; [ $mode != none ] && shapes=smollm2_135m
+        KANGAROO_FUSED_COMMIT=$([ $mode = commit ] && echo 1 || echo 0) \
+        KANGAROO_FUSED_VERIFY_TAIL=$([ $mode = tail ] && echo 1 || echo 0) PYTHONPATH=".:${PYTHONPATH:-}" \
+          timeout 150 python3 bench/persistent_draft_price.py --shapes $shapes \
+          --out "bench/results/persistent_draft_$mode.json" 2>&1 | grep -v "it/s" | tail -24
       done ;;
     rowprobe)
       # where bf16 batch invariance breaks on real text (bench/invariance_probe.py), tensor-core GEMVs on and off

@@ -19,10 +19,11 @@ from .rms_norm import fused_add_rms_norm
 from .sampling import sample_logits, sampling_probs, speculative_sample_accept
 from .take_draft import take_draft
 from .verify_accept import verify_accept
+from .verify_tail import verify_tail
 
 __all__ = ["accept_commit", "accept_greedy", "decode_linear", "fused_add_rms_norm", "lm_head_argmax",
            "resource_reasons", "rms_norm_gate_up", "rms_norm_linear", "rope_append_attention", "sample_logits",
-           "sampling_probs", "speculative_sample_accept", "take_draft", "verify_accept"]
+           "sampling_probs", "speculative_sample_accept", "take_draft", "verify_accept", "verify_tail"]
 
 # The ops whose launch configuration can need more shared memory than a device has (resources.py);
 # the others use at most ~1 KB whatever their inputs.

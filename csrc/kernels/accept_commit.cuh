@@ -21,22 +21,12 @@ namespace commit {
 
 constexpr int kThreads = 64;
 
-// Thread x of block y: row b = y * kThreads + x. draft_tokens [B, k] (k may be 0), target_tokens [B, k + 1],
-// num_drafted, cache_len [B]; tokens_in [B, tokens_in_stride]; history [B, history_len]; report [B, report_width]
-// with report_width >= k + 3; all int64, contiguous. history_len >= cache_len + k + 2 for every row (the
-// launcher cannot read cache_len: a row past it writes what fits and drops the rest).
-__global__ void __launch_bounds__(kThreads)
-accept_commit_kernel(const int64_t* __restrict__ draft_tokens, const int64_t* __restrict__ target_tokens,
-                     const int64_t* __restrict__ num_drafted, int64_t batch, int k, int64_t* cache_len,
-                     int64_t* tokens_in, int64_t tokens_in_stride, int64_t* history, int64_t history_len,
-                     int64_t* report, int64_t report_width) {
-  pdl_launch_dependents();
-  pdl_wait();
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (b >= batch) return;
-  const int64_t* drafts = draft_tokens + b * k;
-  const int64_t* targets = target_tokens + b * (k + 1);
-  const int64_t drafted = num_drafted[b];
+// Row b's accept and commit: drafts [k] and targets [k + 1] of that row (either may live in shared memory),
+// drafted = num_drafted[b]. verify_tail.cuh's last kernel ends with it too: one accept rule, one commit.
+__device__ __forceinline__ void commit_row(int64_t b, const int64_t* drafts, const int64_t* targets, int64_t drafted,
+                                           int k, int64_t* cache_len, int64_t* tokens_in, int64_t tokens_in_stride,
+                                           int64_t* history, int64_t history_len, int64_t* report,
+                                           int64_t report_width) {
   const int n = drafted < 0 ? 0 : (drafted > k ? k : static_cast<int>(drafted));
   int a = 0;
   while (a < n && drafts[a] == targets[a]) ++a;
@@ -52,6 +42,24 @@ accept_commit_kernel(const int64_t* __restrict__ draft_tokens, const int64_t* __
   row[1] = drafted;
   cache_len[b] = L + a + 1;
   tokens_in[b * tokens_in_stride] = targets[a];
+}
+
+// Thread x of block y: row b = y * kThreads + x. draft_tokens [B, k] (k may be 0), target_tokens [B, k + 1],
+// num_drafted, cache_len [B]; tokens_in [B, tokens_in_stride]; history [B, history_len]; report [B, report_width]
+// with report_width >= k + 3; all int64, contiguous. history_len >= cache_len + k + 2 for every row (the
+// launcher cannot read cache_len: a row past it writes what fits and drops the rest). Internal linkage: a
+// non-template kernel in a header that verify_tail.cuh includes too.
+static __global__ void __launch_bounds__(kThreads)
+accept_commit_kernel(const int64_t* __restrict__ draft_tokens, const int64_t* __restrict__ target_tokens,
+                     const int64_t* __restrict__ num_drafted, int64_t batch, int k, int64_t* cache_len,
+                     int64_t* tokens_in, int64_t tokens_in_stride, int64_t* history, int64_t history_len,
+                     int64_t* report, int64_t report_width) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b >= batch) return;
+  commit_row(b, draft_tokens + b * k, target_tokens + b * (k + 1), num_drafted[b], k, cache_len, tokens_in,
+             tokens_in_stride, history, history_len, report, report_width);
 }
 
 // On `launch.stream`; the caller checked the arguments. Returns the launch status.

@@ -199,27 +199,15 @@ __device__ __forceinline__ void group_logits(const T* __restrict__ weight, int H
   x1 = reduce_scatter8<RB>(dot1, l8);
 }
 
-// grid (n_blocks, ceil(R / RB)); kThreads threads; RB * H * 4 bytes of dynamic smem.
-// partials: [R][n_blocks] triples. VEC: elements per W access (16 bytes, or 1).
-// Register budget: RB = 1 (decode and draft steps) is held to 40 registers so that 3 blocks fit an SM
-// and V = 49152 (384 blocks) runs as one wave on 132 SMs (at its natural 53 registers only 2 fit, and
-// 120 blocks ran as a second wave). Larger RB would spill at that budget.
+// One block's share of the head for the RB hidden rows r0 .. r0 + nr - 1 staged in hs (stage_hidden, published
+// by the caller's barrier): the triple of its W rows [blockIdx.x * rows_per_block, + rows_per_block) for each
+// hidden row, to partials[(r0 + r) * gridDim.x + blockIdx.x]. Every thread of a kThreads block calls it.
+// verify_tail.cuh's kernel calls it too, after a norm of its own: one head arithmetic for both.
 template <typename T, int VEC, int RB>
-__global__ void __launch_bounds__(kThreads, RB == 1 ? 3 : 1)
-partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int rows, int vocab, int hidden_size,
-               int rows_per_block, Soft* __restrict__ partials) {
-  extern __shared__ __align__(16) float hs[];
+__device__ __forceinline__ void partial_block(const float* hs, const T* __restrict__ weight, int vocab, int H,
+                                              int rows_per_block, int r0, int nr, Soft* __restrict__ partials) {
   __shared__ Soft warp_soft[kWarps][kLanesPerRow];
-  pdl_launch_dependents();  // programmatic dependent launch: common.cuh
-  pdl_wait();
-
-  const int H = hidden_size;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int r0 = blockIdx.y * RB;
-  const int nr = min(RB, rows - r0);
-  stage_hidden<T, VEC, RB>(hidden, r0, nr, H, hs, tid, kThreads);
-  __syncthreads();
-
   const int gid = tid / kLanesPerRow, l8 = tid % kLanesPerRow;
   const int64_t vb = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int ve = static_cast<int>(std::min<int64_t>(vocab, vb + rows_per_block));
@@ -251,6 +239,27 @@ partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int r
     for (int w = 0; w < kWarps; ++w) soft_merge(acc, warp_soft[w][src]);
     partials[static_cast<int64_t>(r0 + tid) * gridDim.x + blockIdx.x] = acc;
   }
+}
+
+// grid (n_blocks, ceil(R / RB)); kThreads threads; RB * H * 4 bytes of dynamic smem.
+// partials: [R][n_blocks] triples. VEC: elements per W access (16 bytes, or 1).
+// Register budget: RB = 1 (decode and draft steps) is held to 40 registers so that 3 blocks fit an SM
+// and V = 49152 (384 blocks) runs as one wave on 132 SMs (at its natural 53 registers only 2 fit, and
+// 120 blocks ran as a second wave). Larger RB would spill at that budget.
+template <typename T, int VEC, int RB>
+__global__ void __launch_bounds__(kThreads, RB == 1 ? 3 : 1)
+partial_kernel(const T* __restrict__ hidden, const T* __restrict__ weight, int rows, int vocab, int hidden_size,
+               int rows_per_block, Soft* __restrict__ partials) {
+  extern __shared__ __align__(16) float hs[];
+  pdl_launch_dependents();  // programmatic dependent launch: common.cuh
+  pdl_wait();
+
+  const int H = hidden_size;
+  const int r0 = blockIdx.y * RB;
+  const int nr = min(RB, rows - r0);
+  stage_hidden<T, VEC, RB>(hidden, r0, nr, H, hs, threadIdx.x, kThreads);
+  __syncthreads();
+  partial_block<T, VEC, RB>(hs, weight, vocab, H, rows_per_block, r0, nr, partials);
 }
 
 constexpr int kCombineThreads = 256;

@@ -148,7 +148,7 @@ class Engine:
     def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> tuple:
         return (gamma, speculative, bool(device_exit and speculative), self.sampling,
                 id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"),
-                config.flag("KANGAROO_FUSED_COMMIT"))
+                config.flag("KANGAROO_FUSED_COMMIT"), config.flag("KANGAROO_FUSED_VERIFY_TAIL"))
 
     def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Optional[CudaGraphs]:
         """The graphs graphs_for captured for these settings and the bound adapter, or None."""
@@ -437,6 +437,8 @@ class Engine:
         ell = self.adapter.exit_layer
         pos = self.cache_len[:, None] + self.steps[:n_positions]                 # [B, n]
         x, res = self.run_layers(self.exit_states[:, :n_positions], pos, ell, self.spec.num_layers)
+        if self._fused_tail(x, res):  # the norm, the tokens and the commit in two launches
+            return
         if n_positions == 1:  # nothing was drafted: the bonus token alone, as a plain step takes it
             self._accept_and_commit(self.draft_tokens[:, :0], self._target_token(x, res))   # [B, 1]
         elif self.sampling is None:
@@ -461,6 +463,19 @@ class Engine:
         else:
             self._commit(torch.zeros_like(self.num_drafted), targets)
 
+    def _fused_tail(self, x, res) -> bool:
+        """A greedy step's end on a GPU with KANGAROO_FUSED_VERIFY_TAIL: the final norm, the target's token at each
+        of x's positions and the commit in ops.verify_tail's two launches (each token bitwise _target_argmax's).
+        False, doing nothing, where it does not apply (sampling, the CPU, more rows than the fused ops take)."""
+        B, n = x.shape[:2]
+        if self.sampling is not None or self.spec.device.type != "cuda" or not self._fused(B * n) \
+                or not config.flag("KANGAROO_FUSED_VERIFY_TAIL"):
+            return False
+        ops.verify_tail(x, res, self.spec.final_norm, self.spec.rms_norm_eps, self.spec.lm_head,
+                        self.draft_tokens[:, :n - 1], self.num_drafted, self.cache_len, self.tokens_in, self.history,
+                        self.report)
+        return True
+
     def _target_argmax(self, x, res) -> torch.Tensor:
         """The target's greedy token at each position [B, T] from the last layer's (x, res): the final norm,
         then the fused LM head + argmax over the full vocabulary (the draft's head may be reduced). Plain
@@ -484,9 +499,9 @@ class Engine:
         pos = self.cache_len[:, None]
         h = F.embedding(self.tokens_in[:, :1], self.spec.embed)
         x, res = self.run_layers(h, pos, 0, self.spec.num_layers)
-        token = self._target_token(x, res)                                       # [B, 1]
         self.num_drafted.zero_()
-        self._accept_and_commit(self.draft_tokens[:, :0], token)
+        if not self._fused_tail(x, res):
+            self._accept_and_commit(self.draft_tokens[:, :0], self._target_token(x, res))   # [B, 1]
 
     def _commit(self, accepted, committed):
         """Advance the caches past committed[:, :accepted+1] and report the round; all on the device.

@@ -4,6 +4,8 @@
     accepted, committed = verify_accept(draft_tokens, target_logits, num_drafted=None, backend=None)
     accepted, committed = accept_greedy(draft_tokens, target_tokens, num_drafted=None, backend=None)
     accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report)  # in place
+    target_tokens = verify_tail(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len,
+                                tokens_in, history, report)        # final norm + argmax + accept_commit
     keep = take_draft(token, confidence, threshold, active, num_drafted, draft_tokens, tokens_in, step,
                       draft_ids=None, backend=None)                        # writes the buffers in place
 
@@ -70,6 +72,8 @@ OP_FILES = {
                                       triton="triton_kernels/sampling.py"),
     "accept_commit": dict(cuda="csrc/accept_commit.cu", kernel="csrc/kernels/accept_commit.cuh",
                           triton="triton_kernels/accept_commit.py"),
+    "verify_tail": dict(cuda="csrc/verify_tail.cu", kernel="csrc/kernels/verify_tail.cuh",
+                        triton="triton_kernels/verify_tail.py"),
     "persistent_draft": dict(cuda="csrc/persistent_draft.cu", kernel="csrc/kernels/persistent_draft.cuh",
                              triton=None),
 }
@@ -185,6 +189,42 @@ def _accept_commit_reasons(backend):
         return tensor_reasons(backend, {"draft_tokens": draft_tokens, "target_tokens": target_tokens,
                                         "num_drafted": num_drafted, "cache_len": cache_len, "tokens_in": tokens_in,
                                         "history": history, "report": report})
+    return reasons
+
+
+def verify_tail(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, lm_head: torch.Tensor,
+                draft_tokens: torch.Tensor, num_drafted: torch.Tensor, cache_len: torch.Tensor, tokens_in: torch.Tensor,
+                history: torch.Tensor, report: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """A greedy verify or plain step's end from the last layer's output: the final norm, the target's token at
+    each position (argmax over the full vocabulary, as lm_head_argmax), then accept_commit. The CUDA kernel does
+    it in two launches, writing neither the normed rows nor [B, T, V] logits; each token is bitwise the per-op
+    path's (fused_add_rms_norm, lm_head_argmax), so the commit is too.
+
+    Args:
+        x, residual: [B, T, H] (T = k + 1 <= 64 positions); norm_weight: [H]; eps: RMSNorm epsilon;
+            lm_head: [V, H]; all one float dtype.
+        draft_tokens [B, k], num_drafted [B], cache_len [B], tokens_in [B, >= 1], history [B, >= L + k + 2],
+            report [B, >= k + 3]: int64, as accept_commit's (written in place the same way).
+    Returns:
+        target_tokens: [B, T] int64.
+    """
+    validate.verify_tail(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len, tokens_in,
+                         history, report)
+    args = (x, residual, norm_weight, float(eps), lm_head, draft_tokens, num_drafted, cache_len, tokens_in, history,
+            report)
+    return select("verify_tail", backend, *args)(*args)
+
+
+def _verify_tail_reasons(backend):
+    def reasons(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len, tokens_in, history,
+                report):
+        out = tensor_reasons(backend, {"x": x, "residual": residual, "norm_weight": norm_weight,
+                                       "lm_head": lm_head, "draft_tokens": draft_tokens, "num_drafted": num_drafted,
+                                       "cache_len": cache_len, "tokens_in": tokens_in, "history": history,
+                                       "report": report})
+        if backend == "cuda" and x.shape[0] * x.shape[1] > 65535:
+            out.append(f"x has {x.shape[0] * x.shape[1]} rows (B * T); the CUDA kernel takes at most 65535")
+        return out
     return reasons
 
 
@@ -556,7 +596,8 @@ for _name, _reasons in (("fused_add_rms_norm", _rms_reasons), ("verify_accept", 
                         ("decode_linear", _decode_linear_reasons), ("sampling_probs", _sampling_reasons),
                         ("sample_logits", _sampling_reasons),
                         ("speculative_sample_accept", _sample_accept_reasons),
-                        ("persistent_draft", _persistent_reasons), ("accept_commit", _accept_commit_reasons)):
+                        ("persistent_draft", _persistent_reasons), ("accept_commit", _accept_commit_reasons),
+                        ("verify_tail", _verify_tail_reasons)):
     register(_name, "cuda", _cuda(_name), _reasons("cuda"))
     register(_name, "triton", _triton(_name), _reasons("triton"))
     register(_name, "reference", getattr(reference, _name), _reasons("reference"))

@@ -85,6 +85,18 @@ def accept_commit(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, num_d
     report[:, 2:2 + n] = committed
 
 
+def verify_tail(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                lm_head: torch.Tensor, draft_tokens: torch.Tensor, num_drafted: torch.Tensor, cache_len: torch.Tensor,
+                tokens_in: torch.Tensor, history: torch.Tensor, report: torch.Tensor) -> torch.Tensor:
+    """A greedy verify or plain step's end: the final norm, the target's argmax over the full vocabulary at each
+    position, then accept_commit (in place). x, residual: [B, T, H] (T = k + 1 positions); norm_weight [H];
+    lm_head [V, H]; the rest as accept_commit's. Returns target_tokens [B, T] int64."""
+    y, _ = fused_add_rms_norm(x, residual, norm_weight, eps)                   # [B, T, H]
+    target_tokens = lm_head_argmax(y, lm_head)[0]                              # [B, T]
+    accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in, history, report)
+    return target_tokens
+
+
 def verify_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
                   num_drafted: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification from logits: accept_greedy on the target's argmax (one accept rule).

@@ -81,6 +81,11 @@ def _fake_accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tok
     return None  # writes only the buffers declared (!) in the schema
 
 
+def _fake_verify_tail(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len, tokens_in,
+                      history, report):
+    return x.new_empty(x.shape[:2], dtype=torch.int64)  # target_tokens [B, T]; the rest is written in place
+
+
 def _fake_persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, head_norm, head, draft_ids,
                            rope_cos, rope_sin, threshold, cache_len, tokens_in, draft_tokens, num_drafted, active,
                            exit_states, barrier, gamma, stop_at_exit, eps, scale, window, stamps=None):
@@ -134,6 +139,11 @@ OPS: Dict[str, OpDef] = {
         "accept_commit(Tensor draft_tokens, Tensor target_tokens, Tensor num_drafted, Tensor(a!) cache_len, "
         "Tensor(b!) tokens_in, Tensor(c!) history, Tensor(d!) report) -> ()",
         _fake_accept_commit, reference.accept_commit),
+    "verify_tail": OpDef(
+        "verify_tail(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor lm_head, Tensor draft_tokens, "
+        "Tensor num_drafted, Tensor(a!) cache_len, Tensor(b!) tokens_in, Tensor(c!) history, Tensor(d!) report) "
+        "-> Tensor",
+        _fake_verify_tail, reference.verify_tail),
     "persistent_draft": OpDef(
         "persistent_draft(Tensor embed, Tensor?[] layer_weights, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, "
         "int num_exit_layers, Tensor head_norm, Tensor head, Tensor? draft_ids, Tensor rope_cos, Tensor rope_sin, "

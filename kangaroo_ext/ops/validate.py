@@ -419,17 +419,38 @@ def accept_commit(draft_tokens, target_tokens, num_drafted, cache_len, tokens_in
             not 1 <= target_tokens.shape[1] <= 64:
         raise ValueError(f"target_tokens must be int64 [B, k + 1] with B >= 1 and 1 <= k + 1 <= 64, got "
                          f"{target_tokens.dtype} {tuple(target_tokens.shape)}")
-    B, k = target_tokens.shape[0], target_tokens.shape[1] - 1
+    _commit_state(draft_tokens, num_drafted, cache_len, tokens_in, history, report, *target_tokens.shape,
+                  "target_tokens", target_tokens)
+
+
+def _commit_state(draft_tokens, num_drafted, cache_len, tokens_in, history, report, B, T, ref_name, ref):
+    """The buffers a greedy step's commit writes, for B rows and T = k + 1 positions (accept_commit's)."""
+    k = T - 1
     for name, t, shape in (("draft_tokens", draft_tokens, (B, k)), ("num_drafted", num_drafted, (B,)),
                            ("cache_len", cache_len, (B,))):
         _tensor(name, t)
         if t.dtype != torch.int64 or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be int64 of shape {list(shape)}, got {t.dtype} {tuple(t.shape)}")
-        _same_device(name, t, "target_tokens", target_tokens)
+        _same_device(name, t, ref_name, ref)
         _contiguous(name, t)
     for name, t, least in (("tokens_in", tokens_in, 1), ("history", history, k + 2), ("report", report, k + 3)):
         _tensor(name, t)
         if t.dtype != torch.int64 or t.dim() != 2 or t.shape[0] != B or t.shape[1] < least:
             raise ValueError(f"{name} must be int64 [{B}, >= {least}], got {t.dtype} {tuple(t.shape)}")
-        _same_device(name, t, "target_tokens", target_tokens)
+        _same_device(name, t, ref_name, ref)
         _contiguous(name, t)
+
+
+def verify_tail(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len, tokens_in, history,
+                report):
+    _tensor("x", x)
+    if x.dim() != 3 or x.numel() == 0 or not 1 <= x.shape[1] <= 64:
+        raise ValueError(f"x must be [B, T, H] with B, H >= 1 and 1 <= T <= 64 positions, got {tuple(x.shape)}")
+    fused_add_rms_norm(x, residual, norm_weight, eps, weight_name="norm_weight")
+    if residual is None:
+        raise ValueError("residual must be a tensor of x's shape (the last layer's residual stream), got None")
+    _tensor("lm_head", lm_head)
+    if lm_head.dim() != 2 or lm_head.shape[1] != x.shape[-1] or lm_head.shape[0] < 1:
+        raise ValueError(f"lm_head must have shape [V, {x.shape[-1]}] (V >= 1), got {tuple(lm_head.shape)}")
+    _like_x("lm_head", lm_head, x)
+    _commit_state(draft_tokens, num_drafted, cache_len, tokens_in, history, report, x.shape[0], x.shape[1], "x", x)
