@@ -89,7 +89,7 @@ def stage_times(de, gamma: int, repeats: int = 20) -> dict:
 
 
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
-            draft_vocab: int = 8192) -> dict:
+            draft_vocab: int = 8192, per_op_only: bool = False) -> dict:
     shape, arch = SHAPES[shape_name]
     model = shaped_models.random_llama(shape, "cuda", bench_cases.DTYPE)
     adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab, architecture=arch)
@@ -99,7 +99,8 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
     import kangaroo_ext as kx
     c = kx._extension._C
     split_before = c.persistent_split_barrier()
-    for key, on, split in (("per_op", False, False), ("persistent", True, False), ("persistent_split", True, True)):
+    paths = (("per_op", False, False), ("persistent", True, False), ("persistent_split", True, True))
+    for key, on, split in paths[:1] if per_op_only else paths:
         os.environ[SWITCH] = "1" if on else "0"
         c.set_persistent_split_barrier(split)
         de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt)
@@ -123,13 +124,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results", "persistent_draft.json"))
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--per-op-only", action="store_true",
+                    help="the per-op draft path's round alone (e.g. to price KANGAROO_FUSED_VERIFY_TAIL on and off)")
     args = ap.parse_args()
+    from kangaroo_ext import config
     from kangaroo_ext.io import git_commit
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shapes": {}}
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(), "shapes": {}}
     for name in args.shapes.split(","):
         try:
-            r = measure(name)
+            r = measure(name, per_op_only=args.per_op_only)
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r

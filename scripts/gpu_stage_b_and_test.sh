@@ -4,7 +4,7 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
-#                  mtbench sampled persistent rowprobe unseen
+#                  mtbench sampled persistent fused rowprobe unseen
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -191,18 +191,23 @@ for step in $steps; do
       python3 bench/kernel_report.py 2>&1 | tail -30
       python3 -m pytest bench/ --benchmark-only -q --benchmark-json "$OUT/microbench.json" 2>&1 | tail -30 ;;
     persistent)
-      # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing;
-      # accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their tests, then the
-      # round's prices with neither, the fused commit, and the fused tail (default model's shape only)
+      # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing
       log persistent
-      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py \
-        tests/test_accept_commit.py tests/test_verify_tail.py -m gpu 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
+      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu 2>&1 \
+        | tail -15 | tee "$OUT/persistent_tests.log"
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 200 python3 bench/persistent_draft_price.py \
+        --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" | tail -30 ;;
+    fused)
+      # issue 21: accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their GPU
+      # tests, then the round's prices at the default model's shape with neither, the fused commit, the fused tail
+      log fused
+      timeout "${FUSED_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_accept_commit.py \
+        tests/test_verify_tail.py -m gpu 2>&1 | tail -15 | tee "$OUT/fused_tests.log"
       for mode in none commit tail; do
-        shapes=smollm2_135m,llama_3_2_1b; [ $mode != none ] && shapes=smollm2_135m
         KANGAROO_FUSED_COMMIT=$([ $mode = commit ] && echo 1 || echo 0) \
         KANGAROO_FUSED_VERIFY_TAIL=$([ $mode = tail ] && echo 1 || echo 0) PYTHONPATH=".:${PYTHONPATH:-}" \
-          timeout 150 python3 bench/persistent_draft_price.py --shapes $shapes \
-          --out "bench/results/persistent_draft_$mode.json" 2>&1 | grep -v "it/s" | tail -24
+          timeout 120 python3 bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
+          --out "bench/results/fused_tail_$mode.json" 2>&1 | grep -v "it/s" | tail -4
       done ;;
     rowprobe)
       # where bf16 batch invariance breaks on real text (bench/invariance_probe.py), tensor-core GEMVs on and off
