@@ -190,7 +190,9 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
                       "exit_states must be [1, >= gamma + 1 = ", gamma + 1, ", H = ", H, "], got ",
                       exit_states.sizes());
     state(barrier, "barrier", at::kInt, embed);
-    shape(barrier, "barrier", {2});
+    shape(barrier, "barrier", {persistent::kBarrierWords});
+    TORCH_CHECK_VALUE(Hkv <= persistent::kMaxTiles, "persistent_draft takes at most ", persistent::kMaxTiles,
+                      " KV heads (one split counter each), got ", Hkv);
 
     // The plans the per-op launchers make: attention (key splits, PV order) and the head norm's row width.
     const int elem = static_cast<int>(sizeof(T));

@@ -28,11 +28,11 @@ def eligible_model(layers=4, hidden=256, heads=4, kv_heads=1, inter=512, vocab=3
     return model.eval()
 
 
-def _prepared(model, ell, gamma, eta, prompt_len=9, seed=0):
+def _prepared(model, ell, gamma, eta, prompt_len=9, seed=0, capacity=64):
     """An engine after prefill of a random prompt with an adapter at exit ℓ, ready for a draft phase."""
     adapter = kx.Adapter.for_model(model, exit_layer=ell, init="next_layer")
     engine = engine_for(model)
-    engine.reserve(64, gamma)
+    engine.reserve(capacity, gamma)
     engine.bind_adapter(adapter)
     engine.set_sampling(None)
     engine.threshold.fill_(eta)
@@ -165,9 +165,9 @@ def test_cuda_kernel_is_bitwise_the_per_op_path(ell, gamma, eta, stop, split):
         c.set_persistent_split_barrier(before)
 
 
-def _bitwise_case(ell, gamma, eta, stop, split):
-    model = copy.deepcopy(eligible_model()).to(torch.bfloat16).cuda()
-    engine = _prepared(model, ell, gamma, eta)
+def _bitwise_case(ell, gamma, eta, stop, split, model=None, prompt_len=9, capacity=64):
+    model = copy.deepcopy(model or eligible_model()).to(torch.bfloat16).cuda()
+    engine = _prepared(model, ell, gamma, eta, prompt_len=prompt_len, capacity=capacity)
     start = _snapshot(engine)
     _per_op_phase(engine, gamma, stop)
     want = _snapshot(engine)
@@ -178,23 +178,40 @@ def _bitwise_case(ell, gamma, eta, stop, split):
         engine.draft_phase_persistent(gamma, stop, stamps=stamps if timed else None)
         torch.cuda.synchronize()
         _assert_same_state(_snapshot(engine), want, gamma)
-        assert engine.persistent_barrier.tolist() == [0, 0]
+        assert not engine.persistent_barrier.any()  # the grid barrier's counters and every tile's split counter
     # The timing names every barrier's stage, in the order the phase runs them (the barriers a step has).
     steps = gamma + 1 if not stop else min(gamma + 1, int(want["num_drafted"][0]) + 1)
     has_mlp = [w.gate is not None for w in list(engine.spec.layers[:ell]) + list(engine.adapter_weights)]
     kinds = stamps[:, 0, 0].tolist()
     kinds = kinds[:kinds.index(-1)] if -1 in kinds else kinds
-    merge = 3 in kinds
-    expect = [0]
+    expect = [0]   # no merge barrier (3): the last key split of a tile merges it inside the attention stage
     for j in range(steps):
         for mlp in has_mlp:
-            expect += [1, 2] + ([3] if merge else []) + [4] + ([5, 6] if mlp else [])
+            expect += [1, 2, 4] + ([5, 6] if mlp else [])
         expect += [7] if j < gamma else []
     assert kinds == expect
     ran = stamps[0, :, 0] >= 0
     arrival, departure = stamps[:len(kinds), ran, 1], stamps[:len(kinds), ran, 2]
     left = departure >= 0   # split: a block whose first tile body never ran has no departure for that barrier
     assert (arrival > 0).all() and (departure[left] >= arrival[left]).all() and (split or left.all())
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("prompt_len", [150, 420])
+@pytest.mark.parametrize("split", [False, True], ids=["barrier", "split-barrier"])
+@torch.inference_mode()
+def test_cuda_kernel_is_bitwise_the_per_op_path_with_merged_key_splits(prompt_len, split):
+    """Contexts of several key tiles, three KV heads: the attention plan splits each head's keys over several
+    blocks, and the last split of each head to finish merges them (per-head arrival counters)."""
+    c = kx._extension._C
+    before = c.persistent_split_barrier()
+    c.set_persistent_split_barrier(split)
+    try:
+        _bitwise_case(2, 6, 0.0, False, split, model=eligible_model(heads=6, kv_heads=3, hidden=384, inter=512),
+                      prompt_len=prompt_len, capacity=512)
+    finally:
+        c.set_persistent_split_barrier(before)
 
 
 @pytest.mark.gpu

@@ -18,8 +18,9 @@
 //                                         256-thread block runs two 128-thread tiles side by side, each on a
 //                                         named barrier of its own
 //   RoPE + append + attention             attention.cuh's attention_block (GLOBAL_MERGE: the key splits'
-//                                         states go through global memory) and attention_merge_global_all
-//                                         in a stage of its own when the plan splits the keys
+//                                         states go through global memory); when the plan splits the keys,
+//                                         the last split of each tile to finish merges it (per-tile arrival
+//                                         counters, attention_merge_global), inside the same stage
 //   draft head norm                       rms_norm.cuh's norm_row with the per-op launch's row width, in
 //                                         every block (no stage: the row is 1-2k elements)
 //   draft head + argmax                   lm_head.cuh's group_logits (each logit bitwise as lm_head_argmax's);
@@ -29,14 +30,15 @@
 //                                         step starts without another barrier. The argmax is exact; the
 //                                         confidence's sum is merged in another order than lm_head_argmax's
 //                                         two kernels do, so it may differ in the last bits.
-// Stages per step: 4 (+1 with split keys) per attention block, 2 more per MLP, 1 for the head.
+// Stages per step: 3 per attention block, 2 more per MLP, 1 for the head.
 //
 // Memory. Data written during the launch is never read through the read-only path (.nc): the head's
 // norm copies its inputs to shared memory first (norm_row's pointers are __restrict__), and the
 // positions the attention reads (one per step, written once by block 0 before the first barrier) never
 // change afterwards. The barrier releases every block's writes and acquires them for the next stage.
-// The barrier's two counters start at zero, and the last block to leave resets them, so the same buffer
-// serves the next launch (stream-ordered; not two launches at once).
+// The barrier buffer's counters start at zero: the last block to leave resets the grid barrier's two, and the
+// last split of a tile resets the tile's, so the same buffer serves the next launch (stream-ordered; not two
+// launches at once).
 #pragma once
 
 #include <cstdint>
@@ -91,7 +93,7 @@ struct Params {
   T *q, *k, *v, *attn_out, *x_attn, *x_mlp, *act, *res0, *res1;
   int64_t* positions;         // [G + 1]: cache_len + j, written once
   lm_head::Soft* partials;    // [gridDim.x]
-  unsigned* barrier;          // [2], zero
+  unsigned* barrier;          // [kBarrierWords], zero
   int64_t* stamps;            // [stamp_rows][stamp_stride][3] (stage, arrival ns, departure ns) or null
   int stamp_rows, stamp_stride;
   bool split_barrier;         // GEMV stages wait inside their tiles, after the weight loads (GridBarrier)
@@ -105,8 +107,28 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-// What each barrier ends (stage timing: Params::stamps).
+// What each barrier ends (stage timing: Params::stamps). kMerge: the attention splits' merge, once a stage of its
+// own; the last split of each tile now merges it inside the attention stage (last_arrival), so no barrier ends it.
 enum Stage : int { kStart = 0, kQKV, kAttention, kMerge, kO, kGateUp, kDown, kHead };
+
+// The barrier buffer: [0] the grid barrier's arrivals, [1] its departures (the launch's end), then one arrival
+// counter per attention tile (KV head) for its key splits; every counter is zero between launches.
+constexpr int kBarrierWords = 64;
+constexpr int kTileCounters = 2;                             // the first tile counter's index
+constexpr int kMaxTiles = kBarrierWords - kTileCounters;
+
+// One thread of a block that has finished its share of a task n blocks share (its writes ordered before by the
+// caller's __syncthreads): whether it is the last of the n to arrive at `counter`. The last one resets the
+// counter for the next use (after a grid barrier) and acquires the others' writes; as GridBarrier does.
+__device__ __forceinline__ bool last_arrival(unsigned* counter, int n) {
+  __threadfence();  // this block's writes, before its arrival
+  const bool last = atomicAdd(counter, 1u) == static_cast<unsigned>(n - 1);
+  if (last) {
+    *counter = 0;
+    __threadfence();
+  }
+  return last;
+}
 
 __device__ __forceinline__ int64_t global_ns() {
   int64_t t;
@@ -359,20 +381,26 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
   bar.wait();
   {
     __shared__ int2 s_red[2];
-    const int blocks = ap.hkv * ap.n_splits;  // batch 1, one q-tile
+    __shared__ bool merges;
+    const int blocks = ap.hkv * ap.n_splits;  // batch 1, one q-tile per KV head
+    const int pairs = ap.head_dim / 2;
     for (int vb = blockIdx.x; vb < blocks; vb += gridDim.x) {
-      attention::attention_block<T, VEC, HD, 1, INV, true>(ap, vb / ap.n_splits, 0, vb % ap.n_splits, smem, s_red,
-                                                           p.merge);
+      const int tile = vb / ap.n_splits;
+      attention::attention_block<T, VEC, HD, 1, INV, true>(ap, tile, 0, vb % ap.n_splits, smem, s_red, p.merge);
       __syncthreads();
+      if (ap.n_splits > 1) {  // the tile's last split to finish merges the tile: no merge stage of its own
+        if (threadIdx.x == 0) merges = last_arrival(p.barrier + kTileCounters + tile, ap.n_splits);
+        __syncthreads();
+        if (merges) {
+          for (int u = threadIdx.x; u < ap.rows * pairs; u += kThreads) {
+            attention::attention_merge_global<T>(ap, p.merge, tile, 0, u);
+          }
+        }
+        __syncthreads();  // `merges` is rewritten for the next tile
+      }
     }
   }
   bar.arrive(kAttention);
-  if (ap.n_splits > 1) {
-    bar.wait();
-    attention::attention_merge_global_all<T>(ap, p.merge, static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x,
-                                             static_cast<int64_t>(gridDim.x) * kThreads);
-    bar.arrive(kMerge);
-  }
 
   x = projection(p, p.attn_out, p.q_rows, w.o, w.o_bias, p.x_attn, smem, tile_bytes, xs_bytes, bar, kO);
   if (w.gate == nullptr) return;

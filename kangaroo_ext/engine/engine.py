@@ -138,7 +138,7 @@ class Engine:
             # the sequence so far (prompt + committed tokens; L = cache_len + 1 of them), which copied
             # drafts search; a round writes up to γ + 1 tokens past L, hence the slack
             history=torch.zeros(B, capacity + g + 2, dtype=torch.int64, device=dev),
-            persistent_barrier=torch.zeros(2, dtype=torch.int32, device=dev))   # the persistent draft kernel's
+            persistent_barrier=torch.zeros(ops.validate.PERSISTENT_BARRIER_WORDS, dtype=torch.int32, device=dev))   # the persistent draft kernel's
         self.__dict__.update(new)
         self.capacity, self.max_draft = capacity, g
         self._graphs = {}  # buffer addresses changed

@@ -528,7 +528,8 @@ def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers: 
         tokens_in: [1, >= gamma + 1], draft_tokens: [1, >= gamma] int64; num_drafted: [1] int64;
             active: [1] bool; exit_states: [1, >= gamma + 1, H]: the round's state, written as the per-op
             steps write it.
-        barrier: [2] int32, zero: the kernel's arrival counters (it leaves them zero); one per stream.
+        barrier: [64] int32, zero: the kernel's arrival counters (the grid barrier's, then one per KV head for
+            its key splits); it leaves them zero; one per stream.
         gamma: draft steps that propose (γ >= 1); stop_at_exit: step j > 0 only while active.
         stamps: None, or int64 [rows, >= the launch's blocks, 3]: the CUDA kernel's stage timing, per grid
             barrier k and block b (stage code, global-timer ns at arrival, at departure; persistent_draft.cuh's

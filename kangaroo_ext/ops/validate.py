@@ -11,6 +11,10 @@ from .reference import ACCEPT_STREAM  # streams at and above it are speculative_
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# persistent_draft's barrier buffer (csrc/kernels/persistent_draft.cuh: kBarrierWords): the grid barrier's two
+# counters, then one key-split arrival counter per KV head.
+PERSISTENT_BARRIER_WORDS = 64
+
 def _tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -386,9 +390,10 @@ def persistent_draft(embed, layer_weights, k_caches, v_caches, num_exit_layers, 
     for name, t, dtype in (("cache_len", cache_len, torch.int64), ("num_drafted", num_drafted, torch.int64),
                            ("active", active, torch.bool), ("barrier", barrier, torch.int32)):
         _tensor(name, t)
-        if t.dtype != dtype or tuple(t.shape) != ((2,) if name == "barrier" else (1,)):
-            raise ValueError(f"{name} must be {str(dtype).replace('torch.', '')} of shape "
-                             f"[{2 if name == 'barrier' else 1}], got {t.dtype} {tuple(t.shape)}")
+        size = PERSISTENT_BARRIER_WORDS if name == "barrier" else 1
+        if t.dtype != dtype or tuple(t.shape) != (size,):
+            raise ValueError(f"{name} must be {str(dtype).replace('torch.', '')} of shape [{size}], got {t.dtype} "
+                             f"{tuple(t.shape)}")
     _tensor("threshold", threshold)
     if threshold.dtype != torch.float32 or threshold.dim() != 0:
         raise ValueError(f"threshold must be a 0-dim float32 tensor (η), got {threshold.dtype} "
