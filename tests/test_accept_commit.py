@@ -96,24 +96,4 @@ def test_cuda_kernel_writes_what_the_reference_writes(B, k):
             assert torch.equal(state[n], want[n]), (n, seed)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
-@torch.inference_mode()
-def test_generation_with_the_fused_commit_is_unchanged(monkeypatch):
-    """fp32 on a GPU: with KANGAROO_FUSED_COMMIT=1, plain and Kangaroo decoding (adapter and copy rounds) give the
-    tokens they give without it, with one host sync per round."""
-    model = copy.deepcopy(tiny_model("llama", layers=6)).cuda()
-    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
-    for p in prompts(4, seed=3):
-        p = p.cuda()
-        runs = {}
-        for on in ("0", "1"):
-            monkeypatch.setenv("KANGAROO_FUSED_COMMIT", on)
-            plain = kx.generate(model, p, max_new_tokens=40, eos_token_id=[])
-            spec = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.3, max_draft=5,
-                                           eos_token_id=[])
-            assert spec.stats.host_syncs == spec.stats.rounds
-            runs[on] = (plain.sequences, spec.sequences, spec.stats.accepted)
-        assert torch.equal(runs["0"][0], runs["1"][0]) and torch.equal(runs["0"][1], runs["1"][1])
-        assert runs["0"][2] == runs["1"][2]
-        assert torch.equal(runs["1"][1], runs["1"][0])
+# Generation with the fused commit: tests/test_verify_tail.py, test_generation_with_a_fused_end_is_unchanged.

@@ -156,11 +156,13 @@ def test_cuda_kernel_in_a_cuda_graph_replays_the_eager_result():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
+@pytest.mark.parametrize("switch", ["KANGAROO_FUSED_COMMIT", "KANGAROO_FUSED_VERIFY_TAIL"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_generation_with_the_fused_tail_is_unchanged(monkeypatch, dtype):
-    """With KANGAROO_FUSED_VERIFY_TAIL=1, plain and Kangaroo decoding (adapter and copy rounds) give the tokens they
-    give without it (in bf16 too: the tokens are the per-op path's bitwise), with one host sync per round."""
+def test_generation_with_a_fused_end_is_unchanged(monkeypatch, switch, dtype):
+    """With the fused commit (accept_commit) or the fused tail (verify_tail) switched on, plain and Kangaroo
+    decoding (adapter and copy rounds) give the tokens they give without it (in bf16 too: the tokens are the
+    per-op path's bitwise), and Kangaroo equals plain decoding in fp32, with one host sync per round."""
     import copy
 
     from models import prompts, tiny_model
@@ -170,7 +172,7 @@ def test_generation_with_the_fused_tail_is_unchanged(monkeypatch, dtype):
         p = p.cuda()
         runs = {}
         for on in ("0", "1"):
-            monkeypatch.setenv("KANGAROO_FUSED_VERIFY_TAIL", on)
+            monkeypatch.setenv(switch, on)
             plain = kx.generate(model, p, max_new_tokens=40, eos_token_id=[])
             spec = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.3, max_draft=5,
                                            eos_token_id=[])
@@ -178,3 +180,5 @@ def test_generation_with_the_fused_tail_is_unchanged(monkeypatch, dtype):
             runs[on] = (plain.sequences, spec.sequences, spec.stats.accepted)
         assert torch.equal(runs["0"][0], runs["1"][0]) and torch.equal(runs["0"][1], runs["1"][1])
         assert runs["0"][2] == runs["1"][2]
+        if dtype == torch.float32:
+            assert torch.equal(runs["1"][1], runs["1"][0])
