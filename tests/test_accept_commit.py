@@ -9,7 +9,7 @@ import kangaroo_ext as kx
 from kangaroo_ext import ops
 from kangaroo_ext.engine.engine import engine_for
 
-from models import prompts, tiny_model
+from models import tiny_model
 
 CUDA = torch.cuda.is_available() and kx._extension.loaded()
 BUFFERS = ("cache_len", "tokens_in", "history", "report")
