@@ -455,7 +455,8 @@ class Engine:
         """The end of a step whose tokens are decided (drafts [B, k], targets [B, k+1]; k = 0: the target's
         token alone, greedy or sampled): the greedy accept rule, then the commit. Greedy on a GPU with
         KANGAROO_FUSED_COMMIT, both in one accept_commit launch; the same writes (tests/test_accept_commit.py)."""
-        if self.sampling is None and self.spec.device.type == "cuda" and config.flag("KANGAROO_FUSED_COMMIT"):
+        if self.sampling is None and self.spec.device.type == "cuda" and config.flag("KANGAROO_FUSED_COMMIT") \
+                and drafts.is_contiguous():   # several rows: drafts is a view of the [B, γ] buffer
             ops.accept_commit(drafts, targets, self.num_drafted, self.cache_len, self.tokens_in, self.history,
                               self.report)
         elif drafts.shape[1]:
@@ -468,11 +469,12 @@ class Engine:
         of x's positions and the commit in ops.verify_tail's two launches (each token bitwise _target_argmax's).
         False, doing nothing, where it does not apply (sampling, the CPU, more rows than the fused ops take)."""
         B, n = x.shape[:2]
+        drafts = self.draft_tokens[:, :n - 1]
         if self.sampling is not None or self.spec.device.type != "cuda" or not self._fused(B * n) \
-                or not config.flag("KANGAROO_FUSED_VERIFY_TAIL"):
+                or not config.flag("KANGAROO_FUSED_VERIFY_TAIL") or not drafts.is_contiguous():  # B > 1: a view
             return False
-        ops.verify_tail(x, res, self.spec.final_norm, self.spec.rms_norm_eps, self.spec.lm_head,
-                        self.draft_tokens[:, :n - 1], self.num_drafted, self.cache_len, self.tokens_in, self.history,
+        ops.verify_tail(x.contiguous(), res.contiguous(), self.spec.final_norm, self.spec.rms_norm_eps,
+                        self.spec.lm_head, drafts, self.num_drafted, self.cache_len, self.tokens_in, self.history,
                         self.report)
         return True
 
