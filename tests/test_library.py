@@ -79,6 +79,16 @@ def _sample_args(name, device):
             drafts, target, nd, st = _case(B, k, 1, device=device)
             out.append((drafts, target, nd, st["cache_len"], st["tokens_in"], st["history"], st["report"]))
         return out
+    if name == "verify_tail":
+        from test_accept_commit import _case
+        from test_verify_tail import _rows
+        out = []
+        for B, T, dtype in ((1, 1, torch.float32), (2, 4, torch.float16)):
+            x, res, w, head = _rows(B, T, 32, 50, dtype, device, 0)
+            drafts, _, nd, st = _case(B, T - 1, 1, device=device)
+            out.append((x, res, w, 1e-5, head, drafts, nd, st["cache_len"], st["tokens_in"], st["history"],
+                        st["report"]))
+        return out
     if name == "persistent_draft":
         from test_persistent_draft import eligible_model, _prepared
         from kangaroo_ext.engine.engine import engine_for

@@ -76,14 +76,6 @@ def test_bad_arguments_are_named():
         ops.verify_tail(**args(report=s["report"][:, :4]))
 
 
-def test_fake_and_schema_agree():
-    x, res, w, head = _rows(2, 3, 16, 11, torch.float32, "cpu", 0)
-    drafts, _, nd, s = _case(2, 2, 0)
-    torch.library.opcheck(torch.ops.kangaroo.verify_tail.default,
-                          (x, res, w, 1e-5, head, drafts, nd, s["cache_len"], s["tokens_in"], s["history"],
-                           s["report"]), test_utils=("test_schema", "test_faketensor"))
-
-
 @pytest.mark.parametrize("B,T,H,V", [(1, 1, 48, 37), (1, 7, 40, 301), (3, 4, 24, 129)])
 def test_triton_version_is_the_reference(B, T, H, V):
     """On the CPU under TRITON_INTERPRET=1 (fp32), on a GPU where there is one."""

@@ -200,13 +200,10 @@ def verify_tail(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tens
     it in two launches, writing neither the normed rows nor [B, T, V] logits; each token is bitwise the per-op
     path's (fused_add_rms_norm, lm_head_argmax), so the commit is too.
 
-    Args:
-        x, residual: [B, T, H] (T = k + 1 <= 64 positions); norm_weight: [H]; eps: RMSNorm epsilon;
-            lm_head: [V, H]; all one float dtype.
-        draft_tokens [B, k], num_drafted [B], cache_len [B], tokens_in [B, >= 1], history [B, >= L + k + 2],
-            report [B, >= k + 3]: int64, as accept_commit's (written in place the same way).
-    Returns:
-        target_tokens: [B, T] int64.
+    Args: x, residual [B, T, H] (T = k + 1 <= 64 positions), norm_weight [H], eps, lm_head [V, H]: one float
+        dtype; draft_tokens [B, k], num_drafted [B], cache_len [B], tokens_in [B, >= 1], history
+        [B, >= L + k + 2], report [B, >= k + 3]: int64, as accept_commit's (written in place the same way).
+    Returns: target_tokens [B, T] int64.
     """
     validate.verify_tail(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len, tokens_in,
                          history, report)
@@ -218,10 +215,9 @@ def verify_tail(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tens
 def _verify_tail_reasons(backend):
     def reasons(x, residual, norm_weight, eps, lm_head, draft_tokens, num_drafted, cache_len, tokens_in, history,
                 report):
-        out = tensor_reasons(backend, {"x": x, "residual": residual, "norm_weight": norm_weight,
-                                       "lm_head": lm_head, "draft_tokens": draft_tokens, "num_drafted": num_drafted,
-                                       "cache_len": cache_len, "tokens_in": tokens_in, "history": history,
-                                       "report": report})
+        out = tensor_reasons(backend, dict(x=x, residual=residual, norm_weight=norm_weight, lm_head=lm_head,
+                                           draft_tokens=draft_tokens, num_drafted=num_drafted, cache_len=cache_len,
+                                           tokens_in=tokens_in, history=history, report=report))
         if backend == "cuda" and x.shape[0] * x.shape[1] > 65535:
             out.append(f"x has {x.shape[0] * x.shape[1]} rows (B * T); the CUDA kernel takes at most 65535")
         return out
