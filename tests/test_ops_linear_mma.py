@@ -77,10 +77,15 @@ def test_llama_1b_shapes(tensor_cores, rows):
     act64 = torch.nn.functional.silu(base._linear64(xn64, gate, None)) * base._linear64(xn64, up, None)
     base._check_close(act, ref_act, act64, "act")
     for K, N in ((s["q"], s["hidden"]), (s["intermediate"], s["hidden"])):   # O and down
+        # (few blocks a launch and long K: these take the deeper weight prefetch, decode_linear_mma.cuh:
+        # deep_in_flight; its rows must still equal one-row launches bitwise)
         xk = torch.randn(rows, K, generator=g).to(dtype).cuda()
         w = base._matrix(N, K, dtype, "cuda", g)
-        base._check_close(kops.decode_linear(xk, w, None, backend="cuda"), reference.decode_linear(xk, w, None),
-                          base._linear64(xk.double(), w, None), f"linear K={K}")
+        out = kops.decode_linear(xk, w, None, backend="cuda")
+        base._check_close(out, reference.decode_linear(xk, w, None), base._linear64(xk.double(), w, None),
+                          f"linear K={K}")
+        one_by_one = torch.cat([kops.decode_linear(xk[i:i + 1], w, None, backend="cuda") for i in range(rows)])
+        assert torch.equal(out, one_by_one), f"linear K={K}: rows differ from one-row launches"
 
 
 def _kernel_names(fn) -> set:

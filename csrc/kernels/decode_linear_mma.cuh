@@ -41,7 +41,8 @@ using gemv::Params;
 constexpr int kTileN = 8;    // output columns per block: the mma's n
 constexpr int kChunk = 32;   // K elements per lane step: two k16 mmas
 constexpr int kSplitK = 4;   // warps per block, each a contiguous range of K's chunks
-constexpr int kInFlight = 4;  // weight chunks a lane has in flight per weight row
+constexpr int kInFlight = 4;  // weight chunks a lane has in flight per weight row (kDeepInFlight: see plan())
+constexpr int kDeepInFlight = 8;
 
 // d += a · b for one m16n8k16 tile, fp32 accumulation.
 template <typename T>
@@ -71,11 +72,11 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
 // 16 bytes as four 32-bit words: word i holds elements 2i (low half) and 2i + 1 (high half).
 __device__ __forceinline__ uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
-template <typename T, int NR>
+template <typename T, int NR, int DEPTH>
 __device__ __forceinline__ void load_weights(const T* const (&wrow)[NR], int c_first, int c_end,
-                                             uint4 (&dst)[NR][kInFlight]) {
+                                             uint4 (&dst)[NR][DEPTH]) {
 #pragma unroll
-  for (int u = 0; u < kInFlight; ++u) {
+  for (int u = 0; u < DEPTH; ++u) {
     const int c = c_first + u;
 #pragma unroll
     for (int r = 0; r < NR; ++r) {
@@ -97,7 +98,9 @@ struct alignas(16) TileScratch {
 // barrier. xs_smem: (MB + 1) * K elements (x rows, norm
 // weight). `wait` runs after the first weight loads and before anything reads x (pdl_wait in a launch of its
 // own; nothing in the persistent draft kernel, whose grid barrier came before). Tile 0 writes residual_out.
-template <typename T, int MB, Mode MODE, class Sync, class Wait>
+// DEPTH: weight chunks in flight per lane and weight row; it changes when loads are issued, not the order of
+// any sum (chunk by chunk, two mmas each), so every DEPTH gives the same bits.
+template <typename T, int MB, Mode MODE, class Sync, class Wait, int DEPTH = kInFlight>
 __device__ __forceinline__ void gemv_mma_tile(const Params<T>& p, int tile, int row_group, int tid, int nthreads,
                                               T* xs_smem, TileScratch<MB, MODE>& sc, Sync sync, Wait wait) {
   static_assert(sizeof(T) == 2, "tensor-core GEMV: bf16 or fp16");
@@ -146,8 +149,8 @@ __device__ __forceinline__ void gemv_mma_tile(const Params<T>& p, int tile, int 
   const int c_begin = warp * chunks / kSplitK, c_end = (warp + 1) * chunks / kSplitK;
 
   // Weights first (they do not depend on the previous kernel), then wait for it, then x.
-  uint4 cur[NR][kInFlight];
-  load_weights<T, NR>(wrow, c_begin, c_end, cur);
+  uint4 cur[NR][DEPTH];
+  load_weights<T, NR, DEPTH>(wrow, c_begin, c_end, cur);
   wait();
   gemv::load_rows<T, VEC, MB, MODE>(p, m0, mb, xs, nws, sc.inv_rms, tid, nthreads, tile == 0, sync);
   sync();
@@ -159,11 +162,11 @@ __device__ __forceinline__ void gemv_mma_tile(const Params<T>& p, int tile, int 
     for (int i = 0; i < 4; ++i) d[r][i] = 0.f;
 
   const T* xrow = xs + g * p.k + q * VEC;  // row g of x (a padding row when g >= mb: never read)
-  for (int c0 = c_begin; c0 < c_end; c0 += kInFlight) {
-    uint4 next[NR][kInFlight];
-    if (c0 + kInFlight < c_end) load_weights<T, NR>(wrow, c0 + kInFlight, c_end, next);
+  for (int c0 = c_begin; c0 < c_end; c0 += DEPTH) {
+    uint4 next[NR][DEPTH];
+    if (c0 + DEPTH < c_end) load_weights<T, NR, DEPTH>(wrow, c0 + DEPTH, c_end, next);
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
+    for (int u = 0; u < DEPTH; ++u) {
       const int c = c0 + u;
       if (c >= c_end) break;
       const uint4 xv = g < mb ? load16(xrow + c * kChunk) : make_uint4(0, 0, 0, 0);
@@ -176,7 +179,7 @@ __device__ __forceinline__ void gemv_mma_tile(const Params<T>& p, int tile, int 
 #pragma unroll
     for (int r = 0; r < NR; ++r)
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) cur[r][u] = next[r][u];
+      for (int u = 0; u < DEPTH; ++u) cur[r][u] = next[r][u];
   }
 
   if (g < mb) {
@@ -216,13 +219,13 @@ struct PdlWait {
   __device__ __forceinline__ void operator()() const { pdl_wait(); }
 };
 
-template <typename T, int MB, Mode MODE>
+template <typename T, int MB, Mode MODE, int DEPTH>
 __global__ void __launch_bounds__(kSplitK* kWarpSize) gemv_mma_kernel(const Params<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ TileScratch<MB, MODE> sc;
   pdl_launch_dependents();
-  gemv_mma_tile<T, MB, MODE>(p, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x, reinterpret_cast<T*>(smem_raw), sc,
-                             WholeBlock{}, PdlWait{});
+  gemv_mma_tile<T, MB, MODE, WholeBlock, PdlWait, DEPTH>(p, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x,
+                                                         reinterpret_cast<T*>(smem_raw), sc, WholeBlock{}, PdlWait{});
 }
 
 // ---- launch plan ---------------------------------------------------------------------------------
@@ -237,6 +240,16 @@ inline bool eligible(int k, const int* segment_rows, int n_segments) {
   return true;
 }
 
+// Whether a plain projection's lanes keep kDeepInFlight weight chunks in flight instead of kInFlight: where a
+// warp has at least 16 chunks of K to stream (K >= 2,048) and the grid has few blocks per SM (the O and down
+// projections of Llama-3.2-1B: 256 blocks of 128 threads on 132 SMs, each warp 16 to 64 chunks deep), so
+// that each SM has enough bytes in flight to cover DRAM latency. Depends on K and N only, never on M; and
+// since DEPTH changes no sum's order, it would not matter if it did. kLinear only: the gate/up tile streams
+// two weight rows per lane, whose deeper buffers would cost 64 more registers.
+inline bool deep_in_flight(Mode mode, int k, int n_total, int num_sms) {
+  return mode == Mode::kLinear && k / kChunk / kSplitK >= 16 && n_total / kTileN < 4 * num_sms;
+}
+
 // MB as decode_linear.cuh's plan picks it (the smallest of 1, 2, 4, 8 that holds m, within shared memory).
 inline gemv::Plan plan(int m, int k, int n_total, int elem_size, int max_smem) {
   gemv::Plan pl{};
@@ -249,23 +262,32 @@ inline gemv::Plan plan(int m, int k, int n_total, int elem_size, int max_smem) {
   return pl;
 }
 
-template <typename T, int MB, Mode MODE>
+template <typename T, int MB, Mode MODE, int DEPTH>
 cudaError_t launch_instance(const Params<T>& p, const gemv::Plan& pl, Launch stream) {
-  constexpr auto kernel = gemv_mma_kernel<T, MB, MODE>;
+  constexpr auto kernel = gemv_mma_kernel<T, MB, MODE, DEPTH>;
   const cudaError_t err = ensure_dynamic_smem<kernel>(pl.smem_bytes);
   if (err != cudaSuccess) return err;
   return launch_pdl(kernel, pl.grid, dim3(kSplitK * kWarpSize), static_cast<size_t>(pl.smem_bytes), stream, p);
 }
 
-// Launches on `stream`; the caller checked `eligible`, 16-bit T, 16-byte alignment and shared memory.
-template <typename T, Mode MODE>
-cudaError_t launch(const Params<T>& p, const gemv::Plan& pl, Launch stream) {
+template <typename T, Mode MODE, int DEPTH>
+cudaError_t launch_depth(const Params<T>& p, const gemv::Plan& pl, Launch stream) {
   switch (pl.mb) {
-    case 1: return launch_instance<T, 1, MODE>(p, pl, stream);
-    case 2: return launch_instance<T, 2, MODE>(p, pl, stream);
-    case 4: return launch_instance<T, 4, MODE>(p, pl, stream);
-    default: return launch_instance<T, 8, MODE>(p, pl, stream);
+    case 1: return launch_instance<T, 1, MODE, DEPTH>(p, pl, stream);
+    case 2: return launch_instance<T, 2, MODE, DEPTH>(p, pl, stream);
+    case 4: return launch_instance<T, 4, MODE, DEPTH>(p, pl, stream);
+    default: return launch_instance<T, 8, MODE, DEPTH>(p, pl, stream);
   }
+}
+
+// Launches on `stream`; the caller checked `eligible`, 16-bit T, 16-byte alignment and shared memory.
+// deep: deep_in_flight(MODE, ...) (the launcher asks it with the device's SM count).
+template <typename T, Mode MODE>
+cudaError_t launch(const Params<T>& p, const gemv::Plan& pl, bool deep, Launch stream) {
+  if constexpr (MODE == Mode::kLinear) {
+    if (deep) return launch_depth<T, MODE, kDeepInFlight>(p, pl, stream);
+  }
+  return launch_depth<T, MODE, kInFlight>(p, pl, stream);
 }
 
 }  // namespace gemv_mma
