@@ -121,7 +121,7 @@ void run(const at::Tensor& x, const std::vector<const at::Tensor*>& weights,
         TORCH_CHECK_VALUE(pl.smem_bytes + 4096 <= max_smem, "x's last dimension K = ", K,
                           " is too large for the CUDA kernel (", pl.smem_bytes,
                           " bytes of x rows must fit the device's shared memory per block, ", max_smem, " bytes)");
-        const bool deep = gemv_mma::deep_in_flight(MODE, p.k, p.n_total, num_sms);
+        const bool deep = gemv_deep_prefetch() && gemv_mma::deep_in_flight(MODE, p.k, p.n_total, num_sms);
         C10_CUDA_CHECK((gemv_mma::launch<T, MODE>(p, pl, deep, Launch{stream, pdl_launches()})));
         return;
       }

@@ -9,6 +9,7 @@ std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by e
 std::atomic<bool> invariant_attention{true};  // config.py's default; set again at import
 std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
+std::atomic<bool> deep_prefetch{false};  // config.py's default; set again at import
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
@@ -26,5 +27,9 @@ void set_tensor_core_gemv(bool enabled) { mma_gemv.store(enabled, std::memory_or
 bool persistent_split_barrier() { return split_barrier.load(std::memory_order_relaxed); }
 
 void set_persistent_split_barrier(bool enabled) { split_barrier.store(enabled, std::memory_order_relaxed); }
+
+bool gemv_deep_prefetch() { return deep_prefetch.load(std::memory_order_relaxed); }
+
+void set_gemv_deep_prefetch(bool enabled) { deep_prefetch.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

@@ -82,6 +82,10 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "with KANGAROO_PERSISTENT_DRAFT: its GEMV stages wait for the grid barrier inside their tiles, after "
          "issuing their weight loads, so the weights' latency overlaps the barrier (persistent_draft.cuh, "
          "GridBarrier). Not yet run on a GPU"),
+    Knob("KANGAROO_GEMV_DEEP_PREFETCH", "flag", "run",
+         "tensor-core GEMVs with long K on few blocks (K >= 2,048, fewer than 4 blocks an SM: Llama-3.2-1B's O and "
+         "down projections) keep 8 weight chunks in flight per lane instead of 4, to cover DRAM latency "
+         "(decode_linear_mma.cuh: deep_in_flight); the same bits. Off until its GPU tests run"),
     Knob("KANGAROO_DISABLE_CPU_PACKING", "flag", "run",
          "on the CPU, verify and prefill with F.linear instead of oneDNN linears on weights packed once "
          "(packing costs a second copy of the weights; see kangaroo_ext/engine/cpu_linear.py)"),

@@ -2,10 +2,13 @@
 and the same tests as the CUDA-core kernels (tests/test_ops_linear.py) with the switch on, at the default
 model's and Llama-3.2-1B's shapes too; the switch really routes eligible shapes to the new kernel and only
 those; and bf16 speculative decoding stays token for token plain decoding with it on."""
+import contextlib
+
 import pytest
 import torch
 
 import kangaroo_ext as kx
+from kangaroo_ext import _extension
 from kangaroo_ext import ops as kops
 from kangaroo_ext.ops import reference
 
@@ -19,7 +22,6 @@ HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def tensor_cores():
-    from kangaroo_ext import _extension
     if not _extension.loaded():
         pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
     with tensor_core_gemv(True):
@@ -84,8 +86,23 @@ def test_llama_1b_shapes(tensor_cores, rows):
         out = kops.decode_linear(xk, w, None, backend="cuda")
         base._check_close(out, reference.decode_linear(xk, w, None), base._linear64(xk.double(), w, None),
                           f"linear K={K}")
-        one_by_one = torch.cat([kops.decode_linear(xk[i:i + 1], w, None, backend="cuda") for i in range(rows)])
-        assert torch.equal(out, one_by_one), f"linear K={K}: rows differ from one-row launches"
+        with deep_prefetch(True):
+            deep = kops.decode_linear(xk, w, None, backend="cuda")
+            one_by_one = torch.cat([kops.decode_linear(xk[i:i + 1], w, None, backend="cuda") for i in range(rows)])
+        assert torch.equal(deep, out), f"linear K={K}: the deeper prefetch changed bits"
+        assert torch.equal(deep, one_by_one), f"linear K={K}: rows differ from one-row launches"
+
+
+@contextlib.contextmanager
+def deep_prefetch(enabled: bool):
+    """KANGAROO_GEMV_DEEP_PREFETCH's launch option inside the block, as before after it."""
+    c = _extension._C
+    before = c.gemv_deep_prefetch()
+    c.set_gemv_deep_prefetch(enabled)
+    try:
+        yield
+    finally:
+        c.set_gemv_deep_prefetch(before)
 
 
 def _kernel_names(fn) -> set:
