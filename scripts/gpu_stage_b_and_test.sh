@@ -4,7 +4,7 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
-#                  mtbench sampled persistent fused rowprobe unseen
+#                  mtbench sampled persistent fused deep rowprobe unseen
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -208,6 +208,16 @@ for step in $steps; do
         KANGAROO_FUSED_VERIFY_TAIL=$([ $mode = tail ] && echo 1 || echo 0) PYTHONPATH=".:${PYTHONPATH:-}" \
           timeout 120 python3 bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
           --out "bench/results/fused_tail_$mode.json" 2>&1 | grep -v "it/s" | tail -4
+      done ;;
+    deep)
+      # KANGAROO_GEMV_DEEP_PREFETCH: the 1B-shape GEMV tests (bitwise against the default depth), then the
+      # 1B shape's round (plain step, verify) with it off and on
+      log deep
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ops_linear_mma.py -k llama_1b 2>&1 | tail -4 \
+        | tee "$OUT/deep_tests.log"
+      for on in 0 1; do
+        KANGAROO_GEMV_DEEP_PREFETCH=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/persistent_draft_price.py \
+          --shapes llama_3_2_1b --per-op-only --out "bench/results/deep_prefetch_$on.json" 2>&1 | grep -v "it/s" | tail -3
       done ;;
     rowprobe)
       # where bf16 batch invariance breaks on real text (bench/invariance_probe.py), tensor-core GEMVs on and off
