@@ -193,10 +193,11 @@ for step in $steps; do
     persistent)
       # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing
       log persistent
-      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu 2>&1 \
-        | tail -15 | tee "$OUT/persistent_tests.log"
+      # PD_K: a pytest -k selection of those tests; PD_SHAPES: the price script's shapes (default both)
+      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu \
+        ${PD_K:+-k "$PD_K"} 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout 200 python3 bench/persistent_draft_price.py \
-        --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" | tail -30 ;;
+        ${PD_SHAPES:+--shapes $PD_SHAPES} --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" | tail -30 ;;
     fused)
       # issue 21: accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their GPU
       # tests, then the round's prices at the default model's shape with neither, the fused commit, the fused tail
