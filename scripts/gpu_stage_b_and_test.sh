@@ -204,7 +204,7 @@ for step in $steps; do
       log fused
       timeout "${FUSED_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_accept_commit.py \
         tests/test_verify_tail.py -m gpu 2>&1 | tail -15 | tee "$OUT/fused_tests.log"
-      for mode in none commit tail; do
+      for mode in ${FUSED_MODES:-none commit tail}; do
         KANGAROO_FUSED_COMMIT=$([ $mode = commit ] && echo 1 || echo 0) \
         KANGAROO_FUSED_VERIFY_TAIL=$([ $mode = tail ] && echo 1 || echo 0) PYTHONPATH=".:${PYTHONPATH:-}" \
           timeout 120 python3 bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
