@@ -169,8 +169,27 @@ def test_generation_with_a_fused_end_is_unchanged(monkeypatch, switch, dtype):
             spec = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.3, max_draft=5,
                                            eos_token_id=[])
             assert spec.stats.host_syncs == spec.stats.rounds
+            if switch == "KANGAROO_FUSED_VERIFY_TAIL":
+                assert spec.stats.verify_tail == ("fused" if on == "1" else "per-op"), spec.stats.verify_tail_off
             runs[on] = (plain.sequences, spec.sequences, spec.stats.accepted)
         assert torch.equal(runs["0"][0], runs["1"][0]) and torch.equal(runs["0"][1], runs["1"][1])
         assert runs["0"][2] == runs["1"][2]
         if dtype == torch.float32:
             assert torch.equal(runs["1"][1], runs["1"][0])
+
+
+def test_stats_say_why_the_fused_tail_did_not_run(monkeypatch):
+    """On the CPU (or with the switch off) greedy steps end per op, and the stats say why."""
+    import copy
+
+    from models import prompts, tiny_model
+    model = copy.deepcopy(tiny_model("llama", layers=4))
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    p = prompts(1, seed=2)[0]
+    monkeypatch.delenv("KANGAROO_FUSED_VERIFY_TAIL", raising=False)
+    out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=6, eos_token_id=[])
+    assert out.stats.verify_tail == "per-op" and "KANGAROO_FUSED_VERIFY_TAIL is off" in out.stats.verify_tail_off
+    monkeypatch.setenv("KANGAROO_FUSED_VERIFY_TAIL", "1")
+    out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=6, eos_token_id=[])
+    if not torch.cuda.is_available():
+        assert out.stats.verify_tail == "per-op" and "not on a GPU" in out.stats.verify_tail_off

@@ -464,14 +464,25 @@ class Engine:
         else:
             self._commit(torch.zeros_like(self.num_drafted), targets)
 
+    def fused_tail_off(self) -> str:
+        """Why greedy steps do not end with ops.verify_tail ('' where they do): the switch, then what it needs."""
+        if not config.flag("KANGAROO_FUSED_VERIFY_TAIL"):
+            return "KANGAROO_FUSED_VERIFY_TAIL is off (the default until its GPU tests pass)"
+        if self.sampling is not None:
+            return "sampling: the fused tail takes the target's argmax"
+        if self.spec.device.type != "cuda":
+            return "not on a GPU: the fused tail is a CUDA kernel"
+        if self.ROWS != 1:
+            return f"batch {self.ROWS}: the fused tail's drafts are a view of the [B, γ] buffer"
+        return ""
+
     def _fused_tail(self, x, res) -> bool:
         """A greedy step's end on a GPU with KANGAROO_FUSED_VERIFY_TAIL: the final norm, the target's token at each
         of x's positions and the commit in ops.verify_tail's two launches (each token bitwise _target_argmax's).
-        False, doing nothing, where it does not apply (sampling, the CPU, more rows than the fused ops take)."""
+        False, doing nothing, where it does not apply (fused_tail_off, more rows than the fused ops take)."""
         B, n = x.shape[:2]
         drafts = self.draft_tokens[:, :n - 1]
-        if self.sampling is not None or self.spec.device.type != "cuda" or not self._fused(B * n) \
-                or not config.flag("KANGAROO_FUSED_VERIFY_TAIL") or not drafts.is_contiguous():  # B > 1: a view
+        if self.fused_tail_off() or not self._fused(B * n) or not drafts.is_contiguous():
             return False
         ops.verify_tail(x.contiguous(), res.contiguous(), self.spec.final_norm, self.spec.rms_norm_eps,
                         self.spec.lm_head, drafts, self.num_drafted, self.cache_len, self.tokens_in, self.history,
