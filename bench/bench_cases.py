@@ -173,6 +173,43 @@ def _head_case(T: int, H: int, V: int, launches: int) -> OpCase:
     return OpCase("lm_head_argmax", f"{T}x{H}-V{V}", launches, make, (V * H + T * H) * _elsize(DTYPE) + 12 * T)
 
 
+def _commit_state(B: int, k: int, capacity: int = 4096):
+    """Engine-shaped commit buffers (cache_len, tokens_in, history, report) and drafts half of which agree."""
+    target = torch.randint(0, 49152, (B, k + 1), device=DEVICE)
+    drafts = target[:, :k].clone()
+    drafts[:, k // 2:] += 1                                 # half the chain agrees: a typical partial accept
+    num_drafted = torch.full((B,), k, dtype=torch.int64, device=DEVICE)
+    state = (torch.zeros(B, dtype=torch.int64, device=DEVICE), torch.zeros(B, k + 1, dtype=torch.int64, device=DEVICE),
+             torch.zeros(B, capacity, dtype=torch.int64, device=DEVICE),
+             torch.zeros(B, k + 3, dtype=torch.int64, device=DEVICE))
+    return drafts, target, num_drafted, state
+
+
+def _accept_commit_case(B: int, k: int, launches: int) -> OpCase:
+    """A greedy step's accept rule and commit in one launch (each call advances cache_len; the history write
+    past its end is dropped by design, so repeated calls stay in bounds)."""
+    def make(backend):
+        drafts, target, num_drafted, state = _commit_state(B, k)
+        kops.accept_commit(drafts, target, num_drafted, *state, backend=backend)
+        return lambda: kops.accept_commit(drafts, target, num_drafted, *state, backend=backend)
+    return OpCase("accept_commit", f"B{B}-k{k}", launches, make, 8 * B * (4 * (k + 1) + 6))
+
+
+def _verify_tail_case(T: int, H: int, V: int, launches: int) -> OpCase:
+    """The fused end of a greedy step: final norm, LM-head argmax at T positions, accept and commit."""
+    def make(backend):
+        x = torch.randn(1, T, H, device=DEVICE, dtype=DTYPE)
+        res = torch.randn_like(x)
+        nw = torch.rand(H, device=DEVICE, dtype=DTYPE) + 0.5
+        lm_head = torch.randn(V, H, device=DEVICE, dtype=DTYPE) * H ** -0.5
+        drafts, _, num_drafted, state = _commit_state(1, T - 1)
+        args = (x, res, nw, 1e-5, lm_head, drafts, num_drafted, *state)
+        kops.verify_tail(*args, backend=backend)
+        return lambda: kops.verify_tail(*args, backend=backend)
+    # the LM head once, x and the residual in, the tokens and the commit's few int64 out
+    return OpCase("verify_tail", f"{T}x{H}-V{V}", launches, make, (V * H + 2 * T * H + H) * _elsize(DTYPE) + 64 * T)
+
+
 def _linear_case(op: str, M: int, K: int, Ns, launches: int, residual: bool = True) -> OpCase:
     """The decode GEMV ops: decode_linear (one weight [N, K]), rms_norm_linear (weights [N_i, K], e.g.
     q/k/v), rms_norm_gate_up (gate and up [N, K]); M rows of x."""
@@ -203,6 +240,9 @@ OP_CASES: Dict[str, List[OpCase]] = {
     "fused_add_rms_norm": [_rms_case(1, 576, 200), _rms_case(7, 576, 200), _rms_case(4096, 4096, 10)],
     "verify_accept": [_verify_case(1, 6, 49152, 200)],
     "accept_greedy": [_accept_greedy_case(1, 6, 200)],
+    "accept_commit": [_accept_commit_case(1, 0, 200), _accept_commit_case(1, 6, 200)],
+    # the fused greedy tail of a plain step (1 row) and of a verify of 6 drafts (7 rows)
+    "verify_tail": [_verify_tail_case(1, 576, 49152, 50), _verify_tail_case(7, 576, 49152, 50)],
     "take_draft": [_take_draft_case(1, 6, 8192, 200)],   # the shipped draft vocabulary: 8,192 tokens
     "sampling_probs": [_sampling_case("sampling_probs", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
     "sample_logits": [_sampling_case("sample_logits", 1, 49152, s, 50) for s in SAMPLING_SETTINGS],
