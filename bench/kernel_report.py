@@ -6,6 +6,7 @@
 Needs a CUDA device. About a minute on an H100, half of it loading the default model. Sections:
   copy_GBps  device-to-device copy of 1 GiB, bytes read + written, median of 10 (CUDA events)
   ops        "<op>/<backend>/<shape>": µs per launch (CUDA graph of N launches), GB/s, fraction of copy_GBps
+  verify_tail         per backend: the fused greedy tail against its three ops in a row (7 rows)
   sampling_vs_greedy  per backend: speculative_sample_accept (plain and filtered sampling) against the
              greedy verify tail the engine runs at the default model's verify shape (V = 49152, k+1 = 7,
              bf16): lm_head_argmax over the 7 rows + accept_greedy. (The sampled path also needs the
@@ -91,6 +92,25 @@ def sampling_vs_greedy(ops: dict) -> dict:
     return out
 
 
+PER_OP_TAIL = ("fused_add_rms_norm/{backend}/7x576", "lm_head_argmax/{backend}/7x576-V49152",
+               "accept_commit/{backend}/B1-k6")
+FUSED_TAIL = "verify_tail/{backend}/7x576-V49152"
+
+
+def fused_vs_per_op_tail(ops: dict) -> dict:
+    """A verify of 6 drafts ends (final norm, LM-head argmax, accept + commit): µs of the three ops in a row
+    against verify_tail's two launches, per backend (microbenchmark medians, each op in a graph of its own)."""
+    out = {}
+    for backend in kops.ORDER:
+        parts = [ops.get(name.format(backend=backend)) for name in PER_OP_TAIL]
+        fused = ops.get(FUSED_TAIL.format(backend=backend))
+        if all(parts) and fused:
+            per_op = sum(p["us"] for p in parts)
+            out[backend] = {"per_op_us": per_op, "fused_us": fused["us"], "ratio": fused["us"] / per_op}
+            print(f"  verify tail {backend}: fused {fused['us']:.2f} vs per-op {per_op:.2f} us", flush=True)
+    return out
+
+
 def measure_engine(eng, copy_GBps: float) -> dict:
     out = {"model": "SmolLM2-135M-Instruct", "dtype": str(bench_cases.DTYPE), **eng.describe(),
            "device_exit": eng.graphs.device_exit}
@@ -122,6 +142,7 @@ def main(argv=None) -> int:
     print(f"  copy bandwidth {copy:.0f} GB/s", flush=True)
     ops, skipped = measure_ops(copy)
     sampling = sampling_vs_greedy(ops)
+    tails = fused_vs_per_op_tail(ops)
     engine = decode = round_ = None
     model_error = None
     try:
@@ -159,7 +180,8 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001  e.g. out of memory: the rest of the report still counts
             round_1b = {"error": f"{type(e).__name__}: {e}"}
             print(f"  round_1b: failed: {round_1b['error']}", file=sys.stderr, flush=True)
-    report = {**meta, "copy_GBps": copy, "ops": ops, "sampling_vs_greedy": sampling, "skipped": skipped,
+    report = {**meta, "copy_GBps": copy, "ops": ops, "sampling_vs_greedy": sampling, "verify_tail": tails,
+              "skipped": skipped,
               "missing_cases": bench_cases.missing_cases(),
               "engine": engine, "round": round_, "round_1b": round_1b, "decode": decode,
               "default_model_error": model_error,
