@@ -75,8 +75,9 @@ at::Tensor verify_tail(const at::Tensor& x, const at::Tensor& residual, const at
     const E* wp = static_cast<const E*>(lm_head.const_data_ptr());
     const tail::Plan pl = tail::plan<E>(xp, rp, np, wp, R, static_cast<int>(V), static_cast<int>(H),
                                                       max_smem, num_sms);
-    TORCH_CHECK_VALUE(pl.rb > 0, "hidden size H = ", H, " is too large for the CUDA kernel (one fp32 row and three ",
-                      "rows of x's dtype must fit the device's ", max_smem - 4096, " bytes of shared memory per block)");
+    TORCH_CHECK_VALUE(pl.rb > 0, "hidden size H = ", H, " is too large for the CUDA kernel (one fp32 row and ",
+                      "three rows of x's dtype must fit the device's ", max_smem - 4096,
+                      " bytes of shared memory per block)");
     static_assert(sizeof(lm_head::Soft) == 3 * sizeof(int32_t), "Soft layout");
     at::Tensor workspace = at::empty({R * pl.n_blocks * 3}, x.options().dtype(at::kInt));
     C10_CUDA_CHECK(tail::launch<E>(pl, xp, rp, np, static_cast<float>(eps), wp, B, static_cast<int>(T),

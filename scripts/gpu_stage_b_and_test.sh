@@ -217,8 +217,9 @@ for step in $steps; do
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_ops_linear_mma.py -k llama_1b 2>&1 | tail -4 \
         | tee "$OUT/deep_tests.log"
       for on in 0 1; do
-        KANGAROO_GEMV_DEEP_PREFETCH=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/persistent_draft_price.py \
-          --shapes llama_3_2_1b --per-op-only --out "bench/results/deep_prefetch_$on.json" 2>&1 | grep -v "it/s" | tail -3
+        KANGAROO_GEMV_DEEP_PREFETCH=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 \
+          python3 bench/persistent_draft_price.py --shapes llama_3_2_1b --per-op-only \
+          --out "bench/results/deep_prefetch_$on.json" 2>&1 | grep -v "it/s" | tail -3
       done ;;
     rowprobe)
       # where bf16 batch invariance breaks on real text (bench/invariance_probe.py), tensor-core GEMVs on and off

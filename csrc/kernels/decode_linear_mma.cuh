@@ -41,7 +41,7 @@ using gemv::Params;
 constexpr int kTileN = 8;    // output columns per block: the mma's n
 constexpr int kChunk = 32;   // K elements per lane step: two k16 mmas
 constexpr int kSplitK = 4;   // warps per block, each a contiguous range of K's chunks
-constexpr int kInFlight = 4;  // weight chunks a lane has in flight per weight row (kDeepInFlight: see plan())
+constexpr int kInFlight = 4;  // weight chunks a lane has in flight per weight row (kDeepInFlight: deep_in_flight)
 constexpr int kDeepInFlight = 8;
 
 // d += a · b for one m16n8k16 tile, fp32 accumulation.

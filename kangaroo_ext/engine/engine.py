@@ -138,7 +138,8 @@ class Engine:
             # the sequence so far (prompt + committed tokens; L = cache_len + 1 of them), which copied
             # drafts search; a round writes up to γ + 1 tokens past L, hence the slack
             history=torch.zeros(B, capacity + g + 2, dtype=torch.int64, device=dev),
-            persistent_barrier=torch.zeros(ops.validate.PERSISTENT_BARRIER_WORDS, dtype=torch.int32, device=dev))   # the persistent draft kernel's
+            # the persistent draft kernel's counters
+            persistent_barrier=torch.zeros(ops.validate.PERSISTENT_BARRIER_WORDS, dtype=torch.int32, device=dev))
         self.__dict__.update(new)
         self.capacity, self.max_draft = capacity, g
         self._graphs = {}  # buffer addresses changed
@@ -481,12 +482,11 @@ class Engine:
         of x's positions and the commit in ops.verify_tail's two launches (each token bitwise _target_argmax's).
         False, doing nothing, where it does not apply (fused_tail_off, more rows than the fused ops take)."""
         B, n = x.shape[:2]
-        drafts = self.draft_tokens[:, :n - 1]
-        if self.fused_tail_off() or not self._fused(B * n) or not drafts.is_contiguous():
+        if self.fused_tail_off() or not self._fused(B * n):
             return False
         ops.verify_tail(x.contiguous(), res.contiguous(), self.spec.final_norm, self.spec.rms_norm_eps,
-                        self.spec.lm_head, drafts, self.num_drafted, self.cache_len, self.tokens_in, self.history,
-                        self.report)
+                        self.spec.lm_head, self.draft_tokens[:, :n - 1], self.num_drafted, self.cache_len,
+                        self.tokens_in, self.history, self.report)
         return True
 
     def _target_argmax(self, x, res) -> torch.Tensor:

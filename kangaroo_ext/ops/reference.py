@@ -67,7 +67,8 @@ def take_draft(token: torch.Tensor, confidence: torch.Tensor, threshold: torch.T
 
 
 def accept_commit(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, num_drafted: torch.Tensor,
-                  cache_len: torch.Tensor, tokens_in: torch.Tensor, history: torch.Tensor, report: torch.Tensor) -> None:
+                  cache_len: torch.Tensor, tokens_in: torch.Tensor, history: torch.Tensor,
+                  report: torch.Tensor) -> None:
     """Greedy verification's end, in place: accept_greedy, then the engine's commit (Engine._commit, greedy).
 
     draft_tokens [B, k], target_tokens [B, k+1], num_drafted [B] int64 as accept_greedy's; cache_len [B],

@@ -15,6 +15,7 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # counters, then one key-split arrival counter per KV head.
 PERSISTENT_BARRIER_WORDS = 64
 
+
 def _tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
