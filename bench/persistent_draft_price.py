@@ -56,21 +56,16 @@ def same_state(de, gamma: int) -> dict:
 STAGES = ("start", "qkv", "attention", "merge", "o", "gate_up", "down", "head")  # persistent_draft.cuh: Stage
 
 
-@torch.inference_mode()
-def stage_times(de, gamma: int, repeats: int = 20) -> dict:
-    """Where a persistent draft phase's time goes, from the kernel's own barrier stamps (global timer, ns):
-    per stage kind, the median over the phase's barriers and `repeats` runs of (a) the stage: from the first
-    block leaving the previous barrier to the last block arriving at this one, and (b) the barrier: from that
-    last arrival to the last departure."""
-    e = de.engine
+def stamped_times(launch, rows: int, repeats: int = 20) -> dict:
+    """Where a persistent launch's time goes, from the kernel's own barrier stamps (global timer, ns):
+    launch(stamps) runs it once from the same state. Per stage kind, the median over the launch's barriers
+    and `repeats` runs of (a) the stage: from the first block leaving the previous barrier to the last
+    block arriving at this one, and (b) the barrier: from that last arrival to the last departure."""
     blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
-    rows = 1 + (gamma + 1) * (len(e.adapter_weights) + e.adapter.exit_layer) * 6 + gamma
     stage, barrier = {}, {}
     for _ in range(repeats):
         stamps = torch.full((rows, blocks, 3), -1, dtype=torch.int64, device="cuda")
-        de.restore()
-        e.begin_round()
-        e.draft_phase_persistent(gamma, True, stamps=stamps)
+        launch(stamps)
         torch.cuda.synchronize()
         s = stamps.cpu()
         used = s[:, 0, 0] >= 0
@@ -88,8 +83,114 @@ def stage_times(de, gamma: int, repeats: int = 20) -> dict:
                    "per_phase": len(stage[kind]) // repeats} for kind in stage}
 
 
+@torch.inference_mode()
+def stage_times(de, gamma: int, repeats: int = 20) -> dict:
+    """stamped_times of one persistent draft phase of γ drafts."""
+    e = de.engine
+    rows = 1 + (gamma + 1) * (len(e.adapter_weights) + e.adapter.exit_layer) * 6 + gamma
+
+    def launch(stamps):
+        de.restore()
+        e.begin_round()
+        e.draft_phase_persistent(gamma, True, stamps=stamps)
+    return stamped_times(launch, rows, repeats)
+
+
+class PersistentPlainStep:
+    """A whole plain step in one launch of the persistent draft kernel (issue 21's stretch item: the forward
+    of one token in one launch): the target's layers 0..N-2 as the "exit layers", layer N-1 as the "block",
+    the model's final norm and full LM head as the "head", γ 1 and η above any confidence, so the launch
+    runs step 0 (every layer at position cache_len, its K/V appended, the head's argmax) and stops. The
+    token lands in draft_tokens[0]: what the plain step's commit takes. Its own state buffers, so the
+    engine's round state is untouched; the caches are the engine's."""
+
+    def __init__(self, de):
+        from kangaroo_ext import ops
+        e, s = de.engine, de.engine.spec
+        self.de, self.engine, self.ops = de, e, ops
+        n, dev = s.num_layers, s.embed.device
+        weights = []
+        for w in s.layers:
+            weights += [w.input_norm, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias, w.o, w.o_bias, w.post_norm,
+                        w.gate, w.up, w.down, w.down_bias]
+        long = dict(dtype=torch.int64, device=dev)
+        self.tokens_in, self.draft_tokens = torch.zeros(1, 2, **long), torch.zeros(1, 1, **long)
+        self.num_drafted = torch.zeros(1, **long)
+        self.active = torch.ones(1, dtype=torch.bool, device=dev)
+        self.exit_states = torch.empty(1, 2, s.hidden_size, dtype=s.embed.dtype, device=dev)
+        self.barrier = torch.zeros(ops.validate.PERSISTENT_BARRIER_WORDS, dtype=torch.int32, device=dev)
+        self.never = torch.tensor(float("inf"), device=dev)   # η no confidence reaches: stop after step 0
+        self.args = (s.embed, weights, [e.k_cache[i] for i in range(n)], [e.v_cache[i] for i in range(n)], n - 1,
+                     s.final_norm, s.lm_head, None, e.rope_cos, e.rope_sin, self.never, e.cache_len,
+                     self.tokens_in, self.draft_tokens, self.num_drafted, self.active, self.exit_states,
+                     self.barrier, 1, True, s.rms_norm_eps, s.attn_scale, s.sliding_window or 0)
+        self.rows = 1 + n * 6 + 2
+
+    def launch(self, stamps=None):
+        """One plain step from the engine's decode state (its pending token and cache length)."""
+        self.tokens_in[:, :1].copy_(self.engine.tokens_in[:, :1])
+        self.active.fill_(True)
+        self.ops.persistent_draft(*self.args, stamps=stamps, backend="cuda")
+
+    @torch.inference_mode()
+    def check(self, plain_graph) -> dict:
+        """The per-op plain step (its captured graph) and this launch from the same state: the same token
+        and the same K/V everywhere?"""
+        e = self.engine
+        self.de.restore()
+        plain_graph.replay()
+        want = {"token": e.tokens_in[:, :1].clone(), "k_cache": e.k_cache.clone(), "v_cache": e.v_cache.clone()}
+        self.de.restore()
+        pos, n = int(e.cache_len[0]), e.spec.num_layers   # the slots the step writes: poisoned, so a launch
+        e.k_cache[:n, :, :, pos].fill_(1234.0)             # that writes nothing cannot pass on the plain step's
+        e.v_cache[:n, :, :, pos].fill_(1234.0)
+        self.draft_tokens.fill_(-1)
+        self.launch()
+        torch.cuda.synchronize()
+        got = {"token": self.draft_tokens[:, :1], "k_cache": e.k_cache, "v_cache": e.v_cache}
+        diff = [k for k in want if not torch.equal(got[k], want[k])]
+        return {"bitwise_equal": not diff, "differ": diff}
+
+    @torch.inference_mode()
+    def price(self, plain_graph) -> dict:
+        import bench_timing
+        graph = torch.cuda.CUDAGraph()
+        self.de.restore()
+        self.launch()                                   # warm-up outside capture (the kernel's attributes)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            self.launch()
+        out = {"check": self.check(plain_graph),
+               "persistent_plain_step_us": bench_timing.us_each(graph.replay, setup=self.de.restore),
+               "per_op_plain_step_us": bench_timing.us_each(plain_graph.replay, setup=self.de.restore)}
+        out["ratio"] = out["persistent_plain_step_us"] / out["per_op_plain_step_us"]
+
+        def stamped(stamps):
+            self.de.restore()
+            self.launch(stamps)
+        out["stages"] = stamped_times(stamped, self.rows, repeats=10)
+        return out
+
+
+def plain_step_paths(de) -> dict:
+    """PersistentPlainStep's check and price with the split barrier off and on (the switch as it was after)."""
+    import kangaroo_ext as kx
+    c = kx._extension._C
+    before = c.persistent_split_barrier()
+    plain, _ = de.engine.graphs_for(1, False, device_exit=False)   # captured by round_price.measure_round
+    out = {}
+    for split in (False, True):
+        c.set_persistent_split_barrier(split)
+        try:
+            out["split" if split else "whole"] = PersistentPlainStep(de).price(plain.plain)
+        except Exception as err:  # keep the other numbers
+            out["split" if split else "whole"] = {"error": f"{type(err).__name__}: {err}"}
+    c.set_persistent_split_barrier(before)
+    return out
+
+
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
-            draft_vocab: int = 8192, per_op_only: bool = False) -> dict:
+            draft_vocab: int = 8192, per_op_only: bool = False, plain_step: bool = True) -> dict:
     shape, arch = SHAPES[shape_name]
     model = shaped_models.random_llama(shape, "cuda", bench_cases.DTYPE)
     adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab, architecture=arch)
@@ -109,6 +210,8 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
             out[key] = {"error": why}
             continue
         out[key] = round_price.measure_round(de)
+        if key == "per_op" and plain_step:
+            out["persistent_plain_step"] = plain_step_paths(de)
         if on:
             out["check" + key[10:]] = same_state(de, de.graphs.gamma)
             out["stages" + key[10:]] = stage_times(de, de.graphs.gamma)
@@ -133,7 +236,7 @@ def main():
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(), "shapes": {}}
     for name in args.shapes.split(","):
         try:
-            r = measure(name, per_op_only=args.per_op_only)
+            r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only)
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r
@@ -146,6 +249,15 @@ def main():
                       f"launches {m.get('launches_per_phase', {})}", flush=True)
             elif m:
                 print(f"{name} {key}: {m}", flush=True)
+        for path, m in r.get("persistent_plain_step", {}).items():
+            if "error" in m:
+                print(f"{name} persistent plain step ({path} barrier): {m['error']}", flush=True)
+                continue
+            print(f"{name} persistent plain step ({path} barrier): {m['persistent_plain_step_us']:.1f} us against "
+                  f"{m['per_op_plain_step_us']:.1f} us per-op ({m['ratio']:.2f}x), check {m['check']}", flush=True)
+            for kind, t in m["stages"].items():
+                print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
+                      f"barrier {t['barrier_us']:.2f} us")
         for suffix in ("", "_split"):
             print(f"{name} check{suffix}: {r.get('check' + suffix)}", flush=True)
             for kind, t in r.get("stages" + suffix, {}).items():

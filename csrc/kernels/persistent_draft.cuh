@@ -55,7 +55,10 @@ namespace persistent {
 constexpr int kThreads = attention::kThreads;                    // 256
 constexpr int kTileThreads = gemv_mma::kSplitK * kWarpSize;      // 128: one GEMV tile's body
 constexpr int kTilesPerBlock = kThreads / kTileThreads;          // 2 tiles side by side
-constexpr int kMaxLayers = 12;                                   // exit layers + adapter blocks
+// exit layers + adapter blocks; 32 also lets one launch run a whole plain step of a model of up to 32 layers
+// (bench/persistent_draft_price.py: every layer but the last as exit layers, the last as the "block", the model's
+// head, η above any confidence) in the 32 KB of __grid_constant__ parameters (Layer: 128 bytes)
+constexpr int kMaxLayers = 32;
 constexpr int kMaxNormThreads = kThreads;                        // the head norm's row width (H <= 2048 in 16 bits)
 
 template <typename T>
@@ -487,6 +490,7 @@ inline int smem_bytes(int hidden, int q_rows, int inter, int head_dim, int elem_
 
 template <typename T, int HD, bool INV>
 cudaError_t launch_instance(const Params<T>& p, int grid, int smem, cudaStream_t stream) {
+  static_assert(sizeof(Params<T>) <= 32764, "a kernel's parameters take at most 32,764 bytes (CUDA >= 12.1)");
   constexpr auto kernel = persistent_draft_kernel<T, HD, INV>;
   cudaError_t err = ensure_dynamic_smem<kernel>(smem);
   if (err != cudaSuccess) return err;
