@@ -189,6 +189,11 @@ def plain_step_paths(de) -> dict:
     return out
 
 
+def show(shape_name: str, key: str, value) -> None:
+    """Each result as soon as it is measured (a run stopped at its time limit keeps what it printed)."""
+    print(f"[{shape_name}] {key}: {json.dumps(value, default=str)[:1500]}", flush=True)
+
+
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
             draft_vocab: int = 8192, per_op_only: bool = False, plain_step: bool = True) -> dict:
     shape, arch = SHAPES[shape_name]
@@ -210,11 +215,14 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
             out[key] = {"error": why}
             continue
         out[key] = round_price.measure_round(de)
+        show(shape_name, key, out[key])
         if key == "per_op" and plain_step:
             out["persistent_plain_step"] = plain_step_paths(de)
+            show(shape_name, "persistent_plain_step", out["persistent_plain_step"])
         if on:
             out["check" + key[10:]] = same_state(de, de.graphs.gamma)
             out["stages" + key[10:]] = stage_times(de, de.graphs.gamma)
+            show(shape_name, "check" + key[10:], out["check" + key[10:]])
         del de
     os.environ.pop(SWITCH, None)
     c.set_persistent_split_barrier(split_before)
