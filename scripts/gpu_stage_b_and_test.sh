@@ -196,8 +196,9 @@ for step in $steps; do
       # PD_K: a pytest -k selection of those tests; PD_SHAPES: the price script's shapes (default both)
       timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu \
         ${PD_K:+-k "$PD_K"} 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
-      PYTHONPATH=".:${PYTHONPATH:-}" timeout 200 python3 bench/persistent_draft_price.py \
-        ${PD_SHAPES:+--shapes $PD_SHAPES} --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" | tail -30 ;;
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PD_PRICE_LIMIT:-240}" python3 bench/persistent_draft_price.py \
+        ${PD_SHAPES:+--shapes $PD_SHAPES} --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" \
+        | tee "$OUT/persistent_price.log" | tail -60 ;;
     fused)
       # issue 21: accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their GPU
       # tests, then the round's prices at the default model's shape with neither, the fused commit, the fused tail
