@@ -104,6 +104,10 @@ def test_the_kernel_limits_name_what_they_miss():
     a2 = e2._persistent_args(3, True)
     why2 = persistent_kernel_limits(a2[0], a2[1], a2[2][0])
     assert all("16-bit" not in w and "head dim" not in w and "GEMV" not in w for w in why2), why2
+    for layers in (32, 33):   # up to 32: a whole plain step of a 30-layer model fits one launch
+        many = (list(a2[1]) * 40)[:layers * 14]
+        said = [w for w in persistent_kernel_limits(a2[0], many, a2[2][0]) if "layers" in w]
+        assert said == ([] if layers == 32 else ["33 layers (at most 32: exit layers and adapter blocks)"]), said
 
 
 def test_off_by_default_and_reasons(monkeypatch):

@@ -571,8 +571,8 @@ def persistent_kernel_limits(embed, layer_weights, k_cache) -> List[str]:
     if any(k % 32 for k in (H, q_rows, inter)) or any(r % 8 for r in (q_rows, Hkv * D, inter)):
         why.append(f"GEMV shapes the tensor-core kernel cannot take (hidden {H}, q rows {q_rows}, "
                    f"intermediate {inter}: widths % 32, rows % 8)")
-    if n > 12:
-        why.append(f"{n} layers (at most 12: exit layers and adapter blocks)")
+    if n > 32:
+        why.append(f"{n} layers (at most 32: exit layers and adapter blocks)")
     return why
 
 
