@@ -96,58 +96,33 @@ def stage_times(de, gamma: int, repeats: int = 20) -> dict:
     return stamped_times(launch, rows, repeats)
 
 
-class PersistentPlainStep:
-    """A whole plain step in one launch of the persistent draft kernel (issue 21's stretch item: the forward
-    of one token in one launch): the target's layers 0..N-2 as the "exit layers", layer N-1 as the "block",
-    the model's final norm and full LM head as the "head", γ 1 and η above any confidence, so the launch
-    runs step 0 (every layer at position cache_len, its K/V appended, the head's argmax) and stops. The
-    token lands in draft_tokens[0]: what the plain step's commit takes. Its own state buffers, so the
-    engine's round state is untouched; the caches are the engine's."""
+class PlainStepPrice:
+    """A whole plain step in one launch (kangaroo_ext/engine/persistent_plain.py, issue 21's stretch item)
+    against the per-op plain step's captured graph: bitwise check, price, stage stamps."""
 
     def __init__(self, de):
-        from kangaroo_ext import ops
-        e, s = de.engine, de.engine.spec
-        self.de, self.engine, self.ops = de, e, ops
-        n, dev = s.num_layers, s.embed.device
-        weights = []
-        for w in s.layers:
-            weights += [w.input_norm, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias, w.o, w.o_bias, w.post_norm,
-                        w.gate, w.up, w.down, w.down_bias]
-        long = dict(dtype=torch.int64, device=dev)
-        self.tokens_in, self.draft_tokens = torch.zeros(1, 2, **long), torch.zeros(1, 1, **long)
-        self.num_drafted = torch.zeros(1, **long)
-        self.active = torch.ones(1, dtype=torch.bool, device=dev)
-        self.exit_states = torch.empty(1, 2, s.hidden_size, dtype=s.embed.dtype, device=dev)
-        self.barrier = torch.zeros(ops.validate.PERSISTENT_BARRIER_WORDS, dtype=torch.int32, device=dev)
-        self.never = torch.tensor(float("inf"), device=dev)   # η no confidence reaches: stop after step 0
-        self.args = (s.embed, weights, [e.k_cache[i] for i in range(n)], [e.v_cache[i] for i in range(n)], n - 1,
-                     s.final_norm, s.lm_head, None, e.rope_cos, e.rope_sin, self.never, e.cache_len,
-                     self.tokens_in, self.draft_tokens, self.num_drafted, self.active, self.exit_states,
-                     self.barrier, 1, True, s.rms_norm_eps, s.attn_scale, s.sliding_window or 0)
-        self.rows = 1 + n * 6 + 2
-
-    def launch(self, stamps=None):
-        """One plain step from the engine's decode state (its pending token and cache length)."""
-        self.tokens_in[:, :1].copy_(self.engine.tokens_in[:, :1])
-        self.active.fill_(True)
-        self.ops.persistent_draft(*self.args, stamps=stamps, backend="cuda")
+        from kangaroo_ext.engine.persistent_plain import PersistentPlainStep
+        self.de, self.engine = de, de.engine
+        self.step = PersistentPlainStep(de.engine)
+        self.rows = 1 + de.engine.spec.num_layers * 6 + 2
 
     @torch.inference_mode()
     def check(self, plain_graph) -> dict:
         """The per-op plain step (its captured graph) and this launch from the same state: the same token
-        and the same K/V everywhere?"""
+        and the same K/V everywhere? (The step's cache slot is poisoned first: a launch that writes nothing
+        cannot pass on the per-op step's writes.)"""
         e = self.engine
         self.de.restore()
         plain_graph.replay()
         want = {"token": e.tokens_in[:, :1].clone(), "k_cache": e.k_cache.clone(), "v_cache": e.v_cache.clone()}
         self.de.restore()
-        pos, n = int(e.cache_len[0]), e.spec.num_layers   # the slots the step writes: poisoned, so a launch
-        e.k_cache[:n, :, :, pos].fill_(1234.0)             # that writes nothing cannot pass on the plain step's
+        pos, n = int(e.cache_len[0]), e.spec.num_layers
+        e.k_cache[:n, :, :, pos].fill_(1234.0)
         e.v_cache[:n, :, :, pos].fill_(1234.0)
-        self.draft_tokens.fill_(-1)
-        self.launch()
+        self.step.token.fill_(-1)
+        self.step.launch()
         torch.cuda.synchronize()
-        got = {"token": self.draft_tokens[:, :1], "k_cache": e.k_cache, "v_cache": e.v_cache}
+        got = {"token": self.step.token, "k_cache": e.k_cache, "v_cache": e.v_cache}
         diff = [k for k in want if not torch.equal(got[k], want[k])]
         return {"bitwise_equal": not diff, "differ": diff}
 
@@ -156,10 +131,10 @@ class PersistentPlainStep:
         import bench_timing
         graph = torch.cuda.CUDAGraph()
         self.de.restore()
-        self.launch()                                   # warm-up outside capture (the kernel's attributes)
+        self.step.launch()                              # warm-up outside capture (the kernel's attributes)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            self.launch()
+            self.step.launch()
         out = {"check": self.check(plain_graph),
                "persistent_plain_step_us": bench_timing.us_each(graph.replay, setup=self.de.restore),
                "per_op_plain_step_us": bench_timing.us_each(plain_graph.replay, setup=self.de.restore)}
@@ -167,13 +142,13 @@ class PersistentPlainStep:
 
         def stamped(stamps):
             self.de.restore()
-            self.launch(stamps)
+            self.step.launch(stamps)
         out["stages"] = stamped_times(stamped, self.rows, repeats=10)
         return out
 
 
 def plain_step_paths(de) -> dict:
-    """PersistentPlainStep's check and price with the split barrier off and on (the switch as it was after)."""
+    """PlainStepPrice's check and price with the split barrier off and on (the switch as it was after)."""
     import kangaroo_ext as kx
     c = kx._extension._C
     before = c.persistent_split_barrier()
@@ -182,7 +157,7 @@ def plain_step_paths(de) -> dict:
     for split in (False, True):
         c.set_persistent_split_barrier(split)
         try:
-            out["split" if split else "whole"] = PersistentPlainStep(de).price(plain.plain)
+            out["split" if split else "whole"] = PlainStepPrice(de).price(plain.plain)
         except Exception as err:  # keep the other numbers
             out["split" if split else "whole"] = {"error": f"{type(err).__name__}: {err}"}
     c.set_persistent_split_barrier(before)

@@ -78,8 +78,13 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "layers, the adapter, the draft head and the confidence exit of every step in one launch) instead of "
          "~23 launches a step; where a call cannot, the per-op graph runs and stats.draft_kernel_off says why. "
          "Off until its GPU tests pass"),
+    Knob("KANGAROO_PERSISTENT_PLAIN_STEP", "flag", "run",
+         "greedy batch-1 plain steps on a GPU run as one launch of the persistent draft kernel (every layer, the "
+         "final norm and the full LM head's argmax; kangaroo_ext/engine/persistent_plain.py) instead of ~170 "
+         "launches; the same token and cache bits. stats.plain_kernel_off says why not. Off until its GPU tests "
+         "pass"),
     Knob("KANGAROO_PERSISTENT_SPLIT_BARRIER", "flag", "run",
-         "with KANGAROO_PERSISTENT_DRAFT: its GEMV stages wait for the grid barrier inside their tiles, after "
+         "with KANGAROO_PERSISTENT_DRAFT or _PLAIN_STEP: the persistent kernel's GEMV stages wait for the grid barrier inside their tiles, after "
          "issuing their weight loads, so the weights' latency overlaps the barrier (persistent_draft.cuh, "
          "GridBarrier). Not yet run on a GPU"),
     Knob("KANGAROO_GEMV_DEEP_PREFETCH", "flag", "run",

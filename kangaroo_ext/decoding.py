@@ -51,6 +51,8 @@ class DecodeStats:
     copied: List[int] = field(default_factory=list)         # per round: drafts copied (mixed: the rest: adapter's)
     draft_kernel: str = ""                # graphs mode: "persistent" (one launch a draft phase) or "per-op"
     draft_kernel_off: str = ""            # why the persistent draft kernel did not run ("" where it did)
+    plain_kernel: str = ""                # plain decoding on a GPU: "persistent" (one launch a step) or "per-op"
+    plain_kernel_off: str = ""            # why the persistent plain step did not run ("" where it did)
     verify_tail: str = ""                 # greedy steps' end: "fused" (ops.verify_tail, 2 launches) or "per-op"
     verify_tail_off: str = ""             # why the fused tail did not run ("" where it did)
     cpu_packing_off: str = ""             # why steps of several rows do not use packed CPU weights ("" where they do)
@@ -381,6 +383,9 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
     if mode == "graphs" and adapter_gamma > 0:
         stats.draft_kernel_off = engine.persistent_draft_off(adapter_gamma)
         stats.draft_kernel = "per-op" if stats.draft_kernel_off else "persistent"
+    if gamma == 0:
+        stats.plain_kernel_off = engine.persistent_plain_off()
+        stats.plain_kernel = "per-op" if stats.plain_kernel_off else "persistent"
     stats.verify_tail_off = engine.fused_tail_off()
     stats.verify_tail = "per-op" if stats.verify_tail_off else "fused"
     stats.cpu_packing_off, stats.packed_weights_mb = engine.cpu_packing()

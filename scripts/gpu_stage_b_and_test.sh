@@ -194,7 +194,8 @@ for step in $steps; do
       # issue 21: the persistent draft kernel, bitwise against the per-op path, then its price and stage timing
       log persistent
       # PD_K: a pytest -k selection of those tests; PD_SHAPES: the price script's shapes (default both)
-      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py -m gpu \
+      timeout "${PD_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_persistent_draft.py \
+        tests/test_persistent_plain.py -m gpu \
         ${PD_K:+-k "$PD_K"} 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PD_PRICE_LIMIT:-240}" python3 bench/persistent_draft_price.py \
         ${PD_SHAPES:+--shapes $PD_SHAPES} --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" \

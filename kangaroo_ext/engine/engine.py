@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import config, ops
 from .cpu_linear import PackedLinear, unavailable_reason as cpu_packing_unavailable
 from .graphs import CudaGraphs
+from .persistent_plain import SWITCH as PLAIN_SWITCH, PersistentPlainStep
 from .rounds import Report
 from .spec import LayerWeights, ModelSpec, model_spec
 
@@ -61,6 +62,7 @@ class Engine:
         self.sampling: Optional[Sampling] = None  # None: greedy
         self._graphs: Dict[tuple, CudaGraphs] = {}  # (γ, speculative, device exit, sampling, adapter)
         self._bindings: Dict[int, tuple] = {}         # id(adapter) -> its weights, head norm, draft head, ids
+        self._plain_kernel: Optional[PersistentPlainStep] = None  # KANGAROO_PERSISTENT_PLAIN_STEP's buffers
         # Multi-row linears (verify, prefill): on the CPU in fp32, oneDNN with packed weights (cpu_linear.py)
         self.cpu_packing_off = self._cpu_packing_off(spec)
         self._linear = PackedLinear() if not self.cpu_packing_off else F.linear
@@ -149,7 +151,8 @@ class Engine:
     def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> tuple:
         return (gamma, speculative, bool(device_exit and speculative), self.sampling,
                 id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"),
-                config.flag("KANGAROO_FUSED_COMMIT"), config.flag("KANGAROO_FUSED_VERIFY_TAIL"))
+                config.flag("KANGAROO_FUSED_COMMIT"), config.flag("KANGAROO_FUSED_VERIFY_TAIL"),
+                config.flag(PLAIN_SWITCH))
 
     def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Optional[CudaGraphs]:
         """The graphs graphs_for captured for these settings and the bound adapter, or None."""
@@ -507,8 +510,23 @@ class Engine:
         return ops.sample_logits(self._linear(y, self.spec.lm_head), c.temperature, c.top_k, c.top_p, self.rng,
                                  TARGET_STREAM)[0]
 
+    def persistent_plain_off(self) -> str:
+        """Why plain steps do not run as one launch of the persistent kernel ('' where they do; see
+        persistent_plain.py): the switch, then what the kernel needs."""
+        if not config.flag(PLAIN_SWITCH):
+            return f"{PLAIN_SWITCH} is off (the default until its GPU tests pass)"
+        if self._plain_kernel is None:
+            self._plain_kernel = PersistentPlainStep(self)
+        return self._plain_kernel.off()
+
     def plain_step(self):
-        """Ordinary decoding: one token through all layers (the honest baseline, same kernels)."""
+        """Ordinary decoding: one token through all layers (the honest baseline, same kernels), or all of it
+        in one persistent launch where persistent_plain_off allows (the same token and cache bits)."""
+        if not self.persistent_plain_off():
+            self.num_drafted.zero_()
+            self._plain_kernel.launch()
+            self._accept_and_commit(self.draft_tokens[:, :0], self._plain_kernel.token)
+            return
         pos = self.cache_len[:, None]
         h = F.embedding(self.tokens_in[:, :1], self.spec.embed)
         x, res = self.run_layers(h, pos, 0, self.spec.num_layers)
