@@ -84,9 +84,9 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "launches; the same token and cache bits. stats.plain_kernel_off says why not. Off until its GPU tests "
          "pass"),
     Knob("KANGAROO_PERSISTENT_SPLIT_BARRIER", "flag", "run",
-         "with KANGAROO_PERSISTENT_DRAFT or _PLAIN_STEP: the persistent kernel's GEMV stages wait for the grid barrier inside their tiles, after "
-         "issuing their weight loads, so the weights' latency overlaps the barrier (persistent_draft.cuh, "
-         "GridBarrier). Not yet run on a GPU"),
+         "with KANGAROO_PERSISTENT_DRAFT or _PLAIN_STEP: the persistent kernel's GEMV stages wait for the grid "
+         "barrier inside their tiles, after issuing their weight loads, so the weights' latency overlaps the "
+         "barrier (persistent_draft.cuh, GridBarrier). Not yet run on a GPU"),
     Knob("KANGAROO_GEMV_DEEP_PREFETCH", "flag", "run",
          "tensor-core GEMVs with long K on few blocks (K >= 2,048, fewer than 4 blocks an SM: Llama-3.2-1B's O and "
          "down projections) keep 8 weight chunks in flight per lane instead of 4, to cover DRAM latency "

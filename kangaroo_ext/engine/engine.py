@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .. import config, ops
 from .cpu_linear import PackedLinear, unavailable_reason as cpu_packing_unavailable
 from .graphs import CudaGraphs
-from .persistent_plain import SWITCH as PLAIN_SWITCH, PersistentPlainStep
+from .persistent_plain import SWITCH as PLAIN_SWITCH, PersistentPlainStep, kernel_weights
+from .persistent_plain import engine_reasons as persistent_engine_reasons
 from .rounds import Report
 from .spec import LayerWeights, ModelSpec, model_spec
 
@@ -342,21 +343,15 @@ class Engine:
         (config KANGAROO_PERSISTENT_DRAFT), greedy decoding, batch 1, then the CUDA kernel's own limits."""
         if not config.flag("KANGAROO_PERSISTENT_DRAFT"):
             return "KANGAROO_PERSISTENT_DRAFT is off (the default until the kernel's GPU tests pass)"
-        if self.sampling is not None:
-            return "sampling: the persistent kernel drafts greedily"
-        if self.ROWS != 1:
-            return f"batch {self.ROWS}: the persistent kernel drafts one sequence"
-        if any(w.gate_bias is not None or w.up_bias is not None for w in self.spec.layers[:self.adapter.exit_layer]):
-            return "gate / up biases: the persistent kernel's MLP has none"
+        why = persistent_engine_reasons(self, self.spec.layers[:self.adapter.exit_layer])
+        if why:
+            return why
         return "; ".join(ops.reasons_against("persistent_draft", "cuda", *self._persistent_args(gamma, True)))
 
     def _persistent_args(self, gamma: int, stop_at_exit: bool) -> tuple:
         s, n_exit = self.spec, self.adapter.exit_layer
         slots = list(range(n_exit)) + [s.num_layers + b for b in range(len(self.adapter_weights))]
-        weights = []
-        for w in list(s.layers[:n_exit]) + list(self.adapter_weights):
-            weights += [w.input_norm, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias, w.o, w.o_bias, w.post_norm,
-                        w.gate, w.up, w.down, w.down_bias]
+        weights = kernel_weights(list(s.layers[:n_exit]) + list(self.adapter_weights))
         return (s.embed, weights, [self.k_cache[i] for i in slots], [self.v_cache[i] for i in slots], n_exit,
                 self.adapter_norm, self.draft_head, self.draft_ids, self.rope_cos, self.rope_sin, self.threshold,
                 self.cache_len, self.tokens_in, self.draft_tokens, self.num_drafted, self.active, self.exit_states,

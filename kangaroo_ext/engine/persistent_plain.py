@@ -17,9 +17,27 @@ launches; whether that is faster is the GPU's to say (bench/persistent_draft_pri
 """
 import torch
 
-from .. import config, ops
+from .. import ops
 
 SWITCH = "KANGAROO_PERSISTENT_PLAIN_STEP"
+
+
+def kernel_weights(layers) -> list:
+    """ops.persistent_draft's layer_weights for these LayerWeights: the 14 of each, in
+    reference.PERSISTENT_DRAFT_WEIGHTS's order (None where a layer has no such tensor)."""
+    return [getattr(w, name) for w in layers for name in ops.reference.PERSISTENT_DRAFT_WEIGHTS]
+
+
+def engine_reasons(engine, layers) -> str:
+    """What the persistent kernel needs of the engine whichever phase it runs ('' if met): greedy decoding,
+    one sequence, and MLPs without gate / up biases in these layers (its MLP has none)."""
+    if engine.sampling is not None:
+        return "sampling: the persistent kernel decodes greedily"
+    if engine.ROWS != 1:
+        return f"batch {engine.ROWS}: the persistent kernel decodes one sequence"
+    if any(w.gate_bias is not None or w.up_bias is not None for w in layers):
+        return "gate / up biases: the persistent kernel's MLP has none"
+    return ""
 
 
 class PersistentPlainStep:
@@ -41,34 +59,27 @@ class PersistentPlainStep:
         """ops.persistent_draft's arguments (the engine's caches as they are now)."""
         e, s = self.engine, self.engine.spec
         n = s.num_layers
-        weights = [t for w in s.layers for t in (w.input_norm, w.q, w.k, w.v, w.q_bias, w.k_bias, w.v_bias, w.o,
-                                                 w.o_bias, w.post_norm, w.gate, w.up, w.down, w.down_bias)]
-        return (s.embed, weights, [e.k_cache[i] for i in range(n)], [e.v_cache[i] for i in range(n)], n - 1,
-                s.final_norm, s.lm_head, None, e.rope_cos, e.rope_sin, self.never, e.cache_len, self.tokens_in,
+        return (s.embed, kernel_weights(s.layers), [e.k_cache[i] for i in range(n)],
+                [e.v_cache[i] for i in range(n)], n - 1, s.final_norm, s.lm_head, None, e.rope_cos, e.rope_sin, self.never, e.cache_len, self.tokens_in,
                 self.token, self.drafted, self.active, self.exit_states, e.persistent_barrier, 1, True,
                 s.rms_norm_eps, s.attn_scale, s.sliding_window or 0)
 
     def off(self) -> str:
-        """Why a plain step of this engine cannot be one launch ('' if it can): the switch, greedy decoding,
-        batch 1, a GPU, MLPs without gate / up biases, then the kernel's own limits (one answer per
-        sampling setting and cache allocation)."""
-        if not config.flag(SWITCH):
-            return f"{SWITCH} is off (the default until its GPU tests pass)"
+        """Why a plain step of this engine cannot be one launch ('' if it can), the switch aside (the
+        engine's persistent_plain_off asks it first): engine_reasons, a GPU, two layers or more, then the
+        kernel's own limits. One answer per sampling setting and cache allocation."""
         e = self.engine
-        key = (e.sampling, e.ROWS, e.k_cache.data_ptr() if hasattr(e, "k_cache") else None)
+        key = (e.sampling, e.k_cache.data_ptr())
         if key not in self._off:
             self._off[key] = self._reasons(e)
         return self._off[key]
 
     def _reasons(self, e) -> str:
-        if e.sampling is not None:
-            return "sampling: the persistent kernel takes the target's argmax"
-        if e.ROWS != 1:
-            return f"batch {e.ROWS}: the persistent kernel decodes one sequence"
+        why = engine_reasons(e, e.spec.layers)
+        if why:
+            return why
         if e.spec.device.type != "cuda":
             return "not on a GPU: the persistent kernel is a CUDA kernel"
-        if any(w.gate_bias is not None or w.up_bias is not None for w in e.spec.layers):
-            return "gate / up biases: the persistent kernel's MLP has none"
         if e.spec.num_layers < 2:
             return "one layer: the kernel runs at least one exit layer and one block"
         return "; ".join(ops.reasons_against("persistent_draft", "cuda", *self.args()))
