@@ -4,8 +4,9 @@
 
 For the default model's shape (SmolLM2-135M, the shipped adapter's layout: ℓ 2, an attention-only `kangaroo`
 block, an 8k draft vocabulary) and Llama-3.2-1B's (a `decoder` block), random weights: the draft phase of 0
-and γ drafts, the verify step and the plain step, with KANGAROO_PERSISTENT_DRAFT off, on, and on with the
-split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER), timed with CUDA events (medians after warm-up:
+and γ drafts, the verify step and the plain step, with KANGAROO_PERSISTENT_DRAFT off, on, on with the
+split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER) and on with the L2 prefetch of the next stage's weights
+(KANGAROO_PERSISTENT_L2_PREFETCH), timed with CUDA events (medians after warm-up:
 round_price.measure_round); the launches per draft phase; where the persistent phase's time goes (its own
 barrier stamps: each stage kind's time and its barrier's); and, for each shape, whether one persistent draft
 phase leaves bitwise the per-op phase's state (tokens, exit states, caches). Prices only: acceptance means
@@ -27,6 +28,17 @@ import round_price  # noqa: E402
 import shaped_models  # noqa: E402
 
 SWITCH = "KANGAROO_PERSISTENT_DRAFT"
+# The kernel's launch switches by path name: (split barrier, L2 prefetch).
+KERNEL_MODES = {"whole": (False, False), "split": (True, False), "prefetch": (False, True),
+                "split_prefetch": (True, True)}
+
+
+def set_kernel_mode(c, mode) -> tuple:
+    """Set the extension's split barrier and L2 prefetch switches; returns what they were."""
+    before = (c.persistent_split_barrier(), c.persistent_l2_prefetch())
+    c.set_persistent_split_barrier(mode[0])
+    c.set_persistent_l2_prefetch(mode[1])
+    return before
 SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1b": (shaped_models.LLAMA_3_2_1B,
                                                                                      "decoder")}
 
@@ -148,19 +160,18 @@ class PlainStepPrice:
 
 
 def plain_step_paths(de) -> dict:
-    """PlainStepPrice's check and price with the split barrier off and on (the switch as it was after)."""
+    """PlainStepPrice's check and price in every KERNEL_MODES mode (the switches as they were after)."""
     import kangaroo_ext as kx
     c = kx._extension._C
-    before = c.persistent_split_barrier()
     plain, _ = de.engine.graphs_for(1, False, device_exit=False)   # captured by round_price.measure_round
     out = {}
-    for split in (False, True):
-        c.set_persistent_split_barrier(split)
+    for name, mode in KERNEL_MODES.items():
+        before = set_kernel_mode(c, mode)
         try:
-            out["split" if split else "whole"] = PlainStepPrice(de).price(plain.plain)
+            out[name] = PlainStepPrice(de).price(plain.plain)
         except Exception as err:  # keep the other numbers
-            out["split" if split else "whole"] = {"error": f"{type(err).__name__}: {err}"}
-    c.set_persistent_split_barrier(before)
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+        set_kernel_mode(c, before)
     return out
 
 
@@ -179,11 +190,12 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
     out = {"shape": shape_name, "adapter": arch, "exit_layer": exit_layer, "draft_vocab": draft_vocab}
     import kangaroo_ext as kx
     c = kx._extension._C
-    split_before = c.persistent_split_barrier()
-    paths = (("per_op", False, False), ("persistent", True, False), ("persistent_split", True, True))
-    for key, on, split in paths[:1] if per_op_only else paths:
+    modes_before = set_kernel_mode(c, KERNEL_MODES["whole"])
+    paths = (("per_op", False, "whole"), ("persistent", True, "whole"), ("persistent_split", True, "split"),
+             ("persistent_prefetch", True, "prefetch"), ("persistent_split_prefetch", True, "split_prefetch"))
+    for key, on, mode in paths[:1] if per_op_only else paths:
         os.environ[SWITCH] = "1" if on else "0"
-        c.set_persistent_split_barrier(split)
+        set_kernel_mode(c, KERNEL_MODES[mode])
         de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt)
         why = de.engine.persistent_draft_off(de.graphs.gamma)
         if on and why:
@@ -200,7 +212,7 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
             show(shape_name, "check" + key[10:], out["check" + key[10:]])
         del de
     os.environ.pop(SWITCH, None)
-    c.set_persistent_split_barrier(split_before)
+    set_kernel_mode(c, modes_before)
     del model, adapter
     torch.cuda.empty_cache()
     return out
@@ -223,7 +235,7 @@ def main():
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r
-        for key in ("per_op", "persistent", "persistent_split"):
+        for key in ("per_op", "persistent", "persistent_split", "persistent_prefetch", "persistent_split_prefetch"):
             m = r.get(key, {})
             if "draft_round_us" in m:
                 d = {int(k): v for k, v in m["draft_round_us"].items()}
@@ -241,7 +253,7 @@ def main():
             for kind, t in m["stages"].items():
                 print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
                       f"barrier {t['barrier_us']:.2f} us")
-        for suffix in ("", "_split"):
+        for suffix in ("", "_split", "_prefetch", "_split_prefetch"):
             print(f"{name} check{suffix}: {r.get('check' + suffix)}", flush=True)
             for kind, t in r.get("stages" + suffix, {}).items():
                 print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "

@@ -10,6 +10,7 @@ std::atomic<bool> invariant_attention{true};  // config.py's default; set again 
 std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
 std::atomic<bool> deep_prefetch{false};  // config.py's default; set again at import
+std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
@@ -31,5 +32,9 @@ void set_persistent_split_barrier(bool enabled) { split_barrier.store(enabled, s
 bool gemv_deep_prefetch() { return deep_prefetch.load(std::memory_order_relaxed); }
 
 void set_gemv_deep_prefetch(bool enabled) { deep_prefetch.store(enabled, std::memory_order_relaxed); }
+
+bool persistent_l2_prefetch() { return l2_prefetch.load(std::memory_order_relaxed); }
+
+void set_persistent_l2_prefetch(bool enabled) { l2_prefetch.store(enabled, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

@@ -29,4 +29,9 @@ void set_persistent_split_barrier(bool enabled);
 bool gemv_deep_prefetch();
 void set_gemv_deep_prefetch(bool enabled);
 
+// Whether the persistent draft kernel asks the L2 for the next GEMV stage's weights while it waits at a barrier
+// (default false until its GPU tests run; csrc/kernels/persistent_draft.cuh, "L2 prefetch"). Same bits either way.
+bool persistent_l2_prefetch();
+void set_persistent_l2_prefetch(bool enabled);
+
 }  // namespace kangaroo

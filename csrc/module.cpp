@@ -173,6 +173,11 @@ PyMethodDef kMethods[] = {
      "set_gemv_deep_prefetch(enabled: bool): whether tensor-core GEMVs with long K on few blocks keep more weight "
      "loads in flight (csrc/kernels/decode_linear_mma.cuh, deep_in_flight)"},
     {"gemv_deep_prefetch", get_switch<kangaroo::gemv_deep_prefetch>, METH_NOARGS, "gemv_deep_prefetch() -> bool"},
+    {"set_persistent_l2_prefetch", set_switch<kangaroo::set_persistent_l2_prefetch>, METH_VARARGS,
+     "set_persistent_l2_prefetch(enabled: bool): whether the persistent draft kernel asks the L2 for the next GEMV "
+     "stage's weights while it waits at a barrier (csrc/kernels/persistent_draft.cuh)"},
+    {"persistent_l2_prefetch", get_switch<kangaroo::persistent_l2_prefetch>, METH_NOARGS,
+     "persistent_l2_prefetch() -> bool"},
     {"attention_invariant_max_tokens", attention_invariant_max_tokens, METH_VARARGS,
      "attention_invariant_max_tokens(group, head_dim, elem_size, device) -> int: the most query tokens one "
      "attention call may carry in the batch-invariant order (0: none; csrc/ops.h)"},

@@ -269,6 +269,9 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
     p.head_rows_per_block = static_cast<int>((N + grid - 1) / grid);
     p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr<int>());
     p.split_barrier = persistent_split_barrier();
+    // A quarter of the L2 for the next stage's weights, shared by the blocks (the rest keeps the caches, the
+    // activations and what other streams hold); the head stage asks for all of its rows (persistent_draft.cuh).
+    p.prefetch_bytes = persistent_l2_prefetch() ? device_attribute(cudaDevAttrL2CacheSize, device) / 4 / grid : 0;
     if (stamps.has_value()) {  // stage timing: [rows, >= grid, 3] int64 (persistent_draft.cuh: GridBarrier)
       state(*stamps, "stamps", at::kLong, embed);
       TORCH_CHECK_VALUE(stamps->dim() == 3 && stamps->size(1) >= grid && stamps->size(2) == 3 &&

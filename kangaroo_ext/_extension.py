@@ -117,15 +117,16 @@ def apply_launch_settings():
     """Hand the launchers their switches (the kernel headers read no environment): programmatic
     dependent launch unless KANGAROO_DISABLE_PDL; attention's batch-invariant order unless
     KANGAROO_BATCH_INVARIANT_ATTENTION=0; tensor-core GEMVs with KANGAROO_TENSOR_CORE_GEMV; the persistent draft
-    kernel's split barrier with KANGAROO_PERSISTENT_SPLIT_BARRIER; the GEMVs' deeper weight prefetch with
-    KANGAROO_GEMV_DEEP_PREFETCH. Called at
+    kernel's split barrier with KANGAROO_PERSISTENT_SPLIT_BARRIER and its L2 prefetch with
+    KANGAROO_PERSISTENT_L2_PREFETCH; the GEMVs' deeper weight prefetch with KANGAROO_GEMV_DEEP_PREFETCH. Called at
     import; call again after changing them."""
     from . import config
     settings = {"set_pdl_launches": not config.flag("KANGAROO_DISABLE_PDL"),
                 "set_batch_invariant_attention": config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION"),
                 "set_tensor_core_gemv": config.flag("KANGAROO_TENSOR_CORE_GEMV"),
                 "set_persistent_split_barrier": config.flag("KANGAROO_PERSISTENT_SPLIT_BARRIER"),
-                "set_gemv_deep_prefetch": config.flag("KANGAROO_GEMV_DEEP_PREFETCH")}
+                "set_gemv_deep_prefetch": config.flag("KANGAROO_GEMV_DEEP_PREFETCH"),
+                "set_persistent_l2_prefetch": config.flag("KANGAROO_PERSISTENT_L2_PREFETCH")}
     for setter, value in settings.items():
         if _C is not None and hasattr(_C, setter):  # an extension older than the switch lacks its setter
             getattr(_C, setter)(value)

@@ -1,6 +1,7 @@
 """The persistent draft kernel (ops.persistent_draft; csrc/kernels/persistent_draft.cuh): a whole draft phase in
 one launch. Its reference is the engine's per-op draft steps written out; the CUDA kernel must give bitwise the
 per-op path's tokens, exit states and caches; a call the kernel cannot take says why."""
+import contextlib
 import copy
 
 import pytest
@@ -145,6 +146,23 @@ def test_bad_arguments_are_named():
 # ---- on a GPU -----------------------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
+# The kernel's launch switches: (split barrier, L2 prefetch). Neither may change a bit.
+KERNEL_MODES = {"barrier": (False, False), "split-barrier": (True, False), "l2-prefetch": (False, True)}
+
+
+@contextlib.contextmanager
+def kernel_switches(mode):
+    """The persistent kernel's split barrier and L2 prefetch as KERNEL_MODES[mode] says, restored after."""
+    c = kx._extension._C
+    before = (c.persistent_split_barrier(), c.persistent_l2_prefetch())
+    split, prefetch = KERNEL_MODES[mode]
+    c.set_persistent_split_barrier(split)
+    c.set_persistent_l2_prefetch(prefetch)
+    try:
+        yield
+    finally:
+        c.set_persistent_split_barrier(before[0])
+        c.set_persistent_l2_prefetch(before[1])
 
 
 @pytest.mark.gpu
@@ -153,20 +171,16 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the ext
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("stop", [True, False])
-@pytest.mark.parametrize("split", [False, True], ids=["barrier", "split-barrier"])
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
 @torch.inference_mode()
-def test_cuda_kernel_is_bitwise_the_per_op_path(ell, gamma, eta, stop, split):
+def test_cuda_kernel_is_bitwise_the_per_op_path(ell, gamma, eta, stop, mode):
     """bf16: one launch leaves exactly the state the per-op draft steps leave (tokens, counts, exit states,
     caches of the exit layers and the adapter), exits at the first step (η = 1) or never (η = 0), and
     leaves its barrier counters at zero for the next launch; with the grid barrier whole or split
-    (KANGAROO_PERSISTENT_SPLIT_BARRIER: GEMV stages wait inside their tiles)."""
-    c = kx._extension._C
-    before = c.persistent_split_barrier()
-    c.set_persistent_split_barrier(split)
-    try:
-        _bitwise_case(ell, gamma, eta, stop, split)
-    finally:
-        c.set_persistent_split_barrier(before)
+    (KANGAROO_PERSISTENT_SPLIT_BARRIER: GEMV stages wait inside their tiles), and with the L2 prefetch of the
+    next stage's weights (KANGAROO_PERSISTENT_L2_PREFETCH)."""
+    with kernel_switches(mode):
+        _bitwise_case(ell, gamma, eta, stop, KERNEL_MODES[mode][0])
 
 
 def _bitwise_case(ell, gamma, eta, stop, split, model=None, prompt_len=9, capacity=64):
@@ -203,19 +217,15 @@ def _bitwise_case(ell, gamma, eta, stop, split, model=None, prompt_len=9, capaci
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("prompt_len", [150, 420])
-@pytest.mark.parametrize("split", [False, True], ids=["barrier", "split-barrier"])
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
 @torch.inference_mode()
-def test_cuda_kernel_is_bitwise_the_per_op_path_with_merged_key_splits(prompt_len, split):
+def test_cuda_kernel_is_bitwise_the_per_op_path_with_merged_key_splits(prompt_len, mode):
     """Contexts of several key tiles, three KV heads: the attention plan splits each head's keys over several
     blocks, and the last split of each head to finish merges them (per-head arrival counters)."""
-    c = kx._extension._C
-    before = c.persistent_split_barrier()
-    c.set_persistent_split_barrier(split)
-    try:
-        _bitwise_case(2, 6, 0.0, False, split, model=eligible_model(heads=6, kv_heads=3, hidden=384, inter=512),
-                      prompt_len=prompt_len, capacity=512)
-    finally:
-        c.set_persistent_split_barrier(before)
+    with kernel_switches(mode):
+        _bitwise_case(2, 6, 0.0, False, KERNEL_MODES[mode][0],
+                      model=eligible_model(heads=6, kv_heads=3, hidden=384, inter=512), prompt_len=prompt_len,
+                      capacity=512)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from kangaroo_ext.engine.engine import engine_for
 from kangaroo_ext.engine.persistent_plain import SWITCH, PersistentPlainStep
 
 from models import tiny_model
-from test_persistent_draft import eligible_model
+from test_persistent_draft import KERNEL_MODES, eligible_model, kernel_switches
 
 CUDA = torch.cuda.is_available() and kx._extension.loaded()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
@@ -88,23 +88,18 @@ def test_off_by_default_and_the_reasons(monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape,prompt_len", [("default", 9), ("three_kv_heads", 150), ("three_kv_heads", 420)])
-@pytest.mark.parametrize("split", [False, True], ids=["barrier", "split-barrier"])
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
 @torch.inference_mode()
-def test_cuda_launch_is_bitwise_the_per_op_plain_step(shape, prompt_len, split, monkeypatch):
+def test_cuda_launch_is_bitwise_the_per_op_plain_step(shape, prompt_len, mode, monkeypatch):
     """bf16: one launch leaves the per-op plain step's token and every layer's K/V, bit for bit, for short
     contexts and for contexts whose keys the attention plan splits over several blocks."""
     monkeypatch.delenv(SWITCH, raising=False)
     kw = {} if shape == "default" else dict(heads=6, kv_heads=3, hidden=384, inter=512)
     model = copy.deepcopy(eligible_model(**kw)).to(torch.bfloat16).cuda()
     engine = _after_prefill(model, prompt_len, capacity=512)
-    c = kx._extension._C
-    before = c.persistent_split_barrier()
-    c.set_persistent_split_barrier(split)
-    try:
+    with kernel_switches(mode):
         want, want_token, got, token = _per_op_then_kernel(engine, lambda s: s.launch())
         torch.cuda.synchronize()
-    finally:
-        c.set_persistent_split_barrier(before)
     for name in want:
         assert torch.equal(got[name], want[name]), f"{name} differs"
     assert torch.equal(token, want_token)

@@ -38,7 +38,8 @@
 // change afterwards. The barrier releases every block's writes and acquires them for the next stage.
 // The barrier buffer's counters start at zero: the last block to leave resets the grid barrier's two, and the
 // last split of a tile resets the tile's, so the same buffer serves the next launch (stream-ordered; not two
-// launches at once).
+// launches at once). The L2 prefetch (Params::prefetch_bytes) only asks the L2 to fetch weight rows early; it
+// reads nothing into registers or the L1.
 #pragma once
 
 #include <cstdint>
@@ -100,6 +101,7 @@ struct Params {
   int64_t* stamps;            // [stamp_rows][stamp_stride][3] (stage, arrival ns, departure ns) or null
   int stamp_rows, stamp_stride;
   bool split_barrier;         // GEMV stages wait inside their tiles, after the weight loads (GridBarrier)
+  int64_t prefetch_bytes;     // per block: L2 prefetch of the next GEMV stage's weights, at most this (0: none)
 };
 
 // ---- the grid barrier -----------------------------------------------------------------------------
@@ -210,6 +212,85 @@ struct NoWait {
   __device__ __forceinline__ void operator()() const {}
 };
 
+// ---- L2 prefetch (Params::prefetch_bytes) -------------------------------------------------------------
+// Weights depend on nothing the launch computes, so while a block waits at a barrier it can ask the L2 for the
+// weight rows its tiles of the *next* GEMV stage will read (`prefetch.global.L2`: a hint, no register, no
+// value): when that stage starts, its loads find them in the L2 instead of waiting a DRAM round trip. Only
+// when loads are issued changes, never what is summed or in what order, so the bits are the same with or
+// without it.
+
+// Every thread of the block: [p, p + bytes) into the L2, one instruction per 128-byte line.
+__device__ __forceinline__ void prefetch_lines(const void* ptr, int64_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(ptr) & ~uintptr_t{127};
+  const int64_t lines = (static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr) - first) + bytes + 127) / 128;
+  for (int64_t i = threadIdx.x; i < lines; i += kThreads) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + static_cast<uintptr_t>(i) * 128));
+  }
+}
+
+// The weights of one GEMV stage as gemv_stage tiles them: segments concatenated along N (QKV), or gate and up
+// sharing each tile (`paired`). Tile t reads 8 rows of K elements of each weight it lies in.
+template <typename T>
+struct StageWeights {
+  const T* w[3];
+  int rows[3];
+  int n = 0;  // segments (0: no stage)
+  int k = 0;
+  bool paired = false;
+};
+
+// This block's tiles of `s` in the order gemv_stage runs them, at most `budget` bytes.
+template <typename T>
+__device__ __forceinline__ void prefetch_stage(const StageWeights<T>& s, int64_t budget) {
+  if (s.n == 0 || budget <= 0) return;
+  const int n_total = s.paired ? s.rows[0] : s.rows[0] + (s.n > 1 ? s.rows[1] : 0) + (s.n > 2 ? s.rows[2] : 0);
+  const int tiles = n_total / gemv_mma::kTileN;
+  const int64_t row_bytes = static_cast<int64_t>(s.k) * sizeof(T);
+  const int64_t tile_bytes = gemv_mma::kTileN * row_bytes;
+  int64_t issued = 0;
+  for (int t0 = blockIdx.x * kTilesPerBlock; t0 < tiles && issued < budget; t0 += gridDim.x * kTilesPerBlock) {
+    for (int t = t0; t < min(t0 + kTilesPerBlock, tiles); ++t) {
+      int n0 = t * gemv_mma::kTileN;
+      for (int seg = 0; seg < s.n; ++seg) {
+        if (s.paired || n0 < s.rows[seg]) {
+          prefetch_lines(s.w[seg] + static_cast<int64_t>(n0) * s.k, tile_bytes);
+          issued += tile_bytes;
+          if (!s.paired) break;
+        } else {
+          n0 -= s.rows[seg];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ StageWeights<T> qkv_weights(const Params<T>& p, const Layer<T>& w) {
+  return StageWeights<T>{{w.q, w.k, w.v}, {p.q_rows, p.kv_rows, p.kv_rows}, 3, p.hidden, false};
+}
+template <typename T>
+__device__ __forceinline__ StageWeights<T> o_weights(const Params<T>& p, const Layer<T>& w) {
+  return StageWeights<T>{{w.o, nullptr, nullptr}, {p.hidden, 0, 0}, 1, p.q_rows, false};
+}
+template <typename T>
+__device__ __forceinline__ StageWeights<T> gate_up_weights(const Params<T>& p, const Layer<T>& w) {
+  return StageWeights<T>{{w.gate, w.up, nullptr}, {p.inter, p.inter, 0}, 2, p.hidden, true};
+}
+template <typename T>
+__device__ __forceinline__ StageWeights<T> down_weights(const Params<T>& p, const Layer<T>& w) {
+  return StageWeights<T>{{w.down, nullptr, nullptr}, {p.hidden, 0, 0}, 1, p.inter, false};
+}
+
+// This block's rows of the head, the first `budget` bytes (the head stage reads them pass by pass, in order).
+template <typename T>
+__device__ __forceinline__ void prefetch_head(const Params<T>& p, int64_t budget) {
+  const int vb = blockIdx.x * p.head_rows_per_block;
+  const int ve = min(p.head_rows, vb + p.head_rows_per_block);
+  if (ve <= vb || budget <= 0) return;
+  const int64_t bytes = static_cast<int64_t>(ve - vb) * p.hidden * static_cast<int64_t>(sizeof(T));
+  prefetch_lines(p.head + static_cast<int64_t>(vb) * p.hidden, min(bytes, budget));
+}
+
 // Bytes of one tile's shared memory: the x rows and norm weight (2 rows of the widest K), then its scratch.
 __host__ __device__ inline int tile_smem_bytes(int max_k, int elem_size) {
   const int xs = (2 * max_k * elem_size + 15) / 16 * 16;
@@ -281,6 +362,10 @@ __device__ __forceinline__ int draft_head(const Params<T>& p, const T* x, const 
   float* hs = reinterpret_cast<float*>(cache + H);          // [H] fp32, lm_head's layout
   __shared__ float warp_sums[kThreads / kWarpSize];
   __shared__ lm_head::Soft warp_soft[kThreads / kWarpSize][lm_head::kLanesPerRow];
+  if (p.prefetch_bytes > 0) {  // all of this block's head rows (read once, in order), then the next step's QKV
+    prefetch_head(p, INT64_MAX);
+    prefetch_stage(qkv_weights(p, p.layer[0]), p.prefetch_bytes);
+  }
   bar.wait();  // the adapter's last stage
   for (int i = tid; i < H / VEC; i += kThreads) {
     Vec<T, VEC> a, b;
@@ -357,11 +442,22 @@ __device__ __forceinline__ const T* projection(const Params<T>& p, const T* in, 
 }
 
 // One layer (a target layer or an adapter block) at this step's position: (x, res) in, (x, res) out.
-// exit_row: where the first norm's residual_out goes (the exit state), or null.
+// exit_row: where the first norm's residual_out goes (the exit state), or null. next: the layer after this one,
+// or null (the head comes next): with Params::prefetch_bytes, each GEMV stage first asks the L2 for the next
+// GEMV stage's weights.
 template <typename T, int VEC, int HD, bool INV>
-__device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>& w, const T*& x, const T*& res,
-                                             T* exit_row, const int64_t* position, unsigned char* smem,
-                                             int tile_bytes, int xs_bytes, GridBarrier& bar) {
+__device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>& w, const Layer<T>* next,
+                                             const T*& x, const T*& res, T* exit_row, const int64_t* position,
+                                             unsigned char* smem, int tile_bytes, int xs_bytes, GridBarrier& bar) {
+  const int64_t pf = p.prefetch_bytes;
+  const auto prefetch_after_layer = [&]() {
+    if (next != nullptr) {
+      prefetch_stage(qkv_weights(p, *next), pf);
+    } else {
+      prefetch_head(p, pf);
+    }
+  };
+  if (pf > 0) prefetch_stage(o_weights(p, w), pf);
   {  // norm + QKV
     T* res_out = exit_row != nullptr ? exit_row : other_residual(p, res);
     gemv::Params<T> gp = gemv_params<T>(x, res, w.input_norm, res_out, p.hidden, p.eps);
@@ -405,9 +501,17 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
   }
   bar.arrive(kAttention);
 
+  if (pf > 0) {
+    if (w.gate != nullptr) {
+      prefetch_stage(gate_up_weights(p, w), pf);
+    } else {
+      prefetch_after_layer();
+    }
+  }
   x = projection(p, p.attn_out, p.q_rows, w.o, w.o_bias, p.x_attn, smem, tile_bytes, xs_bytes, bar, kO);
   if (w.gate == nullptr) return;
 
+  if (pf > 0) prefetch_stage(down_weights(p, w), pf);
   {  // norm + gate/up + SiLU·mul
     T* res_out = other_residual(p, res);
     gemv::Params<T> gp = gemv_params<T>(x, res, w.post_norm, res_out, p.hidden, p.eps);
@@ -419,6 +523,7 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     res = res_out;
   }
   bar.arrive(kGateUp);
+  if (pf > 0) prefetch_after_layer();
   x = projection(p, p.act, p.inter, w.down, w.down_bias, p.x_mlp, smem, tile_bytes, xs_bytes, bar, kDown);
 }
 
@@ -438,6 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
   int64_t token = p.tokens_in[0];
   bool active = p.active[0];
   int64_t drafted = p.num_drafted[0];
+  if (p.prefetch_bytes > 0) prefetch_stage(qkv_weights(p, p.layer[0]), p.prefetch_bytes);
   bar.arrive(kStart);
 
   for (int j = 0; j <= p.gamma; ++j) {
@@ -446,8 +552,9 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
     const T* res = nullptr;
     for (int l = 0; l < p.n_layers; ++l) {
       T* exit_row = l == p.n_exit ? p.exit_states + static_cast<int64_t>(j) * p.hidden : nullptr;
-      layer_stages<T, VEC, HD, INV>(p, p.layer[l], x, res, exit_row, p.positions + j, smem, tile_bytes, xs_bytes,
-                                    bar);
+      const Layer<T>* next = l + 1 < p.n_layers ? &p.layer[l + 1] : nullptr;
+      layer_stages<T, VEC, HD, INV>(p, p.layer[l], next, x, res, exit_row, p.positions + j, smem, tile_bytes,
+                                    xs_bytes, bar);
     }
     if (j == p.gamma) break;
     float conf;
