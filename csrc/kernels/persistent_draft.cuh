@@ -214,10 +214,12 @@ struct NoWait {
 
 // ---- L2 prefetch (Params::prefetch_bytes) -------------------------------------------------------------
 // Weights depend on nothing the launch computes, so while a block waits at a barrier it can ask the L2 for the
-// weight rows its tiles of the *next* GEMV stage will read (`prefetch.global.L2`: a hint, no register, no
-// value): when that stage starts, its loads find them in the L2 instead of waiting a DRAM round trip. Only
-// when loads are issued changes, never what is summed or in what order, so the bits are the same with or
-// without it.
+// weight rows its tiles of the next GEMV stages will read (`prefetch.global.L2`: a hint, no register, no
+// value): when a stage starts, its loads find them in the L2 instead of waiting a DRAM round trip. Each GEMV
+// stage asks for the first Params::prefetch_bytes (a share of the L2) of the next GEMV stage's rows, and for
+// the rest of its own (a stage larger than that share: Llama-3.2-1B's gate/up is 67 MB) as it starts, ahead
+// of its own loads. Only when loads are issued changes, never what is summed or in what order, so the bits
+// are the same with or without it.
 
 // Every thread of the block: [p, p + bytes) into the L2, one instruction per 128-byte line.
 __device__ __forceinline__ void prefetch_lines(const void* ptr, int64_t bytes) {
@@ -239,22 +241,27 @@ struct StageWeights {
   bool paired = false;
 };
 
-// This block's tiles of `s` in the order gemv_stage runs them, at most `budget` bytes.
+// Both prefetch functions stay out of line: inlined, they cost the kernel (255 registers) ~20% more spill
+// loads on every path, prefetch on or off (ptxas -v, bf16, head dim 64, batch-invariant attention).
+
+// This block's tiles of `s` in the order gemv_stage runs them: the tiles that start in [begin, end) of the
+// bytes they read, counted in that order. A stage asks for its first Params::prefetch_bytes during the stage
+// before it and for the rest when it starts (before its barrier wait: see layer_stages).
 template <typename T>
-__device__ __forceinline__ void prefetch_stage(const StageWeights<T>& s, int64_t budget) {
-  if (s.n == 0 || budget <= 0) return;
+__device__ __noinline__ void prefetch_stage(const StageWeights<T>& s, int64_t begin, int64_t end) {
+  if (s.n == 0 || begin >= end) return;
   const int n_total = s.paired ? s.rows[0] : s.rows[0] + (s.n > 1 ? s.rows[1] : 0) + (s.n > 2 ? s.rows[2] : 0);
   const int tiles = n_total / gemv_mma::kTileN;
   const int64_t row_bytes = static_cast<int64_t>(s.k) * sizeof(T);
   const int64_t tile_bytes = gemv_mma::kTileN * row_bytes;
-  int64_t issued = 0;
-  for (int t0 = blockIdx.x * kTilesPerBlock; t0 < tiles && issued < budget; t0 += gridDim.x * kTilesPerBlock) {
+  int64_t at = 0;  // bytes of this block's earlier tiles
+  for (int t0 = blockIdx.x * kTilesPerBlock; t0 < tiles && at < end; t0 += gridDim.x * kTilesPerBlock) {
     for (int t = t0; t < min(t0 + kTilesPerBlock, tiles); ++t) {
       int n0 = t * gemv_mma::kTileN;
       for (int seg = 0; seg < s.n; ++seg) {
         if (s.paired || n0 < s.rows[seg]) {
-          prefetch_lines(s.w[seg] + static_cast<int64_t>(n0) * s.k, tile_bytes);
-          issued += tile_bytes;
+          if (at >= begin && at < end) prefetch_lines(s.w[seg] + static_cast<int64_t>(n0) * s.k, tile_bytes);
+          at += tile_bytes;
           if (!s.paired) break;
         } else {
           n0 -= s.rows[seg];
@@ -281,14 +288,15 @@ __device__ __forceinline__ StageWeights<T> down_weights(const Params<T>& p, cons
   return StageWeights<T>{{w.down, nullptr, nullptr}, {p.hidden, 0, 0}, 1, p.inter, false};
 }
 
-// This block's rows of the head, the first `budget` bytes (the head stage reads them pass by pass, in order).
+// This block's rows of the head, bytes [begin, end) of them (the head stage reads them pass by pass, in order).
 template <typename T>
-__device__ __forceinline__ void prefetch_head(const Params<T>& p, int64_t budget) {
+__device__ __noinline__ void prefetch_head(const Params<T>& p, int64_t begin, int64_t end) {
   const int vb = blockIdx.x * p.head_rows_per_block;
   const int ve = min(p.head_rows, vb + p.head_rows_per_block);
-  if (ve <= vb || budget <= 0) return;
-  const int64_t bytes = static_cast<int64_t>(ve - vb) * p.hidden * static_cast<int64_t>(sizeof(T));
-  prefetch_lines(p.head + static_cast<int64_t>(vb) * p.hidden, min(bytes, budget));
+  const int64_t bytes = ve > vb ? static_cast<int64_t>(ve - vb) * p.hidden * static_cast<int64_t>(sizeof(T)) : 0;
+  end = min(end, bytes);
+  if (begin >= end) return;
+  prefetch_lines(reinterpret_cast<const char*>(p.head + static_cast<int64_t>(vb) * p.hidden) + begin, end - begin);
 }
 
 // Bytes of one tile's shared memory: the x rows and norm weight (2 rows of the widest K), then its scratch.
@@ -362,9 +370,9 @@ __device__ __forceinline__ int draft_head(const Params<T>& p, const T* x, const 
   float* hs = reinterpret_cast<float*>(cache + H);          // [H] fp32, lm_head's layout
   __shared__ float warp_sums[kThreads / kWarpSize];
   __shared__ lm_head::Soft warp_soft[kThreads / kWarpSize][lm_head::kLanesPerRow];
-  if (p.prefetch_bytes > 0) {  // all of this block's head rows (read once, in order), then the next step's QKV
-    prefetch_head(p, INT64_MAX);
-    prefetch_stage(qkv_weights(p, p.layer[0]), p.prefetch_bytes);
+  if (p.prefetch_bytes > 0) {  // the rest of this block's head rows (read once, in order), then the next step's QKV
+    prefetch_head(p, p.prefetch_bytes, INT64_MAX);
+    prefetch_stage(qkv_weights(p, p.layer[0]), 0, p.prefetch_bytes);
   }
   bar.wait();  // the adapter's last stage
   for (int i = tid; i < H / VEC; i += kThreads) {
@@ -443,8 +451,8 @@ __device__ __forceinline__ const T* projection(const Params<T>& p, const T* in, 
 
 // One layer (a target layer or an adapter block) at this step's position: (x, res) in, (x, res) out.
 // exit_row: where the first norm's residual_out goes (the exit state), or null. next: the layer after this one,
-// or null (the head comes next): with Params::prefetch_bytes, each GEMV stage first asks the L2 for the next
-// GEMV stage's weights.
+// or null (the head comes next): with Params::prefetch_bytes, each GEMV stage first asks the L2 for the rest of
+// its own weights and the first prefetch_bytes of the next GEMV stage's.
 template <typename T, int VEC, int HD, bool INV>
 __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>& w, const Layer<T>* next,
                                              const T*& x, const T*& res, T* exit_row, const int64_t* position,
@@ -452,12 +460,15 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
   const int64_t pf = p.prefetch_bytes;
   const auto prefetch_after_layer = [&]() {
     if (next != nullptr) {
-      prefetch_stage(qkv_weights(p, *next), pf);
+      prefetch_stage(qkv_weights(p, *next), 0, pf);
     } else {
-      prefetch_head(p, pf);
+      prefetch_head(p, 0, pf);
     }
   };
-  if (pf > 0) prefetch_stage(o_weights(p, w), pf);
+  if (pf > 0) {
+    prefetch_stage(qkv_weights(p, w), pf, INT64_MAX);
+    prefetch_stage(o_weights(p, w), 0, pf);
+  }
   {  // norm + QKV
     T* res_out = exit_row != nullptr ? exit_row : other_residual(p, res);
     gemv::Params<T> gp = gemv_params<T>(x, res, w.input_norm, res_out, p.hidden, p.eps);
@@ -502,8 +513,9 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
   bar.arrive(kAttention);
 
   if (pf > 0) {
+    prefetch_stage(o_weights(p, w), pf, INT64_MAX);
     if (w.gate != nullptr) {
-      prefetch_stage(gate_up_weights(p, w), pf);
+      prefetch_stage(gate_up_weights(p, w), 0, pf);
     } else {
       prefetch_after_layer();
     }
@@ -511,7 +523,10 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
   x = projection(p, p.attn_out, p.q_rows, w.o, w.o_bias, p.x_attn, smem, tile_bytes, xs_bytes, bar, kO);
   if (w.gate == nullptr) return;
 
-  if (pf > 0) prefetch_stage(down_weights(p, w), pf);
+  if (pf > 0) {
+    prefetch_stage(gate_up_weights(p, w), pf, INT64_MAX);
+    prefetch_stage(down_weights(p, w), 0, pf);
+  }
   {  // norm + gate/up + SiLU·mul
     T* res_out = other_residual(p, res);
     gemv::Params<T> gp = gemv_params<T>(x, res, w.post_norm, res_out, p.hidden, p.eps);
@@ -523,7 +538,10 @@ __device__ __forceinline__ void layer_stages(const Params<T>& p, const Layer<T>&
     res = res_out;
   }
   bar.arrive(kGateUp);
-  if (pf > 0) prefetch_after_layer();
+  if (pf > 0) {
+    prefetch_stage(down_weights(p, w), pf, INT64_MAX);
+    prefetch_after_layer();
+  }
   x = projection(p, p.act, p.inter, w.down, w.down_bias, p.x_mlp, smem, tile_bytes, xs_bytes, bar, kDown);
 }
 
@@ -543,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_draft_kernel(const __g
   int64_t token = p.tokens_in[0];
   bool active = p.active[0];
   int64_t drafted = p.num_drafted[0];
-  if (p.prefetch_bytes > 0) prefetch_stage(qkv_weights(p, p.layer[0]), p.prefetch_bytes);
+  if (p.prefetch_bytes > 0) prefetch_stage(qkv_weights(p, p.layer[0]), 0, p.prefetch_bytes);
   bar.arrive(kStart);
 
   for (int j = 0; j <= p.gamma; ++j) {
