@@ -11,9 +11,9 @@
 //
 // which is what the engine's per-op graph does with ~23 launches a step (Engine.draft_step), each 3-6 us at
 // the default model's sizes: the step cost launch gaps, not bytes. Here the stages of a step run on one
-// occupancy-sized grid, ordered by a grid-wide barrier (an arrival counter in global memory; co-residency
-// from a grid no larger than fits at once), and every stage calls the per-op kernels' own bodies, so every value is
-// bitwise what the per-op path computes:
+// occupancy-sized grid, ordered by a grid-wide barrier (grid_barrier.cuh: an arrival counter in global
+// memory; co-residency from a grid no larger than fits at once), and every stage calls the per-op kernels'
+// own bodies, so every value is bitwise what the per-op path computes:
 //   norm + QKV, O, norm + gate/up, down   decode_linear_mma.cuh's gemv_mma_tile (tensor cores, 1 row); a
 //                                         256-thread block runs two 128-thread tiles side by side, each on a
 //                                         named barrier of its own
@@ -47,6 +47,7 @@
 #include "attention.cuh"
 #include "common.cuh"
 #include "decode_linear_mma.cuh"
+#include "grid_barrier.cuh"
 #include "lm_head.cuh"
 #include "rms_norm.cuh"
 
@@ -102,108 +103,6 @@ struct Params {
   int stamp_rows, stamp_stride;
   bool split_barrier;         // GEMV stages wait inside their tiles, after the weight loads (GridBarrier)
   int64_t prefetch_bytes;     // per block: L2 prefetch of the next GEMV stage's weights, at most this (0: none)
-};
-
-// ---- the grid barrier -----------------------------------------------------------------------------
-
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// What each barrier ends (stage timing: Params::stamps). kMerge: the attention splits' merge, once a stage of its
-// own; the last split of each tile now merges it inside the attention stage (last_arrival), so no barrier ends it.
-enum Stage : int { kStart = 0, kQKV, kAttention, kMerge, kO, kGateUp, kDown, kHead };
-
-// The barrier buffer: [0] the grid barrier's arrivals, [1] its departures (the launch's end), then one arrival
-// counter per attention tile (KV head) for its key splits; every counter is zero between launches.
-constexpr int kBarrierWords = 64;
-constexpr int kTileCounters = 2;                             // the first tile counter's index
-constexpr int kMaxTiles = kBarrierWords - kTileCounters;
-
-// One thread of a block that has finished its share of a task n blocks share (its writes ordered before by the
-// caller's __syncthreads): whether it is the last of the n to arrive at `counter`. The last one resets the
-// counter for the next use (after a grid barrier) and acquires the others' writes; as GridBarrier does.
-__device__ __forceinline__ bool last_arrival(unsigned* counter, int n) {
-  __threadfence();  // this block's writes, before its arrival
-  const bool last = atomicAdd(counter, 1u) == static_cast<unsigned>(n - 1);
-  if (last) {
-    *counter = 0;
-    __threadfence();
-  }
-  return last;
-}
-
-__device__ __forceinline__ int64_t global_ns() {
-  int64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// The grid barrier, in two halves: arrive (the block's stage is done) and wait (every block has arrived).
-// `target` counts arrivals. sync() is both at once. With `split`, a GEMV stage waits inside its tile bodies,
-// after their first weight loads (which depend on nothing earlier), as the per-op kernels do across launches
-// with programmatic dependent launch: the weights' latency then overlaps the barrier. A block never arrives
-// at barrier k before it has passed k - 1 (arrive waits first if it has not), so arrivals cannot be counted
-// towards the wrong barrier. With a stamps buffer, thread 0 of each block records for barrier k the stage it
-// ends and the global timer at its arrival and its departure: stamps [rows][stride >= gridDim.x][3] int64.
-struct GridBarrier {
-  unsigned* counter;
-  int64_t* stamps;  // null: no timing
-  int rows, stride;
-  unsigned target = 0;
-  int k = 0;
-  bool pending = false;  // arrived at barrier k - 1 and not yet seen it complete (uniform over the block)
-
-  __device__ __forceinline__ int64_t* row(int index) const {
-    return stamps != nullptr && index < rows ? stamps + (static_cast<int64_t>(index) * stride + blockIdx.x) * 3
-                                             : nullptr;
-  }
-  __device__ __forceinline__ void spin() const {  // one thread: until barrier k - 1 completes, then acquire
-    while (load_acquire(counter) < target) {
-    }
-    __threadfence();
-  }
-  __device__ __forceinline__ void arrive(Stage stage) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (pending) spin();
-      if (int64_t* r = row(k)) {
-        r[0] = stage;
-        r[1] = global_ns();
-      }
-      __threadfence();  // this block's writes, before its arrival
-      atomicAdd(counter, 1u);
-    }
-    target += gridDim.x;
-    pending = true;
-    ++k;
-  }
-  __device__ __forceinline__ void wait() {  // every thread of the block
-    if (!pending) return;
-    if (threadIdx.x == 0) {
-      spin();
-      if (int64_t* r = row(k - 1)) r[2] = global_ns();
-    }
-    pending = false;
-    __syncthreads();
-  }
-  // The wait of one 128-thread tile body (its thread tid of 128, its named barrier): see `split`.
-  template <class Sync>
-  __device__ __forceinline__ void wait_tile(int tid, Sync sync) const {
-    if (tid == 0) {
-      spin();
-      if (threadIdx.x == 0) {
-        if (int64_t* r = row(k - 1)) r[2] = global_ns();
-      }
-    }
-    sync();
-  }
-  __device__ __forceinline__ void sync(Stage stage) {
-    arrive(stage);
-    wait();
-  }
 };
 
 // ---- stages -----------------------------------------------------------------------------------------
