@@ -60,8 +60,9 @@ class PersistentPlainStep:
         e, s = self.engine, self.engine.spec
         n = s.num_layers
         return (s.embed, kernel_weights(s.layers), [e.k_cache[i] for i in range(n)],
-                [e.v_cache[i] for i in range(n)], n - 1, s.final_norm, s.lm_head, None, e.rope_cos, e.rope_sin, self.never, e.cache_len, self.tokens_in,
-                self.token, self.drafted, self.active, self.exit_states, e.persistent_barrier, 1, True,
+                [e.v_cache[i] for i in range(n)], n - 1, s.final_norm, s.lm_head, None, e.rope_cos, e.rope_sin,
+                self.never, e.cache_len, self.tokens_in, self.token, self.drafted, self.active, self.exit_states,
+                e.persistent_barrier, 1, True,
                 s.rms_norm_eps, s.attn_scale, s.sliding_window or 0)
 
     def off(self) -> str:
