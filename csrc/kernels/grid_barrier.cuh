@@ -17,6 +17,14 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
+// One arrival: everything this thread has seen (its block's writes, through the __syncthreads before) is ordered
+// before the increment (fence.acq_rel is cumulative), and the increment is a reduction with no value to wait for.
+// fence.acq_rel.gpu instead of __threadfence's fence.sc.gpu: a barrier needs release/acquire, not a single
+// total order of fences (the pattern of CUTLASS's GenericBarrier::arrive_inc).
+__device__ __forceinline__ void red_release(unsigned* p, unsigned v) {
+  asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 // What each barrier ends (stage timing: Params::stamps). kMerge: the attention splits' merge, once a stage of its
 // own; the last split of each tile now merges it inside the attention stage (last_arrival), so no barrier ends it.
 enum Stage : int { kStart = 0, kQKV, kAttention, kMerge, kO, kGateUp, kDown, kHead };
@@ -65,10 +73,11 @@ struct GridBarrier {
     return stamps != nullptr && index < rows ? stamps + (static_cast<int64_t>(index) * stride + blockIdx.x) * 3
                                              : nullptr;
   }
-  __device__ __forceinline__ void spin() const {  // one thread: until barrier k - 1 completes, then acquire
+  // One thread: until barrier k - 1 completes. The acquiring load orders what follows after every block's
+  // arrival, and the caller's block barrier passes that on to its other threads (no fence after it).
+  __device__ __forceinline__ void spin() const {
     while (load_acquire(counter) < target) {
     }
-    __threadfence();
   }
   __device__ __forceinline__ void arrive(Stage stage) {
     __syncthreads();
@@ -78,8 +87,7 @@ struct GridBarrier {
         r[0] = stage;
         r[1] = global_ns();
       }
-      __threadfence();  // this block's writes, before its arrival
-      atomicAdd(counter, 1u);
+      red_release(counter, 1u);  // this block's writes (ordered by the __syncthreads above), then its arrival
     }
     target += gridDim.x;
     pending = true;
