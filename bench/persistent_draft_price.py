@@ -68,17 +68,20 @@ def same_state(de, gamma: int) -> dict:
 STAGES = ("start", "qkv", "attention", "merge", "o", "gate_up", "down", "head")  # persistent_draft.cuh: Stage
 
 
-def stamped_times(launch, rows: int, repeats: int = 20) -> dict:
+def stamped_times(launch, rows: int, repeats: int = 20, blocks: int = 0, device: str = "cuda") -> dict:
     """Where a persistent launch's time goes, from the kernel's own barrier stamps (global timer, ns):
     launch(stamps) runs it once from the same state. Per stage kind, the median over the launch's barriers
     and `repeats` runs of (a) the stage: from the first block leaving the previous barrier to the last
-    block arriving at this one, and (b) the barrier: from that last arrival to the last departure."""
-    blocks = 4 * torch.cuda.get_device_properties(0).multi_processor_count
-    stage, barrier = {}, {}
+    block arriving at this one, (b) the barrier: from that last arrival to the last departure, and (c) its
+    release: from that last arrival to the first departure (what the barrier itself costs, without the
+    blocks that leave late). blocks: the stamps' width (default: 4 an SM, more than a launch has)."""
+    blocks = blocks or 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    stage, barrier, release = {}, {}, {}
     for _ in range(repeats):
-        stamps = torch.full((rows, blocks, 3), -1, dtype=torch.int64, device="cuda")
+        stamps = torch.full((rows, blocks, 3), -1, dtype=torch.int64, device=device)
         launch(stamps)
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         s = stamps.cpu()
         used = s[:, 0, 0] >= 0
         s = s[used][:, (s[used][0, :, 0] >= 0)]                    # barriers run x blocks that ran
@@ -90,9 +93,11 @@ def stamped_times(launch, rows: int, repeats: int = 20) -> dict:
                                               / 1e3)
             barrier.setdefault(kind, []).append((leave[k].nan_to_num(float("-inf")).max() - arrive[k].max()).item()
                                                 / 1e3)
+            release.setdefault(kind, []).append((leave[k].nan_to_num(float("inf")).min() - arrive[k].max()).item()
+                                                / 1e3)
     med = lambda v: sorted(v)[len(v) // 2]
     return {kind: {"stage_us": med(stage[kind]), "barrier_us": med(barrier[kind]),
-                   "per_phase": len(stage[kind]) // repeats} for kind in stage}
+                   "release_us": med(release[kind]), "per_phase": len(stage[kind]) // repeats} for kind in stage}
 
 
 @torch.inference_mode()
@@ -252,12 +257,12 @@ def main():
                   f"{m['per_op_plain_step_us']:.1f} us per-op ({m['ratio']:.2f}x), check {m['check']}", flush=True)
             for kind, t in m["stages"].items():
                 print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
-                      f"barrier {t['barrier_us']:.2f} us")
+                      f"barrier {t['barrier_us']:.2f} us (release {t.get('release_us', float('nan')):.2f})")
         for suffix in ("", "_split", "_prefetch", "_split_prefetch"):
             print(f"{name} check{suffix}: {r.get('check' + suffix)}", flush=True)
             for kind, t in r.get("stages" + suffix, {}).items():
                 print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
-                      f"barrier {t['barrier_us']:.2f} us")
+                      f"barrier {t['barrier_us']:.2f} us (release {t.get('release_us', float('nan')):.2f})")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

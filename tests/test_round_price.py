@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import round_price  # noqa: E402
@@ -41,3 +42,26 @@ def test_round_summary_names_what_is_missing(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         round_price.summarize_round(**args)
+
+
+def test_stamped_times_reads_the_barrier_stamps():
+    """bench/persistent_draft_price.py's stage timing on made-up stamps (the kernel's layout: [barrier][block]
+    (stage, arrival ns, departure ns), -1 where a barrier or block did not run): 3 blocks ran of a width of 5;
+    barrier 0 (start), a QKV stage, an attention stage. The QKV stage runs from the first block's departure
+    from barrier 0 (1,000 ns) to the last arrival (4,000): 3 µs; its barrier holds until the last departure
+    (5,500): 1.5 µs; its release (the first departure, 4,600): 0.6 µs. A block that left no departure (split
+    barrier: no tile of its own) counts for neither."""
+    import persistent_draft_price as pdp
+    rows = [[(0, 500, 1000), (0, 600, 1200), (0, 700, 1100)],          # start: arrivals, departures
+            [(1, 3000, 4600), (1, 4000, 5500), (1, 3500, 5000)],       # qkv
+            [(2, 7000, 7400), (2, 6000, -1), (2, 6500, 7800)]]         # attention: block 1 left no departure
+    want = torch.full((5, 5, 3), -1, dtype=torch.int64)
+    want[:3, :3] = torch.tensor(rows)
+
+    def launch(stamps):
+        stamps.copy_(want)
+    t = pdp.stamped_times(launch, rows=5, repeats=3, blocks=5, device="cpu")
+    assert set(t) == {"qkv", "attention"}
+    assert t["qkv"] == {"stage_us": 3.0, "barrier_us": 1.5, "release_us": 0.6, "per_phase": 1}
+    # attention: from the first departure of the qkv barrier (4,600) to the last arrival (7,000)
+    assert t["attention"] == {"stage_us": 2.4, "barrier_us": 0.8, "release_us": 0.4, "per_phase": 1}
