@@ -3,8 +3,8 @@
 # GPU measurements, and leave logs and results under $OUT. Used from the development sessions:
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
-#           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile sweep bench train
-#                  mtbench sampled persistent fused deep rowprobe unseen
+#           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
+#                  sweep bench train mtbench sampled persistent fused deep rowprobe unseen; presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -28,6 +28,14 @@ steps=${*:-build tests lossless bench}
 # issue 24's validation in one call of at most 10 minutes, in order of value; `summary` prints the table.
 VALIDATE="build gpusuite fp32long soak mtbench sampled summary"
 steps=${steps/validate/$VALIDATE}
+# issue 21's kernels in one call of at most 10 minutes, no model needed: the persistent kernel (draft phase and
+# plain step, every launch mode: bitwise tests, prices, stage stamps), then the fused verify tail; the limits
+# below are this preset's defaults (set any of them to override), worst case ~580 s with the build.
+if [[ " $steps " == *" issue21 "* ]]; then
+  : "${PD_LIMIT:=100}" "${PD_PRICE_LIMIT:=200}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
+  : "${PD_K:=merged or generation or 0.3 or plain_step}" "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}"
+  steps=${steps/issue21/build persistent fused}
+fi
 for step in $steps; do
   case $step in
     build)
@@ -209,8 +217,8 @@ for step in $steps; do
       for mode in ${FUSED_MODES:-none commit tail}; do
         KANGAROO_FUSED_COMMIT=$([ $mode = commit ] && echo 1 || echo 0) \
         KANGAROO_FUSED_VERIFY_TAIL=$([ $mode = tail ] && echo 1 || echo 0) PYTHONPATH=".:${PYTHONPATH:-}" \
-          timeout 120 python3 bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
-          --out "bench/results/fused_tail_$mode.json" 2>&1 | grep -v "it/s" | tail -4
+          timeout "${FUSED_PRICE_LIMIT:-120}" python3 bench/persistent_draft_price.py --shapes smollm2_135m \
+          --per-op-only --out "bench/results/fused_tail_$mode.json" 2>&1 | grep -v "it/s" | tail -4
       done ;;
     deep)
       # KANGAROO_GEMV_DEEP_PREFETCH: the 1B-shape GEMV tests (bitwise against the default depth), then the
