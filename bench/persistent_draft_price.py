@@ -28,17 +28,10 @@ import round_price  # noqa: E402
 import shaped_models  # noqa: E402
 
 SWITCH = "KANGAROO_PERSISTENT_DRAFT"
-# The kernel's launch switches by path name: (split barrier, L2 prefetch).
-KERNEL_MODES = {"whole": (False, False), "split": (True, False), "prefetch": (False, True),
-                "split_prefetch": (True, True)}
-
-
-def set_kernel_mode(c, mode) -> tuple:
-    """Set the extension's split barrier and L2 prefetch switches; returns what they were."""
-    before = (c.persistent_split_barrier(), c.persistent_l2_prefetch())
-    c.set_persistent_split_barrier(mode[0])
-    c.set_persistent_l2_prefetch(mode[1])
-    return before
+# The kernel's launch switches by path name (kangaroo_ext._extension.launch_switches' arguments).
+KERNEL_MODES = {name: dict(persistent_split_barrier=split, persistent_l2_prefetch=prefetch)
+                for name, split, prefetch in (("whole", False, False), ("split", True, False),
+                                              ("prefetch", False, True), ("split_prefetch", True, True))}
 SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1b": (shaped_models.LLAMA_3_2_1B,
                                                                                      "decoder")}
 
@@ -167,16 +160,14 @@ class PlainStepPrice:
 def plain_step_paths(de) -> dict:
     """PlainStepPrice's check and price in every KERNEL_MODES mode (the switches as they were after)."""
     import kangaroo_ext as kx
-    c = kx._extension._C
     plain, _ = de.engine.graphs_for(1, False, device_exit=False)   # captured by round_price.measure_round
     out = {}
     for name, mode in KERNEL_MODES.items():
-        before = set_kernel_mode(c, mode)
         try:
-            out[name] = PlainStepPrice(de).price(plain.plain)
+            with kx._extension.launch_switches(**mode):
+                out[name] = PlainStepPrice(de).price(plain.plain)
         except Exception as err:  # keep the other numbers
             out[name] = {"error": f"{type(err).__name__}: {err}"}
-        set_kernel_mode(c, before)
     return out
 
 
@@ -194,30 +185,27 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
     prompt = torch.randint(0, shape["vocab_size"], (1, prompt_tokens), generator=g).cuda()
     out = {"shape": shape_name, "adapter": arch, "exit_layer": exit_layer, "draft_vocab": draft_vocab}
     import kangaroo_ext as kx
-    c = kx._extension._C
-    modes_before = set_kernel_mode(c, KERNEL_MODES["whole"])
     paths = (("per_op", False, "whole"), ("persistent", True, "whole"), ("persistent_split", True, "split"),
              ("persistent_prefetch", True, "prefetch"), ("persistent_split_prefetch", True, "split_prefetch"))
     for key, on, mode in paths[:1] if per_op_only else paths:
         os.environ[SWITCH] = "1" if on else "0"
-        set_kernel_mode(c, KERNEL_MODES[mode])
-        de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt)
-        why = de.engine.persistent_draft_off(de.graphs.gamma)
-        if on and why:
-            out[key] = {"error": why}
-            continue
-        out[key] = round_price.measure_round(de)
-        show(shape_name, key, out[key])
-        if key == "per_op" and plain_step:
-            out["persistent_plain_step"] = plain_step_paths(de)
-            show(shape_name, "persistent_plain_step", out["persistent_plain_step"])
-        if on:
-            out["check" + key[10:]] = same_state(de, de.graphs.gamma)
-            out["stages" + key[10:]] = stage_times(de, de.graphs.gamma)
-            show(shape_name, "check" + key[10:], out["check" + key[10:]])
-        del de
+        with kx._extension.launch_switches(**KERNEL_MODES[mode]):
+            de = bench_cases.DefaultEngine(new_tokens=new_tokens, model=model, adapter=adapter, prompt=prompt)
+            why = de.engine.persistent_draft_off(de.graphs.gamma)
+            if on and why:
+                out[key] = {"error": why}
+                continue
+            out[key] = round_price.measure_round(de)
+            show(shape_name, key, out[key])
+            if key == "per_op" and plain_step:
+                out["persistent_plain_step"] = plain_step_paths(de)
+                show(shape_name, "persistent_plain_step", out["persistent_plain_step"])
+            if on:
+                out["check" + key[10:]] = same_state(de, de.graphs.gamma)
+                out["stages" + key[10:]] = stage_times(de, de.graphs.gamma)
+                show(shape_name, "check" + key[10:], out["check" + key[10:]])
+            del de
     os.environ.pop(SWITCH, None)
-    set_kernel_mode(c, modes_before)
     del model, adapter
     torch.cuda.empty_cache()
     return out

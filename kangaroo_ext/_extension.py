@@ -10,6 +10,7 @@ the torch version, its CUDA version and the C++ ABI flag in the library (csrc/mo
 A refused or broken extension is reported once, as a warning at import, and in LOAD_ERROR (which
 `kangaroo info` and the backends' reasons show); the CUDA backend is then unavailable.
 """
+import contextlib
 import importlib
 import importlib.util
 import mmap
@@ -133,6 +134,24 @@ def apply_launch_settings():
 
 
 apply_launch_settings()
+
+
+@contextlib.contextmanager
+def launch_switches(**enabled: bool):
+    """The launchers' switches named by their getters (e.g. persistent_split_barrier=True) set for the block
+    and restored after it, whatever the environment says; a no-op without the extension (then no CUDA
+    kernel runs at all). For tests and benchmarks that compare a switch's paths in one process."""
+    if _C is None:
+        yield
+        return
+    before = {name: getattr(_C, name)() for name in enabled}
+    try:
+        for name, on in enabled.items():
+            getattr(_C, "set_" + name)(on)
+        yield
+    finally:
+        for name, on in before.items():
+            getattr(_C, "set_" + name)(on)
 
 
 def loaded() -> bool:

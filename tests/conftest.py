@@ -1,6 +1,5 @@
 """Test setup. On a machine without a GPU, Triton kernels run under the CPU interpreter, which must be
 switched on before any Triton kernel is defined."""
-import contextlib
 import os
 
 import torch
@@ -69,17 +68,8 @@ def skip_missing_kernel(backend: str, op: str):
         pytest.skip(f"kangaroo_ext.triton_kernels has no kernel for {op}")
 
 
-@contextlib.contextmanager
 def tensor_core_gemv(enabled: bool):
     """The 16-bit decode GEMVs on tensor cores (True) or CUDA cores (False) inside the block, as before after
     it; no-op where the extension is not loaded (then no CUDA kernel runs at all)."""
     from kangaroo_ext import _extension
-    if not _extension.loaded():
-        yield
-        return
-    before = _extension._C.tensor_core_gemv()
-    _extension._C.set_tensor_core_gemv(enabled)
-    try:
-        yield
-    finally:
-        _extension._C.set_tensor_core_gemv(before)
+    return _extension.launch_switches(tensor_core_gemv=enabled)

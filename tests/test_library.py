@@ -291,6 +291,22 @@ def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set
         _extension.apply_launch_settings()
 
 
+def test_launch_switches_are_restored_after_the_block():
+    """_extension.launch_switches (the tests' and benchmarks' way to compare a switch's paths in one process)
+    sets the named switches inside the block and puts back what they were after it, an exception included."""
+    if not _extension.loaded():
+        with _extension.launch_switches(persistent_l2_prefetch=True):   # a no-op without the extension
+            pass
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    c = _extension._C
+    before = (c.persistent_split_barrier(), c.persistent_l2_prefetch())
+    with pytest.raises(RuntimeError, match="inside"):
+        with _extension.launch_switches(persistent_split_barrier=not before[0], persistent_l2_prefetch=not before[1]):
+            assert (c.persistent_split_barrier(), c.persistent_l2_prefetch()) == (not before[0], not before[1])
+            raise RuntimeError("inside")
+    assert (c.persistent_split_barrier(), c.persistent_l2_prefetch()) == before
+
+
 def test_attention_invariant_width_query_checks_its_arguments():
     """_C.attention_invariant_max_tokens (the copy rounds' width, engine/copy_rounds.py) names a bad argument
     before it asks any device; the Python wrapper answers None without an extension."""

@@ -2,7 +2,6 @@
 and the same tests as the CUDA-core kernels (tests/test_ops_linear.py) with the switch on, at the default
 model's and Llama-3.2-1B's shapes too; the switch really routes eligible shapes to the new kernel and only
 those; and bf16 speculative decoding stays token for token plain decoding with it on."""
-import contextlib
 
 import pytest
 import torch
@@ -93,16 +92,9 @@ def test_llama_1b_shapes(tensor_cores, rows):
         assert torch.equal(deep, one_by_one), f"linear K={K}: rows differ from one-row launches"
 
 
-@contextlib.contextmanager
 def deep_prefetch(enabled: bool):
     """KANGAROO_GEMV_DEEP_PREFETCH's launch option inside the block, as before after it."""
-    c = _extension._C
-    before = c.gemv_deep_prefetch()
-    c.set_gemv_deep_prefetch(enabled)
-    try:
-        yield
-    finally:
-        c.set_gemv_deep_prefetch(before)
+    return _extension.launch_switches(gemv_deep_prefetch=enabled)
 
 
 def _kernel_names(fn) -> set:

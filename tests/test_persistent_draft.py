@@ -1,7 +1,6 @@
 """The persistent draft kernel (ops.persistent_draft; csrc/kernels/persistent_draft.cuh): a whole draft phase in
 one launch. Its reference is the engine's per-op draft steps written out; the CUDA kernel must give bitwise the
 per-op path's tokens, exit states and caches; a call the kernel cannot take says why."""
-import contextlib
 import copy
 
 import pytest
@@ -150,19 +149,10 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the ext
 KERNEL_MODES = {"barrier": (False, False), "split-barrier": (True, False), "l2-prefetch": (False, True)}
 
 
-@contextlib.contextmanager
 def kernel_switches(mode):
     """The persistent kernel's split barrier and L2 prefetch as KERNEL_MODES[mode] says, restored after."""
-    c = kx._extension._C
-    before = (c.persistent_split_barrier(), c.persistent_l2_prefetch())
     split, prefetch = KERNEL_MODES[mode]
-    c.set_persistent_split_barrier(split)
-    c.set_persistent_l2_prefetch(prefetch)
-    try:
-        yield
-    finally:
-        c.set_persistent_split_barrier(before[0])
-        c.set_persistent_l2_prefetch(before[1])
+    return kx._extension.launch_switches(persistent_split_barrier=split, persistent_l2_prefetch=prefetch)
 
 
 @pytest.mark.gpu

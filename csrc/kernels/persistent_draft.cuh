@@ -102,7 +102,7 @@ struct Params {
   int64_t* stamps;            // [stamp_rows][stamp_stride][3] (stage, arrival ns, departure ns) or null
   int stamp_rows, stamp_stride;
   bool split_barrier;         // GEMV stages wait inside their tiles, after the weight loads (GridBarrier)
-  int64_t prefetch_bytes;     // per block: L2 prefetch of the next GEMV stage's weights, at most this (0: none)
+  int64_t prefetch_bytes;     // per block: the next GEMV stage's weight bytes asked of the L2 ahead (0: no prefetch)
 };
 
 // ---- stages -----------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ template <typename T>
 struct StageWeights {
   const T* w[3];
   int rows[3];
-  int n = 0;  // segments (0: no stage)
+  int n = 0;  // segments
   int k = 0;
   bool paired = false;
 };
@@ -148,7 +148,7 @@ struct StageWeights {
 // before it and for the rest when it starts (before its barrier wait: see layer_stages).
 template <typename T>
 __device__ __noinline__ void prefetch_stage(const StageWeights<T>& s, int64_t begin, int64_t end) {
-  if (s.n == 0 || begin >= end) return;
+  if (begin >= end) return;
   const int n_total = s.paired ? s.rows[0] : s.rows[0] + (s.n > 1 ? s.rows[1] : 0) + (s.n > 2 ? s.rows[2] : 0);
   const int tiles = n_total / gemv_mma::kTileN;
   const int64_t row_bytes = static_cast<int64_t>(s.k) * sizeof(T);
