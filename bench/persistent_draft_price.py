@@ -29,7 +29,8 @@ import shaped_models  # noqa: E402
 
 SWITCH = "KANGAROO_PERSISTENT_DRAFT"
 # The kernel's launch switches by path name (kangaroo_ext._extension.launch_switches' arguments).
-KERNEL_MODES = {name: dict(persistent_split_barrier=split, persistent_l2_prefetch=prefetch)
+KERNEL_MODES = {name: dict(persistent_split_barrier=split, persistent_l2_prefetch=prefetch,
+                           persistent_max_blocks=0)
                 for name, split, prefetch in (("whole", False, False), ("split", True, False),
                                               ("prefetch", False, True), ("split_prefetch", True, True))}
 SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1b": (shaped_models.LLAMA_3_2_1B,
@@ -157,12 +158,19 @@ class PlainStepPrice:
         return out
 
 
-def plain_step_paths(de) -> dict:
-    """PlainStepPrice's check and price in every KERNEL_MODES mode (the switches as they were after)."""
+def grid_modes(grids) -> dict:
+    """The whole-barrier mode on grids of at most each of `grids` blocks ("whole_<n>_blocks"): how a stage's
+    and a barrier's time scale with the grid."""
+    return {f"whole_{n}_blocks": dict(KERNEL_MODES["whole"], persistent_max_blocks=n) for n in grids}
+
+
+def plain_step_paths(de, modes=KERNEL_MODES) -> dict:
+    """PlainStepPrice's check and price in each of `modes` (launch_switches' settings by name); the switches
+    as they were after."""
     import kangaroo_ext as kx
     plain, _ = de.engine.graphs_for(1, False, device_exit=False)   # captured by round_price.measure_round
     out = {}
-    for name, mode in KERNEL_MODES.items():
+    for name, mode in modes.items():
         try:
             with kx._extension.launch_switches(**mode):
                 out[name] = PlainStepPrice(de).price(plain.plain)
@@ -177,7 +185,7 @@ def show(shape_name: str, key: str, value) -> None:
 
 
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
-            draft_vocab: int = 8192, per_op_only: bool = False, plain_step: bool = True) -> dict:
+            draft_vocab: int = 8192, per_op_only: bool = False, plain_step: bool = True, grids=()) -> dict:
     shape, arch = SHAPES[shape_name]
     model = shaped_models.random_llama(shape, "cuda", bench_cases.DTYPE)
     adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab, architecture=arch)
@@ -200,12 +208,18 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
             if key == "per_op" and plain_step:
                 out["persistent_plain_step"] = plain_step_paths(de)
                 show(shape_name, "persistent_plain_step", out["persistent_plain_step"])
+                per_op_engine = de   # kept for the grid sweep, last: the draft paths' prices come first
             if on:
                 out["check" + key[10:]] = same_state(de, de.graphs.gamma)
                 out["stages" + key[10:]] = stage_times(de, de.graphs.gamma)
                 show(shape_name, "check" + key[10:], out["check" + key[10:]])
             del de
     os.environ.pop(SWITCH, None)
+    if grids and plain_step:
+        sweep = plain_step_paths(per_op_engine, grid_modes(grids))
+        out["persistent_plain_step"].update(sweep)
+        show(shape_name, "persistent_plain_step grids", sweep)
+        del per_op_engine
     del model, adapter
     torch.cuda.empty_cache()
     return out
@@ -217,14 +231,18 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--per-op-only", action="store_true",
                     help="the per-op draft path's round alone (e.g. to price KANGAROO_FUSED_VERIFY_TAIL on and off)")
+    ap.add_argument("--grids", default="",
+                    help="comma-separated grid caps (blocks) at which to price the persistent plain step again, "
+                         "e.g. 66,33,16")
     args = ap.parse_args()
+    grids = [int(n) for n in args.grids.split(",") if n.strip()]
     from kangaroo_ext import config
     from kangaroo_ext.io import git_commit
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(), "shapes": {}}
     for name in args.shapes.split(","):
         try:
-            r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only)
+            r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only, grids=grids)
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r

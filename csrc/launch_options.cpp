@@ -11,6 +11,7 @@ std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
 std::atomic<bool> deep_prefetch{false};  // config.py's default; set again at import
 std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
+std::atomic<int> max_blocks{0};
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
@@ -36,5 +37,9 @@ void set_gemv_deep_prefetch(bool enabled) { deep_prefetch.store(enabled, std::me
 bool persistent_l2_prefetch() { return l2_prefetch.load(std::memory_order_relaxed); }
 
 void set_persistent_l2_prefetch(bool enabled) { l2_prefetch.store(enabled, std::memory_order_relaxed); }
+
+int persistent_max_blocks() { return max_blocks.load(std::memory_order_relaxed); }
+
+void set_persistent_max_blocks(int blocks) { max_blocks.store(blocks, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

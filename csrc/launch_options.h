@@ -34,4 +34,11 @@ void set_gemv_deep_prefetch(bool enabled);
 bool persistent_l2_prefetch();
 void set_persistent_l2_prefetch(bool enabled);
 
+// The most blocks one persistent draft kernel launch may use (default 0: every block that fits at once; a cap
+// above that changes nothing). Blocks only divide the tiles, heads and head rows among themselves, so the bits are
+// the same at any cap but the draft confidence's last bits (its softmax sum merges one partial a block). For
+// benchmarks that ask how a stage's and a barrier's time scale with the grid.
+int persistent_max_blocks();
+void set_persistent_max_blocks(int blocks);
+
 }  // namespace kangaroo

@@ -117,6 +117,20 @@ PyObject* get_switch(PyObject*, PyObject*) {
   return PyBool_FromLong(Get() ? 1 : 0);
 }
 
+PyObject* set_persistent_max_blocks(PyObject*, PyObject* args) {
+  int blocks = 0;
+  if (!PyArg_ParseTuple(args, "i", &blocks)) return nullptr;
+  if (blocks < 0) {
+    PyErr_Format(PyExc_ValueError, "set_persistent_max_blocks: blocks must be >= 0 (0: every block that fits), "
+                 "got %d", blocks);
+    return nullptr;
+  }
+  kangaroo::set_persistent_max_blocks(blocks);
+  Py_RETURN_NONE;
+}
+
+PyObject* persistent_max_blocks(PyObject*, PyObject*) { return PyLong_FromLong(kangaroo::persistent_max_blocks()); }
+
 PyObject* attention_invariant_max_tokens(PyObject*, PyObject* args) {
   long long group = 0, head_dim = 0, elem_size = 0, device = 0;
   if (!PyArg_ParseTuple(args, "LLLL", &group, &head_dim, &elem_size, &device)) return nullptr;
@@ -178,6 +192,10 @@ PyMethodDef kMethods[] = {
      "stage's weights while it waits at a barrier (csrc/kernels/persistent_draft.cuh)"},
     {"persistent_l2_prefetch", get_switch<kangaroo::persistent_l2_prefetch>, METH_NOARGS,
      "persistent_l2_prefetch() -> bool"},
+    {"set_persistent_max_blocks", set_persistent_max_blocks, METH_VARARGS,
+     "set_persistent_max_blocks(blocks: int): the most blocks a persistent draft kernel launch may use (0: every "
+     "block that fits at once)"},
+    {"persistent_max_blocks", persistent_max_blocks, METH_NOARGS, "persistent_max_blocks() -> int"},
     {"attention_invariant_max_tokens", attention_invariant_max_tokens, METH_VARARGS,
      "attention_invariant_max_tokens(group, head_dim, elem_size, device) -> int: the most query tokens one "
      "attention call may carry in the batch-invariant order (0: none; csrc/ops.h)"},

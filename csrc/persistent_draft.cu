@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -206,8 +207,11 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
     TORCH_CHECK_VALUE(smem + 2048 <= max_smem, "persistent_draft needs ", smem, " bytes of shared memory per block; "
                       "the device allows ", max_smem);
     const persistent::Instance<T> kernel = persistent::instance_for<T>(static_cast<int>(D), ap.invariant);
-    const int grid = kernel.resident(smem, num_sms);
-    TORCH_CHECK(grid >= 1, "persistent_draft: no block of the kernel fits an SM (", smem, " bytes of shared memory)");
+    const int resident = kernel.resident(smem, num_sms);
+    TORCH_CHECK(resident >= 1, "persistent_draft: no block of the kernel fits an SM (", smem,
+                " bytes of shared memory)");
+    const int cap = persistent_max_blocks();  // 0: every block that fits
+    const int grid = cap > 0 ? std::min(resident, cap) : resident;
 
     // Workspace: activations (T), the steps' positions, the head's triples, the attention merge's scratch.
     const int64_t merge_floats = attention::merge_scratch_floats(1, static_cast<int>(Hkv), static_cast<int>(D),

@@ -137,10 +137,11 @@ apply_launch_settings()
 
 
 @contextlib.contextmanager
-def launch_switches(**enabled: bool):
-    """The launchers' switches named by their getters (e.g. persistent_split_barrier=True) set for the block
-    and restored after it, whatever the environment says; a no-op without the extension (then no CUDA
-    kernel runs at all). For tests and benchmarks that compare a switch's paths in one process."""
+def launch_switches(**enabled):
+    """The launchers' switches and settings named by their getters (e.g. persistent_split_barrier=True,
+    persistent_max_blocks=33) set for the block and restored after it, whatever the environment says; a no-op
+    without the extension (then no CUDA kernel runs at all). For tests and benchmarks that compare a switch's
+    paths in one process."""
     if _C is None:
         yield
         return

@@ -34,6 +34,7 @@ steps=${steps/validate/$VALIDATE}
 if [[ " $steps " == *" issue21 "* ]]; then
   : "${PD_LIMIT:=100}" "${PD_PRICE_LIMIT:=200}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
   : "${PD_K:=merged or generation or 0.3 or plain_step}" "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}"
+  : "${PD_GRIDS:=66,33,16}"
   steps=${steps/issue21/build persistent fused}
 fi
 for step in $steps; do
@@ -206,8 +207,8 @@ for step in $steps; do
         tests/test_persistent_plain.py -m gpu \
         ${PD_K:+-k "$PD_K"} 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PD_PRICE_LIMIT:-240}" python3 bench/persistent_draft_price.py \
-        ${PD_SHAPES:+--shapes $PD_SHAPES} --out bench/results/persistent_draft.json 2>&1 | grep -v "it/s" \
-        | tee "$OUT/persistent_price.log" | tail -60 ;;
+        ${PD_SHAPES:+--shapes $PD_SHAPES} ${PD_GRIDS:+--grids $PD_GRIDS} --out bench/results/persistent_draft.json \
+        2>&1 | grep -v "it/s" | tee "$OUT/persistent_price.log" | tail -60 ;;
     fused)
       # issue 21: accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their GPU
       # tests, then the round's prices at the default model's shape with neither, the fused commit, the fused tail

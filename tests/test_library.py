@@ -307,6 +307,21 @@ def test_launch_switches_are_restored_after_the_block():
     assert (c.persistent_split_barrier(), c.persistent_l2_prefetch()) == before
 
 
+def test_persistent_grid_cap_is_a_setting_that_checks_its_value():
+    """The persistent kernel's grid cap (benchmarks' grid sweeps; 0: every block that fits) is an int the
+    launcher reads at each launch: set and restored like a switch, and a negative cap is refused by name."""
+    if not _extension.loaded():
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    c = _extension._C
+    assert c.persistent_max_blocks() == 0
+    with _extension.launch_switches(persistent_max_blocks=33):
+        assert c.persistent_max_blocks() == 33
+    assert c.persistent_max_blocks() == 0
+    with pytest.raises(ValueError, match="blocks must be >= 0"):
+        c.set_persistent_max_blocks(-1)
+    assert c.persistent_max_blocks() == 0
+
+
 def test_attention_invariant_width_query_checks_its_arguments():
     """_C.attention_invariant_max_tokens (the copy rounds' width, engine/copy_rounds.py) names a bad argument
     before it asks any device; the Python wrapper answers None without an extension."""

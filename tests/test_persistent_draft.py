@@ -145,14 +145,21 @@ def test_bad_arguments_are_named():
 # ---- on a GPU -----------------------------------------------------------------------------------------
 
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
-# The kernel's launch switches: (split barrier, L2 prefetch). Neither may change a bit.
-KERNEL_MODES = {"barrier": (False, False), "split-barrier": (True, False), "l2-prefetch": (False, True)}
+# The kernel's launch settings by mode (kangaroo_ext._extension.launch_switches' arguments; what a mode leaves out
+# is off). None may change a bit: the split barrier, the L2 prefetch, and a grid of 7 blocks (fewer than the GEMV
+# tiles, the attention's key splits and the head's rows ask for: every block loops over several).
+KERNEL_MODES = {"barrier": {}, "split-barrier": dict(persistent_split_barrier=True),
+                "l2-prefetch": dict(persistent_l2_prefetch=True), "7-blocks": dict(persistent_max_blocks=7)}
 
 
 def kernel_switches(mode):
-    """The persistent kernel's split barrier and L2 prefetch as KERNEL_MODES[mode] says, restored after."""
-    split, prefetch = KERNEL_MODES[mode]
-    return kx._extension.launch_switches(persistent_split_barrier=split, persistent_l2_prefetch=prefetch)
+    """The persistent kernel's settings as KERNEL_MODES[mode] says, restored after."""
+    settings = dict(persistent_split_barrier=False, persistent_l2_prefetch=False, persistent_max_blocks=0)
+    return kx._extension.launch_switches(**{**settings, **KERNEL_MODES[mode]})
+
+
+def split_barrier(mode) -> bool:
+    return KERNEL_MODES[mode].get("persistent_split_barrier", False)
 
 
 @pytest.mark.gpu
@@ -168,9 +175,9 @@ def test_cuda_kernel_is_bitwise_the_per_op_path(ell, gamma, eta, stop, mode):
     caches of the exit layers and the adapter), exits at the first step (η = 1) or never (η = 0), and
     leaves its barrier counters at zero for the next launch; with the grid barrier whole or split
     (KANGAROO_PERSISTENT_SPLIT_BARRIER: GEMV stages wait inside their tiles), and with the L2 prefetch of the
-    next stage's weights (KANGAROO_PERSISTENT_L2_PREFETCH)."""
+    next stage's weights (KANGAROO_PERSISTENT_L2_PREFETCH), and on a grid of 7 blocks."""
     with kernel_switches(mode):
-        _bitwise_case(ell, gamma, eta, stop, KERNEL_MODES[mode][0])
+        _bitwise_case(ell, gamma, eta, stop, split_barrier(mode))
 
 
 def _bitwise_case(ell, gamma, eta, stop, split, model=None, prompt_len=9, capacity=64):
@@ -213,7 +220,7 @@ def test_cuda_kernel_is_bitwise_the_per_op_path_with_merged_key_splits(prompt_le
     """Contexts of several key tiles, three KV heads: the attention plan splits each head's keys over several
     blocks, and the last split of each head to finish merges them (per-head arrival counters)."""
     with kernel_switches(mode):
-        _bitwise_case(2, 6, 0.0, False, KERNEL_MODES[mode][0],
+        _bitwise_case(2, 6, 0.0, False, split_barrier(mode),
                       model=eligible_model(heads=6, kv_heads=3, hidden=384, inter=512), prompt_len=prompt_len,
                       capacity=512)
 
