@@ -9,7 +9,7 @@ std::atomic<bool> pdl_enabled{true};  // atomic: set once from Python, read by e
 std::atomic<bool> invariant_attention{true};  // config.py's default; set again at import
 std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
-std::atomic<bool> deep_prefetch{false};  // config.py's default; set again at import
+std::atomic<bool> deep_prefetch{true};  // config.py's default; set again at import
 std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
 std::atomic<int> max_blocks{0};
 }

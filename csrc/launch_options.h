@@ -24,8 +24,8 @@ void set_tensor_core_gemv(bool enabled);
 bool persistent_split_barrier();
 void set_persistent_split_barrier(bool enabled);
 
-// Whether tensor-core GEMVs with long K on few blocks keep more weight loads in flight (default false until
-// its GPU tests run; csrc/kernels/decode_linear_mma.cuh, deep_in_flight). Same bits either way.
+// Whether tensor-core GEMVs with long K on few blocks keep more weight loads in flight (default true since its
+// GPU tests passed on the H100 at 71757c1; csrc/kernels/decode_linear_mma.cuh, deep_in_flight). Same bits.
 bool gemv_deep_prefetch();
 void set_gemv_deep_prefetch(bool enabled);
 

@@ -186,10 +186,10 @@ def test_stats_say_why_the_fused_tail_did_not_run(monkeypatch):
     model = copy.deepcopy(tiny_model("llama", layers=4))
     adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
     p = prompts(1, seed=2)[0]
-    monkeypatch.delenv("KANGAROO_FUSED_VERIFY_TAIL", raising=False)
+    monkeypatch.setenv("KANGAROO_FUSED_VERIFY_TAIL", "0")
     out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=6, eos_token_id=[])
-    assert out.stats.verify_tail == "per-op" and "KANGAROO_FUSED_VERIFY_TAIL is off" in out.stats.verify_tail_off
-    monkeypatch.setenv("KANGAROO_FUSED_VERIFY_TAIL", "1")
+    assert out.stats.verify_tail == "per-op" and "KANGAROO_FUSED_VERIFY_TAIL=0" in out.stats.verify_tail_off
+    monkeypatch.delenv("KANGAROO_FUSED_VERIFY_TAIL", raising=False)   # on by default
     out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=6, eos_token_id=[])
     if not torch.cuda.is_available():
         assert out.stats.verify_tail == "per-op" and "not on a GPU" in out.stats.verify_tail_off

@@ -466,7 +466,7 @@ class Engine:
     def fused_tail_off(self) -> str:
         """Why greedy steps do not end with ops.verify_tail ('' where they do): the switch, then what it needs."""
         if not config.flag("KANGAROO_FUSED_VERIFY_TAIL"):
-            return "KANGAROO_FUSED_VERIFY_TAIL is off (the default until its GPU tests pass)"
+            return "KANGAROO_FUSED_VERIFY_TAIL=0"
         if self.sampling is not None:
             return "sampling: the fused tail takes the target's argmax"
         if self.spec.device.type != "cuda":
