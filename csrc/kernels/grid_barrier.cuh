@@ -103,6 +103,9 @@ struct GridBarrier {
     __syncthreads();
   }
   // The wait of one 128-thread tile body (its thread tid of 128, its named barrier): see `split`.
+  // `sync` is a bar.sync in inline asm, which the compiler does not know to reconverge the warp for (as it
+  // does for __syncthreads): without the __syncwarp, lanes 1-31 could reach it while lane 0 still spins, and the
+  // barrier would count that warp twice (the suspected cause of the split barrier's hang on the H100, 71757c1).
   template <class Sync>
   __device__ __forceinline__ void wait_tile(int tid, Sync sync) const {
     if (tid == 0) {
@@ -111,6 +114,7 @@ struct GridBarrier {
         if (int64_t* r = row(k - 1)) r[2] = global_ns();
       }
     }
+    __syncwarp();
     sync();
   }
   __device__ __forceinline__ void sync(Stage stage) {
