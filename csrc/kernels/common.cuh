@@ -244,10 +244,15 @@ struct WholeBlock {
   __device__ __forceinline__ void operator()() const { __syncthreads(); }
 };
 
+// bar.sync is warp-aligned, and the compiler does not reconverge a warp before inline asm as it does before
+// __syncthreads: the __syncwarp does. (compute-sanitizer's synccheck caught lanes still diverged after a tile's
+// per-lane stores at this barrier in the persistent kernel's split-barrier path, H100, 3a32fec; that path
+// still hung with this fix, so another cause remains.)
 template <int kThreadsInGroup>
 struct NamedBarrier {
   int id;  // 1..15
   __device__ __forceinline__ void operator()() const {
+    __syncwarp();
     asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kThreadsInGroup) : "memory");
   }
 };

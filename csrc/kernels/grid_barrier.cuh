@@ -104,8 +104,8 @@ struct GridBarrier {
   }
   // The wait of one 128-thread tile body (its thread tid of 128, its named barrier): see `split`.
   // `sync` is a bar.sync in inline asm, which the compiler does not know to reconverge the warp for (as it
-  // does for __syncthreads): without the __syncwarp, lanes 1-31 could reach it while lane 0 still spins, and the
-  // barrier would count that warp twice (the suspected cause of the split barrier's hang on the H100, 71757c1).
+  // does for __syncthreads): the __syncwarp keeps lanes 1-31 from reaching it while lane 0 still spins. (The
+  // split barrier hangs on the H100 with and without it: its cause is not found yet.)
   template <class Sync>
   __device__ __forceinline__ void wait_tile(int tid, Sync sync) const {
     if (tid == 0) {
