@@ -185,7 +185,10 @@ def show(shape_name: str, key: str, value) -> None:
 
 
 def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exit_layer: int = 2,
-            draft_vocab: int = 8192, per_op_only: bool = False, plain_step: bool = True, grids=()) -> dict:
+            draft_vocab: int = 8192, per_op_only: bool = False, plain_step: bool = True, grids=(),
+            modes=tuple(KERNEL_MODES)) -> dict:
+    """The round's prices per-op and on the persistent draft paths of `modes` (KERNEL_MODES names), the
+    persistent plain step in those modes (and on the `grids` caps), the checks and the stage stamps."""
     shape, arch = SHAPES[shape_name]
     model = shaped_models.random_llama(shape, "cuda", bench_cases.DTYPE)
     adapter = shaped_models.random_adapter(model, exit_layer, draft_vocab, architecture=arch)
@@ -195,6 +198,7 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
     import kangaroo_ext as kx
     paths = (("per_op", False, "whole"), ("persistent", True, "whole"), ("persistent_split", True, "split"),
              ("persistent_prefetch", True, "prefetch"), ("persistent_split_prefetch", True, "split_prefetch"))
+    paths = [path for path in paths if not path[1] or path[2] in modes]
     for key, on, mode in paths[:1] if per_op_only else paths:
         os.environ[SWITCH] = "1" if on else "0"
         with kx._extension.launch_switches(**KERNEL_MODES[mode]):
@@ -206,7 +210,7 @@ def measure(shape_name: str, prompt_tokens: int = 160, new_tokens: int = 64, exi
             out[key] = round_price.measure_round(de)
             show(shape_name, key, out[key])
             if key == "per_op" and plain_step:
-                out["persistent_plain_step"] = plain_step_paths(de)
+                out["persistent_plain_step"] = plain_step_paths(de, {m: KERNEL_MODES[m] for m in modes})
                 show(shape_name, "persistent_plain_step", out["persistent_plain_step"])
                 per_op_engine = de   # kept for the grid sweep, last: the draft paths' prices come first
             if on:
@@ -234,15 +238,23 @@ def main():
     ap.add_argument("--grids", default="",
                     help="comma-separated grid caps (blocks) at which to price the persistent plain step again, "
                          "e.g. 66,33,16")
+    ap.add_argument("--modes", default=",".join(KERNEL_MODES),
+                    help="the persistent kernel's launch modes to price, comma-separated (of "
+                         f"{', '.join(KERNEL_MODES)})")
     args = ap.parse_args()
     grids = [int(n) for n in args.grids.split(",") if n.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in KERNEL_MODES]
+    if unknown:
+        ap.error(f"--modes: unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(KERNEL_MODES)}")
     from kangaroo_ext import config
     from kangaroo_ext.io import git_commit
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(), "shapes": {}}
     for name in args.shapes.split(","):
         try:
-            r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only, grids=grids)
+            r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only, grids=grids,
+                        modes=modes)
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r

@@ -4,7 +4,8 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
-#                  sweep bench train mtbench sampled persistent fused deep rowprobe unseen; presets: validate, issue21
+#                  sweep bench train mtbench sampled persistent splitdiag fused deep rowprobe unseen; presets: validate,
+#                  issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -29,13 +30,14 @@ steps=${*:-build tests lossless bench}
 VALIDATE="build gpusuite fp32long soak mtbench sampled summary"
 steps=${steps/validate/$VALIDATE}
 # issue 21's kernels in one call of at most 10 minutes, no model needed: the persistent kernel (draft phase and
-# plain step, every launch mode: bitwise tests, prices, stage stamps), then the fused verify tail; the limits
-# below are this preset's defaults (set any of them to override), worst case ~580 s with the build.
+# plain step, every launch mode but the split barrier, which hangs: bitwise tests, prices, stage stamps), the
+# split barrier under compute-sanitizer (splitdiag), then the fused verify tail; the limits below are this
+# preset's defaults (set any of them to override), worst case ~520 s with the build.
 if [[ " $steps " == *" issue21 "* ]]; then
-  : "${PD_LIMIT:=100}" "${PD_PRICE_LIMIT:=200}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
-  : "${PD_K:=merged or generation or 0.3 or plain_step}" "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}"
-  : "${PD_GRIDS:=66,33,16}"
-  steps=${steps/issue21/build persistent fused}
+  : "${PD_LIMIT:=60}" "${PD_PRICE_LIMIT:=90}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
+  : "${PD_K:=not split and (merged or generation or 0.3 or plain_step)}" "${PD_MODES:=whole,prefetch}"
+  : "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}" "${PD_GRIDS:=66}"
+  steps=${steps/issue21/build persistent splitdiag fused}
 fi
 for step in $steps; do
   case $step in
@@ -207,8 +209,19 @@ for step in $steps; do
         tests/test_persistent_plain.py -m gpu \
         ${PD_K:+-k "$PD_K"} 2>&1 | tail -15 | tee "$OUT/persistent_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PD_PRICE_LIMIT:-240}" python3 bench/persistent_draft_price.py \
-        ${PD_SHAPES:+--shapes $PD_SHAPES} ${PD_GRIDS:+--grids $PD_GRIDS} --out bench/results/persistent_draft.json \
+        ${PD_SHAPES:+--shapes $PD_SHAPES} ${PD_GRIDS:+--grids $PD_GRIDS} ${PD_MODES:+--modes $PD_MODES} \
+        --out bench/results/persistent_draft.json \
         2>&1 | grep -v "it/s" | tee "$OUT/persistent_price.log" | tail -60 ;;
+    splitdiag)
+      # issue 21: the split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER) hangs (H100, 71757c1 and 2551c1f); its
+      # first bitwise case under synccheck, then racecheck, each cut at 60 s (a hang still prints the reports)
+      log splitdiag
+      sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
+      for tool in synccheck racecheck; do
+        timeout 60 "$sanitizer" --tool $tool --print-limit 20 python3 -m pytest -q -p no:cacheprovider -x \
+          --run-hanging tests/test_persistent_draft.py -m gpu -k "split and 0.3" 2>&1 | grep -E "=====|passed|failed" \
+          | grep -vE "Host Frame|Saved host" | head -60 | tee -a "$OUT/splitdiag.log"
+      done ;;
     fused)
       # issue 21: accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their GPU
       # tests, then the round's prices at the default model's shape with neither, the fused commit, the fused tail
