@@ -4,8 +4,8 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
-#                  sweep bench train mtbench sampled persistent splitdiag fused deep rowprobe unseen; presets: validate,
-#                  issue21
+#                  sweep bench train mtbench sampled persistent splitdiag attnprofile fused deep rowprobe unseen;
+#                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -29,15 +29,16 @@ steps=${*:-build tests lossless bench}
 # issue 24's validation in one call of at most 10 minutes, in order of value; `summary` prints the table.
 VALIDATE="build gpusuite fp32long soak mtbench sampled summary"
 steps=${steps/validate/$VALIDATE}
-# issue 21's kernels in one call of at most 10 minutes, no model needed: the persistent kernel (draft phase and
-# plain step, every launch mode but the split barrier, which hangs: bitwise tests, prices, stage stamps), the
-# split barrier under compute-sanitizer (splitdiag), then the fused verify tail; the limits below are this
-# preset's defaults (set any of them to override), worst case ~520 s with the build.
+# issue 21's kernels in one call of at most 10 minutes, no model needed, in order of value: the persistent kernel
+# (draft phase and plain step, every launch mode but the split barrier, which hangs: bitwise tests, prices, stage
+# stamps), the fused verify tail, the attention op's timing and profile (attnprofile), then the split barrier
+# under compute-sanitizer (splitdiag). The limits below are this preset's defaults (set any to override); each
+# step is bounded, typically ~350 s in all with the build; a call cut at its limit loses the last steps only.
 if [[ " $steps " == *" issue21 "* ]]; then
   : "${PD_LIMIT:=60}" "${PD_PRICE_LIMIT:=90}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
   : "${PD_K:=not split and (merged or generation or 0.3 or plain_step)}" "${PD_MODES:=whole,prefetch}"
   : "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}" "${PD_GRIDS:=66}"
-  steps=${steps/issue21/build persistent splitdiag fused}
+  steps=${steps/issue21/build persistent fused attnprofile splitdiag}
 fi
 for step in $steps; do
   case $step in
@@ -212,13 +213,28 @@ for step in $steps; do
         ${PD_SHAPES:+--shapes $PD_SHAPES} ${PD_GRIDS:+--grids $PD_GRIDS} ${PD_MODES:+--modes $PD_MODES} \
         --out bench/results/persistent_draft.json \
         2>&1 | grep -v "it/s" | tee "$OUT/persistent_price.log" | tail -60 ;;
+    attnprofile)
+      # issue 21: the attention op alone (the largest stage of a decode layer): µs per launch at T 1 / 7 after 160 /
+      # 1,024 cached positions, invariant PV order on and off; then Nsight Compute's stall reasons for three cases
+      log attnprofile
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 90 python3 bench/attention_profile.py \
+        --out "bench/results/attention_profile_${CARD}.json" 2>&1 | tail -10
+      for case in "1 160" "7 160" "1 1024"; do
+        set -- $case
+        PYTHONPATH=".:${PYTHONPATH:-}" timeout 40 ncu --clock-control none -k regex:attention_kernel -s 3 -c 1 \
+          --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section LaunchStats \
+          --section Occupancy python3 bench/attention_profile.py --tokens "$1" --context "$2" --launches 4 2>&1 \
+          | grep -v "^==PROF==" > "$OUT/ncu_attention_T$1_ctx$2.txt"
+        grep -E "Duration|Stall|Warp Cycles Per Issued|Registers|Block Size|Grid Size|Cluster" \
+          "$OUT/ncu_attention_T$1_ctx$2.txt" | head -20
+      done ;;
     splitdiag)
       # issue 21: the split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER) hangs (H100, 71757c1 and 2551c1f); its
-      # first bitwise case under synccheck, then racecheck, each cut at 60 s (a hang still prints the reports)
+      # first bitwise case under synccheck, then racecheck, each cut at 45 s (a hang still prints the reports)
       log splitdiag
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
       for tool in synccheck racecheck; do
-        timeout 60 "$sanitizer" --tool $tool --print-limit 20 python3 -m pytest -q -p no:cacheprovider -x \
+        timeout 45 "$sanitizer" --tool $tool --print-limit 20 python3 -m pytest -q -p no:cacheprovider -x \
           --run-hanging tests/test_persistent_draft.py -m gpu -k "split and 0.3" 2>&1 | grep -E "=====|passed|failed" \
           | grep -vE "Host Frame|Saved host" | head -60 | tee -a "$OUT/splitdiag.log"
       done ;;
