@@ -67,7 +67,9 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_FUSED_COMMIT", "flag", "run",
          "greedy verify and plain steps on a GPU end with one accept_commit launch (csrc/kernels/accept_commit.cuh: "
          "the accept rule, the history, the cache length, the next input and the report) instead of ~10 small "
-         "ones. Off until its GPU tests run"),
+         "ones. Its GPU tests passed (H100, 71757c1) but it was not priced alone; the fused verify tail, on by "
+         "default, already ends those steps with accept_commit, so this matters only with "
+         "KANGAROO_FUSED_VERIFY_TAIL=0"),
     Knob("KANGAROO_FUSED_VERIFY_TAIL", "flag", "run",
          "greedy verify and plain steps on a GPU end with ops.verify_tail (csrc/kernels/verify_tail.cuh): the "
          "final norm, the target's argmax at every position and accept_commit in two launches instead of ~4 + "
