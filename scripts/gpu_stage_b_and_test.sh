@@ -229,13 +229,21 @@ for step in $steps; do
           "$OUT/ncu_attention_T$1_ctx$2.txt" | head -20
       done ;;
     splitdiag)
-      # issue 21: the split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER) hangs (H100, 71757c1 and 2551c1f); its
-      # first bitwise case under synccheck, then racecheck, each cut at 45 s (a hang still prints the reports)
+      # issue 21: the split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER) hangs (H100, 71757c1 and 2551c1f). Its
+      # first bitwise case under cuda-gdb, interrupted after 30 s: where each warp of the hung kernel stands (PCs
+      # to match against the kernel's SASS, saved beside); then under synccheck and racecheck, each cut at 45 s
+      # (a hang still prints the reports)
       log splitdiag
+      hung=(python3 -m pytest -q -p no:cacheprovider -x --run-hanging tests/test_persistent_draft.py -m gpu
+            -k "split and 0.3")
+      timeout -s INT -k 20 30 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "info cuda kernels" \
+        -ex "info cuda blocks" -ex "info cuda warps" -ex "x/6i \$pc" -ex "bt" --args "${hung[@]}" 2>&1 \
+        | grep -vE "^\[(New|Thread)|^warning" | tail -120 | tee -a "$OUT/splitdiag.log"
+      kernel=_ZN8kangaroo10persistent23persistent_draft_kernelI13__nv_bfloat16Li64ELb1EEEvNS0_6ParamsIT_EE
+      cuobjdump -sass -fun "$kernel" kangaroo_ext/_C*.so > "$OUT/persistent_bf16_hd64_inv.sass" 2>&1
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
       for tool in synccheck racecheck; do
-        timeout 45 "$sanitizer" --tool $tool --print-limit 20 python3 -m pytest -q -p no:cacheprovider -x \
-          --run-hanging tests/test_persistent_draft.py -m gpu -k "split and 0.3" 2>&1 | grep -E "=====|passed|failed" \
+        timeout 45 "$sanitizer" --tool $tool --print-limit 20 "${hung[@]}" 2>&1 | grep -E "=====|passed|failed" \
           | grep -vE "Host Frame|Saved host" | head -60 | tee -a "$OUT/splitdiag.log"
       done ;;
     fused)
