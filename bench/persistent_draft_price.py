@@ -33,6 +33,9 @@ KERNEL_MODES = {name: dict(persistent_split_barrier=split, persistent_l2_prefetc
                            persistent_max_blocks=0)
                 for name, split, prefetch in (("whole", False, False), ("split", True, False),
                                               ("prefetch", False, True), ("split_prefetch", True, True))}
+# The split barrier hangs on the GPU (H100, 71757c1 and 2551c1f: tests/test_persistent_draft.py marks it `hangs`):
+# priced only when --modes names it.
+HANGING_MODES = ("split", "split_prefetch")
 SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1b": (shaped_models.LLAMA_3_2_1B,
                                                                                      "decoder")}
 
@@ -238,9 +241,9 @@ def main():
     ap.add_argument("--grids", default="",
                     help="comma-separated grid caps (blocks) at which to price the persistent plain step again, "
                          "e.g. 66,33,16")
-    ap.add_argument("--modes", default=",".join(KERNEL_MODES),
+    ap.add_argument("--modes", default=",".join(m for m in KERNEL_MODES if m not in HANGING_MODES),
                     help="the persistent kernel's launch modes to price, comma-separated (of "
-                         f"{', '.join(KERNEL_MODES)})")
+                         f"{', '.join(KERNEL_MODES)}; {', '.join(HANGING_MODES)} hang, so only when named)")
     args = ap.parse_args()
     grids = [int(n) for n in args.grids.split(",") if n.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -277,7 +280,9 @@ def main():
                 print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
                       f"barrier {t['barrier_us']:.2f} us (release {t.get('release_us', float('nan')):.2f})")
         for suffix in ("", "_split", "_prefetch", "_split_prefetch"):
-            print(f"{name} check{suffix}: {r.get('check' + suffix)}", flush=True)
+            if "check" + suffix not in r:   # a mode not priced (--modes, --per-op-only)
+                continue
+            print(f"{name} check{suffix}: {r['check' + suffix]}", flush=True)
             for kind, t in r.get("stages" + suffix, {}).items():
                 print(f"  {kind:10s} x{t['per_phase']:3d}: stage {t['stage_us']:.2f} us, "
                       f"barrier {t['barrier_us']:.2f} us (release {t.get('release_us', float('nan')):.2f})")
