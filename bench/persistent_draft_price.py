@@ -33,9 +33,6 @@ KERNEL_MODES = {name: dict(persistent_split_barrier=split, persistent_l2_prefetc
                            persistent_max_blocks=0)
                 for name, split, prefetch in (("whole", False, False), ("split", True, False),
                                               ("prefetch", False, True), ("split_prefetch", True, True))}
-# The split barrier hangs on the GPU (H100, 71757c1 and 2551c1f: tests/test_persistent_draft.py marks it `hangs`):
-# priced only when --modes names it.
-HANGING_MODES = ("split", "split_prefetch")
 SHAPES = {"smollm2_135m": (shaped_models.SMOLLM2_135M, "kangaroo"), "llama_3_2_1b": (shaped_models.LLAMA_3_2_1B,
                                                                                      "decoder")}
 
@@ -241,9 +238,8 @@ def main():
     ap.add_argument("--grids", default="",
                     help="comma-separated grid caps (blocks) at which to price the persistent plain step again, "
                          "e.g. 66,33,16")
-    ap.add_argument("--modes", default=",".join(m for m in KERNEL_MODES if m not in HANGING_MODES),
-                    help="the persistent kernel's launch modes to price, comma-separated (of "
-                         f"{', '.join(KERNEL_MODES)}; {', '.join(HANGING_MODES)} hang, so only when named)")
+    ap.add_argument("--modes", default=",".join(KERNEL_MODES),
+                    help=f"the persistent kernel's launch modes to price, comma-separated (of {', '.join(KERNEL_MODES)})")
     args = ap.parse_args()
     grids = [int(n) for n in args.grids.split(",") if n.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -89,7 +89,8 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_PERSISTENT_SPLIT_BARRIER", "flag", "run",
          "with KANGAROO_PERSISTENT_DRAFT or _PLAIN_STEP: the persistent kernel's GEMV stages wait for the grid "
          "barrier inside their tiles, after issuing their weight loads, so the weights' latency overlaps the "
-         "barrier (persistent_draft.cuh, GridBarrier). Hangs on the GPU (H100, 71757c1): leave it off"),
+         "barrier (persistent_draft.cuh, GridBarrier). Bitwise the per-op path on the H100 (since its named barrier "
+         "counts threads one by one), and no faster there"),
     Knob("KANGAROO_PERSISTENT_L2_PREFETCH", "flag", "run",
          "with KANGAROO_PERSISTENT_DRAFT or _PLAIN_STEP: while a block of the persistent kernel waits at a barrier "
          "it asks the L2 for the weight rows its tiles of the next GEMV stage read (a quarter of the L2 a stage), "

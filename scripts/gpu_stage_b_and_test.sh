@@ -4,7 +4,7 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
-#                  sweep bench train mtbench sampled persistent splitdiag attnprofile fused deep rowprobe unseen;
+#                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -30,16 +30,15 @@ steps=${*:-build tests lossless bench}
 VALIDATE="build gpusuite fp32long soak mtbench sampled summary"
 steps=${steps/validate/$VALIDATE}
 # issue 21's kernels in one call of at most 10 minutes, no model needed, in order of value: the persistent kernel
-# (draft phase and plain step, every launch mode but the split barrier, which hangs and which both the tests
-# (`hangs` marker) and the price script (HANGING_MODES) leave out unless asked: bitwise tests, prices, stage
-# stamps), the fused verify tail, the attention op's timing and profile (attnprofile), then the split barrier
-# under compute-sanitizer (splitdiag). The limits below are this preset's defaults (set any to override); each
-# step is bounded, typically ~350 s in all with the build; a call cut at its limit loses the last steps only.
+# (draft phase and plain step in every launch mode: bitwise tests, prices, stage stamps), the fused verify tail,
+# the attention op's timing and profile (attnprofile), then the persistent kernel under compute-sanitizer
+# (persan). The limits below are this preset's defaults (set any to override); each step is bounded, typically
+# ~350 s in all with the build; a call cut at its limit loses the last steps only.
 if [[ " $steps " == *" issue21 "* ]]; then
   : "${PD_LIMIT:=60}" "${PD_PRICE_LIMIT:=90}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
   : "${PD_K:=merged or generation or 0.3 or plain_step}" "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}"
   : "${PD_GRIDS:=66}"
-  steps=${steps/issue21/build persistent fused attnprofile splitdiag}
+  steps=${steps/issue21/build persistent fused attnprofile persan}
 fi
 for step in $steps; do
   case $step in
@@ -229,23 +228,15 @@ for step in $steps; do
         grep -E "Duration|Stall|Warp Cycles Per Issued|Registers|Block Size|Grid Size|Cluster" \
           "$OUT/ncu_attention_T$1_ctx$2.txt" | head -20
       done ;;
-    splitdiag)
-      # issue 21: the split barrier (KANGAROO_PERSISTENT_SPLIT_BARRIER) hangs (H100, 71757c1 and 2551c1f). Its
-      # first bitwise case under cuda-gdb, interrupted after 30 s: where each warp of the hung kernel stands (PCs
-      # to match against the kernel's SASS, saved beside); then under synccheck and racecheck, each cut at 45 s
-      # (a hang still prints the reports)
-      log splitdiag
-      hung=(python3 -m pytest -q -p no:cacheprovider -x --run-hanging tests/test_persistent_draft.py -m gpu
-            -k "split and 0.3")
-      timeout -s INT -k 20 30 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "info cuda kernels" \
-        -ex "info cuda blocks" -ex "info cuda warps" -ex "x/6i \$pc" -ex "bt" --args "${hung[@]}" 2>&1 \
-        | grep -vE "^\[(New|Thread)|^warning" | tail -120 | tee -a "$OUT/splitdiag.log"
-      kernel=_ZN8kangaroo10persistent23persistent_draft_kernelI13__nv_bfloat16Li64ELb1EEEvNS0_6ParamsIT_EE
-      cuobjdump -sass -fun "$kernel" kangaroo_ext/_C*.so > "$OUT/persistent_bf16_hd64_inv.sass" 2>&1
+    persan)
+      # issue 21: the persistent kernel's split-barrier cases (the path whose named barrier once miscounted a
+      # diverged warp and hung: common.cuh, NamedBarrier) under synccheck and racecheck, each cut at 60 s
+      log persan
+      cases=(python3 -m pytest -q -p no:cacheprovider -x tests/test_persistent_draft.py -m gpu -k "split and 0.3")
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer | head -1)
       for tool in synccheck racecheck; do
-        timeout 45 "$sanitizer" --tool $tool --print-limit 20 "${hung[@]}" 2>&1 | grep -E "=====|passed|failed" \
-          | grep -vE "Host Frame|Saved host" | head -60 | tee -a "$OUT/splitdiag.log"
+        timeout 60 "$sanitizer" --tool $tool --print-limit 20 "${cases[@]}" 2>&1 | grep -E "=====|passed|failed" \
+          | grep -vE "Host Frame|Saved host" | head -60 | tee -a "$OUT/persan.log"
       done ;;
     fused)
       # issue 21: accept_commit (KANGAROO_FUSED_COMMIT) and verify_tail (KANGAROO_FUSED_VERIFY_TAIL): their GPU

@@ -45,23 +45,6 @@ def skip_unsupported(backend: str, device: str, dtype: torch.dtype):
         pytest.skip("Triton's CPU interpreter reads bf16 wrongly (shared/ENVIRONMENT.md): bf16 runs on the GPU")
 
 
-def pytest_addoption(parser):
-    parser.addoption("--run-hanging", action="store_true",
-                     help="also run the tests marked `hangs` (known to hang on a GPU), e.g. under compute-sanitizer "
-                          "to find out why")
-
-
-def pytest_collection_modifyitems(config, items):
-    """A test known to hang would stop a whole GPU suite at its time limit: skipped, with its reason, unless
-    --run-hanging."""
-    if config.getoption("--run-hanging"):
-        return
-    for item in items:
-        mark = item.get_closest_marker("hangs")
-        if mark is not None:
-            item.add_marker(pytest.mark.skip(reason=f"known to hang: {mark.args[0]} (--run-hanging runs it)"))
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -244,16 +244,20 @@ struct WholeBlock {
   __device__ __forceinline__ void operator()() const { __syncthreads(); }
 };
 
-// bar.sync is warp-aligned, and the compiler does not reconverge a warp before inline asm as it does before
-// __syncthreads: the __syncwarp does. (compute-sanitizer's synccheck caught lanes still diverged after a tile's
-// per-lane stores at this barrier in the persistent kernel's split-barrier path, H100, 3a32fec; that path
-// still hung with this fix, so another cause remains.)
+// A named barrier over kThreadsInGroup threads (a multiple of 32). It is PTX's non-aligned `barrier.sync`,
+// which counts arriving threads one by one, not `bar.sync` (= barrier.sync.aligned), which counts a whole warp
+// when its first lanes arrive: a warp reaching an aligned barrier in two pieces is counted twice, and a later
+// barrier of the group then never fills. That is how the persistent kernel's split-barrier path hung (H100,
+// 3a32fec-80eb2b7): compute-sanitizer's synccheck saw lanes 0-7 of a tile's warp 0 (the ones that store the
+// tile's outputs) arrive at this barrier apart from lanes 8-31, and cuda-gdb found warp 3 of block 0 split
+// the same way one barrier later, with the block's other warps waiting at __syncthreads. A __syncwarp before
+// an aligned barrier did not help: the compiler dropped it there as redundant with its own reconvergence.
 template <int kThreadsInGroup>
 struct NamedBarrier {
+  static_assert(kThreadsInGroup % 32 == 0, "a named barrier counts whole warps' threads");
   int id;  // 1..15
   __device__ __forceinline__ void operator()() const {
-    __syncwarp();
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(kThreadsInGroup) : "memory");
+    asm volatile("barrier.sync %0, %1;" ::"r"(id), "n"(kThreadsInGroup) : "memory");
   }
 };
 

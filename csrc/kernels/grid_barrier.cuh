@@ -103,9 +103,7 @@ struct GridBarrier {
     __syncthreads();
   }
   // The wait of one 128-thread tile body (its thread tid of 128, its named barrier): see `split`.
-  // `sync` is a bar.sync in inline asm, which the compiler does not know to reconverge the warp for (as it
-  // does for __syncthreads): the __syncwarp keeps lanes 1-31 from reaching it while lane 0 still spins. (The
-  // split barrier hangs on the H100 with and without it: its cause is not found yet.)
+  // `sync` (NamedBarrier) counts threads one by one, so lanes 1-31 may wait there while lane 0 still spins.
   template <class Sync>
   __device__ __forceinline__ void wait_tile(int tid, Sync sync) const {
     if (tid == 0) {
@@ -114,7 +112,6 @@ struct GridBarrier {
         if (int64_t* r = row(k - 1)) r[2] = global_ns();
       }
     }
-    __syncwarp();
     sync();
   }
   __device__ __forceinline__ void sync(Stage stage) {
