@@ -28,10 +28,12 @@ namespace kangaroo {
 attention::Plan attention_launch_plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len,
                                       int elem_size, bool vec16, int num_sms, int max_smem, bool clusters) {
   const bool invariant = batch_invariant_attention() && elem_size == 2;
+  const bool interleaved = interleaved_key_splits();
   attention::Plan pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms,
-                                       clusters, invariant);
+                                       clusters, invariant, interleaved);
   if (pl.invariant && pl.smem_bytes + 1024 > max_smem) {
-    pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms, clusters, false);
+    pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms, clusters, false,
+                         interleaved);
   }
   return pl;
 }
@@ -138,6 +140,7 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     p.n_qtiles = pl.n_qtiles;
     p.n_splits = pl.n_splits;
     p.min_chunk = pl.min_chunk;
+    p.interleaved = pl.interleaved;
     C10_CUDA_CHECK(attention::launch<T_>(p, pl, Launch{stream, pdl_launches()}));
   });
   return out;

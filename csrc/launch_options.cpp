@@ -11,6 +11,7 @@ std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
 std::atomic<bool> deep_prefetch{true};  // config.py's default; set again at import
 std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
+std::atomic<bool> interleaved_splits{false};  // config.py's default; set again at import
 std::atomic<int> max_blocks{0};
 }
 
@@ -37,6 +38,10 @@ void set_gemv_deep_prefetch(bool enabled) { deep_prefetch.store(enabled, std::me
 bool persistent_l2_prefetch() { return l2_prefetch.load(std::memory_order_relaxed); }
 
 void set_persistent_l2_prefetch(bool enabled) { l2_prefetch.store(enabled, std::memory_order_relaxed); }
+
+bool interleaved_key_splits() { return interleaved_splits.load(std::memory_order_relaxed); }
+
+void set_interleaved_key_splits(bool enabled) { interleaved_splits.store(enabled, std::memory_order_relaxed); }
 
 int persistent_max_blocks() { return max_blocks.load(std::memory_order_relaxed); }
 

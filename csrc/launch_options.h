@@ -34,6 +34,12 @@ void set_gemv_deep_prefetch(bool enabled);
 bool persistent_l2_prefetch();
 void set_persistent_l2_prefetch(bool enabled);
 
+// Whether attention deals each tile's keys to its splits in fixed units, round-robin, instead of cutting the
+// range into contiguous chunks that grow with it (csrc/kernels/key_split.h): then a verified row is the decode
+// step's row past 512 keys too. Default false until its GPU tests run. Changes bits past 512 keys.
+bool interleaved_key_splits();
+void set_interleaved_key_splits(bool enabled);
+
 // The most blocks one persistent draft kernel launch may use (default 0: every block that fits at once; a cap
 // above that changes nothing). Blocks only divide the tiles, heads and head rows among themselves, so the bits are
 // the same at any cap but the draft confidence's last bits (its softmax sum merges one partial a block). For

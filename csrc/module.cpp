@@ -192,6 +192,12 @@ PyMethodDef kMethods[] = {
      "stage's weights while it waits at a barrier (csrc/kernels/persistent_draft.cuh)"},
     {"persistent_l2_prefetch", get_switch<kangaroo::persistent_l2_prefetch>, METH_NOARGS,
      "persistent_l2_prefetch() -> bool"},
+    {"set_interleaved_key_splits", set_switch<kangaroo::set_interleaved_key_splits>, METH_VARARGS,
+     "set_interleaved_key_splits(enabled: bool): whether later attention launches deal each tile's keys to its "
+     "splits in fixed units, round-robin (csrc/kernels/key_split.h), so verified rows equal decode rows at any "
+     "context"},
+    {"interleaved_key_splits", get_switch<kangaroo::interleaved_key_splits>, METH_NOARGS,
+     "interleaved_key_splits() -> bool"},
     {"set_persistent_max_blocks", set_persistent_max_blocks, METH_VARARGS,
      "set_persistent_max_blocks(blocks: int): the most blocks a persistent draft kernel launch may use (0: every "
      "block that fits at once)"},

@@ -303,6 +303,7 @@ void persistent_draft(const at::Tensor& embed, const c10::List<std::optional<at:
     a.n_qtiles = ap.n_qtiles;
     a.n_splits = ap.n_splits;
     a.min_chunk = ap.min_chunk;
+    a.interleaved = ap.interleaved;
     TORCH_CHECK_VALUE(ap.rpt == 1 && ap.n_qtiles == 1 && ap.hd == D, "persistent_draft: the attention plan for ", G,
                       " query heads per KV head is not one q-tile of one row per warp");
     C10_CUDA_CHECK(kernel.launch(p, grid, smem, stream));

@@ -119,7 +119,8 @@ def apply_launch_settings():
     dependent launch unless KANGAROO_DISABLE_PDL; attention's batch-invariant order unless
     KANGAROO_BATCH_INVARIANT_ATTENTION=0; tensor-core GEMVs with KANGAROO_TENSOR_CORE_GEMV; the persistent draft
     kernel's split barrier with KANGAROO_PERSISTENT_SPLIT_BARRIER and its L2 prefetch with
-    KANGAROO_PERSISTENT_L2_PREFETCH; the GEMVs' deeper weight prefetch with KANGAROO_GEMV_DEEP_PREFETCH. Called at
+    KANGAROO_PERSISTENT_L2_PREFETCH; the GEMVs' deeper weight prefetch with KANGAROO_GEMV_DEEP_PREFETCH; attention's
+    interleaved key splits with KANGAROO_INTERLEAVED_KEY_SPLITS. Called at
     import; call again after changing them."""
     from . import config
     settings = {"set_pdl_launches": not config.flag("KANGAROO_DISABLE_PDL"),
@@ -127,7 +128,8 @@ def apply_launch_settings():
                 "set_tensor_core_gemv": config.flag("KANGAROO_TENSOR_CORE_GEMV"),
                 "set_persistent_split_barrier": config.flag("KANGAROO_PERSISTENT_SPLIT_BARRIER"),
                 "set_gemv_deep_prefetch": config.flag("KANGAROO_GEMV_DEEP_PREFETCH"),
-                "set_persistent_l2_prefetch": config.flag("KANGAROO_PERSISTENT_L2_PREFETCH")}
+                "set_persistent_l2_prefetch": config.flag("KANGAROO_PERSISTENT_L2_PREFETCH"),
+                "set_interleaved_key_splits": config.flag("KANGAROO_INTERLEAVED_KEY_SPLITS")}
     for setter, value in settings.items():
         if _C is not None and hasattr(_C, setter):  # an extension older than the switch lacks its setter
             getattr(_C, setter)(value)

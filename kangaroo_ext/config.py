@@ -58,6 +58,12 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "(csrc/kernels/attention.cuh). bf16 / fp16 only (fp32 keeps the old order until its GPU tests run with "
          "this one). On by default since its GPU tests passed (H100, 4d5b778); 0 restores the split order of "
          "earlier releases", on_by_default=True),
+    Knob("KANGAROO_INTERLEAVED_KEY_SPLITS", "flag", "run",
+         "attention deals each tile's keys to its key splits in fixed 64-key units, round-robin, instead of "
+         "contiguous chunks that grow with the context (csrc/kernels/key_split.h), so a verified row is the decode "
+         "step's row past 512 keys too: the long bf16 turns that differ from plain decoding (H100, 80eb2b7: 7 of "
+         "160 MT-bench, 8 of 100 Spec-Bench turns) were verified there. Changes bits past 512 keys. Off until "
+         "its GPU tests pass"),
     Knob("KANGAROO_TENSOR_CORE_GEMV", "flag", "run",
          "bf16 / fp16 decode GEMVs (q/k/v, O, gate/up, down) run on tensor cores where K % 32 == 0 and every "
          "weight's rows % 8 == 0 (csrc/kernels/decode_linear_mma.cuh): verify rows then cost about what one row "

@@ -166,54 +166,89 @@ INVARIANCE_CASES = {  # Hq, Hkv, D, start position (keys before it are random ca
 }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", list(INVARIANCE_CASES))
-def test_attention_verified_rows_are_the_decode_steps_rows(dtype, case):
-    """T tokens attended in one call (a verify step) give, row for row, bitwise what T one-token calls
-    (plain decode steps, each appending its key) give, with the launchers' batch-invariant order on
-    (KANGAROO_BATCH_INVARIANT_ATTENTION). Contexts stay below 512 keys, where the split boundaries cannot
-    move (csrc/kernels/attention_tiles.cuh, split_keys). With the order off, the rows that differ are
-    counted and printed (the reason for bf16 outputs that differ from plain decoding)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    skip_missing_kernel("cuda", "rope_append_attention")
+# Contexts past 512 keys (8 splits of 64 keys on sm_90), where contiguous key splits move with the tile's key
+# range: each case's tile crosses a point where the chunk grows (ceil(len / 8) past a multiple of 64).
+LONG_INVARIANCE_CASES = {  # Hq, Hkv, D, start position, T verified (None: the widest invariant T)
+    "smollm2-crossing-1024": (9, 3, 64, 1018, 7),
+    "smollm2-widest-crossing-1536": (9, 3, 64, 1530, None),
+    "llama1b-crossing-1024": (32, 8, 64, 1020, 7),
+    "gqa4-d128-crossing-2048": (8, 2, 128, 2045, 4),
+}
+
+
+def _rows_differing(case, Hq, Hkv, D, start, T, dtype, **switches) -> int:
+    """Rows of T tokens attended in one call (a verify step) that differ from T one-token calls (plain decode
+    steps, each appending its key), under the launchers' `switches`; the cache rows written must not differ."""
     from kangaroo_ext import _extension
-    C = _extension._C
-    Hq, Hkv, D, start, T = INVARIANCE_CASES[case]
-    if T is None:
-        before = C.batch_invariant_attention()
-        C.set_batch_invariant_attention(True)
-        T = _extension.attention_invariant_max_tokens(Hq // Hkv, D, dtype.itemsize, torch.cuda.current_device())
-        C.set_batch_invariant_attention(before)
-        assert T is not None and T >= 1, f"no invariant width for {case}: {T}"
-    S, device = 512, "cuda"
+    S, device = max(512, (start + T + 63) // 64 * 64), "cuda"
     g = torch.Generator().manual_seed(len(case) * 7 + T)
     q, k, v = (torch.randn(1, T, h, D, generator=g).to(dtype).to(device) for h in (Hq, Hkv, Hkv))
     k_cache = torch.randn(1, Hkv, S, D, generator=g).to(dtype).to(device)
     v_cache = torch.randn(1, Hkv, S, D, generator=g).to(dtype).to(device)
     cos, sin = _rope_tables(S, D, device)
     positions = (start + torch.arange(T, device=device))[None]
-
-    def rows_differing() -> int:
-        call = lambda t0, t1, kc, vc: kops.rope_append_attention(  # noqa: E731
-            q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], cos, sin, positions[:, t0:t1], kc, vc, D ** -0.5, 0,
-            backend="cuda")
+    call = lambda t0, t1, kc, vc: kops.rope_append_attention(  # noqa: E731
+        q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], cos, sin, positions[:, t0:t1], kc, vc, D ** -0.5, 0,
+        backend="cuda")
+    with _extension.launch_switches(**switches):
         kc, vc, kc1, vc1 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
         together = call(0, T, kc, vc)
         alone = torch.cat([call(t, t + 1, kc1, vc1) for t in range(T)], dim=1)
-        assert torch.equal(kc, kc1) and torch.equal(vc, vc1), "the cache rows written must not depend on T"
-        torch.testing.assert_close(together, alone)           # either order: the same values within rounding
-        return int((together != alone).reshape(T, Hq, D).any(-1).sum())
+    assert torch.equal(kc, kc1) and torch.equal(vc, vc1), "the cache rows written must not depend on T"
+    torch.testing.assert_close(together, alone)           # any order: the same values within rounding
+    return int((together != alone).reshape(T, Hq, D).any(-1).sum())
 
-    before = C.batch_invariant_attention()
-    try:
-        C.set_batch_invariant_attention(False)
-        default_order = rows_differing()
-        C.set_batch_invariant_attention(True)
-        invariant_order = rows_differing()
-    finally:
-        C.set_batch_invariant_attention(before)
+
+def _widest_invariant_tokens(case, Hq, Hkv, D, dtype) -> int:
+    """The most tokens the launcher says stay invariant (attention_invariant_max_tokens), the width the engine
+    keeps copied drafts within (engine/copy_rounds.py, copy_policy_for)."""
+    from kangaroo_ext import _extension
+    with _extension.launch_switches(batch_invariant_attention=True):
+        T = _extension.attention_invariant_max_tokens(Hq // Hkv, D, dtype.itemsize, torch.cuda.current_device())
+    assert T is not None and T >= 1, f"no invariant width for {case}: {T}"
+    return T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(INVARIANCE_CASES))
+def test_attention_verified_rows_are_the_decode_steps_rows(dtype, case):
+    """T tokens attended in one call (a verify step) give, row for row, bitwise what T one-token calls
+    (plain decode steps, each appending its key) give, with the launchers' batch-invariant order on
+    (KANGAROO_BATCH_INVARIANT_ATTENTION). Contexts below 512 keys, where even contiguous key splits cannot
+    move (csrc/kernels/key_split.h); both deals are checked. With the order off, the rows that differ are
+    counted and printed (the reason for bf16 outputs that differ from plain decoding)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    skip_missing_kernel("cuda", "rope_append_attention")
+    Hq, Hkv, D, start, T = INVARIANCE_CASES[case]
+    T = T or _widest_invariant_tokens(case, Hq, Hkv, D, dtype)
+    default_order = _rows_differing(case, Hq, Hkv, D, start, T, dtype, batch_invariant_attention=False)
+    invariant_order = {interleaved: _rows_differing(case, Hq, Hkv, D, start, T, dtype, batch_invariant_attention=True,
+                                                    interleaved_key_splits=interleaved)
+                       for interleaved in (False, True)}
     print(f"{case} {dtype}: rows differing from the decode step's: {default_order} of {T * Hq} in the "
-          f"default order, {invariant_order} in the batch-invariant order")
-    assert invariant_order == 0, f"{invariant_order} of {T * Hq} verified rows differ from the decode step's"
+          f"default order, {invariant_order} in the batch-invariant order (by interleaved key splits)")
+    assert invariant_order == {False: 0, True: 0}, f"verified rows differ from the decode step's of {T * Hq}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(LONG_INVARIANCE_CASES))
+def test_attention_verified_rows_past_512_keys_need_interleaved_splits(dtype, case):
+    """Past 512 keys, with the batch-invariant order and interleaved key splits (KANGAROO_INTERLEAVED_KEY_SPLITS),
+    a verified row is still bitwise the decode step's row. With contiguous splits (the default until this test
+    has passed on a GPU) the rows whose splits moved are counted and printed: the long bf16 turns that differed
+    from plain decoding (H100, 80eb2b7) were verified there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    skip_missing_kernel("cuda", "rope_append_attention")
+    Hq, Hkv, D, start, T = LONG_INVARIANCE_CASES[case]
+    T = T or _widest_invariant_tokens(case, Hq, Hkv, D, dtype)
+    contiguous = _rows_differing(case, Hq, Hkv, D, start, T, dtype, batch_invariant_attention=True,
+                                 interleaved_key_splits=False)
+    interleaved = _rows_differing(case, Hq, Hkv, D, start, T, dtype, batch_invariant_attention=True,
+                                  interleaved_key_splits=True)
+    print(f"{case} {dtype}: rows differing from the decode step's past 512 keys: {contiguous} of {T * Hq} with "
+          f"contiguous key splits, {interleaved} with interleaved ones")
+    assert interleaved == 0, f"{interleaved} of {T * Hq} verified rows differ from the decode step's"

@@ -147,14 +147,18 @@ def test_bad_arguments_are_named():
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
 # The kernel's launch settings by mode (kangaroo_ext._extension.launch_switches' arguments; what a mode leaves out
 # is off). None may change a bit: the split barrier, the L2 prefetch, and a grid of 7 blocks (fewer than the GEMV
-# tiles, the attention's key splits and the head's rows ask for: every block loops over several).
+# tiles, the attention's key splits and the head's rows ask for: every block loops over several). Interleaved
+# key splits (attention's, key_split.h) change bits past 512 keys, in both paths alike: the per-op path's
+# reference runs under the same switches.
 KERNEL_MODES = {"barrier": {}, "split-barrier": dict(persistent_split_barrier=True),
-                "l2-prefetch": dict(persistent_l2_prefetch=True), "7-blocks": dict(persistent_max_blocks=7)}
+                "l2-prefetch": dict(persistent_l2_prefetch=True), "7-blocks": dict(persistent_max_blocks=7),
+                "interleaved-splits": dict(interleaved_key_splits=True)}
 
 
 def kernel_switches(mode):
     """The persistent kernel's settings as KERNEL_MODES[mode] says, restored after."""
-    settings = dict(persistent_split_barrier=False, persistent_l2_prefetch=False, persistent_max_blocks=0)
+    settings = dict(persistent_split_barrier=False, persistent_l2_prefetch=False, persistent_max_blocks=0,
+                    interleaved_key_splits=False)
     return kx._extension.launch_switches(**{**settings, **KERNEL_MODES[mode]})
 
 
@@ -218,16 +222,17 @@ def _bitwise_case(ell, gamma, eta, stop, split, model=None, prompt_len=9, capaci
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("prompt_len", [150, 420])
+@pytest.mark.parametrize("prompt_len", [150, 420, 700])
 @pytest.mark.parametrize("mode", MODE_PARAMS)
 @torch.inference_mode()
 def test_cuda_kernel_is_bitwise_the_per_op_path_with_merged_key_splits(prompt_len, mode):
     """Contexts of several key tiles, three KV heads: the attention plan splits each head's keys over several
-    blocks, and the last split of each head to finish merges them (per-head arrival counters)."""
+    blocks, and the last split of each head to finish merges them (per-head arrival counters); past 512 keys
+    (700) every split holds several tiles, contiguous or interleaved."""
     with kernel_switches(mode):
         _bitwise_case(2, 6, 0.0, False, split_barrier(mode),
                       model=eligible_model(heads=6, kv_heads=3, hidden=384, inter=512), prompt_len=prompt_len,
-                      capacity=512)
+                      capacity=512 if prompt_len + 8 <= 512 else 1024)
 
 
 @pytest.mark.gpu

@@ -113,14 +113,12 @@ __device__ __forceinline__ void attention_block(const Params<T>& p, int bh, int 
 
   // This block's key range, and its first K/V tile in flight (cp.async) before the append below:
   // the tile takes new keys from the k/v inputs, never from the cache rows the append writes.
-  int chunk, n_used;
-  split_keys(klo, khi, p.n_splits, p.min_chunk, chunk, n_used);
+  const KeySplit mine = split_keys(klo, khi, p.n_splits, p.min_chunk, p.interleaved, z);
+  const int n_used = mine.n_used;
   const bool has_keys = z < n_used;  // block-uniform; also uniform over a cluster is n_used itself
   const int64_t tile = static_cast<int64_t>(bh) * p.n_qtiles + qt;  // GLOBAL_MERGE: scratch indices
   const int64_t state0 = (tile * p.n_splits + z) * p.m_tile;         // (this split's row 0)
-  const int c_lo = has_keys ? klo + z * chunk : 0;
-  const int c_hi = has_keys ? min(c_lo + chunk, khi + 1) - 1 : -1;
-  const int n_tiles = has_keys ? (c_hi - c_lo + kKeyTile) / kKeyTile : 0;
+  const int c_lo = mine.first, c_hi = mine.hi, n_tiles = mine.n_tiles;
   const T* kcache_head = p.k_cache + head_row0 * D;
   const T* vcache_head = p.v_cache + head_row0 * D;
   if (has_keys) {
@@ -240,9 +238,10 @@ __device__ __forceinline__ void attention_block(const Params<T>& p, int bh, int 
   // near-ties can flip. With INV every row is summed in NG = pv_key_groups(G) groups, the decode
   // step's count: a thread holds NGL = NG / KG of them (keys (kg * NGL + l) * kpg ...), and the
   // groups are added in order 0, 1, ..., NG - 1, as a decode step adds them. The scores, the online
-  // softmax and the split merge already treat every row alone, and the split boundaries depend on the
-  // tile's key range only through multiples of 512 keys (split_keys); so a verified row is bitwise
-  // the row a decode step computes, except where the tile's last key is past such a boundary. INV also
+  // softmax and the split merge already treat every row alone. With interleaved key splits (key_split.h)
+  // which split reads a key, and when, depends on the key alone, so a verified row is bitwise the row a
+  // decode step computes at any context; with contiguous ones the boundaries move with the tile's key range
+  // past n_splits * kKeyTile keys (512 on sm_90), and rows verified there can differ. INV also
   // skips the scores of padding rows (a 7-token verify's 21 rows sit in 32 row slots), which leaves every
   // real row's arithmetic as it is.
   const int nd = D / VEC;
@@ -267,7 +266,7 @@ __device__ __forceinline__ void attention_block(const Params<T>& p, int bh, int 
   }
 
   for (int it = 0; it < n_tiles; ++it) {
-    const int kb = c_lo + it * kKeyTile;
+    const int kb = mine.tile_key(it);
     cp_async_wait<1>();  // this tile's K has landed (its V may still be in flight)
     __syncthreads();     // ... for every thread; also publishes Qs (first tile)
 
@@ -339,7 +338,8 @@ __device__ __forceinline__ void attention_block(const Params<T>& p, int bh, int 
     __syncthreads();  // P and alpha published; every thread is done with Ks
 
     if (it + 1 < n_tiles) {
-      issue_tile<T, VEC, HD>(Ks, ks, kcache_head, p.k + new_off, new_stride, kb + kKeyTile, c_hi, p0, tokens, D);
+      issue_tile<T, VEC, HD>(Ks, ks, kcache_head, p.k + new_off, new_stride, mine.tile_key(it + 1), c_hi, p0, tokens,
+                             D);
     }
     cp_async_commit();   // (possibly empty) group: keeps the wait counts below uniform
     cp_async_wait<1>();  // everything but that newest group: this tile's V has landed
@@ -381,7 +381,8 @@ __device__ __forceinline__ void attention_block(const Params<T>& p, int bh, int 
     __syncthreads();  // every thread is done with Vs, Ps, alpha_s
 
     if (it + 1 < n_tiles) {
-      issue_tile<T, VEC, HD>(Vs, ks, vcache_head, p.v + new_off, new_stride, kb + kKeyTile, c_hi, p0, tokens, D);
+      issue_tile<T, VEC, HD>(Vs, ks, vcache_head, p.v + new_off, new_stride, mine.tile_key(it + 1), c_hi, p0, tokens,
+                             D);
     }
     cp_async_commit();
   }
@@ -493,6 +494,7 @@ struct Plan {
   int rpt;      // rows per warp: 1, 2, 4, 8
   int m_tile, n_qtiles, n_splits, min_chunk;
   bool invariant;  // the batch-invariant PV order (attention_kernel's INV)
+  bool interleaved;  // interleaved key splits (key_split.h; Params::interleaved)
   int smem_bytes;
 };
 
@@ -532,8 +534,9 @@ inline bool clusters_usable() {
 // vec16: the head dim and every K/V pointer allow 16-byte accesses. num_sms: the device's SM count.
 // clusters: the device has thread-block clusters (sm_90+); without them a tile is never split.
 // invariant: take the batch-invariant PV order where invariant_eligible (the launcher's switch).
+// interleaved: deal the keys to the splits in units (key_split.h; the launcher's switch).
 inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len, int elem_size, bool vec16,
-                 int num_sms, bool clusters, bool invariant = false) {
+                 int num_sms, bool clusters, bool invariant = false, bool interleaved = false) {
   Plan pl{};
   pl.vec = vec16 ? 16 / elem_size : 1;
   pl.hd = (vec16 && (head_dim == 64 || head_dim == 128)) ? head_dim : 0;
@@ -554,6 +557,7 @@ inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int ca
   const int64_t cap = clusters ? kMaxSplits : 1;
   pl.n_splits = static_cast<int>(std::max<int64_t>(1, std::min({want, useful, cap})));
   pl.invariant = invariant && invariant_eligible(pl, rows, group, head_dim);
+  pl.interleaved = interleaved;
   pl.smem_bytes = smem_layout(head_dim, elem_size, pl.vec, kWarps * pl.rpt, pl.invariant).total;
   return pl;
 }
@@ -589,7 +593,7 @@ cudaError_t launch_rpt(const Params<T>& p, const Plan& pl, Launch stream) {
 }
 
 // Launches the kernel on `stream` and returns the launch status. p's plan fields (m_tile, n_qtiles,
-// n_splits, min_chunk) must come from `pl`.
+// n_splits, min_chunk, interleaved) must come from `pl`.
 template <typename T>
 cudaError_t launch(const Params<T>& p, const Plan& pl, Launch stream) {
   constexpr int V16 = kVec16<T>;

@@ -7,13 +7,13 @@
 #include <climits>
 
 #include "common.cuh"
+#include "key_split.h"
 
 namespace kangaroo {
 namespace attention {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kKeyTile = 64;             // keys per shared-memory tile (two per lane in QK^T)
 constexpr int kPStride = kKeyTile + 4;   // floats per row of P: float4-aligned, rows 4 banks apart
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTileRows = 64;         // query rows per block
@@ -42,6 +42,7 @@ struct Params {
   int n_qtiles;         // ceil(rows / m_tile)
   int n_splits;         // maximum key splits (grid z = the cluster's z size)
   int min_chunk;        // smallest split, in keys (a multiple of kKeyTile)
+  bool interleaved;     // key_split.h: units of min_chunk keys dealt round-robin, else contiguous splits
 };
 
 // ---- shared-memory layout (the host sizes the launch with the same function) ------------------------
@@ -171,21 +172,6 @@ __device__ __forceinline__ void tile_key_range(const int64_t* __restrict__ posit
     klo = min(klo, s_red[w].x);
     khi = max(khi, s_red[w].y);
   }
-}
-
-// How the tile's key range is cut: `chunk` keys per split (a multiple of kKeyTile, at least
-// min_chunk), `n_used` splits (0 when the range is empty). Both kernels must agree on this.
-__device__ __forceinline__ void split_keys(int klo, int khi, int n_splits, int min_chunk, int& chunk, int& n_used) {
-  if (klo > khi) {
-    chunk = kKeyTile;
-    n_used = 0;
-    return;
-  }
-  const int len = khi - klo + 1;
-  int c = (len + n_splits - 1) / n_splits;
-  c = c > min_chunk ? c : min_chunk;
-  chunk = (c + kKeyTile - 1) / kKeyTile * kKeyTile;
-  n_used = (len + chunk - 1) / chunk;
 }
 
 // acc += P[0..3] * V[0..3] (one column slice of 4 consecutive keys), key by key: the one PV step both
