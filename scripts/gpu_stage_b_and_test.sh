@@ -4,7 +4,8 @@
 #   calls 1..n-1: mkdir -p /tmp/stage && cp .carry/model_*/part_* /tmp/stage/   (carry one part each)
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
-#                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen;
+#                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
+#                  interleaved;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -228,6 +229,20 @@ for step in $steps; do
         grep -E "Duration|Stall|Warp Cycles Per Issued|Registers|Block Size|Grid Size|Cluster" \
           "$OUT/ncu_attention_T$1_ctx$2.txt" | head -20
       done ;;
+    interleaved)
+      # attention's interleaved key splits (KANGAROO_INTERLEAVED_KEY_SPLITS, off until this passes): the op's
+      # verified rows against decode rows past 512 keys (and below), the persistent kernel's bitwise tests in that
+      # mode, attention's timing with it, then MT-bench with it (bf16 identity; needs the model)
+      log interleaved
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_ops_decode.py -k verified_rows 2>&1 \
+        | grep -E "rows differing|passed|failed|Error" | tail -40 | tee "$OUT/interleaved.log"
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_persistent_draft.py \
+        tests/test_persistent_plain.py -k "interleaved or merged" 2>&1 | tail -3 | tee -a "$OUT/interleaved.log"
+      KANGAROO_INTERLEAVED_KEY_SPLITS=1 PYTHONPATH=".:${PYTHONPATH:-}" timeout 90 python3 bench/attention_profile.py \
+        --out "bench/results/attention_profile_${CARD}_interleaved.json" 2>&1 | tail -10
+      KANGAROO_INTERLEAVED_KEY_SPLITS=1 timeout "${INTERLEAVED_LIMIT:-300}" python3 -m kangaroo_ext bench \
+        --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
+        --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_interleaved" 2>&1 | grep -v "it/s]" | head -12 ;;
     persan)
       # issue 21: the persistent kernel's split-barrier cases (the path whose named barrier once miscounted a
       # diverged warp and hung: common.cuh, NamedBarrier) under synccheck and racecheck, each cut at 60 s
