@@ -4,10 +4,11 @@ Attention is the largest stage of a decode layer: 9.6 of the per-op layer's ~21.
 positions (kernels.json, H100, 3c49d82), 18.8 µs for a 7-position verify, and 10.0 of the persistent plain
 step's ~31 µs a layer at 160 (bench/results/gpu_h100_71757c1/). This script times the CUDA op in bursts of
 back-to-back launches (a CUDA graph, programmatic dependent launch as the engine uses it) at SmolLM2-135M's
-heads for T new positions after a context of cached ones, with the batch-invariant PV order on and off; or
-runs a few launches of one case for Nsight Compute to profile:
+heads for T new positions after a context of cached ones, with the batch-invariant PV order on and off (and,
+with --max-tile-rows, the invariant order again with verify tiles cut into q-tiles of at most that many rows:
+_C.set_attention_max_tile_rows); or runs a few launches of one case for Nsight Compute to profile:
 
-    python bench/attention_profile.py --out attention_profile.json
+    python bench/attention_profile.py --out attention_profile.json --max-tile-rows 6,12
     ncu --clock-control none -k regex:attention_kernel -s 3 -c 1 --section WarpStateStats \\
         python bench/attention_profile.py --tokens 7 --context 160 --launches 4
 """
@@ -30,17 +31,27 @@ CAPACITY = 2048
 BURST = 100
 
 
-def timings(cases=CASES, capacity: int = CAPACITY) -> dict:
-    """µs per launch of each case, batch-invariant PV order on and off, with the bytes it must move."""
+def settings(tile_caps=()) -> dict:
+    """The launch settings each timing runs under, by name: the invariant order, the default one, and the invariant
+    order with each q-tile row cap."""
+    out = {"invariant": dict(batch_invariant_attention=True, attention_max_tile_rows=0),
+           "default": dict(batch_invariant_attention=False, attention_max_tile_rows=0)}
+    for cap in tile_caps:
+        out[f"invariant-q{cap}"] = dict(batch_invariant_attention=True, attention_max_tile_rows=cap)
+    return out
+
+
+def timings(cases=CASES, capacity: int = CAPACITY, tile_caps=()) -> dict:
+    """µs per launch of each case under each of settings(tile_caps), with the bytes it must move."""
     import kangaroo_ext as kx
     out = {}
-    for invariant in (True, False):
-        with kx._extension.launch_switches(batch_invariant_attention=invariant):
+    for name, switches in settings(tile_caps).items():
+        with kx._extension.launch_switches(**switches):
             for tokens, context in cases:
                 case = bench_cases._attention_case(tokens, context, capacity, BURST)
                 graph = bench_timing.capture_burst(case.make("cuda"), BURST)
                 us = bench_timing.us_per_launch(graph, BURST)
-                key = f"T{tokens}-ctx{context}-{'invariant' if invariant else 'default'}"
+                key = f"T{tokens}-ctx{context}-{name}"
                 out[key] = {"us": us, "bytes": case.nbytes, "GBps": case.nbytes / us / 1e3}
                 print(f"{key:28s} {us:7.2f} us  ({case.nbytes / us / 1e3:6.1f} GB/s)", flush=True)
     return out
@@ -52,7 +63,15 @@ def main():
     ap.add_argument("--tokens", type=int, help="profile mode: new positions T of the one case to launch")
     ap.add_argument("--context", type=int, help="profile mode: cached positions of that case")
     ap.add_argument("--launches", type=int, default=4, help="profile mode: launches of the case (warm-up first)")
+    ap.add_argument("--max-tile-rows", default="", help="comma-separated q-tile row caps to time the invariant order "
+                                                         "at too, e.g. 6,12 (whole tokens: multiples of 3 here)")
     args = ap.parse_args()
+    try:
+        tile_caps = [int(c) for c in args.max_tile_rows.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--max-tile-rows: comma-separated ints expected, got {args.max_tile_rows!r}")
+    if any(c < 1 for c in tile_caps):
+        ap.error(f"--max-tile-rows: caps must be >= 1, got {tile_caps}")
     if not torch.cuda.is_available():
         sys.exit("attention_profile: needs a CUDA device (the op's CUDA kernel)")
     if (args.tokens is None) != (args.context is None):
@@ -68,7 +87,7 @@ def main():
     from kangaroo_ext.io import git_commit
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "capacity": CAPACITY, "burst": BURST,
-              "cases": timings()}
+              "cases": timings(tile_caps=tile_caps)}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -239,21 +239,29 @@ def main():
                     help="comma-separated grid caps (blocks) at which to price the persistent plain step again, "
                          "e.g. 66,33,16")
     ap.add_argument("--modes", default=",".join(KERNEL_MODES),
-                    help=f"the persistent kernel's launch modes to price, comma-separated (of {', '.join(KERNEL_MODES)})")
+                    help="the persistent kernel's launch modes to price, comma-separated (of "
+                         f"{', '.join(KERNEL_MODES)})")
+    ap.add_argument("--attention-max-tile-rows", type=int, default=0,
+                    help="price everything with attention's verify tiles cut into q-tiles of at most this many rows "
+                         "(_C.set_attention_max_tile_rows; 0: no cap)")
     args = ap.parse_args()
+    if args.attention_max_tile_rows < 0:
+        ap.error(f"--attention-max-tile-rows must be >= 0, got {args.attention_max_tile_rows}")
     grids = [int(n) for n in args.grids.split(",") if n.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in KERNEL_MODES]
     if unknown:
         ap.error(f"--modes: unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(KERNEL_MODES)}")
-    from kangaroo_ext import config
+    from kangaroo_ext import _extension, config
     from kangaroo_ext.io import git_commit
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(), "shapes": {}}
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(),
+              "attention_max_tile_rows": args.attention_max_tile_rows, "shapes": {}}
     for name in args.shapes.split(","):
         try:
-            r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only, grids=grids,
-                        modes=modes)
+            with _extension.launch_switches(attention_max_tile_rows=args.attention_max_tile_rows):
+                r = measure(name, per_op_only=args.per_op_only, plain_step=not args.per_op_only, grids=grids,
+                            modes=modes)
         except Exception as e:  # keep the other shape's numbers
             r = {"error": f"{type(e).__name__}: {e}"}
         result["shapes"][name] = r

@@ -29,11 +29,12 @@ attention::Plan attention_launch_plan(int batch, int tokens, int hkv, int group,
                                       int elem_size, bool vec16, int num_sms, int max_smem, bool clusters) {
   const bool invariant = batch_invariant_attention() && elem_size == 2;
   const bool interleaved = interleaved_key_splits();
+  const int max_tile_rows = attention_max_tile_rows();
   attention::Plan pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms,
-                                       clusters, invariant, interleaved);
+                                       clusters, invariant, interleaved, max_tile_rows);
   if (pl.invariant && pl.smem_bytes + 1024 > max_smem) {
     pl = attention::plan(batch, tokens, hkv, group, head_dim, cache_len, elem_size, vec16, num_sms, clusters, false,
-                         interleaved);
+                         interleaved, max_tile_rows);
   }
   return pl;
 }

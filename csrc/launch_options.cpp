@@ -13,6 +13,7 @@ std::atomic<bool> deep_prefetch{true};  // config.py's default; set again at imp
 std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
 std::atomic<bool> interleaved_splits{false};  // config.py's default; set again at import
 std::atomic<int> max_blocks{0};
+std::atomic<int> max_tile_rows{0};
 }
 
 bool pdl_launches() { return pdl_enabled.load(std::memory_order_relaxed); }
@@ -46,5 +47,9 @@ void set_interleaved_key_splits(bool enabled) { interleaved_splits.store(enabled
 int persistent_max_blocks() { return max_blocks.load(std::memory_order_relaxed); }
 
 void set_persistent_max_blocks(int blocks) { max_blocks.store(blocks, std::memory_order_relaxed); }
+
+int attention_max_tile_rows() { return max_tile_rows.load(std::memory_order_relaxed); }
+
+void set_attention_max_tile_rows(int rows) { max_tile_rows.store(rows, std::memory_order_relaxed); }
 
 }  // namespace kangaroo

@@ -47,4 +47,11 @@ void set_interleaved_key_splits(bool enabled);
 int persistent_max_blocks();
 void set_persistent_max_blocks(int blocks);
 
+// The most query rows of one attention q-tile at decode and verify sizes (default 0: no cap below the kernel's
+// own; csrc/kernels/attention.cuh, plan). A cap cuts a verify tile into several q-tiles of whole tokens, each a
+// block per key split. The same bits as uncapped where both plans are batch-invariant. For benchmarks that ask
+// whether more, lighter blocks make a verify step's attention cheaper.
+int attention_max_tile_rows();
+void set_attention_max_tile_rows(int rows);
+
 }  // namespace kangaroo

@@ -131,6 +131,21 @@ PyObject* set_persistent_max_blocks(PyObject*, PyObject* args) {
 
 PyObject* persistent_max_blocks(PyObject*, PyObject*) { return PyLong_FromLong(kangaroo::persistent_max_blocks()); }
 
+PyObject* set_attention_max_tile_rows(PyObject*, PyObject* args) {
+  int rows = 0;
+  if (!PyArg_ParseTuple(args, "i", &rows)) return nullptr;
+  if (rows < 0) {
+    PyErr_Format(PyExc_ValueError, "set_attention_max_tile_rows: rows must be >= 0 (0: no cap), got %d", rows);
+    return nullptr;
+  }
+  kangaroo::set_attention_max_tile_rows(rows);
+  Py_RETURN_NONE;
+}
+
+PyObject* attention_max_tile_rows(PyObject*, PyObject*) {
+  return PyLong_FromLong(kangaroo::attention_max_tile_rows());
+}
+
 PyObject* attention_invariant_max_tokens(PyObject*, PyObject* args) {
   long long group = 0, head_dim = 0, elem_size = 0, device = 0;
   if (!PyArg_ParseTuple(args, "LLLL", &group, &head_dim, &elem_size, &device)) return nullptr;
@@ -202,6 +217,10 @@ PyMethodDef kMethods[] = {
      "set_persistent_max_blocks(blocks: int): the most blocks a persistent draft kernel launch may use (0: every "
      "block that fits at once)"},
     {"persistent_max_blocks", persistent_max_blocks, METH_NOARGS, "persistent_max_blocks() -> int"},
+    {"set_attention_max_tile_rows", set_attention_max_tile_rows, METH_VARARGS,
+     "set_attention_max_tile_rows(rows: int): the most query rows of one attention q-tile at decode and verify "
+     "sizes, in whole tokens (0: no cap)"},
+    {"attention_max_tile_rows", attention_max_tile_rows, METH_NOARGS, "attention_max_tile_rows() -> int"},
     {"attention_invariant_max_tokens", attention_invariant_max_tokens, METH_VARARGS,
      "attention_invariant_max_tokens(group, head_dim, elem_size, device) -> int: the most query tokens one "
      "attention call may carry in the batch-invariant order (0: none; csrc/ops.h)"},

@@ -230,16 +230,23 @@ for step in $steps; do
           "$OUT/ncu_attention_T$1_ctx$2.txt" | head -20
       done ;;
     interleaved)
-      # attention's interleaved key splits (KANGAROO_INTERLEAVED_KEY_SPLITS, off until this passes): the op's
-      # verified rows against decode rows past 512 keys (and below), the persistent kernel's bitwise tests in that
-      # mode, attention's timing with it, then MT-bench with it (bf16 identity; needs the model)
+      # attention's interleaved key splits (KANGAROO_INTERLEAVED_KEY_SPLITS, off until this passes) and its q-tile
+      # row cap (_C.set_attention_max_tile_rows, an experiment): the op's verified rows against decode rows past
+      # 512 keys and below, and with verify tiles cut into q-tiles; the persistent kernel's bitwise tests with
+      # interleaved splits; attention's timing at each cap; the round's price at TILE_CAP (default 6); then
+      # MT-bench with interleaved splits (bf16 identity; needs the model)
       log interleaved
-      python3 -m pytest -q -s -p no:cacheprovider tests/test_ops_decode.py -k verified_rows 2>&1 \
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_ops_decode.py -k "verified_rows or verify_tiles" 2>&1 \
         | grep -E "rows differing|passed|failed|Error" | tail -40 | tee "$OUT/interleaved.log"
       timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_persistent_draft.py \
         tests/test_persistent_plain.py -k "interleaved or merged" 2>&1 | tail -3 | tee -a "$OUT/interleaved.log"
-      KANGAROO_INTERLEAVED_KEY_SPLITS=1 PYTHONPATH=".:${PYTHONPATH:-}" timeout 90 python3 bench/attention_profile.py \
-        --out "bench/results/attention_profile_${CARD}_interleaved.json" 2>&1 | tail -10
+      KANGAROO_INTERLEAVED_KEY_SPLITS=1 PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/attention_profile.py \
+        --max-tile-rows 3,6,12 --out "bench/results/attention_profile_${CARD}_interleaved.json" 2>&1 | tail -20
+      for cap in 0 "${TILE_CAP:-6}"; do
+        KANGAROO_INTERLEAVED_KEY_SPLITS=1 PYTHONPATH=".:${PYTHONPATH:-}" timeout 90 python3 \
+          bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only --attention-max-tile-rows "$cap" \
+          --out "bench/results/round_price_tile_cap_$cap.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
+      done
       KANGAROO_INTERLEAVED_KEY_SPLITS=1 timeout "${INTERLEAVED_LIMIT:-300}" python3 -m kangaroo_ext bench \
         --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
         --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_interleaved" 2>&1 | grep -v "it/s]" | head -12 ;;

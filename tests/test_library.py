@@ -323,6 +323,21 @@ def test_persistent_grid_cap_is_a_setting_that_checks_its_value():
     assert c.persistent_max_blocks() == 0
 
 
+def test_attention_tile_row_cap_is_a_setting_that_checks_its_value():
+    """Attention's q-tile row cap (benchmarks' sweeps; 0: none) is an int the launcher reads at each launch: set and
+    restored like a switch, and a negative cap is refused by name."""
+    if not _extension.loaded():
+        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
+    c = _extension._C
+    assert c.attention_max_tile_rows() == 0
+    with _extension.launch_switches(attention_max_tile_rows=6):
+        assert c.attention_max_tile_rows() == 6
+    assert c.attention_max_tile_rows() == 0
+    with pytest.raises(ValueError, match="rows must be >= 0"):
+        c.set_attention_max_tile_rows(-1)
+    assert c.attention_max_tile_rows() == 0
+
+
 def test_attention_invariant_width_query_checks_its_arguments():
     """_C.attention_invariant_max_tokens (the copy rounds' width, engine/copy_rounds.py) names a bad argument
     before it asks any device; the Python wrapper answers None without an extension."""

@@ -252,3 +252,24 @@ def test_attention_verified_rows_past_512_keys_need_interleaved_splits(dtype, ca
     print(f"{case} {dtype}: rows differing from the decode step's past 512 keys: {contiguous} of {T * Hq} with "
           f"contiguous key splits, {interleaved} with interleaved ones")
     assert interleaved == 0, f"{interleaved} of {T * Hq} verified rows differ from the decode step's"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_tile_rows", [3, 6, 12])
+@pytest.mark.parametrize("case", ["smollm2-gqa3-d64", "llama1b-gqa4-d64", "gqa4-d128", "smollm2-crossing-1024",
+                                  "smollm2-widest-crossing-1536"])
+def test_attention_verify_tiles_cut_into_q_tiles_keep_the_decode_steps_rows(case, max_tile_rows):
+    """A verify tile cut into q-tiles of whole tokens (_C.set_attention_max_tile_rows: more, lighter blocks) still
+    gives, row for row, bitwise the decode steps' rows, with the batch-invariant order and interleaved splits
+    (and the split count of one q-tile: attention.cuh, plan); bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    skip_missing_kernel("cuda", "rope_append_attention")
+    Hq, Hkv, D, start, T = {**INVARIANCE_CASES, **LONG_INVARIANCE_CASES}[case]
+    dtype = torch.bfloat16
+    T = T or _widest_invariant_tokens(case, Hq, Hkv, D, dtype)
+    differ = _rows_differing(case, Hq, Hkv, D, start, T, dtype, batch_invariant_attention=True,
+                             interleaved_key_splits=True, attention_max_tile_rows=max_tile_rows)
+    assert differ == 0, f"{differ} of {T * Hq} verified rows differ from the decode step's (q-tiles <= " \
+                        f"{max_tile_rows} rows)"
+

@@ -498,16 +498,22 @@ struct Plan {
   int smem_bytes;
 };
 
-// Whether the batch-invariant PV order can run this tile shape: one q-tile holding every row (its row
-// count is then the device's m_rows), each row one PV slot, at most kMaxLocalGroups key groups per thread,
-// and an instantiation for it (16-byte accesses, head dim 64 or 128, at most 4 rows per warp).
+// Whether the batch-invariant PV order can run this tile shape: each row one PV slot, every q-tile's key groups
+// per row (KG, from its row count: m_tile, and the last tile's) dividing the decode step's NG with at most
+// kMaxLocalGroups per thread, several q-tiles holding whole tokens (m_tile a multiple of group, so no tile has
+// fewer rows than a decode step), and an instantiation for it (16-byte accesses, head dim 64 or 128, at most 4
+// rows per warp).
 inline bool invariant_eligible(const Plan& pl, int64_t rows, int group, int head_dim) {
-  if (pl.vec == 1 || pl.hd == 0 || pl.rpt > 4 || pl.n_qtiles != 1) return false;
+  if (pl.vec == 1 || pl.hd == 0 || pl.rpt > 4) return false;
   const int rs = kThreads / (head_dim / pl.vec);
-  if (rows > rs) return false;
-  const int kg = pv_key_groups(static_cast<int>(rows), rs);
+  if (pl.m_tile > rs || (pl.n_qtiles > 1 && pl.m_tile % group != 0)) return false;
+  const int last = static_cast<int>(rows - static_cast<int64_t>(pl.n_qtiles - 1) * pl.m_tile);
   const int ng = pv_key_groups(std::min(group, pl.m_tile), rs);
-  return ng % kg == 0 && ng / kg <= kMaxLocalGroups;
+  for (const int m_rows : {pl.m_tile, last}) {
+    const int kg = pv_key_groups(m_rows, rs);
+    if (ng % kg != 0 || ng / kg > kMaxLocalGroups) return false;
+  }
+  return true;
 }
 
 // Whether splits may form clusters on the current device: the device supports cluster launches
@@ -535,14 +541,20 @@ inline bool clusters_usable() {
 // clusters: the device has thread-block clusters (sm_90+); without them a tile is never split.
 // invariant: take the batch-invariant PV order where invariant_eligible (the launcher's switch).
 // interleaved: deal the keys to the splits in units (key_split.h; the launcher's switch).
+// max_tile_rows: > 0 cuts decode and verify tiles (at most kMaxTileRows rows) into q-tiles of at most that many
+// rows, in whole tokens (a multiple of group, one token at least): more blocks, each with fewer rows' scores and
+// PV sums in its serial chain, each reading the tile's keys again (an experiment's setting, 0 = off).
 inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int cache_len, int elem_size, bool vec16,
-                 int num_sms, bool clusters, bool invariant = false, bool interleaved = false) {
+                 int num_sms, bool clusters, bool invariant = false, bool interleaved = false, int max_tile_rows = 0) {
   Plan pl{};
   pl.vec = vec16 ? 16 / elem_size : 1;
   pl.hd = (vec16 && (head_dim == 64 || head_dim == 128)) ? head_dim : 0;
   const int64_t rows = static_cast<int64_t>(tokens) * group;
   // Q (fp32) + K + V + P must fit: 64 rows up to D = 128, fewer beyond (fp32 K/V tiles are large).
-  const int m_cap = head_dim <= 128 ? kMaxTileRows : (elem_size == 4 ? 16 : 32);
+  int m_cap = head_dim <= 128 ? kMaxTileRows : (elem_size == 4 ? 16 : 32);
+  if (max_tile_rows > 0 && rows <= kMaxTileRows && rows > max_tile_rows) {
+    m_cap = std::min(m_cap, std::max(group, max_tile_rows / group * group));
+  }
   pl.m_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, m_cap)));
   pl.rpt = pl.m_tile <= 8 ? 1 : (pl.m_tile <= 16 ? 2 : (pl.m_tile <= 32 ? 4 : 8));
   pl.n_qtiles = static_cast<int>(std::max<int64_t>(1, ceil_div(rows, pl.m_tile)));
@@ -551,12 +563,14 @@ inline Plan plan(int batch, int tokens, int hkv, int group, int head_dim, int ca
   // gave a verify step's 21-row tiles two key tiles per split: 26 us vs 9.5 us for one row at 1,024
   // keys, H200.)
   pl.min_chunk = static_cast<int>(ceil_div(std::max(kKeyTile, 2 * pl.m_tile), kKeyTile) * kKeyTile);
-  const int64_t base_blocks = static_cast<int64_t>(batch) * hkv * pl.n_qtiles;
-  const int64_t want = ceil_div(2 * static_cast<int64_t>(num_sms), base_blocks);  // ~2 resident blocks per SM
+  pl.invariant = invariant && invariant_eligible(pl, rows, group, head_dim);
+  // ~2 resident blocks per SM; an invariant plan counts one q-tile, as a decode step's does, so that a verify
+  // tile cut into several q-tiles keeps the decode step's split count (and so its key order)
+  const int64_t base_blocks = static_cast<int64_t>(batch) * hkv * (pl.invariant ? 1 : pl.n_qtiles);
+  const int64_t want = ceil_div(2 * static_cast<int64_t>(num_sms), base_blocks);
   const int64_t useful = ceil_div(cache_len, pl.min_chunk);
   const int64_t cap = clusters ? kMaxSplits : 1;
   pl.n_splits = static_cast<int>(std::max<int64_t>(1, std::min({want, useful, cap})));
-  pl.invariant = invariant && invariant_eligible(pl, rows, group, head_dim);
   pl.interleaved = interleaved;
   pl.smem_bytes = smem_layout(head_dim, elem_size, pl.vec, kWarps * pl.rpt, pl.invariant).total;
   return pl;
