@@ -85,7 +85,7 @@ def main():
         torch.cuda.synchronize()
         return
     from kangaroo_ext.io import git_commit
-    result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
+    result = {"device": torch.cuda.get_device_name(), "commit": git_commit()[0],
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "capacity": CAPACITY, "burst": BURST,
               "cases": timings(tile_caps=tile_caps)}
     if args.out:

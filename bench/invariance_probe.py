@@ -127,7 +127,7 @@ def main(argv=None):
                 details.append({"start": t, "width": n, "layer": diff[0][0], "op": diff[0][1], "rows": diff[1]})
     switches = {k: v for k, v in config.run_flags().items()}
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-              "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "commit": git_commit()[0], "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "switches": switches, "windows": windows, "first_difference": dict(counts.most_common()),
               "examples": details, "seconds": round(time.time() - t0, 1)}
     print(json.dumps({k: result[k] for k in ("switches", "windows", "first_difference")}, indent=1))

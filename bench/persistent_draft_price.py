@@ -254,7 +254,7 @@ def main():
         ap.error(f"--modes: unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(KERNEL_MODES)}")
     from kangaroo_ext import _extension, config
     from kangaroo_ext.io import git_commit
-    result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("KANGAROO_COMMIT") or git_commit(),
+    result = {"device": torch.cuda.get_device_name(), "commit": git_commit()[0],
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_flags": config.run_flags(),
               "attention_max_tile_rows": args.attention_max_tile_rows, "shapes": {}}
     for name in args.shapes.split(","):
