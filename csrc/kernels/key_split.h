@@ -12,10 +12,12 @@
 //   Spec-Bench turns that differ from plain decoding, H100, 80eb2b7).
 // interleaved (KANGAROO_INTERLEAVED_KEY_SPLITS): units of min_chunk keys from klo, unit u to split
 //   u % n_splits, each split walking its units in order. Which split reads a key, and in what order, then
-//   depends on the key's index alone; a verified row's extra keys (past its own position) come after its
-//   real ones in each split, masked (weight exactly 0), or in a split the decode step leaves empty (its merge
-//   weight is exactly 0). With the same min_chunk (the invariant plans' is kKeyTile), a verified row is the
-//   decode step's row at any context length. Each split still reads ~len / n_splits keys.
+//   depends on the key's index alone (and on klo, which is 0 without a sliding window; with one, a verify
+//   tile's klo is its first row's, and its later rows are not promised the decode step's order). A verified
+//   row's extra keys (past its own position) come after its real ones in each split, masked (weight exactly
+//   0), or in a split the decode step leaves empty (its merge weight is exactly 0). With the same min_chunk
+//   (the invariant plans' is kKeyTile), a verified row is the decode step's row at any context length. Each
+//   split still reads ~len / n_splits keys.
 #pragma once
 
 #if defined(__CUDACC__)
