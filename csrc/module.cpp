@@ -117,33 +117,31 @@ PyObject* get_switch(PyObject*, PyObject*) {
   return PyBool_FromLong(Get() ? 1 : 0);
 }
 
-PyObject* set_persistent_max_blocks(PyObject*, PyObject* args) {
-  int blocks = 0;
-  if (!PyArg_ParseTuple(args, "i", &blocks)) return nullptr;
-  if (blocks < 0) {
-    PyErr_Format(PyExc_ValueError, "set_persistent_max_blocks: blocks must be >= 0 (0: every block that fits), "
-                 "got %d", blocks);
+// An int setting >= 0 (value,): `refused` names the setter and what 0 means, for the ValueError.
+PyObject* set_count(PyObject* args, void (*set)(int), const char* refused) {
+  int value = 0;
+  if (!PyArg_ParseTuple(args, "i", &value)) return nullptr;
+  if (value < 0) {
+    PyErr_Format(PyExc_ValueError, "%s, got %d", refused, value);
     return nullptr;
   }
-  kangaroo::set_persistent_max_blocks(blocks);
+  set(value);
   Py_RETURN_NONE;
 }
 
-PyObject* persistent_max_blocks(PyObject*, PyObject*) { return PyLong_FromLong(kangaroo::persistent_max_blocks()); }
+template <int (*Get)()>
+PyObject* get_count(PyObject*, PyObject*) {
+  return PyLong_FromLong(Get());
+}
+
+PyObject* set_persistent_max_blocks(PyObject*, PyObject* args) {
+  return set_count(args, kangaroo::set_persistent_max_blocks,
+                   "set_persistent_max_blocks: blocks must be >= 0 (0: every block that fits)");
+}
 
 PyObject* set_attention_max_tile_rows(PyObject*, PyObject* args) {
-  int rows = 0;
-  if (!PyArg_ParseTuple(args, "i", &rows)) return nullptr;
-  if (rows < 0) {
-    PyErr_Format(PyExc_ValueError, "set_attention_max_tile_rows: rows must be >= 0 (0: no cap), got %d", rows);
-    return nullptr;
-  }
-  kangaroo::set_attention_max_tile_rows(rows);
-  Py_RETURN_NONE;
-}
-
-PyObject* attention_max_tile_rows(PyObject*, PyObject*) {
-  return PyLong_FromLong(kangaroo::attention_max_tile_rows());
+  return set_count(args, kangaroo::set_attention_max_tile_rows,
+                   "set_attention_max_tile_rows: rows must be >= 0 (0: no cap)");
 }
 
 PyObject* attention_invariant_max_tokens(PyObject*, PyObject* args) {
@@ -216,11 +214,13 @@ PyMethodDef kMethods[] = {
     {"set_persistent_max_blocks", set_persistent_max_blocks, METH_VARARGS,
      "set_persistent_max_blocks(blocks: int): the most blocks a persistent draft kernel launch may use (0: every "
      "block that fits at once)"},
-    {"persistent_max_blocks", persistent_max_blocks, METH_NOARGS, "persistent_max_blocks() -> int"},
+    {"persistent_max_blocks", get_count<kangaroo::persistent_max_blocks>, METH_NOARGS,
+     "persistent_max_blocks() -> int"},
     {"set_attention_max_tile_rows", set_attention_max_tile_rows, METH_VARARGS,
      "set_attention_max_tile_rows(rows: int): the most query rows of one attention q-tile at decode and verify "
      "sizes, in whole tokens (0: no cap)"},
-    {"attention_max_tile_rows", attention_max_tile_rows, METH_NOARGS, "attention_max_tile_rows() -> int"},
+    {"attention_max_tile_rows", get_count<kangaroo::attention_max_tile_rows>, METH_NOARGS,
+     "attention_max_tile_rows() -> int"},
     {"attention_invariant_max_tokens", attention_invariant_max_tokens, METH_VARARGS,
      "attention_invariant_max_tokens(group, head_dim, elem_size, device) -> int: the most query tokens one "
      "attention call may carry in the batch-invariant order (0: none; csrc/ops.h)"},

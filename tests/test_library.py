@@ -308,34 +308,23 @@ def test_launch_switches_are_restored_after_the_block():
     assert (c.persistent_split_barrier(), c.persistent_l2_prefetch()) == before
 
 
-def test_persistent_grid_cap_is_a_setting_that_checks_its_value():
-    """The persistent kernel's grid cap (benchmarks' grid sweeps; 0: every block that fits) is an int the
-    launcher reads at each launch: set and restored like a switch, and a negative cap is refused by name."""
+@pytest.mark.parametrize("getter, value, refused", [
+    ("persistent_max_blocks", 33, "blocks must be >= 0"),   # the persistent kernel's grid cap (0: all that fit)
+    ("attention_max_tile_rows", 6, "rows must be >= 0"),    # attention's q-tile row cap (0: none)
+])
+def test_int_settings_are_restored_and_check_their_value(getter, value, refused):
+    """The launchers' int settings (benchmarks' sweeps; 0 is the default) are read at each launch: set and
+    restored like a switch, and a negative value is refused by name."""
     if not _extension.loaded():
         pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
-    c = _extension._C
-    assert c.persistent_max_blocks() == 0
-    with _extension.launch_switches(persistent_max_blocks=33):
-        assert c.persistent_max_blocks() == 33
-    assert c.persistent_max_blocks() == 0
-    with pytest.raises(ValueError, match="blocks must be >= 0"):
-        c.set_persistent_max_blocks(-1)
-    assert c.persistent_max_blocks() == 0
-
-
-def test_attention_tile_row_cap_is_a_setting_that_checks_its_value():
-    """Attention's q-tile row cap (benchmarks' sweeps; 0: none) is an int the launcher reads at each launch: set and
-    restored like a switch, and a negative cap is refused by name."""
-    if not _extension.loaded():
-        pytest.skip(f"no compiled extension: {_extension.LOAD_ERROR}")
-    c = _extension._C
-    assert c.attention_max_tile_rows() == 0
-    with _extension.launch_switches(attention_max_tile_rows=6):
-        assert c.attention_max_tile_rows() == 6
-    assert c.attention_max_tile_rows() == 0
-    with pytest.raises(ValueError, match="rows must be >= 0"):
-        c.set_attention_max_tile_rows(-1)
-    assert c.attention_max_tile_rows() == 0
+    read, write = getattr(_extension._C, getter), getattr(_extension._C, "set_" + getter)
+    assert read() == 0
+    with _extension.launch_switches(**{getter: value}):
+        assert read() == value
+    assert read() == 0
+    with pytest.raises(ValueError, match=refused):
+        write(-1)
+    assert read() == 0
 
 
 def test_attention_invariant_width_query_checks_its_arguments():

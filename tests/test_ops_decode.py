@@ -272,4 +272,3 @@ def test_attention_verify_tiles_cut_into_q_tiles_keep_the_decode_steps_rows(case
                              interleaved_key_splits=True, attention_max_tile_rows=max_tile_rows)
     assert differ == 0, f"{differ} of {T * Hq} verified rows differ from the decode step's (q-tiles <= " \
                         f"{max_tile_rows} rows)"
-

@@ -149,7 +149,8 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the ext
 # is off). None may change a bit: the split barrier, the L2 prefetch, and a grid of 7 blocks (fewer than the GEMV
 # tiles, the attention's key splits and the head's rows ask for: every block loops over several). Interleaved
 # key splits (attention's, key_split.h) change bits past 512 keys, in both paths alike: the per-op path's
-# reference runs under the same switches.
+# reference runs under the same switches. (The split barrier hung until its named barrier counted threads one by
+# one: common.cuh's NamedBarrier; scripts/gpu_stage_b_and_test.sh persan runs its cases under synccheck.)
 KERNEL_MODES = {"barrier": {}, "split-barrier": dict(persistent_split_barrier=True),
                 "l2-prefetch": dict(persistent_l2_prefetch=True), "7-blocks": dict(persistent_max_blocks=7),
                 "interleaved-splits": dict(interleaved_key_splits=True)}
@@ -166,9 +167,6 @@ def split_barrier(mode) -> bool:
     return KERNEL_MODES[mode].get("persistent_split_barrier", False)
 
 
-# The modes as test parameters. (The split barrier hung until its named barrier counted threads one by one:
-# common.cuh's NamedBarrier; scripts/gpu_stage_b_and_test.sh persan runs these cases under synccheck.)
-MODE_PARAMS = list(KERNEL_MODES)
 
 
 @pytest.mark.gpu
@@ -177,7 +175,7 @@ MODE_PARAMS = list(KERNEL_MODES)
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("stop", [True, False])
-@pytest.mark.parametrize("mode", MODE_PARAMS)
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
 @torch.inference_mode()
 def test_cuda_kernel_is_bitwise_the_per_op_path(ell, gamma, eta, stop, mode):
     """bf16: one launch leaves exactly the state the per-op draft steps leave (tokens, counts, exit states,
@@ -223,7 +221,7 @@ def _bitwise_case(ell, gamma, eta, stop, split, model=None, prompt_len=9, capaci
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("prompt_len", [150, 420, 700])
-@pytest.mark.parametrize("mode", MODE_PARAMS)
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
 @torch.inference_mode()
 def test_cuda_kernel_is_bitwise_the_per_op_path_with_merged_key_splits(prompt_len, mode):
     """Contexts of several key tiles, three KV heads: the attention plan splits each head's keys over several

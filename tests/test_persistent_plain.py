@@ -13,7 +13,7 @@ from kangaroo_ext.engine.engine import engine_for
 from kangaroo_ext.engine.persistent_plain import SWITCH, PersistentPlainStep
 
 from models import tiny_model
-from test_persistent_draft import MODE_PARAMS, eligible_model, kernel_switches
+from test_persistent_draft import KERNEL_MODES, eligible_model, kernel_switches
 
 CUDA = torch.cuda.is_available() and kx._extension.loaded()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and the extension")
@@ -88,7 +88,7 @@ def test_off_by_default_and_the_reasons(monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape,prompt_len", [("default", 9), ("three_kv_heads", 150), ("three_kv_heads", 420)])
-@pytest.mark.parametrize("mode", MODE_PARAMS)
+@pytest.mark.parametrize("mode", list(KERNEL_MODES))
 @torch.inference_mode()
 def test_cuda_launch_is_bitwise_the_per_op_plain_step(shape, prompt_len, mode, monkeypatch):
     """bf16: one launch leaves the per-op plain step's token and every layer's K/V, bit for bit, for short
