@@ -36,7 +36,7 @@ steps=${steps/validate/$VALIDATE}
 # (persan). The limits below are this preset's defaults (set any to override); each step is bounded, typically
 # ~350 s in all with the build; a call cut at its limit loses the last steps only.
 if [[ " $steps " == *" issue21 "* ]]; then
-  : "${PD_LIMIT:=60}" "${PD_PRICE_LIMIT:=90}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
+  : "${PD_LIMIT:=60}" "${PD_PRICE_LIMIT:=150}" "${PD_SHAPES:=smollm2_135m}" "${FUSED_LIMIT:=60}"
   : "${PD_K:=merged or generation or 0.3 or plain_step}" "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}"
   : "${PD_GRIDS:=66}"
   steps=${steps/issue21/build persistent fused attnprofile persan}
