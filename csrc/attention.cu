@@ -15,6 +15,7 @@
 #include "dispatch.cuh"
 #include "attention_plan.h"
 #include "kernels/attention.cuh"
+#include "kernels/warp_chunk_attention.cuh"
 #include "launch_options.h"
 #include "ops.h"
 
@@ -130,13 +131,18 @@ at::Tensor rope_append_attention(const at::Tensor& q, const at::Tensor& k, const
     const bool vec16 = (D * static_cast<int64_t>(sizeof(T_))) % 16 == 0 && is_aligned(p.k, 16) &&
                        is_aligned(p.v, 16) && is_aligned(p.k_cache, 16) && is_aligned(p.v_cache, 16) &&
                        is_aligned(p.q, 16) && is_aligned(p.rope_cos, 16) && is_aligned(p.rope_sin, 16);
+    p.rows = static_cast<int>(T * G);
+    if (warp_chunk_attention() &&
+        *warp_chunk::unsupported(sizeof(T_), vec16, p.head_dim, T * G, clusters, max_smem) == '\0') {
+      C10_CUDA_CHECK(warp_chunk::launch<T_>(p, Launch{stream, pdl_launches()}));
+      return;
+    }
     const attention::Plan pl = attention_launch_plan(p.batch, p.tokens, p.hkv, p.group, p.head_dim, p.cache_len,
                                            sizeof(T_), vec16, num_sms, max_smem, clusters);
     TORCH_CHECK_VALUE(pl.n_qtiles <= 65535, "q has too many query rows per kv head for one launch (T * Hq / Hkv = ",
                       T * G, ")");
     TORCH_CHECK_VALUE(pl.smem_bytes + 1024 <= max_smem, "rope_append_attention needs ", pl.smem_bytes + 1024,
                       " bytes of shared memory per block for head dim ", D, " but the device allows ", max_smem);
-    p.rows = static_cast<int>(T * G);
     p.m_tile = pl.m_tile;
     p.n_qtiles = pl.n_qtiles;
     p.n_splits = pl.n_splits;
@@ -152,10 +158,17 @@ int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t 
                     "group must be >= 1 and head_dim in 1..", attention::kMaxHeadDim, ", got group = ", group,
                     ", head_dim = ", head_dim);
   TORCH_CHECK_VALUE(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4 (bytes), got ", elem_size);
-  if (!batch_invariant_attention() || elem_size != 2) return 0;  // launch_plan's answer, without a device
   const auto index = static_cast<c10::DeviceIndex>(device);
   const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, index);
   const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
+  if (warp_chunk_attention() && elem_size == 2 &&
+      *warp_chunk::unsupported(2, true, static_cast<int>(head_dim), group, attention::clusters_usable(), max_smem) ==
+          '\0') {
+    // the warp-chunk kernel is invariant by construction; wider launches would fall back to the tiled kernel,
+    // whose rows are other bits
+    return warp_chunk::max_rows(static_cast<int>(head_dim)) / group;
+  }
+  if (!batch_invariant_attention() || elem_size != 2) return 0;  // launch_plan's answer, without a device
   int64_t most = 0;
   // Eligibility depends on the rows of one KV head's tile (tokens * group), not on the batch, the KV heads
   // or the cache length (those only change the split count): 1 sequence, 1 KV head, any cache length.

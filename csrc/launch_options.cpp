@@ -12,6 +12,7 @@ std::atomic<bool> split_barrier{false};  // config.py's default; set again at im
 std::atomic<bool> deep_prefetch{true};  // config.py's default; set again at import
 std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
 std::atomic<bool> interleaved_splits{false};  // config.py's default; set again at import
+std::atomic<bool> warp_chunks{false};  // config.py's default; set again at import
 std::atomic<int> max_blocks{0};
 std::atomic<int> max_tile_rows{0};
 }
@@ -43,6 +44,10 @@ void set_persistent_l2_prefetch(bool enabled) { l2_prefetch.store(enabled, std::
 bool interleaved_key_splits() { return interleaved_splits.load(std::memory_order_relaxed); }
 
 void set_interleaved_key_splits(bool enabled) { interleaved_splits.store(enabled, std::memory_order_relaxed); }
+
+bool warp_chunk_attention() { return warp_chunks.load(std::memory_order_relaxed); }
+
+void set_warp_chunk_attention(bool enabled) { warp_chunks.store(enabled, std::memory_order_relaxed); }
 
 int persistent_max_blocks() { return max_blocks.load(std::memory_order_relaxed); }
 

@@ -40,6 +40,12 @@ void set_persistent_l2_prefetch(bool enabled);
 bool interleaved_key_splits();
 void set_interleaved_key_splits(bool enabled);
 
+// Whether attention runs csrc/kernels/warp_chunk_attention.cuh (a warp per 32-key chunk, no block barrier in the
+// key loop) where it can take the launch (16-bit, head dim 64 / 128, few query rows), else attention.cuh. Default
+// false until its GPU tests pass. Batch-invariant by construction; changes bits against attention.cuh.
+bool warp_chunk_attention();
+void set_warp_chunk_attention(bool enabled);
+
 // The most blocks one persistent draft kernel launch may use (default 0: every block that fits at once; a cap
 // above that changes nothing). Blocks only divide the tiles, heads and head rows among themselves, so the bits are
 // the same at any cap but the draft confidence's last bits (its softmax sum merges one partial a block). For

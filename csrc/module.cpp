@@ -211,6 +211,11 @@ PyMethodDef kMethods[] = {
      "context"},
     {"interleaved_key_splits", get_switch<kangaroo::interleaved_key_splits>, METH_NOARGS,
      "interleaved_key_splits() -> bool"},
+    {"set_warp_chunk_attention", set_switch<kangaroo::set_warp_chunk_attention>, METH_VARARGS,
+     "set_warp_chunk_attention(enabled: bool): whether later attention launches run the warp-chunk kernel where it "
+     "can take them (csrc/kernels/warp_chunk_attention.cuh), else the tiled one"},
+    {"warp_chunk_attention", get_switch<kangaroo::warp_chunk_attention>, METH_NOARGS,
+     "warp_chunk_attention() -> bool"},
     {"set_persistent_max_blocks", set_persistent_max_blocks, METH_VARARGS,
      "set_persistent_max_blocks(blocks: int): the most blocks a persistent draft kernel launch may use (0: every "
      "block that fits at once)"},

@@ -120,8 +120,8 @@ def apply_launch_settings():
     KANGAROO_BATCH_INVARIANT_ATTENTION=0; tensor-core GEMVs with KANGAROO_TENSOR_CORE_GEMV; the persistent draft
     kernel's split barrier with KANGAROO_PERSISTENT_SPLIT_BARRIER and its L2 prefetch with
     KANGAROO_PERSISTENT_L2_PREFETCH; the GEMVs' deeper weight prefetch with KANGAROO_GEMV_DEEP_PREFETCH; attention's
-    interleaved key splits with KANGAROO_INTERLEAVED_KEY_SPLITS. Called at
-    import; call again after changing them."""
+    interleaved key splits with KANGAROO_INTERLEAVED_KEY_SPLITS; the warp-chunk attention kernel with
+    KANGAROO_WARP_CHUNK_ATTENTION. Called at import; call again after changing them."""
     from . import config
     settings = {"set_pdl_launches": not config.flag("KANGAROO_DISABLE_PDL"),
                 "set_batch_invariant_attention": config.flag("KANGAROO_BATCH_INVARIANT_ATTENTION"),
@@ -129,7 +129,8 @@ def apply_launch_settings():
                 "set_persistent_split_barrier": config.flag("KANGAROO_PERSISTENT_SPLIT_BARRIER"),
                 "set_gemv_deep_prefetch": config.flag("KANGAROO_GEMV_DEEP_PREFETCH"),
                 "set_persistent_l2_prefetch": config.flag("KANGAROO_PERSISTENT_L2_PREFETCH"),
-                "set_interleaved_key_splits": config.flag("KANGAROO_INTERLEAVED_KEY_SPLITS")}
+                "set_interleaved_key_splits": config.flag("KANGAROO_INTERLEAVED_KEY_SPLITS"),
+                "set_warp_chunk_attention": config.flag("KANGAROO_WARP_CHUNK_ATTENTION")}
     for setter, value in settings.items():
         if _C is not None and hasattr(_C, setter):  # an extension older than the switch lacks its setter
             getattr(_C, setter)(value)
