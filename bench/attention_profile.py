@@ -6,11 +6,13 @@ step's ~31 µs a layer at 160 (bench/results/gpu_h100_71757c1/). This script tim
 back-to-back launches (a CUDA graph, programmatic dependent launch as the engine uses it) at SmolLM2-135M's
 heads for T new positions after a context of cached ones, with the batch-invariant PV order on and off (and,
 with --max-tile-rows, the invariant order again with verify tiles cut into q-tiles of at most that many rows:
-_C.set_attention_max_tile_rows); or runs a few launches of one case for Nsight Compute to profile:
+_C.set_attention_max_tile_rows; and the warp-chunk kernel, KANGAROO_WARP_CHUNK_ATTENTION); or runs a few
+launches of one case for Nsight Compute to profile:
 
     python bench/attention_profile.py --out attention_profile.json --max-tile-rows 6,12
     ncu --clock-control none -k regex:attention_kernel -s 3 -c 1 --section WarpStateStats \\
         python bench/attention_profile.py --tokens 7 --context 160 --launches 4
+    (KANGAROO_WARP_CHUNK_ATTENTION=1 profiles the warp-chunk kernel there)
 """
 import argparse
 import json
@@ -31,21 +33,26 @@ CAPACITY = 2048
 BURST = 100
 
 
-def settings(tile_caps=()) -> dict:
-    """The launch settings each timing runs under, by name: the invariant order, the default one, and the invariant
-    order with each q-tile row cap."""
-    out = {"invariant": dict(batch_invariant_attention=True, attention_max_tile_rows=0),
-           "default": dict(batch_invariant_attention=False, attention_max_tile_rows=0)}
+def settings(tile_caps=(), warp_chunk: bool = False) -> dict:
+    """The launch settings each timing runs under, by name: the tiled kernel's invariant order, its default one, the
+    invariant order with each q-tile row cap, and (warp_chunk) the warp-chunk kernel (KANGAROO_WARP_CHUNK_ATTENTION)."""
+    tiled = dict(warp_chunk_attention=False) if warp_chunk else {}
+    out = {"invariant": dict(batch_invariant_attention=True, attention_max_tile_rows=0, **tiled),
+           "default": dict(batch_invariant_attention=False, attention_max_tile_rows=0, **tiled)}
     for cap in tile_caps:
-        out[f"invariant-q{cap}"] = dict(batch_invariant_attention=True, attention_max_tile_rows=cap)
+        out[f"invariant-q{cap}"] = dict(batch_invariant_attention=True, attention_max_tile_rows=cap, **tiled)
+    if warp_chunk:
+        out["warp-chunk"] = dict(warp_chunk_attention=True)
     return out
 
 
 def timings(cases=CASES, capacity: int = CAPACITY, tile_caps=()) -> dict:
-    """µs per launch of each case under each of settings(tile_caps), with the bytes it must move."""
+    """µs per launch of each case under each of settings(tile_caps, warp_chunk where the extension has it), with the
+    bytes it must move."""
     import kangaroo_ext as kx
     out = {}
-    for name, switches in settings(tile_caps).items():
+    warp_chunk = hasattr(kx._extension._C, "set_warp_chunk_attention")
+    for name, switches in settings(tile_caps, warp_chunk).items():
         with kx._extension.launch_switches(**switches):
             for tokens, context in cases:
                 case = bench_cases._attention_case(tokens, context, capacity, BURST)

@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved;
+#                  interleaved warpchunk;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -250,6 +250,25 @@ for step in $steps; do
       KANGAROO_INTERLEAVED_KEY_SPLITS=1 timeout "${INTERLEAVED_LIMIT:-300}" python3 -m kangaroo_ext bench \
         --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
         --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_interleaved" 2>&1 | grep -v "it/s]" | head -12 ;;
+    warpchunk)
+      # issue 21: the warp-chunk attention kernel (KANGAROO_WARP_CHUNK_ATTENTION, off until this passes): its op tests
+      # (reference, routing, unwritten rows, batch invariance at every context), its timing next to the tiled
+      # kernel's, Nsight Compute at T 1 / 1,024 keys, the round's price with it on, and bf16 identity end to end
+      log warpchunk
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py 2>&1 \
+        | tail -25 | tee "$OUT/warp_chunk_tests.log"
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/attention_profile.py \
+        --out "bench/results/attention_profile_${CARD}_warp_chunk.json" 2>&1 | tail -20
+      KANGAROO_WARP_CHUNK_ATTENTION=1 PYTHONPATH=".:${PYTHONPATH:-}" timeout 40 ncu --clock-control none \
+        -k regex:warp_chunk -s 3 -c 1 --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats python3 bench/attention_profile.py --tokens 1 --context 1024 --launches 4 2>&1 \
+        | grep -v "^==PROF==" > "$OUT/ncu_warp_chunk_T1_ctx1024.txt"
+      grep -E "Duration|Stall|Warp Cycles Per Issued|Registers" "$OUT/ncu_warp_chunk_T1_ctx1024.txt" | head -12
+      for on in 0 1; do
+        KANGAROO_WARP_CHUNK_ATTENTION=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 90 python3 \
+          bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
+          --out "bench/results/round_price_warp_chunk_$on.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
+      done ;;
     persan)
       # issue 21: the persistent kernel's split-barrier cases (the path whose named barrier once miscounted a
       # diverged warp and hung: common.cuh, NamedBarrier) under synccheck and racecheck, each cut at 60 s

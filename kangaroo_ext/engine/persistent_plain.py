@@ -17,7 +17,7 @@ launches; whether that is faster is the GPU's to say (bench/persistent_draft_pri
 """
 import torch
 
-from .. import ops
+from .. import _extension, ops
 
 SWITCH = "KANGAROO_PERSISTENT_PLAIN_STEP"
 
@@ -30,7 +30,11 @@ def kernel_weights(layers) -> list:
 
 def engine_reasons(engine, layers) -> str:
     """What the persistent kernel needs of the engine whichever phase it runs ('' if met): greedy decoding,
-    one sequence, and MLPs without gate / up biases in these layers (its MLP has none)."""
+    one sequence, MLPs without gate / up biases in these layers (its MLP has none), and the tiled attention kernel
+    (the persistent kernel's own; with the warp-chunk kernel on, the per-op path's rows would be other bits)."""
+    if _extension.loaded() and hasattr(_extension._C, "warp_chunk_attention") and _extension._C.warp_chunk_attention():
+        return ("KANGAROO_WARP_CHUNK_ATTENTION is on: the persistent kernel attends with the tiled kernel, whose rows "
+                "are other bits than the per-op path's")
     if engine.sampling is not None:
         return "sampling: the persistent kernel decodes greedily"
     if engine.ROWS != 1:
