@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk;
+#                  interleaved warpchunk wcmtbench;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -269,6 +269,12 @@ for step in $steps; do
           bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
           --out "bench/results/round_price_warp_chunk_$on.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
       done ;;
+    wcmtbench)
+      # MT-bench (kangaroo and plain) with the warp-chunk attention kernel on: speed and bf16 identity (needs the model)
+      log wcmtbench
+      KANGAROO_WARP_CHUNK_ATTENTION=1 timeout "${WC_LIMIT:-330}" python3 -m kangaroo_ext bench \
+        --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
+        --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_warp_chunk" 2>&1 | grep -v "it/s]" | head -12 ;;
     persan)
       # issue 21: the persistent kernel's split-barrier cases (the path whose named barrier once miscounted a
       # diverged warp and hung: common.cuh, NamedBarrier) under synccheck and racecheck, each cut at 60 s
