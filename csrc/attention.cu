@@ -159,16 +159,18 @@ int64_t attention_invariant_max_tokens(int64_t group, int64_t head_dim, int64_t 
                     ", head_dim = ", head_dim);
   TORCH_CHECK_VALUE(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4 (bytes), got ", elem_size);
   const auto index = static_cast<c10::DeviceIndex>(device);
-  const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, index);
-  const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
-  if (warp_chunk_attention() && elem_size == 2 &&
-      *warp_chunk::unsupported(2, true, static_cast<int>(head_dim), group, attention::clusters_usable(), max_smem) ==
-          '\0') {
-    // the warp-chunk kernel is invariant by construction; wider launches would fall back to the tiled kernel,
-    // whose rows are other bits
-    return warp_chunk::max_rows(static_cast<int>(head_dim)) / group;
+  if (warp_chunk_attention() && elem_size == 2) {
+    const int smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
+    if (*warp_chunk::unsupported(2, true, static_cast<int>(head_dim), group, attention::clusters_usable(), smem) ==
+        '\0') {
+      // the warp-chunk kernel is invariant by construction; wider launches would fall back to the tiled kernel,
+      // whose rows are other bits
+      return warp_chunk::max_rows(static_cast<int>(head_dim)) / group;
+    }
   }
   if (!batch_invariant_attention() || elem_size != 2) return 0;  // launch_plan's answer, without a device
+  const int num_sms = device_attribute(cudaDevAttrMultiProcessorCount, index);
+  const int max_smem = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, index);
   int64_t most = 0;
   // Eligibility depends on the rows of one KV head's tile (tokens * group), not on the batch, the KV heads
   // or the cache length (those only change the split count): 1 sequence, 1 KV head, any cache length.
