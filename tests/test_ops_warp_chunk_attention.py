@@ -143,3 +143,30 @@ def test_warp_chunk_verified_rows_are_the_decode_steps_rows(dtype, case):
     assert widest == (32 if D == 64 else 16) // (Hq // Hkv), widest
     differ = _rows_differing(case, Hq, Hkv, D, start, T or widest, dtype, **ON)
     assert differ == 0, f"{differ} of {(T or widest) * Hq} verified rows differ from the decode step's"
+
+
+@pytest.mark.parametrize("kv_heads, head_dim", [(1, 64), (2, 128)])
+@torch.inference_mode()
+def test_bf16_speculative_decoding_equals_plain_with_the_warp_chunk_kernel(kv_heads, head_dim):
+    """End to end with the switch on: bf16 Kangaroo rounds (graphs, adapter drafts, copied drafts) give plain
+    decoding's tokens, past 512 keys too (where the tiled kernel's contiguous splits move); a tiny random model
+    of SmolLM2's attention shape (GQA 3, head dim 64) and a head-dim-128 one."""
+    _needs_gpu()
+    import copy
+    import kangaroo_ext as kx
+    from kangaroo_ext import _extension
+    from models import tiny_model
+    from test_copy_draft import repetitive_prompts
+    heads = 3 * kv_heads
+    model = copy.deepcopy(tiny_model("llama", layers=4, hidden=heads * head_dim, heads=heads, kv_heads=kv_heads))
+    model = model.to(torch.bfloat16).cuda()
+    adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer")
+    with _extension.launch_switches(**ON):
+        for p in repetitive_prompts(2, seed=5):
+            p = p.cuda()
+            plain = kx.generate(model, p, max_new_tokens=950, eos_token_id=[]).sequences
+            spec = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=950, threshold=0.3, max_draft=6,
+                                           eos_token_id=[])
+            assert spec.sequences.shape == plain.shape
+            first = int((spec.sequences != plain).nonzero()[0, 1]) if not torch.equal(spec.sequences, plain) else None
+            assert first is None, f"bf16 output differs from plain decoding from position {first}"
