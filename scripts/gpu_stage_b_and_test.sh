@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk wcmtbench;
+#                  interleaved warpchunk wcquick wcmtbench;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -269,6 +269,16 @@ for step in $steps; do
           bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
           --out "bench/results/round_price_warp_chunk_$on.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
       done ;;
+    wcquick)
+      # the warp-chunk kernel's op tests (stop at the first failure) and its timing beside the tiled kernel's, for a
+      # call with little device time left
+      log wcquick
+      timeout "${WC_TEST_LIMIT:-120}" python3 -m pytest -x -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
+        -k "not bf16_speculative" 2>&1 | tail -25 | tee "$OUT/warp_chunk_tests.log"
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 60 python3 bench/attention_profile.py \
+        --out "bench/results/attention_profile_${CARD}_warp_chunk.json" 2>&1 | tail -20
+      timeout "${WC_E2E_LIMIT:-60}" python3 -m pytest -x -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
+        -k "bf16_speculative" 2>&1 | tail -5 | tee -a "$OUT/warp_chunk_tests.log" ;;
     wcmtbench)
       # MT-bench (kangaroo and plain) with the warp-chunk attention kernel on: speed and bf16 identity (needs the model)
       log wcmtbench
