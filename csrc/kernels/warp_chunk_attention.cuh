@@ -1,6 +1,6 @@
 // Warp-chunk attention: the same op as attention.cuh (RoPE + KV-cache append + causal attention over the static
 // cache, kangaroo_ext/ops/reference.py: rope_append_attention), torch-free, for decode and verify sizes in 16-bit
-// dtypes (head dim 64 or 128, at most kMaxRows(HD) query rows per kv head), cut for latency instead of tiles.
+// dtypes (head dim 64 or 128, at most max_rows(HD) query rows per kv head), cut for latency instead of tiles.
 //
 // Why another kernel. attention.cuh's block walks 64-key tiles with its 8 warps in lock step (block barriers
 // around every QK^T, softmax and PV phase); at decode sizes (3 query rows per kv head) most warps wait at those
