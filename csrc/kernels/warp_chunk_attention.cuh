@@ -63,7 +63,7 @@ struct Layout {
   int stage_bytes;  // one warp's one stage: 32 K rows + 32 V rows
 };
 
-__host__ __device__ constexpr inline int align16(int x) { return (x + 15) / 16 * 16; }
+using attention::align16;
 
 __host__ __device__ inline Layout layout(int rm, int hd) {
   Layout s{};
@@ -250,24 +250,14 @@ __global__ void __launch_bounds__(kThreads) warp_chunk_attention_kernel(const Pa
   const int b = bh / p.hkv, kvh = bh - b * p.hkv;
   const int S = p.cache_len, tokens = p.tokens, rows = p.rows;
 
-  // Each row's visible keys [lo, hi] (empty (1, 0): position outside [0, S), or a padding row) and their union.
-  if (warp == 0) {
-    int lo = 1, hi = 0;
-    if (lane < rows) attention::row_key_range(p.positions, b, tokens, p.group, lane, S, p.window, lo, hi);
-    if (lane < RM) {
-      lo_s[lane] = lo;
-      hi_s[lane] = hi;
-    }
-    const bool valid = lo <= hi;
-    const int mn = __reduce_min_sync(kFullMask, valid ? lo : INT_MAX);
-    const int mx = __reduce_max_sync(kFullMask, valid ? hi : -1);
-    if (lane == 0) s_union = make_int2(mn, mx);
-  }
   // p0 clamped to [-T, S]: the same new-key set within [0, S) (attention.cuh)
   const int64_t p0_raw = p.positions[static_cast<int64_t>(b) * tokens];
   const int p0 = static_cast<int>(p0_raw < -tokens ? -tokens : (p0_raw > S ? S : p0_raw));
-  __syncthreads();
-  const int klo = s_union.x, khi = s_union.y;  // klo > khi: no row sees a key
+  // Each row's visible keys [lo, hi] (empty (1, 0): position outside [0, S), or a padding row) and their union
+  // [klo, khi] (klo > khi: no row sees a key); rows <= RM <= 32, so warp 0 alone finds them. Ends in a barrier.
+  int klo, khi;
+  attention::tile_key_range<RM>(p.positions, b, tokens, p.group, 0, rows, S, p.window, lo_s, hi_s, &s_union, klo,
+                                khi);
   const int load_lo = max(klo, 0), load_hi = min(khi, S - 1);
 
   const int64_t head_row0 = (static_cast<int64_t>(b) * p.hkv + kvh) * S;
