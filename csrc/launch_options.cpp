@@ -11,7 +11,7 @@ std::atomic<bool> mma_gemv{true};  // config.py's default; set again at import
 std::atomic<bool> split_barrier{false};  // config.py's default; set again at import
 std::atomic<bool> deep_prefetch{true};  // config.py's default; set again at import
 std::atomic<bool> l2_prefetch{false};  // config.py's default; set again at import
-std::atomic<bool> interleaved_splits{false};  // config.py's default; set again at import
+std::atomic<bool> interleaved_splits{true};  // config.py's default; set again at import
 std::atomic<bool> warp_chunks{false};  // config.py's default; set again at import
 std::atomic<int> max_blocks{0};
 std::atomic<int> max_tile_rows{0};

@@ -268,7 +268,7 @@ def test_another_running_torch_warns_once_and_info_says_why():
     ("KANGAROO_PERSISTENT_SPLIT_BARRIER", "persistent_split_barrier", True, False),  # off until set
     ("KANGAROO_PERSISTENT_L2_PREFETCH", "persistent_l2_prefetch", True, False),      # off until set
     ("KANGAROO_GEMV_DEEP_PREFETCH", "gemv_deep_prefetch", True, True),               # on unless set to 0
-    ("KANGAROO_INTERLEAVED_KEY_SPLITS", "interleaved_key_splits", True, False),      # off until set
+    ("KANGAROO_INTERLEAVED_KEY_SPLITS", "interleaved_key_splits", True, True),       # on unless set to 0
     ("KANGAROO_WARP_CHUNK_ATTENTION", "warp_chunk_attention", True, False),          # off until set
 ])
 def test_launch_switches_reach_the_launchers(monkeypatch, knob, getter, when_set, when_unset):
