@@ -115,6 +115,36 @@ def test_the_switch_routes_eligible_launches_to_the_warp_chunk_kernel(rows_case,
     assert "warp_chunk_attention_kernel" not in too_many, "more rows than the kernel takes must fall back"
 
 
+@pytest.mark.parametrize("start", [1, 29, 30, 31, 32, 62, 63, 95])
+def test_every_visible_key_gets_its_weight(start):
+    """Which keys a launch sums wrong, by key: q = 0 gives every visible key the same weight 1 / n, and v row s is
+    one-hot at column s, so output column c is key c's weight (the new key's row comes from v, the others from the
+    cache). The first GPU run (H100, 15ee133) failed the reference test when a chunk held ~30 cache rows and a new
+    key near its end (start 30, 31, 62, 63, 95 wrong; 0, 1, 32, 33, 40, 64 right), with garbage in even output
+    columns only: a staged row read before it was written. This test names the keys."""
+    _needs_gpu()
+    D, S = 64, 128
+    cos = torch.ones(S + 3, D, device="cuda")   # RoPE off: the cache rows and the new row keep their one-hot v
+    sin = torch.zeros(S + 3, D, device="cuda")
+    q = torch.zeros(1, 1, 1, D, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(1, 1, 1, D, device="cuda").bfloat16()
+    v = torch.zeros(1, 1, 1, D, dtype=torch.bfloat16, device="cuda")
+    v[0, 0, 0, start % D] = 1
+    k_cache = torch.randn(1, 1, S, D, device="cuda").bfloat16()
+    v_cache = torch.zeros(1, 1, S, D, dtype=torch.bfloat16, device="cuda")
+    v_cache[0, 0, torch.arange(S), torch.arange(S) % D] = 1
+    positions = torch.tensor([[start]], device="cuda")
+    n = start + 1
+    want = torch.zeros(D, device="cuda")
+    want.index_add_(0, torch.arange(n, device="cuda") % D, torch.full((n,), 1 / n, device="cuda"))
+    for attempt in range(3):  # the failure varied run to run
+        out, _, _ = _attend(q, k, v, k_cache, v_cache, positions, cos, sin, 1.0, 0, **ON)
+        got = out.float().view(D)
+        wrong = ((got - want).abs() > 4e-3).nonzero().flatten().tolist()
+        weights = [round(got[c].item(), 4) for c in wrong[:8]]
+        assert not wrong, f"attempt {attempt}: keys (columns, mod 64) {wrong} weigh {weights}, want {1 / n:.4f}"
+
+
 @pytest.mark.parametrize("case", ["verify-7-crossing-chunk", "verify-7-crossing-round", "window-long"])
 def test_unwritten_cache_rows_never_reach_the_output(case):
     """Rows past the context (never written by a decode step) hold NaN here: the output must be bitwise what it is
