@@ -69,7 +69,8 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "attention runs the warp-chunk kernel (csrc/kernels/warp_chunk_attention.cuh: a warp per 32-key chunk, no "
          "block barrier in the key loop, the next chunk in flight) where it can take the launch: bf16 / fp16, head "
          "dim 64 or 128, at most 32 (64) or 16 (128) query rows per kv head; else the tiled kernel. Batch-invariant "
-         "at any context by construction; other bits than the tiled kernel's. Off until its GPU tests pass"),
+         "at any context by construction; other bits than the tiled kernel's. Off: its first GPU run (H100, 15ee133) "
+         "failed its reference test (wrong rows when a chunk holds a new key near its end; BENCHMARKS.md)"),
     Knob("KANGAROO_TENSOR_CORE_GEMV", "flag", "run",
          "bf16 / fp16 decode GEMVs (q/k/v, O, gate/up, down) run on tensor cores where K % 32 == 0 and every "
          "weight's rows % 8 == 0 (csrc/kernels/decode_linear_mma.cuh): verify rows then cost about what one row "
