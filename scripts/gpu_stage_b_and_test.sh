@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk wcquick wcmtbench;
+#                  interleaved warpchunk wcquick wcdebug wcmtbench;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -279,6 +279,17 @@ for step in $steps; do
         --out "bench/results/attention_profile_${CARD}_warp_chunk.json" 2>&1 | tail -20
       timeout "${WC_E2E_LIMIT:-60}" python3 -m pytest -x -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
         -k "bf16_speculative" 2>&1 | tail -5 | tee -a "$OUT/warp_chunk_tests.log" ;;
+    wcdebug)
+      # the warp-chunk kernel after its first GPU run failed (15ee133): the per-key weight test first (it names the
+      # keys a launch sums wrong), then every op test without stopping, one line per failure, then end to end
+      log wcdebug
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
+        -k "every_visible_key" 2>&1 | grep -E "^E +AssertionError|passed|failed" | cut -c1-240 | tee "$OUT/wcdebug.log"
+      timeout "${WC_TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
+        -k "not bf16_speculative and not every_visible_key" 2>&1 | grep -E "^FAILED|passed|failed" | cut -c1-200 \
+        | tail -40 | tee -a "$OUT/wcdebug.log"
+      timeout "${WC_E2E_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
+        -k "bf16_speculative" 2>&1 | tail -3 | tee -a "$OUT/wcdebug.log" ;;
     wcmtbench)
       # MT-bench (kangaroo and plain) with the warp-chunk attention kernel on: speed and bf16 identity (needs the model)
       log wcmtbench

@@ -23,10 +23,11 @@
 // and the bits do not depend on the cache capacity S either.
 //
 // New keys (positions p0 .. p0 + T - 1, p0 = positions[b, 0]) are built by every block from the k/v inputs (K
-// rotated, rounded to T, exactly as the cache will hold them) into shared memory and patched into a chunk's
-// staged rows; block 0 of the cluster writes them to the cache. No block reads a cache row this launch writes,
-// as in attention.cuh. Keys outside the rows' visible union (and outside [0, S)) are zero-filled, never loaded,
-// so P = 0 never meets unwritten cache rows.
+// rotated, rounded to T, exactly as the cache will hold them) into shared memory, from which staging copies them
+// into a chunk's rows (the first GPU run, 15ee133, patched them in after the chunk's wait instead, and read stale
+// rows when a chunk was nearly all cache rows: BENCHMARKS.md); block 0 of the cluster writes them to the cache.
+// No block reads a cache row this launch writes, as in attention.cuh. Keys outside the rows' visible union (and
+// outside [0, S)) are zero-filled, never loaded, so P = 0 never meets unwritten cache rows.
 //
 // Bytes per call: K, V of the keys in [lowest visible, highest position] once (2 * B * Hkv * ctx * D * sz),
 // q, the new k/v rows, 2 RoPE rows per query row and new key; writes the new cache rows and out.
@@ -90,42 +91,33 @@ __host__ __device__ inline Layout layout(int rm, int hd) {
 template <typename T>
 using Params = attention::Params<T>;  // the op's parameters; the plan fields (m_tile, splits, ...) are unused
 
-// Stages chunk c's K and V rows into a warp's buffers (ks: K rows, vs: V rows): cp.async for cache rows in
-// [load_lo, load_hi] that are not new keys; zeros for the rest but new keys, which patch_new_keys fills.
+// Stages chunk c's K and V rows into a warp's buffers (ks: K rows, vs: V rows): new keys (positions p0 .. p0 + T
+// - 1 inside [0, S)) from the block's rotated K and raw V rows in shared memory (knew, vnew: published before the
+// first call), cache rows in [load_lo, load_hi] by cp.async, zeros for the rest. Every staged row is written by
+// exactly one of the three, before the cp_async_wait that precedes the chunk's fold: no row is patched after it.
 template <typename T, int HD>
 __device__ __forceinline__ void stage_chunk(T* ks, T* vs, int k_stride, const T* __restrict__ kcache_head,
-                                            const T* __restrict__ vcache_head, int c, int load_lo, int load_hi,
-                                            int p0, int tokens, int S, int lane) {
+                                            const T* __restrict__ vcache_head, const T* knew, const T* vnew, int c,
+                                            int load_lo, int load_hi, int p0, int tokens, int S, int lane) {
   constexpr int kPieces = HD / 8;  // 16-byte pieces per row
   for (int idx = lane; idx < kChunk * kPieces; idx += kWarpSize) {
     const int j = idx / kPieces, piece = idx - j * kPieces;
     const int s = c * kChunk + j;
     T* kdst = ks + j * k_stride + piece * 8;
     T* vdst = vs + j * HD + piece * 8;
-    if (s - p0 >= 0 && s - p0 < tokens && s >= 0 && s < S) continue;  // a new key: patched from shared memory
-    if (s < load_lo || s > load_hi) {
+    if (s - p0 >= 0 && s - p0 < tokens && s >= 0 && s < S) {  // a new key
+      Vec<T, 8> x;
+      x.load(knew + (s - p0) * HD + piece * 8);
+      x.store(kdst);
+      x.load(vnew + (s - p0) * HD + piece * 8);
+      x.store(vdst);
+    } else if (s < load_lo || s > load_hi) {
       vec_zero<T, 8>().store(kdst);
       vec_zero<T, 8>().store(vdst);
-      continue;
+    } else {
+      copy_async<T, 8>(kdst, kcache_head + static_cast<int64_t>(s) * HD + piece * 8);
+      copy_async<T, 8>(vdst, vcache_head + static_cast<int64_t>(s) * HD + piece * 8);
     }
-    copy_async<T, 8>(kdst, kcache_head + static_cast<int64_t>(s) * HD + piece * 8);
-    copy_async<T, 8>(vdst, vcache_head + static_cast<int64_t>(s) * HD + piece * 8);
-  }
-}
-
-// Copies the new keys that fall in chunk c (from the block's rotated K and raw V rows) into the staged rows.
-template <typename T, int HD>
-__device__ __forceinline__ void patch_new_keys(T* ks, T* vs, int k_stride, const T* knew, const T* vnew, int c, int p0,
-                                               int tokens, int S, int lane) {
-  constexpr int kPieces = HD / 8;
-  const int first = max(c * kChunk, max(p0, 0)), last = min(c * kChunk + kChunk - 1, min(p0 + tokens - 1, S - 1));
-  for (int idx = lane; idx < (last - first + 1) * kPieces; idx += kWarpSize) {
-    const int s = first + idx / kPieces, piece = idx % kPieces;
-    Vec<T, 8> x;
-    x.load(knew + (s - p0) * HD + piece * 8);
-    x.store(ks + (s - c * kChunk) * k_stride + piece * 8);
-    x.load(vnew + (s - p0) * HD + piece * 8);
-    x.store(vs + (s - c * kChunk) * HD + piece * 8);
   }
 }
 
@@ -264,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) warp_chunk_attention_kernel(const Pa
   const T* kcache_head = p.k_cache + head_row0 * HD;
   const T* vcache_head = p.v_cache + head_row0 * HD;
 
-  // This warp's chunks c = i * 32 + (w * kSplits + z) for rounds i in [i_first, i_last], its first in flight.
+  // This warp's chunks c = i * 32 + (w * kSplits + z) for rounds i in [i_first, i_last].
   const int lane_chunk = warp * kSplits + z;
   constexpr int kChunksPerRound = kWarps * kSplits;
   int i_first = 0, i_last = -1;
@@ -273,15 +265,11 @@ __global__ void __launch_bounds__(kThreads) warp_chunk_attention_kernel(const Pa
     i_first = c_lo > lane_chunk ? (c_lo - lane_chunk + kChunksPerRound - 1) / kChunksPerRound : 0;
     i_last = c_hi >= lane_chunk ? (c_hi - lane_chunk) / kChunksPerRound : -1;
   }
-  T* stage[2];
-  stage[0] = reinterpret_cast<T*>(smem + L.stage + (warp * 2) * L.stage_bytes);
-  stage[1] = reinterpret_cast<T*>(smem + L.stage + (warp * 2 + 1) * L.stage_bytes);
+  // The warp's two staging buffers (K rows, then V rows), addressed from the shared base rather than kept in a
+  // pointer array (which would live in local memory and make every staged access generic).
+  T* const stage0 = reinterpret_cast<T*>(smem + L.stage + (warp * 2) * L.stage_bytes);
+  const int stage_elems = L.stage_bytes / 2;               // one buffer, in elements
   const int v_off = align16(kChunk * L.k_stride * 2) / 2;  // V rows after K rows, in elements
-  if (i_first <= i_last) {
-    stage_chunk<T, HD>(stage[0], stage[0] + v_off, L.k_stride, kcache_head, vcache_head,
-                       i_first * kChunksPerRound + lane_chunk, load_lo, load_hi, p0, tokens, S, lane);
-  }
-  cp_async_commit();
 
   // Prologue: Q rotated and pre-scaled (padding rows zero), the new keys rotated and values copied; block 0 of
   // the cluster writes them to the cache.
@@ -335,7 +323,14 @@ __global__ void __launch_bounds__(kThreads) warp_chunk_attention_kernel(const Pa
   }
   __syncthreads();  // Q, the new keys and the row ranges published
 
-  // The key loop: no block barrier; the next chunk is staged while this one is folded.
+  // The key loop: no block barrier; the next chunk is staged while this one is folded. The first chunk is staged
+  // here, after the new keys are in shared memory, so staging writes every row of a chunk (new keys included)
+  // before the wait that precedes its fold.
+  if (i_first <= i_last) {
+    stage_chunk<T, HD>(stage0, stage0 + v_off, L.k_stride, kcache_head, vcache_head, knew, vnew,
+                       i_first * kChunksPerRound + lane_chunk, load_lo, load_hi, p0, tokens, S, lane);
+  }
+  cp_async_commit();
   float acc[RM][DPL];
 #pragma unroll
   for (int r = 0; r < RM; ++r) {
@@ -343,17 +338,17 @@ __global__ void __launch_bounds__(kThreads) warp_chunk_attention_kernel(const Pa
     for (int e = 0; e < DPL; ++e) acc[r][e] = 0.f;
   }
   for (int i = i_first, k = 0; i <= i_last; ++i, k ^= 1) {
+    T* const cur = stage0 + k * stage_elems;
     if (i < i_last) {
-      stage_chunk<T, HD>(stage[k ^ 1], stage[k ^ 1] + v_off, L.k_stride, kcache_head, vcache_head,
+      T* const next = stage0 + (k ^ 1) * stage_elems;
+      stage_chunk<T, HD>(next, next + v_off, L.k_stride, kcache_head, vcache_head, knew, vnew,
                          (i + 1) * kChunksPerRound + lane_chunk, load_lo, load_hi, p0, tokens, S, lane);
     }
     cp_async_commit();
     cp_async_wait<1>();  // this chunk's group has landed (the next one may still be in flight)
-    __syncwarp();
+    __syncwarp();  // every lane's copies and stores of this chunk visible to the whole warp
     const int c = i * kChunksPerRound + lane_chunk;
-    patch_new_keys<T, HD>(stage[k], stage[k] + v_off, L.k_stride, knew, vnew, c, p0, tokens, S, lane);
-    __syncwarp();
-    fold_chunk<T, HD, RM>(stage[k], stage[k] + v_off, L.k_stride, Qs, lo_s, hi_s, Pw, run, c, lane, acc);
+    fold_chunk<T, HD, RM>(cur, cur + v_off, L.k_stride, Qs, lo_s, hi_s, Pw, run, c, lane, acc);
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp is past its key loop: the staging buffers become the warps' states
