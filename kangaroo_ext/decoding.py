@@ -55,6 +55,8 @@ class DecodeStats:
     plain_kernel_off: str = ""            # why the persistent plain step did not run ("" where it did)
     verify_tail: str = ""                 # greedy steps' end: "fused" (ops.verify_tail, 2 launches) or "per-op"
     verify_tail_off: str = ""             # why the fused tail did not run ("" where it did)
+    attention_kernel: str = ""            # which backend attended: "triton" (KANGAROO_TRITON_ATTENTION) or "auto"
+    attention_kernel_off: str = ""        # why the Triton attention did not run ("" where it did)
     cpu_packing_off: str = ""             # why steps of several rows do not use packed CPU weights ("" where they do)
     packed_weights_mb: float = 0.0        # memory of those packed copies (the engine keeps them between calls)
 
@@ -388,6 +390,8 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         stats.plain_kernel = "per-op" if stats.plain_kernel_off else "persistent"
     stats.verify_tail_off = engine.fused_tail_off()
     stats.verify_tail = "per-op" if stats.verify_tail_off else "fused"
+    stats.attention_kernel_off = engine.triton_attention_off()
+    stats.attention_kernel = "auto" if stats.attention_kernel_off else "triton"
     stats.cpu_packing_off, stats.packed_weights_mb = engine.cpu_packing()
     stats.threshold = threshold
     stats.sampling = dict(asdict(sampling), seed=seed) if sampling else None

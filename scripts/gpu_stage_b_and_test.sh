@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk wcquick wcdebug wcmtbench;
+#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -290,6 +290,24 @@ for step in $steps; do
         | tail -40 | tee -a "$OUT/wcdebug.log"
       timeout "${WC_E2E_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
         -k "bf16_speculative" 2>&1 | tail -3 | tee -a "$OUT/wcdebug.log" ;;
+    tritonattn)
+      # KANGAROO_TRITON_ATTENTION (off until this passes): its GPU tests (routing by kernel name, verified rows equal
+      # to decode rows at every context, bf16 Kangaroo equal to plain end to end), then the round's price off and on
+      log tritonattn
+      timeout "${TA_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_engine.py \
+        2>&1 | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 \
+        | tee "$OUT/triton_attention_tests.log"
+      for on in 0 1; do
+        KANGAROO_TRITON_ATTENTION=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 \
+          bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
+          --out "bench/results/round_price_triton_attention_$on.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
+      done ;;
+    tamtbench)
+      # MT-bench (kangaroo and plain) with the engine's attention on the Triton kernel: speed and bf16 identity
+      log tamtbench
+      KANGAROO_TRITON_ATTENTION=1 timeout "${TA_LIMIT:-330}" python3 -m kangaroo_ext bench \
+        --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
+        --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_triton_attention" 2>&1 | grep -v "it/s]" | head -12 ;;
     wcmtbench)
       # MT-bench (kangaroo and plain) with the warp-chunk attention kernel on: speed and bf16 identity (needs the model)
       log wcmtbench

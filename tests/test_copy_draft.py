@@ -171,7 +171,24 @@ def test_copy_policy_keeps_copy_rounds_within_the_invariant_width(monkeypatch, d
     monkeypatch.setattr(_extension, "attention_invariant_max_tokens", widest_for)
     spec = SimpleNamespace(device=torch.device(device, 1) if device == "cuda" else torch.device("cpu"),
                            dtype=dtype, num_heads=9, num_kv_heads=3, head_dim=64)
-    policy = copy_rounds.copy_policy_for(SimpleNamespace(spec=spec))
+    engine = SimpleNamespace(spec=spec, triton_attention_off=lambda: "KANGAROO_TRITON_ATTENTION is off")
+    policy = copy_rounds.copy_policy_for(engine)
     assert policy == CopyPolicy(rows=rows)
     needs_asking = device == "cuda" and dtype != torch.float32
     assert asked == ([(3, 64, dtype.itemsize, 1)] if needs_asking else [])
+
+
+def test_copy_policy_keeps_copy_rounds_within_the_triton_kernels_width(monkeypatch):
+    """With the engine's attention on the Triton kernel (KANGAROO_TRITON_ATTENTION), the width is that kernel's
+    (one row block for every launch of up to invariant_max_tokens(G) tokens), and the CUDA launcher is not asked."""
+    from types import SimpleNamespace
+    from kangaroo_ext import _extension
+    from kangaroo_ext.engine import copy_rounds
+    attention = pytest.importorskip("kangaroo_ext.triton_kernels.attention")
+    monkeypatch.setattr(_extension, "attention_invariant_max_tokens", lambda *a: pytest.fail("CUDA launcher asked"))
+    for heads, kv_heads in ((9, 3), (32, 8), (4, 4)):
+        spec = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, num_heads=heads,
+                               num_kv_heads=kv_heads, head_dim=64)
+        policy = copy_rounds.copy_policy_for(SimpleNamespace(spec=spec, triton_attention_off=lambda: ""))
+        widest = attention.invariant_max_tokens(heads // kv_heads)
+        assert policy == CopyPolicy(rows=max(1, min(copy_rounds.DEFAULT_COPY_GAMMA, widest - 1))), (heads, policy)

@@ -176,9 +176,10 @@ LONG_INVARIANCE_CASES = {  # Hq, Hkv, D, start position, T verified (None: the w
 }
 
 
-def _rows_differing(case, Hq, Hkv, D, start, T, dtype, **switches) -> int:
+def _rows_differing(case, Hq, Hkv, D, start, T, dtype, backend="cuda", **switches) -> int:
     """Rows of T tokens attended in one call (a verify step) that differ from T one-token calls (plain decode
-    steps, each appending its key), under the launchers' `switches`; the cache rows written must not differ."""
+    steps, each appending its key), on `backend` under the launchers' `switches`; the cache rows written must not
+    differ."""
     from kangaroo_ext import _extension
     S, device = max(512, (start + T + 63) // 64 * 64), "cuda"
     g = torch.Generator().manual_seed(len(case) * 7 + T)
@@ -189,7 +190,7 @@ def _rows_differing(case, Hq, Hkv, D, start, T, dtype, **switches) -> int:
     positions = (start + torch.arange(T, device=device))[None]
     call = lambda t0, t1, kc, vc: kops.rope_append_attention(  # noqa: E731
         q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], cos, sin, positions[:, t0:t1], kc, vc, D ** -0.5, 0,
-        backend="cuda")
+        backend=backend)
     with _extension.launch_switches(**switches):
         kc, vc, kc1, vc1 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
         together = call(0, T, kc, vc)

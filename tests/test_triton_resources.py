@@ -174,3 +174,17 @@ def test_real_device_limit_is_read(monkeypatch):
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _attention_args()]
     assert backends.select("rope_append_attention", None, *args) is not \
         backends._IMPLS["rope_append_attention"]["triton"][1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("G, D", [(1, 64), (3, 64), (4, 64), (8, 128)])
+def test_decode_and_verify_widths_share_one_row_block(G, D, dtype):
+    """On a GPU every launch of up to INVARIANT_BLOCK_R query rows per kv head takes the same row and key blocks, so
+    a decode step and a verify step of up to invariant_max_tokens(G) tokens run one compiled kernel (what makes a
+    verified row the decode step's row under KANGAROO_TRITON_ATTENTION); wider launches may take other blocks."""
+    widest = attention.invariant_max_tokens(G)
+    assert widest == attention.INVARIANT_BLOCK_R // G >= 1
+    plans = {attention.plan_attention(G, T, D, dtype, on_cpu=False, limit=H200_LIMIT)[:2] for T in range(1, widest + 1)}
+    assert plans == {(attention.INVARIANT_BLOCK_R, attention.BLOCK_N)}, plans
+    wider = attention.plan_attention(G, widest + 1, D, dtype, on_cpu=False, limit=H200_LIMIT)
+    assert wider.block_r > attention.INVARIANT_BLOCK_R and wider.block_n == attention.BLOCK_N

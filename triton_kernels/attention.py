@@ -56,6 +56,13 @@ INTERPRET_BLOCK_N = 64
 MAX_BLOCK_R = 64
 INTERPRET_MAX_BLOCK_R = 256
 MIN_BLOCK = 16
+# On a GPU every launch of at most this many query rows per kv head (G * T) takes this one row block (and one
+# positions block, BLOCK_T), so a decode step (T = 1) and a verify step of up to INVARIANT_BLOCK_R // G tokens run the
+# same compiled kernels: a row's dots, softmax sums and merge are the same instructions wherever it sits in the
+# block; the key blocks past a row's position that a wider step adds are masked to exactly nothing (alpha 1, p 0),
+# and so are the splits past it in the merge; so a verified row is bitwise the decode step's row (the engine's
+# KANGAROO_TRITON_ATTENTION relies on it; tests/test_triton_attention_engine.py checks it on a GPU).
+INVARIANT_BLOCK_R = 32
 # Keys per split: the smallest split, and the most splits per (b, kv head). A cache of S keys is cut
 # into max(cdiv(S, SPLIT_N), ...) splits of SPLIT_N = max(MIN_SPLIT_N, next_pow2(cdiv(S, MAX_SPLITS)))
 # keys: 256 keys (4 blocks) per program keeps the per-program work above the launch cost while a
@@ -292,6 +299,8 @@ def plan_attention(G: int, T: int, D: int, dtype: torch.dtype, on_cpu: bool, lim
     block_d = _pow2_at_least(D, MIN_BLOCK)
     block_n = INTERPRET_BLOCK_N if on_cpu else (BLOCK_N_FP32 if fp32 else BLOCK_N)
     block_r = min(_pow2_at_least(G * T, MIN_BLOCK), INTERPRET_MAX_BLOCK_R if on_cpu else MAX_BLOCK_R)
+    if not on_cpu and G * T <= INVARIANT_BLOCK_R:
+        block_r = INVARIANT_BLOCK_R
 
     def needed(rows, keys):
         return max(resources.attention_split_bytes(rows, keys, block_d, element_size, fp32),
@@ -305,6 +314,12 @@ def plan_attention(G: int, T: int, D: int, dtype: torch.dtype, on_cpu: bool, lim
     shared = needed(block_r, block_n)
     return AttentionPlan(block_r, block_n, block_d, shared,
                          resources.shortfall(shared, limit) if limit is not None else "")
+
+
+def invariant_max_tokens(G: int) -> int:
+    """The most query tokens a GPU launch may carry and still run the decode step's kernel (G query heads per kv
+    head), where the device's shared memory keeps the row block whole (plan_attention shrinks it otherwise)."""
+    return INVARIANT_BLOCK_R // G
 
 
 def shared_memory_reasons(q, k, v, rope_cos, rope_sin, positions, k_cache, v_cache, scale, window) -> list:
@@ -367,6 +382,8 @@ def rope_append_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rop
     GT = G * T
     row_blocks = triton.cdiv(GT, block_r)
     block_t = triton.next_power_of_2(T)
+    if block_r == INVARIANT_BLOCK_R and T <= INVARIANT_BLOCK_R:
+        block_t = INVARIANT_BLOCK_R   # decode and verify widths: the same compiled kernels, constexpr for constexpr
     if single:
         m_ws = l_ws = acc_ws = out              # dummies, never touched when SINGLE_SPLIT
     else:

@@ -62,8 +62,12 @@ def copy_policy_for(engine) -> CopyPolicy:
     spec = engine.spec
     if spec.device.type != "cuda" or spec.dtype not in (torch.float16, torch.bfloat16):
         return CopyPolicy()
-    most = _extension.attention_invariant_max_tokens(spec.num_heads // spec.num_kv_heads, spec.head_dim,
-                                                     spec.dtype.itemsize, spec.device.index or 0)
+    group = spec.num_heads // spec.num_kv_heads
+    if not engine.triton_attention_off():  # the Triton kernel's row block (triton_kernels/attention.py)
+        most = ops.backends.triton_module().attention.invariant_max_tokens(group)
+    else:
+        most = _extension.attention_invariant_max_tokens(group, spec.head_dim, spec.dtype.itemsize,
+                                                         spec.device.index or 0)
     if not most:  # no invariant order to keep (switched off, or no extension)
         return CopyPolicy()
     return CopyPolicy(rows=max(1, min(DEFAULT_COPY_GAMMA, most - 1)))

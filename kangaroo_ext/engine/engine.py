@@ -153,7 +153,7 @@ class Engine:
         return (gamma, speculative, bool(device_exit and speculative), self.sampling,
                 id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"),
                 config.flag("KANGAROO_FUSED_COMMIT"), config.flag("KANGAROO_FUSED_VERIFY_TAIL"),
-                config.flag(PLAIN_SWITCH))
+                config.flag(PLAIN_SWITCH), config.flag("KANGAROO_TRITON_ATTENTION"))
 
     def cached_graphs(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> Optional[CudaGraphs]:
         """The graphs graphs_for captured for these settings and the bound adapter, or None."""
@@ -225,8 +225,22 @@ class Engine:
         B, T = positions.shape
         q = q.view(B, T, s.num_heads, s.head_dim)
         k, v = (t.view(B, T, s.num_kv_heads, s.head_dim) for t in (k, v))
+        backend = None if self.triton_attention_off() else "triton"
         return ops.rope_append_attention(q, k, v, self.rope_cos, self.rope_sin, positions, self.k_cache[slot],
-                                         self.v_cache[slot], s.attn_scale, s.sliding_window or 0)
+                                         self.v_cache[slot], s.attn_scale, s.sliding_window or 0, backend=backend)
+
+    def triton_attention_off(self) -> str:
+        """Why attention does not run the Triton kernel here ('' where it does): the switch
+        (KANGAROO_TRITON_ATTENTION), then what it needs: a CUDA device, bf16 / fp16, Triton importable."""
+        if not config.flag("KANGAROO_TRITON_ATTENTION"):
+            return "KANGAROO_TRITON_ATTENTION is off (the default until its GPU tests pass)"
+        if self.spec.device.type != "cuda":
+            return "the model is not on a CUDA device"
+        if self.spec.dtype not in (torch.float16, torch.bfloat16):
+            return f"{self.spec.dtype}: the switch serves bf16 / fp16 (the row-block invariance it relies on)"
+        if ops.backends.triton_module() is None:
+            return "Triton is not importable"
+        return ""
 
     def _fused(self, rows: int) -> bool:
         """Whether a step of `rows` rows runs the fused decode ops; on the CPU with packed weights, only

@@ -35,6 +35,9 @@ def engine_reasons(engine, layers) -> str:
     if _extension.loaded() and hasattr(_extension._C, "warp_chunk_attention") and _extension._C.warp_chunk_attention():
         return ("KANGAROO_WARP_CHUNK_ATTENTION is on: the persistent kernel attends with the tiled kernel, whose rows "
                 "are other bits than the per-op path's")
+    if not engine.triton_attention_off():
+        return ("KANGAROO_TRITON_ATTENTION is on: the persistent kernel attends with the tiled CUDA kernel, whose rows "
+                "are other bits than the per-op path's")
     if engine.sampling is not None:
         return "sampling: the persistent kernel decodes greedily"
     if engine.ROWS != 1:
