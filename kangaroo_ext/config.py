@@ -76,7 +76,8 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "kernel (triton_kernels/attention.py: tensor-core dots, so a verify step's rows cost little more than one; "
          "H100, 3c49d82: 7 query tokens at 1,024 keys 12.1 us against the CUDA kernel's 18.8, 1 token 9.8 against "
          "9.6) with a query-row block that does not depend on the step's width up to 32 rows, so a verified row is "
-         "the decode step's row. The other ops stay CUDA. Off until its GPU tests pass"),
+         "the decode step's row. The other ops stay CUDA; stats.attention_kernel_off says why not where it is set. Off "
+         "until its GPU tests pass"),
     Knob("KANGAROO_TENSOR_CORE_GEMV", "flag", "run",
          "bf16 / fp16 decode GEMVs (q/k/v, O, gate/up, down) run on tensor cores where K % 32 == 0 and every "
          "weight's rows % 8 == 0 (csrc/kernels/decode_linear_mma.cuh): verify rows then cost about what one row "
