@@ -6,8 +6,8 @@ step's ~31 µs a layer at 160 (bench/results/gpu_h100_71757c1/). This script tim
 back-to-back launches (a CUDA graph, programmatic dependent launch as the engine uses it) at SmolLM2-135M's
 heads for T new positions after a context of cached ones, with the batch-invariant PV order on and off (and,
 with --max-tile-rows, the invariant order again with verify tiles cut into q-tiles of at most that many rows:
-_C.set_attention_max_tile_rows; and the warp-chunk kernel, KANGAROO_WARP_CHUNK_ATTENTION); or runs a few
-launches of one case for Nsight Compute to profile:
+_C.set_attention_max_tile_rows; and the warp-chunk kernel, KANGAROO_WARP_CHUNK_ATTENTION), then the Triton
+kernel (KANGAROO_TRITON_ATTENTION's); or runs a few launches of one case for Nsight Compute to profile:
 
     python bench/attention_profile.py --out attention_profile.json --max-tile-rows 6,12
     ncu --clock-control none -k regex:attention_kernel -s 3 -c 1 --section WarpStateStats \\
@@ -48,19 +48,28 @@ def settings(tile_caps=(), warp_chunk: bool = False) -> dict:
 
 def timings(cases=CASES, capacity: int = CAPACITY, tile_caps=()) -> dict:
     """µs per launch of each case under each of settings(tile_caps, warp_chunk where the extension has it), with the
-    bytes it must move."""
+    bytes it must move; then the Triton kernel's (the engine's attention under KANGAROO_TRITON_ATTENTION), where
+    Triton is importable."""
     import kangaroo_ext as kx
+    from kangaroo_ext.ops import backends
     out = {}
+
+    def time_case(tokens, context, backend, name):
+        case = bench_cases._attention_case(tokens, context, capacity, BURST)
+        graph = bench_timing.capture_burst(case.make(backend), BURST)
+        us = bench_timing.us_per_launch(graph, BURST)
+        key = f"T{tokens}-ctx{context}-{name}"
+        out[key] = {"us": us, "bytes": case.nbytes, "GBps": case.nbytes / us / 1e3}
+        print(f"{key:28s} {us:7.2f} us  ({case.nbytes / us / 1e3:6.1f} GB/s)", flush=True)
+
     warp_chunk = hasattr(kx._extension._C, "set_warp_chunk_attention")
     for name, switches in settings(tile_caps, warp_chunk).items():
         with kx._extension.launch_switches(**switches):
             for tokens, context in cases:
-                case = bench_cases._attention_case(tokens, context, capacity, BURST)
-                graph = bench_timing.capture_burst(case.make("cuda"), BURST)
-                us = bench_timing.us_per_launch(graph, BURST)
-                key = f"T{tokens}-ctx{context}-{name}"
-                out[key] = {"us": us, "bytes": case.nbytes, "GBps": case.nbytes / us / 1e3}
-                print(f"{key:28s} {us:7.2f} us  ({case.nbytes / us / 1e3:6.1f} GB/s)", flush=True)
+                time_case(tokens, context, "cuda", name)
+    if backends.triton_module() is not None:
+        for tokens, context in cases:
+            time_case(tokens, context, "triton", "triton")
     return out
 
 

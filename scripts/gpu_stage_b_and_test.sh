@@ -275,7 +275,7 @@ for step in $steps; do
       log wcquick
       timeout "${WC_TEST_LIMIT:-120}" python3 -m pytest -x -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
         -k "not bf16_speculative" 2>&1 | tail -25 | tee "$OUT/warp_chunk_tests.log"
-      PYTHONPATH=".:${PYTHONPATH:-}" timeout 60 python3 bench/attention_profile.py \
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/attention_profile.py \
         --out "bench/results/attention_profile_${CARD}_warp_chunk.json" 2>&1 | tail -20
       timeout "${WC_E2E_LIMIT:-60}" python3 -m pytest -x -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
         -k "bf16_speculative" 2>&1 | tail -5 | tee -a "$OUT/warp_chunk_tests.log" ;;
@@ -297,6 +297,8 @@ for step in $steps; do
       timeout "${TA_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_engine.py \
         2>&1 | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 \
         | tee "$OUT/triton_attention_tests.log"
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
+        --out "bench/results/attention_profile_${CARD}_triton.json" 2>&1 | tail -20
       for on in 0 1; do
         KANGAROO_TRITON_ATTENTION=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 \
           bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
