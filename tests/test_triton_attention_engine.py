@@ -15,6 +15,7 @@ from kangaroo_ext.engine.engine import engine_for
 
 from models import tiny_model
 from test_ops_decode import INVARIANCE_CASES, LONG_INVARIANCE_CASES, _rows_differing
+from test_ops_warp_chunk_attention import _kernels_run
 
 SWITCH = "KANGAROO_TRITON_ATTENTION"
 
@@ -47,14 +48,6 @@ def _bf16_model(kv_heads=1, head_dim=64):
     return model.to(torch.bfloat16).cuda()
 
 
-def _kernel_names(fn) -> str:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events())
-
-
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_the_switch_routes_the_engines_attention_to_triton(monkeypatch):
@@ -67,14 +60,14 @@ def test_the_switch_routes_the_engines_attention_to_triton(monkeypatch):
     run = lambda: kx.speculative_generate(model, prompt, adapter=adapter, max_new_tokens=24,  # noqa: E731
                                           eos_token_id=[], mode="host")
     monkeypatch.setenv(SWITCH, "1")
-    on = _kernel_names(run)
+    on = _kernels_run(run)
     assert "_attn_split_kernel" in on, on
     assert run().stats.attention_kernel == "triton"
     attention = importlib.import_module("kangaroo_ext.triton_kernels.attention")
     policy = copy_policy_for(engine_for(model))
     assert policy.rows + 1 <= attention.invariant_max_tokens(3), policy
     monkeypatch.setenv(SWITCH, "0")
-    assert "_attn_split_kernel" not in _kernel_names(run)
+    assert "_attn_split_kernel" not in _kernels_run(run)
 
 
 @pytest.mark.gpu
