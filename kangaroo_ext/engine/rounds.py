@@ -308,13 +308,20 @@ class RoundRunner:
         self.clock = Clock(self.cuda, slots=3)
         self.host_syncs = 0
         self.t_start = 0.0
+        self.prefill_off = "no prefill yet"
 
     def prefill(self, prompt: torch.Tensor):
+        # in captured chunks where the rounds replay graphs and the engine can (Engine.prefill_graphs_off)
+        self.prefill_off = self.engine.prefill_graphs_off() if self.rounds.mode == "graphs" else \
+            f"the rounds run in mode {self.rounds.mode!r}, without graphs"
+        captured = not self.prefill_off
+        if captured:  # before the clock and the prompt: capturing writes the cache
+            self.rounds.capture_s += self.engine.prepare_prefill(self.rounds.speculative)
         if self.cuda:
             torch.cuda.synchronize()
         self.t_start = time.perf_counter()
         c0 = self.clock.mark(self.PREFILL, 0)
-        self.engine.prefill(prompt, self.rounds.speculative)
+        self.engine.prefill(prompt, self.rounds.speculative, captured=captured)
         self.clock.add(self.PREFILL, "prefill", c0, self.clock.mark(self.PREFILL, 1))
 
     def _issue(self, slot: int):
@@ -355,4 +362,5 @@ class RoundRunner:
         self.clock.settle(self.PREFILL)
         syncs = self.host_syncs + getattr(self.rounds, "syncs", 0)
         return {"total_s": total, "prefill_s": self.clock.total("prefill"), "draft_s": self.clock.total("draft"),
-                "verify_s": self.clock.total("verify"), "host_syncs": syncs, "capture_s": self.rounds.capture_s}
+                "verify_s": self.clock.total("verify"), "host_syncs": syncs, "capture_s": self.rounds.capture_s,
+                "prefill_kernel": "eager" if self.prefill_off else "graphs", "prefill_graphs_off": self.prefill_off}
