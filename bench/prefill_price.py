@@ -1,6 +1,6 @@
 """The price of a prefill, eager against captured chunks (KANGAROO_PREFILL_GRAPHS), by prompt length.
 
-Spec-Bench times a turn with its prefill. On the H100 at 15ee133 an eager prefill cost 8 to 17 ms whatever the
+Spec-Bench times a turn with its prefill. On the H100 at 15ee133 an eager prefill cost 7 to 43 ms whatever the
 prompt's length (40 to 1,376 tokens): the host issuing ~12 launches a layer, not the GPU. This measures, at
 the default model's shape with random weights (bench/shaped_models.py; no model needed), plain and Kangaroo
 prefill of prompts of several lengths, each as the engine's own clock reports it (stats.prefill_s: CUDA

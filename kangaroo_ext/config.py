@@ -74,7 +74,7 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
     Knob("KANGAROO_PREFILL_GRAPHS", "flag", "run",
          "on a GPU with graphs, the prompt is fed in chunks of 256, 64 or 16 tokens (the last one padded), each a "
          "captured CUDA graph (kangaroo_ext/engine/prefill.py), instead of one eager pass whose ~12 launches a "
-         "layer the host issues one by one: an eager prefill took 8 to 17 ms whatever the prompt's length (H100, "
+         "layer the host issues one by one: an eager prefill took 7 to 43 ms whatever the prompt's length (H100, "
          "15ee133). stats.prefill_kernel says which ran, stats.prefill_graphs_off why not. Off until its GPU tests "
          "pass"),
     Knob("KANGAROO_TRITON_ATTENTION", "flag", "run",

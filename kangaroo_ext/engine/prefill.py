@@ -2,7 +2,7 @@
 (KANGAROO_PREFILL_GRAPHS).
 
 Why chunks in graphs: an eager prefill launches about a dozen ops per layer from Python, and on a GPU the host
-is the bottleneck. On the H100 at 15ee133 a prefill took 8 to 17 ms whatever the prompt's length (40 to 1,376
+is the bottleneck. On the H100 at 15ee133 a prefill took 7 to 43 ms whatever the prompt's length (40 to 1,376
 tokens), while the arithmetic of 400 tokens through the default model is well under a millisecond; Spec-Bench
 times a turn with its prefill, so short answers paid it in full (translation: 23% of a Kangaroo turn).
 
