@@ -168,6 +168,25 @@ def test_outputs_written_atomically_and_markdown_table(run):
     assert "| kangaroo |" in md and "| **all** |" in md
 
 
+def test_the_report_says_what_the_prefill_took_and_the_decode_only_speedup(run):
+    """The engine's methods record each turn's prefill; the summary gives its median and the speedup without it
+    (each turn's tokens over its time less its prefill), the report says both; the hf-* methods have neither."""
+    results, _, out = run
+    full = json.loads((out / "results.json").read_text())["summary"]
+    kangaroo, plain = full["kangaroo"]["overall"], full["plain"]["overall"]
+    turns = results["methods"]["kangaroo"]["turns"]
+    base = {(str(t["question_id"]), t["turn"]): t for t in results["methods"]["plain"]["turns"]}
+    decode = lambda t: t["new_tokens"] / (t["seconds"] - t["prefill_s"])  # noqa: E731
+    want = sum(map(decode, turns)) / sum(decode(base[(str(t["question_id"]), t["turn"])]) for t in turns)
+    assert kangaroo["speedup_vs_plain_decode_only"] == pytest.approx(want)
+    assert plain["speedup_vs_plain_decode_only"] == pytest.approx(1.0)
+    prefill = sorted(1000 * t["prefill_s"] for t in turns)
+    assert prefill[0] <= kangaroo["prefill_ms_median"] <= prefill[-1] and kangaroo["prefill_ms_median"] > 0
+    assert "prefill_ms_median" not in full["hf-eager"]["overall"]
+    md = (out / "results.md").read_text()
+    assert f"kangaroo {kangaroo['prefill_ms_median']:.1f} ms" in md and "Decoding alone" in md
+
+
 def test_plots_written(run):
     pytest.importorskip("matplotlib")
     _, _, out = run

@@ -2,7 +2,8 @@
 rate per method and category), the summary JSON (bench/results/latest.json form) and the Markdown report
 (results.md, the table format BENCHMARKS.md holds). The plots are in plots.py."""
 import os
-from typing import List, Optional
+import statistics
+from typing import Callable, List, Optional
 
 from ..decoding import DecodeStats
 
@@ -23,10 +24,21 @@ def _common(turns, base):
     return [t for t in turns if _key(t) in keys], [t for t in base if _key(t) in keys]
 
 
-def speedup(turns: List[dict], base: List[dict]) -> Optional[float]:
-    """Spec-Bench speedup: mean tok/s of the method / mean tok/s of the baseline, on their common turns."""
+def _tok_per_s(t) -> float:
+    return t["tok_per_s"]
+
+
+def decode_tok_per_s(t) -> float:
+    """A turn's tok/s without its prefill (the engine's clock of it, stats.prefill_s)."""
+    seconds = t["seconds"] - t["prefill_s"]
+    return t["new_tokens"] / seconds if seconds > 0 else 0.0
+
+
+def speedup(turns: List[dict], base: List[dict], rate: Callable[[dict], float] = _tok_per_s) -> Optional[float]:
+    """Spec-Bench speedup: mean tok/s of the method / mean tok/s of the baseline, on their common turns
+    (rate: a turn's tok/s; decode_tok_per_s leaves the prefill out)."""
     a, b = _common(turns, base)
-    ma, mb = _mean(t["tok_per_s"] for t in a), _mean(t["tok_per_s"] for t in b)
+    ma, mb = _mean(rate(t) for t in a), _mean(rate(t) for t in b)
     return ma / mb if ma is not None and mb else None
 
 
@@ -61,6 +73,11 @@ def _block(turns, all_results, speculative) -> dict:
             block[f"speedup_vs_{base.replace('-', '_')}"] = speedup(turns, all_results[base])
     if "plain" in all_results:
         block["identical_to_plain"] = identical_rate(turns, all_results["plain"])
+    if turns and all("prefill_s" in t for t in turns):  # the engine's methods: where a turn's time went
+        block["prefill_ms_median"] = 1000 * statistics.median(t["prefill_s"] for t in turns)
+        plain = all_results.get("plain", [])
+        if plain and all("prefill_s" in t for t in plain):
+            block["speedup_vs_plain_decode_only"] = speedup(turns, plain, decode_tok_per_s)
     if speculative:
         block.update(acceptance(turns) or {})
     return block
@@ -181,6 +198,13 @@ def markdown_report(results: dict, summary: dict, latest: dict) -> str:
                             [["share of rounds"] + [_pct(n / sum(hist)) for n in hist]])
     notes = ["Speedup = mean tok/s of the method / mean tok/s of the baseline over the turns both ran "
              "(Spec-Bench); each turn timed between device synchronisations, prefill included."]
+    prefill = {m: s["overall"] for m, s in summary.items() if s["overall"].get("prefill_ms_median") is not None}
+    if prefill:
+        notes.append("Prefill, in every turn's time: median " + ", ".join(
+            f"{m} {o['prefill_ms_median']:.1f} ms" for m, o in prefill.items()) + " a turn. Decoding alone "
+            "(each turn's time less its prefill): " + ", ".join(
+            f"{m} {_times(o['speedup_vs_plain_decode_only'])}" for m, o in prefill.items()
+            if m != "plain" and o.get("speedup_vs_plain_decode_only") is not None) + " plain.")
     hf = [m for m in summary if m.startswith("hf-")]
     if hf and cfg.get("hf_max_questions"):
         counts = ", ".join(f"{m} {summary[m]['overall']['questions']}" for m in hf)
