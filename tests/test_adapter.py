@@ -180,6 +180,27 @@ def test_alternating_adapters_reuse_their_bindings(model):
     assert len(engine._bindings) == Engine.MAX_BOUND_ADAPTERS
 
 
+def test_an_evicted_adapters_graphs_go_with_its_binding(model):
+    """Graphs replay the bound adapter's weights, and a later adapter may get an evicted one's id(): when a
+    binding leaves the bounded cache, the decode and prefill graphs keyed by its adapter leave with it (stand-in
+    entries under the keys the engine builds; the other adapters' and plain decoding's stay)."""
+    from kangaroo_ext.engine import prefill
+    engine = Engine(model_spec(model))
+    adapters = [kx.Adapter.for_model(model, exit_layer=1, init="random", seed=i)
+                for i in range(Engine.MAX_BOUND_ADAPTERS + 1)]
+    for a in adapters[:Engine.MAX_BOUND_ADAPTERS]:
+        engine.bind_adapter(a)
+        for key in (engine._graphs_key(3, True, True), prefill.graphs_key(engine, True)):
+            engine._graphs[key] = ("graphs of", id(a))
+    plain = (engine._graphs_key(0, False, False), prefill.graphs_key(engine, False))
+    engine._graphs.update({key: "plain" for key in plain})
+    engine.bind_adapter(adapters[-1])  # evicts adapters[0]'s binding
+    owners = [g[1] for g in engine._graphs.values() if g != "plain"]
+    assert id(adapters[0]) not in owners
+    assert sorted(owners) == sorted(2 * [id(a) for a in adapters[1:Engine.MAX_BOUND_ADAPTERS]])
+    assert all(engine._graphs[key] == "plain" for key in plain)
+
+
 @torch.inference_mode()
 def test_a_sampled_draft_keeps_q_over_the_full_vocabulary(model):
     """With a reduced draft vocabulary, q (what the accept rule divides by) is the draft's distribution
