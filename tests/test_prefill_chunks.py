@@ -134,7 +134,27 @@ def test_the_switch_says_why_prefill_is_eager(monkeypatch):
     assert f"{SWITCH} is off" in engine.prefill_graphs_off()
     monkeypatch.setenv(SWITCH, "1")
     assert "need a CUDA device" in engine.prefill_graphs_off()
-    assert engine.prepare_prefill(False) == 0.0
+    assert engine.prepare_prefill(False) == (0.0, engine.prefill_graphs_off())
+
+
+def test_a_failed_capture_leaves_the_prefill_eager_and_says_why(monkeypatch):
+    """A capture error (as conditional.py recognises one) while capturing the chunks: the prefill stays eager,
+    and why is the reason; any other error propagates."""
+    from kangaroo_ext.engine import conditional, prefill
+    model = tiny_model("llama", layers=4)
+    engine = _engine(model, 64, False)
+    monkeypatch.setattr(prefill, "graphs_off", lambda e: "")
+
+    def failing(e, speculative):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(prefill, "graphs_for", failing)
+    monkeypatch.setattr(conditional, "is_capture_error", lambda e: "stream is capturing" in str(e))
+    seconds, why = engine.prepare_prefill(False)
+    assert seconds == 0.0 and why.startswith("capturing the prefill chunks failed") and "capturing" in why
+    monkeypatch.setattr(conditional, "is_capture_error", lambda e: False)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        engine.prepare_prefill(False)
 
 
 # ---- GPU: captured chunks ------------------------------------------------------------------------

@@ -337,9 +337,9 @@ class Engine:
         """Why prefill does not run captured chunks here ('' where it does; KANGAROO_PREFILL_GRAPHS)."""
         return prompt_prefill.graphs_off(self)
 
-    def prepare_prefill(self, speculative: bool) -> float:
-        """Capture the prefill chunks for the next prefill(captured=True) where they can run; seconds spent."""
-        return 0.0 if self.prefill_graphs_off() else prompt_prefill.graphs_for(self, speculative)[1]
+    def prepare_prefill(self, speculative: bool) -> Tuple[float, str]:
+        """Capture the prefill chunks for the next prefill(captured=True): (seconds, '' or why it stays eager)."""
+        return prompt_prefill.prepare(self, speculative)
 
     # ---- Kangaroo: draft, verify, commit ---------------------------------------------------------
 

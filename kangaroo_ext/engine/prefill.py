@@ -162,3 +162,17 @@ def graphs_for(engine, speculative: bool) -> Tuple[PrefillGraphs, float]:
     torch.cuda.synchronize()
     engine._graphs[key] = graphs
     return graphs, time.perf_counter() - t0
+
+
+def prepare(engine, speculative: bool) -> Tuple[float, str]:
+    """Capture the prefill chunks for the next captured prefill: (seconds spent, '' where they are ready, else
+    why the prefill stays eager: graphs_off's reasons, or a capture that failed as conditional.py recognises)."""
+    why = graphs_off(engine)
+    if why:
+        return 0.0, why
+    try:
+        return graphs_for(engine, speculative)[1], ""
+    except Exception as e:  # noqa: BLE001  only a capture failure falls back; anything else re-raises
+        if not conditional.is_capture_error(e):
+            raise
+        return 0.0, f"capturing the prefill chunks failed ({type(e).__name__}: {e})"

@@ -314,9 +314,10 @@ class RoundRunner:
         # in captured chunks where the rounds replay graphs and the engine can (Engine.prefill_graphs_off)
         self.prefill_off = self.engine.prefill_graphs_off() if self.rounds.mode == "graphs" else \
             f"the rounds run in mode {self.rounds.mode!r}, without graphs"
+        if not self.prefill_off:  # before the clock and the prompt: capturing writes the cache
+            seconds, self.prefill_off = self.engine.prepare_prefill(self.rounds.speculative)
+            self.rounds.capture_s += seconds
         captured = not self.prefill_off
-        if captured:  # before the clock and the prompt: capturing writes the cache
-            self.rounds.capture_s += self.engine.prepare_prefill(self.rounds.speculative)
         if self.cuda:
             torch.cuda.synchronize()
         self.t_start = time.perf_counter()
