@@ -183,6 +183,9 @@ def test_the_report_says_what_the_prefill_took_and_the_decode_only_speedup(run):
     prefill = sorted(1000 * t["prefill_s"] for t in turns)
     assert prefill[0] <= kangaroo["prefill_ms_median"] <= prefill[-1] and kangaroo["prefill_ms_median"] > 0
     assert "prefill_ms_median" not in full["hf-eager"]["overall"]
+    latest = json.loads((out / "summary.json").read_text())
+    assert latest["speedup_vs_plain_decode_only"] == pytest.approx(want)
+    assert latest["methods"]["kangaroo"]["prefill_ms_median"] == pytest.approx(kangaroo["prefill_ms_median"])
     md = (out / "results.md").read_text()
     assert f"kangaroo {kangaroo['prefill_ms_median']:.1f} ms" in md and "Decoding alone" in md
 

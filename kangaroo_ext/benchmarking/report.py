@@ -113,8 +113,9 @@ def latest_summary(results: dict, summary: dict) -> dict:
         o = s["overall"]
         methods[m] = {"tok_per_s": o["tok_per_s"], "tok_per_s_total": o["tok_per_s_total"],
                       "questions": o["questions"], "turns": o["turns"]}
-        if "mean_accepted" in o:
-            methods[m]["mean_accepted"] = o["mean_accepted"]
+        for key in ("mean_accepted", "prefill_ms_median"):
+            if key in o:
+                methods[m][key] = o[key]
     return {
         "device": meta.get("device"), "date": meta.get("date"), "commit": meta.get("commit"),
         "dirty": meta.get("dirty"), "code_trees": meta.get("code_trees"), "run_flags": meta.get("run_flags"),
@@ -122,6 +123,7 @@ def latest_summary(results: dict, summary: dict) -> dict:
         "dtype": cfg.get("dtype"), "threshold": cfg.get("threshold"), "max_draft": cfg.get("max_draft"),
         "adapter": cfg.get("adapter"), "methods": methods,
         "speedup_vs_plain": ko.get("speedup_vs_plain"),
+        "speedup_vs_plain_decode_only": ko.get("speedup_vs_plain_decode_only"),  # each turn less its prefill
         "speedup_vs_hf_eager": ko.get("speedup_vs_hf_eager"),  # on the questions both ran
         "speedup_vs_hf_eager_questions": ko.get("common_questions_with_hf_eager"),
         "speedup_vs_hf_eager_own_questions": ko.get("speedup_vs_hf_eager_own_questions"),
