@@ -27,7 +27,7 @@ from .. import config
 from . import conditional
 
 SWITCH = "KANGAROO_PREFILL_GRAPHS"
-CHUNK_SIZES = (16, 64, 256)  # one graph each; a prompt takes ceil(n / 256) replays at most
+CHUNK_SIZES = (16, 64, 256)  # one graph each; ceil(n / 256) replays a prompt where the cache has room past it
 
 
 def chunk_plan(n: int, start: int, capacity: int, sizes: Tuple[int, ...] = CHUNK_SIZES) -> List[Tuple[int, int]]:
