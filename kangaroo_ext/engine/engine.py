@@ -328,10 +328,10 @@ class Engine:
         self.history[:, :T] = prompt
         if T > 1:
             if graphs is not None:
-                graphs.run(prompt[:, :-1])
+                graphs.run(prompt[:, :-1])  # leaves cache_len at T - 1 (the padding dropped)
             else:
                 prompt_prefill.prefill_eager(self, prompt[:, :-1], speculative)
-            self.cache_len.fill_(T - 1)
+                self.cache_len.fill_(T - 1)
 
     def prefill_graphs_off(self) -> str:
         """Why prefill does not run captured chunks here ('' where it does; KANGAROO_PREFILL_GRAPHS)."""

@@ -67,10 +67,10 @@ def forward_prompt(engine, h: torch.Tensor, positions: torch.Tensor, speculative
         engine.run_layers(h, positions, 0, engine.spec.num_layers)
 
 
-def prefill_eager(engine, tokens: torch.Tensor, speculative: bool):
-    """tokens [B, n] at positions [0, n) in one pass."""
+def prefill_eager(engine, tokens: torch.Tensor, speculative: bool, start: int = 0):
+    """tokens [B, n] at positions [start, start + n) in one pass."""
     B, n = tokens.shape
-    pos = torch.arange(n, device=tokens.device)[None, :].expand(B, n)
+    pos = start + torch.arange(n, device=tokens.device)[None, :].expand(B, n)
     forward_prompt(engine, F.embedding(tokens, engine.spec.embed), pos, speculative)
 
 
@@ -125,9 +125,7 @@ class PrefillGraphs:
                 self.tokens[:, :real].copy_(tokens[:, start:start + real])
                 replay(size)
             else:
-                B = tokens.shape[0]
-                pos = start + torch.arange(real, device=tokens.device)[None, :].expand(B, real)
-                forward_prompt(e, F.embedding(tokens[:, start:start + real], e.spec.embed), pos, self.speculative)
+                prefill_eager(e, tokens[:, start:start + real], self.speculative, start)
             start += real
         e.cache_len.fill_(start)
 
