@@ -394,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "MT-bench (80 questions); 'long-context': the shipped long-context development set")
     b.add_argument("--methods", default="kangaroo,plain,hf-eager,pld,hf-pld",
                    help="comma list of: kangaroo (speculative_generate's defaults), kangaroo-adapter (the "
-                        "adapter's drafts alone), kangaroo-copy (adapter and copied drafts), pld (copied drafts "
-                        "alone, our engine), plain, hf-eager, hf-pld (transformers' prompt lookup), hf-static")
+                        "adapter's drafts alone), kangaroo-copy (adapter and copied drafts), kangaroo-gate / "
+                        "kangaroo-nogate (the draft gate forced on / off), pld (copied drafts alone, our engine), "
+                        "plain, hf-eager, hf-pld (transformers' prompt lookup), hf-static")
     b.add_argument("--max-questions", type=int, help="at most N questions, round-robin over categories")
     b.add_argument("--hf-max-questions", type=int, help="at most N questions for the slow hf-* methods")
     b.add_argument("--categories", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],

@@ -20,10 +20,13 @@ from .adapter import Adapter
 from .engine.engine import Engine, Sampling, engine_for
 from .engine import conditional
 from .engine.copy_rounds import DEFAULT_COPY_GAMMA, CapturedCopyRounds, CopyRounds, copy_policy_for
+from .engine.draft_gate import GatedRounds, costs_for
 from .engine.rounds import MODES, RoundRunner, start_rounds
 
 DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
 DEFAULT_MAX_DRAFT = 6     # γ
+# speculative_generate's draft_gate=None, by (on a GPU, sampling): on where it was measured to win
+DRAFT_GATE_DEFAULT = {(False, False): False, (False, True): True, (True, False): False, (True, True): False}
 MAX_DRAFT_LIMIT = 32
 
 
@@ -47,8 +50,10 @@ class DecodeStats:
     device_exit_off: str = ""             # why not, where it is off in a speculative device/graphs run
     copy_draft: bool = False              # rounds could copy their drafts from the sequence (prompt lookup)
     copy_draft_off: str = ""              # why not, where copy_draft was asked for but the rounds cannot
-    draft_sources: List[str] = field(default_factory=list)  # per round: "copy", "mixed", "adapter", "plain"
+    draft_sources: List[str] = field(default_factory=list)  # per round: "copy", "mixed", "adapter", "plain", "rest"
     copied: List[int] = field(default_factory=list)         # per round: drafts copied (mixed: the rest: adapter's)
+    draft_gate: bool = False              # rounds could rest (no drafts) where drafting did not pay: draft_gate.py
+    rested: int = 0                       # rounds that rested: a plain step's work plus the adapter's blocks
     draft_kernel: str = ""                # graphs mode: "persistent" (one launch a draft phase) or "per-op"
     draft_kernel_off: str = ""            # why the persistent draft kernel did not run ("" where it did)
     plain_kernel: str = ""                # plain decoding on a GPU: "persistent" (one launch a step) or "per-op"
@@ -243,7 +248,8 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
                          mode: Optional[str] = None, adaptive_draft: bool = True, do_sample: bool = False,
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-                         copy_draft: Optional[Union[bool, str]] = None) -> GenerationOutput:
+                         copy_draft: Optional[Union[bool, str]] = None,
+                         draft_gate: Optional[bool] = None) -> GenerationOutput:
     """Kangaroo decoding. Greedy, the output equals `generate` token for token; sampled, every token is
     distributed exactly as the target's processed distribution (speculative sampling's accept rule).
 
@@ -283,11 +289,19 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
             for the adapter alone on MT-bench, 0.97x vs 0.91x on long prompts: BENCHMARKS.md) and greedy
             decoding in "graphs" mode (the GPU's default; H100, MT-bench, 40 questions: 1.90x vs 1.16x).
             Off in "device" mode and for sampling on a GPU, where it was not measured.
+        draft_gate: True: where recent rounds' drafts did not pay for themselves (too few accepted for what
+            drafting and verifying them cost), rounds rest: the target's next token alone, as a plain step
+            takes it, plus the adapter's blocks on it (a later draft attends to them); a speculative round
+            probes again after 4 to 32 resting rounds (engine/draft_gate.py). Decided from token counts, so a
+            seed still gives the same tokens; never changes the output. stats.rested counts resting rounds.
+            None (default): on where it was measured to win (DRAFT_GATE_DEFAULT).
     Returns:
         GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
     """
     _positive_int("max_new_tokens", max_new_tokens)
     check_copy_draft(copy_draft)
+    if draft_gate not in (None, True, False):
+        raise ValueError(f"draft_gate must be True, False or None (the measured default), got {draft_gate!r}")
     check_threshold(threshold)
     check_max_draft(max_draft)
     if adapter is None:
@@ -301,7 +315,8 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
     threshold, max_draft = resolve_settings(threshold, max_draft, adapter, engine.spec.device)
     return _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma=max_draft,
                 threshold=threshold, adapter=adapter, adaptive_draft=adaptive_draft,
-                sampling=sampling, seed=_draw_seed(generator, seed) if sampling else 0, copy_draft=copy_draft)
+                sampling=sampling, seed=_draw_seed(generator, seed) if sampling else 0, copy_draft=copy_draft,
+                draft_gate=draft_gate)
 
 
 @torch.inference_mode()
@@ -348,7 +363,8 @@ def check_copy_draft(copy_draft):
 
 
 def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma, threshold=None,
-         adapter=None, adaptive_draft=True, sampling=None, seed=0, copy_draft=False) -> GenerationOutput:
+         adapter=None, adaptive_draft=True, sampling=None, seed=0, copy_draft=False,
+         draft_gate=False) -> GenerationOutput:
     cuda = engine.spec.device.type == "cuda"
     if mode is None:
         mode = "graphs" if cuda else "host"
@@ -379,10 +395,17 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         if copying and rounds is None:  # capturing the copy round failed: the adapter's rounds, and why
             copying, copy_off = False, _captured_copy_unavailable(engine) or "capturing the copy round failed"
             rounds = start_rounds(engine, mode, adapter_gamma, adaptive_draft)
+        if draft_gate is None:
+            draft_gate = DRAFT_GATE_DEFAULT[(cuda, sampling is not None)]
+        if draft_gate and gamma > 0:
+            rounds = GatedRounds(rounds, costs_for(engine.spec.device.type, sampling is not None))
+            rounds.prepare()  # the resting round's graphs: before the seed, as above
         engine.seed(seed)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
-    if copying:
+    if copying or isinstance(rounds, GatedRounds):
         stats.draft_sources, stats.copied = rounds.sources[:stats.rounds], rounds.copied[:stats.rounds]
+    stats.draft_gate = isinstance(rounds, GatedRounds)
+    stats.rested = stats.draft_sources.count("rest")
     stats.copy_draft_off = copy_off
     if mode == "graphs" and adapter_gamma > 0:
         stats.draft_kernel_off = engine.persistent_draft_off(adapter_gamma)

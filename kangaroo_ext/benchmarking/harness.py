@@ -32,14 +32,17 @@ from . import plots, report
 # The kinds of draft side by side: speculative_generate's default (kangaroo: copied drafts beside the
 # adapter's where that was measured to win), the adapter's alone (kangaroo-adapter), both forced on
 # (kangaroo-copy), copied from the context alone (pld: our engine; hf-pld: transformers' prompt lookup,
-# against hf-eager). hf-prompt-lookup is hf-pld's older name.
-METHODS = ("kangaroo", "kangaroo-adapter", "kangaroo-copy", "pld", "plain", "hf-eager", "hf-pld", "hf-static",
-           "hf-prompt-lookup")
+# against hf-eager). hf-prompt-lookup is hf-pld's older name. kangaroo-gate / kangaroo-nogate: the defaults
+# with the draft gate forced on / off (speculative_generate's draft_gate).
+METHODS = ("kangaroo", "kangaroo-adapter", "kangaroo-copy", "kangaroo-gate", "kangaroo-nogate", "pld", "plain",
+           "hf-eager", "hf-pld", "hf-static", "hf-prompt-lookup")
 DEFAULT_METHODS = ("kangaroo", "plain", "hf-eager", "pld", "hf-pld")
 HF_METHODS = ("hf-eager", "hf-pld", "hf-static", "hf-prompt-lookup")
-SPECULATIVE_METHODS = ("kangaroo", "kangaroo-adapter", "kangaroo-copy", "pld")   # need an adapter
+SPECULATIVE_METHODS = ("kangaroo", "kangaroo-adapter", "kangaroo-copy", "kangaroo-gate", "kangaroo-nogate",
+                       "pld")   # need an adapter
 ENGINE_METHODS = SPECULATIVE_METHODS + ("plain",)
 COPY_DRAFT_OF = {"kangaroo-adapter": False, "kangaroo-copy": True, "pld": "only"}  # speculative_generate's copy_draft
+DRAFT_GATE_OF = {"kangaroo-gate": True, "kangaroo-nogate": False}                  # and its draft_gate
 WARMUP_MAX_NEW_TOKENS = 128   # warm-up only has to trigger compilation / capture / allocation
 PROMPT_LOOKUP_TOKENS = 10
 # What must match for --resume to keep earlier turns.
@@ -104,7 +107,8 @@ def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float
     def run(ids: List[int], max_new: int, stop_after: Optional[int] = None):
         if method in SPECULATIVE_METHODS:
             out = speculative_generate(model, ids, adapter=adapter, max_new_tokens=max_new, threshold=threshold,
-                                       max_draft=max_draft, eos_token_id=eos, copy_draft=copy_draft, **sampling())
+                                       max_draft=max_draft, eos_token_id=eos, copy_draft=copy_draft,
+                                       draft_gate=DRAFT_GATE_OF.get(method), **sampling())
             return out.sequences[0, len(ids):].tolist(), out.stats
         if method == "plain":
             out = generate(model, ids, max_new_tokens=max_new, eos_token_id=eos, **sampling())
@@ -257,6 +261,8 @@ def _turn_record(q, t_idx, ids, new_ids, answer, seconds, stats: Optional[Decode
         size = max(max_draft, DEFAULT_COPY_GAMMA if stats.copy_draft else 0) + 1
         if stats.copy_draft:
             rec["draft_sources"] = stats.by_source()
+        if stats.draft_gate:
+            rec["rested"] = stats.rested
         rec.update(rounds=stats.rounds, accepted_hist=_histogram(stats.accepted, size),
                    drafted_hist=_histogram(stats.drafted, size), host_syncs=stats.host_syncs,
                    prefill_s=stats.prefill_s, draft_s=stats.draft_s, verify_s=stats.verify_s,

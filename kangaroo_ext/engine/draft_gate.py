@@ -1,0 +1,167 @@
+"""The draft gate: whether the next round drafts at all.
+
+A Kangaroo round pays for its drafts whether or not they are accepted. Where few are (sampling at temperature 1
+on MT-bench: τ 1.18, 0.89x plain on an H100 at 80eb2b7; 0.67x on a CPU at 99b00e9), every round loses to a plain
+step. The gate lets such stretches run *resting* rounds instead:
+
+    speculative round   the rounds it wraps (ConditionalRounds, HostRounds, copy rounds, ...), unchanged;
+    resting round       draft step 0 without the draft head (the shallow layers and the adapter's blocks on the
+                        last token: its exit state and the adapter's cache row, which later drafts attend to),
+                        then verification of that one position: a plain step plus the adapter's blocks.
+
+While resting it probes (one speculative round) after `gap` resting rounds, and doubles the gap after each probe
+that loses (up to MAX_GAP): text whose drafts start to land again is found within a few dozen tokens.
+
+The gate decides from token counts alone, never a clock: a seed gives the same tokens run to run, and greedy
+output is the target's whatever it decides (verification decides every token; a resting round is the same
+one-position verification a round without drafts runs). What a speculative round costs beyond a resting one,
+in plain steps (DraftCosts):
+
+    head + drafted * (step + row)        head: the draft head of step 0; step: each further draft step;
+                                         row: each further verified position
+against the `accepted` tokens it gains. Speculating pays while the recent mean accepted exceeds that cost at
+the recent mean drafted.
+"""
+from collections import deque
+from dataclasses import dataclass
+from typing import List
+
+from .rounds import Rounds, RoundResult
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """What a speculative round costs beyond a resting one, in plain steps (see the module's doc)."""
+    head: float
+    step: float
+    row: float
+
+    def extra(self, drafted: float) -> float:
+        return self.head + drafted * (self.step + self.row)
+
+
+# Measured prices, in plain steps of the default model (the gate needs the break-even, not precision):
+#   cuda, greedy   H100, 15ee133's tree (round_price_interleaved_1.json): plain step 661 µs, draft step 71.1 of
+#                  which ~61 are the shallow layers and the adapter's block a resting round runs too; verify of
+#                  1 / 7 positions 624 / 899 µs: 46 µs a further position
+#   cuda, sampled  H100, 80eb2b7 (mt_bench_sampled_h100_80eb2b7, 899-round turns): ~118 µs a sampled draft
+#                  step (the head ~58) against a ~790 µs plain sampled step; a further verified position ~50 µs
+#   cpu            bench/round_costs.py (bench/results/round_costs_cpu.json: fp32, one thread, a plain step
+#                  56 / 60 ms greedy / sampled; verifying 7 positions costs 1.9 plain steps)
+MEASURED_COSTS = {
+    ("cuda", False): DraftCosts(head=0.015, step=0.108, row=0.069),
+    ("cuda", True): DraftCosts(head=0.075, step=0.15, row=0.065),
+    ("cpu", False): DraftCosts(head=0.031, step=0.111, row=0.154),
+    ("cpu", True): DraftCosts(head=0.054, step=0.131, row=0.159),
+}
+
+
+def costs_for(device_type: str, sampled: bool) -> DraftCosts:
+    return MEASURED_COSTS[("cuda" if device_type == "cuda" else "cpu", bool(sampled))]
+
+
+class DraftGate:
+    """The policy alone (no engine): speculate() before issuing a round, record() after reading a speculative
+    round's result. Estimates are exponential moving averages over speculative rounds (weight DECAY)."""
+    DECAY = 0.125
+    WARMUP = 4          # speculative rounds seen before the first decision to rest
+    FIRST_GAP = 4       # resting rounds before the first probe
+    MAX_GAP = 32
+
+    def __init__(self, costs: DraftCosts):
+        self.costs = costs
+        self.accepted = 0.0     # recent mean drafts accepted per speculative round
+        self.drafted = 0.0      # recent mean drafts proposed per speculative round
+        self.seen = 0
+        self.resting = False
+        self.gap = self.FIRST_GAP
+        self.rested = 0         # resting rounds issued since the last speculative one
+
+    def speculate(self) -> bool:
+        """Whether the next round drafts (a probe, after `gap` resting rounds)."""
+        if not self.resting or self.rested >= self.gap:
+            self.rested = 0
+            return True
+        self.rested += 1
+        return False
+
+    def pays(self) -> bool:
+        return self.seen < self.WARMUP or self.accepted > self.costs.extra(self.drafted)
+
+    def record(self, accepted: int, drafted: int):
+        w = 1.0 if self.seen == 0 else self.DECAY
+        self.accepted += w * (accepted - self.accepted)
+        self.drafted += w * (drafted - self.drafted)
+        self.seen += 1
+        if self.pays():
+            self.resting, self.gap = False, self.FIRST_GAP
+        elif self.resting:        # a probe that lost: wait longer before the next
+            self.gap = min(2 * self.gap, self.MAX_GAP)
+        else:
+            self.resting, self.rested = True, 0
+
+
+class RestingRounds(Rounds):
+    """The resting round: draft step 0 without the head, then verification of one position (module doc)."""
+
+    def __init__(self, engine, use_graphs: bool):
+        super().__init__(engine, gamma=0)
+        self.mode, self.graphs = ("graphs" if use_graphs else "host"), None
+
+    @property
+    def speculative(self) -> bool:  # the adapter's cache row and the exit state are written: a draft phase
+        return True
+
+    def prepare(self):
+        if self.mode == "graphs":
+            self.graphs = self._graphs(0, device_exit=False)
+
+    def draft(self):
+        if self.graphs is not None:
+            self.graphs.draft.replay()
+            return
+        self.engine.begin_round()
+        self.engine.draft_step(0, 0)
+
+    def verify(self):
+        self.graphs.verify.replay() if self.graphs is not None else self.engine.verify(1)
+
+
+class GatedRounds(Rounds):
+    """Speculative rounds (prepared) behind a DraftGate: each round is the wrapped rounds' or a resting one.
+    `sources` / `copied` follow the rounds read (a resting round: "rest", 0), beside the wrapped rounds' own."""
+
+    def __init__(self, inner: Rounds, costs: DraftCosts):
+        super().__init__(inner.engine, inner.gamma)
+        self.inner, self.gate = inner, DraftGate(costs)
+        self.mode, self.pipelined = inner.mode, inner.pipelined
+        self.rest = RestingRounds(inner.engine, use_graphs=inner.mode == "graphs")
+        self.issued = deque()              # per round issued and not yet read: speculative or not
+        self.sources: List[str] = []
+        self.copied: List[int] = []
+        self.syncs = 0
+
+    def prepare(self):
+        """The resting round's graphs (the wrapped rounds come prepared: start_rounds)."""
+        self.rest.prepare()
+        self.capture_s = self.inner.capture_s + self.rest.capture_s
+
+    def issue(self, clock, slot: int):
+        speculate = self.gate.speculate()
+        self.issued.append(speculate)
+        (self.inner if speculate else self.rest).issue(clock, slot)
+        self.syncs = getattr(self.inner, "syncs", 0)
+
+    def observe(self, result: RoundResult):
+        if not self.issued.popleft():
+            self.sources.append("rest")
+            self.copied.append(0)
+            return
+        self.gate.record(result.accepted, result.drafted)
+        self.inner.observe(result)
+        inner_sources = getattr(self.inner, "sources", None)
+        self.sources.append(inner_sources[-1] if inner_sources else "adapter")
+        self.copied.append(getattr(self.inner, "copied", [0])[-1] if inner_sources else 0)
+
+    def describe(self) -> dict:
+        return dict(self.inner.describe(), draft_gate=True)
