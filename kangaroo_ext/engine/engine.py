@@ -289,11 +289,11 @@ class Engine:
         draft's bookkeeping). Block b's attention uses cache slot N + b. Decode launches for the "kangaroo"
         block: norm+QKV, attention, O-proj, then norm and LM head + argmax (2). head_on_last: the head on
         the last position only (a copied chain wants the adapter's proposal after its last token alone)."""
-        h_exit = None
+        h_exit, last = None, len(self.adapter_weights) - 1
         for b, w in enumerate(self.adapter_weights):
             x, res = self._attention_block(x, res, w, positions, slot=self.spec.num_layers + b)
             h_exit = res if h_exit is None else h_exit  # the first norm materialises the exit state
-            if w.gate is not None:
+            if w.gate is not None and (with_head or b < last):  # headless, the last MLP feeds nothing
                 x, res = self._mlp_block(x, res, w)
         if not with_head:
             return h_exit, None
