@@ -397,9 +397,10 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
             rounds = start_rounds(engine, mode, adapter_gamma, adaptive_draft)
         if draft_gate is None:
             draft_gate = DRAFT_GATE_DEFAULT[(cuda, sampling is not None)]
-        if draft_gate and gamma > 0:
-            rounds = GatedRounds(rounds, costs_for(engine.spec.device.type, sampling is not None))
-            rounds.prepare()  # the resting round's graphs: before the seed, as above
+        if draft_gate and adapter_gamma > 0:
+            rest = _copy_rounds(engine, mode, 0) if copying else None   # a resting round still copies
+            rounds = GatedRounds(rounds, costs_for(engine.spec.device.type, sampling is not None), rest)
+            rounds.prepare()  # the resting rounds' graphs: before the seed, as above
         engine.seed(seed)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
     if copying or isinstance(rounds, GatedRounds):

@@ -114,17 +114,37 @@ def small():
 @pytest.mark.parametrize("mode", ["host", "device"])
 @torch.inference_mode()
 def test_resting_rounds_sample_exactly_as_plain_decoding(small, mode, monkeypatch):
-    """Every round rests: the same seed gives plain decoding's tokens (the same random numbers, drawn from the
-    same distribution). A resting round that skipped the exit state, or reused a round's random numbers,
-    fails this."""
+    """Every round rests (no copied drafts either): the same seed gives plain decoding's tokens (the same random
+    numbers, drawn from the same distribution). A resting round that skipped the exit state, or reused a
+    round's random numbers, fails this."""
     model, adapter = small
     monkeypatch.setattr(DraftGate, "speculate", lambda self: False)
     kw = dict(max_new_tokens=24, eos_token_id=[], do_sample=True, temperature=1.3, mode=mode)
     for seed in range(4):
         plain = kx.generate(model, PROMPT, seed=seed, **kw).sequences
-        out = kx.speculative_generate(model, PROMPT, adapter=adapter, seed=seed, draft_gate=True, **kw)
+        out = kx.speculative_generate(model, PROMPT, adapter=adapter, seed=seed, draft_gate=True,
+                                      copy_draft=False, **kw)
         assert torch.equal(out.sequences, plain), seed
         assert out.stats.rested == out.stats.rounds == 24
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+@torch.inference_mode()
+def test_resting_rounds_still_copy_where_the_lookup_matches(mode, monkeypatch):
+    """With copied drafts on, a resting round is the copy-only round: a match is copied and verified, no match
+    rests; the adapter never drafts. Greedy output stays plain decoding's."""
+    from test_copy_draft import repetitive_prompts
+    monkeypatch.setattr(DraftGate, "speculate", lambda self: False)
+    model = tiny_model("llama", layers=6)
+    sources = set()
+    for i, p in enumerate(repetitive_prompts(3, seed=2)):
+        plain = kx.generate(model, p, max_new_tokens=32, eos_token_id=[]).sequences
+        adapter = kx.Adapter.for_model(model, exit_layer=2, init="next_layer", seed=i)
+        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=32, threshold=0.0, max_draft=4,
+                                      eos_token_id=[], mode=mode, copy_draft=True, draft_gate=True)
+        assert torch.equal(out.sequences, plain), i
+        sources |= set(out.stats.draft_sources)
+    assert sources == {"copy", "rest"}, sources
 
 
 def rest_every_other_round(monkeypatch):

@@ -129,20 +129,25 @@ class RestingRounds(Rounds):
 
 class GatedRounds(Rounds):
     """Speculative rounds (prepared) behind a DraftGate: each round is the wrapped rounds' or a resting one.
-    `sources` / `copied` follow the rounds read (a resting round: "rest", 0), beside the wrapped rounds' own."""
+    rest: the resting rounds (None: RestingRounds); where the wrapped rounds copy drafts, the caller passes
+    their copy-only twin, so a resting round still copies where the lookup matches (a copy round costs one
+    multi-row shallow step and no draft head) and rests only where it would have drafted with the adapter.
+    The gate weighs the adapter's rounds alone ("adapter", "mixed"): copied chains are not its decision.
+    `sources` / `copied` follow the rounds read (a resting round without copies: "rest", 0)."""
+    WEIGHED = ("adapter", "mixed")
 
-    def __init__(self, inner: Rounds, costs: DraftCosts):
+    def __init__(self, inner: Rounds, costs: DraftCosts, rest: Rounds = None):
         super().__init__(inner.engine, inner.gamma)
         self.inner, self.gate = inner, DraftGate(costs)
         self.mode, self.pipelined = inner.mode, inner.pipelined
-        self.rest = RestingRounds(inner.engine, use_graphs=inner.mode == "graphs")
+        self.rest = rest if rest is not None else RestingRounds(inner.engine, use_graphs=inner.mode == "graphs")
         self.issued = deque()              # per round issued and not yet read: speculative or not
         self.sources: List[str] = []
         self.copied: List[int] = []
         self.syncs = 0
 
     def prepare(self):
-        """The resting round's graphs (the wrapped rounds come prepared: start_rounds)."""
+        """The resting rounds' graphs (the wrapped rounds come prepared: start_rounds)."""
         self.rest.prepare()
         self.capture_s = self.inner.capture_s + self.rest.capture_s
 
@@ -150,18 +155,19 @@ class GatedRounds(Rounds):
         speculate = self.gate.speculate()
         self.issued.append(speculate)
         (self.inner if speculate else self.rest).issue(clock, slot)
-        self.syncs = getattr(self.inner, "syncs", 0)
+        self.syncs = getattr(self.inner, "syncs", 0) + getattr(self.rest, "syncs", 0)
 
     def observe(self, result: RoundResult):
-        if not self.issued.popleft():
-            self.sources.append("rest")
-            self.copied.append(0)
-            return
-        self.gate.record(result.accepted, result.drafted)
-        self.inner.observe(result)
-        inner_sources = getattr(self.inner, "sources", None)
-        self.sources.append(inner_sources[-1] if inner_sources else "adapter")
-        self.copied.append(getattr(self.inner, "copied", [0])[-1] if inner_sources else 0)
+        rounds = self.inner if self.issued.popleft() else self.rest
+        rounds.observe(result)
+        own = getattr(rounds, "sources", None)
+        source = own[-1] if own else ("adapter" if rounds is self.inner else "rest")
+        if rounds is self.rest and source == "plain":   # the copy-only twin found no match
+            source = "rest"
+        if source in self.WEIGHED:
+            self.gate.record(result.accepted, result.drafted)
+        self.sources.append(source)
+        self.copied.append(rounds.copied[-1] if own else 0)
 
     def describe(self) -> dict:
         return dict(self.inner.describe(), draft_gate=True)
