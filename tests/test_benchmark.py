@@ -244,7 +244,7 @@ def test_missing_questions_file(tmp_path):
 
 def test_unknown_method_lists_the_valid_ones(qfile):
     with pytest.raises(ValueError, match=r"unknown method 'medusa'; valid methods: kangaroo, kangaroo-adapter, "
-                                         r"kangaroo-copy, pld, "
+                                         r"kangaroo-copy, kangaroo-gate, kangaroo-nogate, pld, "
                                          r"plain, hf-eager, hf-pld, hf-static, hf-prompt-lookup"):
         _bench("--questions", qfile, "--methods", "kangaroo,medusa")
 

@@ -91,12 +91,13 @@ def _stop_after(n_new: int, prompt_len: int):
 
 
 def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float], max_draft: int,
-                temperature: float = 0.0, copy_draft=None) -> Callable:
+                temperature: float = 0.0, copy_draft=None, draft_gate=None) -> Callable:
     """run(prompt_ids, max_new, stop_after=None) -> (new token ids, DecodeStats or None). temperature > 0
     samples (no top-k / top-p: the Spec-Bench protocol), seeded per turn so a rerun draws the same.
     copy_draft: the `kangaroo` method's (None: speculative_generate's default; kangaroo-copy and pld set
-    their own)."""
+    their own); draft_gate: the same for speculative_generate's draft_gate (kangaroo-gate / -nogate set theirs)."""
     copy_draft = COPY_DRAFT_OF.get(method, copy_draft)
+    draft_gate = DRAFT_GATE_OF.get(method, draft_gate)
     device = _model_device(model)
     turn = [0]
 
@@ -108,7 +109,7 @@ def make_runner(method: str, model, adapter, eos: int, threshold: Optional[float
         if method in SPECULATIVE_METHODS:
             out = speculative_generate(model, ids, adapter=adapter, max_new_tokens=max_new, threshold=threshold,
                                        max_draft=max_draft, eos_token_id=eos, copy_draft=copy_draft,
-                                       draft_gate=DRAFT_GATE_OF.get(method), **sampling())
+                                       draft_gate=draft_gate, **sampling())
             return out.sequences[0, len(ids):].tolist(), out.stats
         if method == "plain":
             out = generate(model, ids, max_new_tokens=max_new, eos_token_id=eos, **sampling())
@@ -170,7 +171,7 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
                   hf_max_questions: Optional[int] = None, warmup: int = 3, progress: bool = True,
                   results: Optional[dict] = None, on_turn_done: Optional[Callable[[dict], None]] = None,
                   method_key: Optional[Callable[[str], str]] = None, temperature: float = 0.0,
-                  copy_draft=None) -> dict:
+                  copy_draft=None, draft_gate=None) -> dict:
     """Runs every method over the questions' turns; returns the raw results (see report.summarize()).
 
     threshold: η for kangaroo (None: the adapter's recommendation).
@@ -178,7 +179,8 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
     on_turn_done(results): called after each turn and each method, e.g. to save partial results.
     method_key(method): the key a method's results are stored under (default: the method's name), so one
     results dict can hold several kangaroo configurations (the training sweep).
-    temperature: 0 decodes greedily; > 0 samples at that temperature (every method)."""
+    temperature: 0 decodes greedily; > 0 samples at that temperature (every method).
+    copy_draft, draft_gate: the `kangaroo` method's (see make_runner)."""
     methods = parse_methods(methods)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -203,7 +205,8 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
             continue
         try:
             _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                        progress, done, lambda: on_turn_done and on_turn_done(results), temperature, copy_draft)
+                        progress, done, lambda: on_turn_done and on_turn_done(results), temperature, copy_draft,
+                        draft_gate)
             results.get("errors", {}).pop(key(method), None)
         except Exception as e:  # noqa: BLE001  one failing baseline (say, a compile error) must not
             # cost the other methods' numbers in an unattended run: record it, report it, go on
@@ -217,10 +220,10 @@ def run_benchmark(model, tokenizer, questions: List[dict], methods: Sequence[str
 
 
 def _run_method(method, model, tokenizer, qs, adapter, eos, max_new_tokens, threshold, max_draft, warmup,
-                progress, done: dict, saved: Callable, temperature: float = 0.0, copy_draft=None):
+                progress, done: dict, saved: Callable, temperature: float = 0.0, copy_draft=None, draft_gate=None):
     """Appends each finished turn to done["turns"] (then calls saved()); skips turns already there."""
     cuda = _model_device(model).type == "cuda"
-    run = make_runner(method, model, adapter, eos, threshold, max_draft, temperature, copy_draft)
+    run = make_runner(method, model, adapter, eos, threshold, max_draft, temperature, copy_draft, draft_gate)
     finished = {(str(t["question_id"]), t["turn"]): t for t in done["turns"]}
     n_turns = sum(len(q["turns"]) for q in qs)
     bar = io.progress_bar(progress, total=warmup + n_turns, initial=len(finished), desc=method, unit="turn")
