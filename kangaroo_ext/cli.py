@@ -353,8 +353,8 @@ def _decoding_arguments(p: argparse.ArgumentParser):
                         "'host' mode, the CPU's, off on a GPU)")
     p.add_argument("--draft-gate", action=argparse.BooleanOptionalAction, default=None,
                    help="rounds rest (a plain step plus the adapter's block) while recent drafts do not pay for "
-                        "their cost; never changes the output (default: on for sampling on a CPU, where it was "
-                        "measured to win)")
+                        "their cost; never changes the output (default: on on a CPU, where it was measured to win; "
+                        "off on a GPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     _threads_argument(p)

@@ -26,7 +26,7 @@ from .engine.rounds import MODES, RoundRunner, start_rounds
 DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
 DEFAULT_MAX_DRAFT = 6     # γ
 # speculative_generate's draft_gate=None, by (on a GPU, sampling): on where it was measured to win
-DRAFT_GATE_DEFAULT = {(False, False): False, (False, True): True, (True, False): False, (True, True): False}
+DRAFT_GATE_DEFAULT = {(False, False): True, (False, True): True, (True, False): False, (True, True): False}
 MAX_DRAFT_LIMIT = 32
 
 
@@ -294,7 +294,8 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
             takes it, plus the adapter's blocks on it (a later draft attends to them); a speculative round
             probes again after 4 to 32 resting rounds (engine/draft_gate.py). Decided from token counts, so a
             seed still gives the same tokens; never changes the output. stats.rested counts resting rounds.
-            None (default): on where it was measured to win (DRAFT_GATE_DEFAULT).
+            None (default): on where it was measured to win (DRAFT_GATE_DEFAULT: on a CPU; off on a GPU,
+            not yet measured there).
     Returns:
         GenerationOutput with sequences [1, T + new] and stats (DecodeStats).
     """

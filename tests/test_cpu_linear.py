@@ -119,7 +119,7 @@ def _packed_run_equals_plain(model, adapter):
                             attention_mask=torch.ones_like(p[None]))
         plain = kx.generate(model, p, max_new_tokens=40, eos_token_id=[]).sequences
         spec = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=40, threshold=0.0, max_draft=5,
-                                       eos_token_id=[], copy_draft=False)
+                                       eos_token_id=[], copy_draft=False, draft_gate=False)
         assert torch.equal(plain, hf) and torch.equal(spec.sequences, plain)
         assert spec.stats.mean_accepted > 1.0, "drafts were accepted: verify steps had several rows"
         assert spec.stats.cpu_packing_off == "" and spec.stats.packed_weights_mb > 0

@@ -1,7 +1,7 @@
 """The draft gate: whether the next round drafts at all.
 
 A Kangaroo round pays for its drafts whether or not they are accepted. Where few are (sampling at temperature 1
-on MT-bench: τ 1.18, 0.89x plain on an H100 at 80eb2b7; 0.67x on a CPU at 99b00e9), every round loses to a plain
+on MT-bench: τ 1.18, 0.89x plain on an H100 at 80eb2b7; 0.81x on a CPU at f18054f), every round loses to a plain
 step. The gate lets such stretches run *resting* rounds instead:
 
     speculative round   the rounds it wraps (ConditionalRounds, HostRounds, copy rounds, ...), unchanged;
