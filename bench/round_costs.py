@@ -1,5 +1,6 @@
 """The draft gate's prices (kangaroo_ext/engine/draft_gate.py, DraftCosts) measured on this machine's CPU,
-greedy and sampled: what a speculative round costs beyond a resting one, in plain steps.
+greedy and sampled: what a speculative round costs beyond a resting one, in plain steps. They vary between
+machines (multi-row GEMMs above all); pass yours as speculative_generate(..., draft_gate=kx.DraftCosts(...)).
 
     python bench/round_costs.py [--threads 1] [--out bench/results/round_costs_cpu.json]
 
@@ -103,9 +104,11 @@ def main():
            "sampled": measure(model, adapter, tokenizer, sampled=True)}
     io.write_json(args.out, out)
     for kind in ("greedy", "sampled"):
-        print(kind, {k: round(v, 3) for k, v in out[kind]["costs_in_plain_steps"].items()},
+        c = out[kind]["costs_in_plain_steps"]
+        print(f"{kind}: kx.DraftCosts(head={c['head']:.3f}, step={c['step']:.3f}, row={c['row']:.3f})  "
+              f"(a resting round: {c['rest_over_plain']:.3f} plain steps)",
               {k: round(v * 1e3, 1) for k, v in out[kind]["seconds"].items()}, "ms")
-    print("wrote", args.out)
+    print("wrote", args.out, "· pass a DraftCosts as speculative_generate(..., draft_gate=...)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from .adapter import Adapter
 from .engine.engine import Engine, Sampling, engine_for
 from .engine import conditional
 from .engine.copy_rounds import DEFAULT_COPY_GAMMA, CapturedCopyRounds, CopyRounds, copy_policy_for
-from .engine.draft_gate import GatedRounds, costs_for
+from .engine.draft_gate import DraftCosts, GatedRounds, costs_for
 from .engine.rounds import MODES, RoundRunner, start_rounds
 
 DEFAULT_THRESHOLD = 0.6   # η when neither the call nor the adapter says otherwise
@@ -249,7 +249,7 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
                          temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
                          copy_draft: Optional[Union[bool, str]] = None,
-                         draft_gate: Optional[bool] = None) -> GenerationOutput:
+                         draft_gate: Optional[Union[bool, DraftCosts]] = None) -> GenerationOutput:
     """Kangaroo decoding. Greedy, the output equals `generate` token for token; sampled, every token is
     distributed exactly as the target's processed distribution (speculative sampling's accept rule).
 
@@ -292,8 +292,10 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
         draft_gate: True: where recent rounds' drafts did not pay for themselves (too few accepted for what
             drafting and verifying them cost), rounds rest: the target's next token alone, as a plain step
             takes it, plus the adapter's blocks on it (a later draft attends to them); a speculative round
-            probes again after 4 to 32 resting rounds (engine/draft_gate.py). Decided from token counts, so a
-            seed still gives the same tokens; never changes the output. stats.rested counts resting rounds.
+            probes again after 4 to 32 resting rounds (engine/draft_gate.py). Greedy, it weighs the rounds'
+            measured times; sampled, token counts priced by a table (so a seed still gives the same tokens).
+            A DraftCosts: on, priced with it (bench/round_costs.py measures a CPU's). Never changes the
+            output. stats.rested counts resting rounds.
             None (default): on where it was measured to win (DRAFT_GATE_DEFAULT: on a CPU; off on a GPU,
             not yet measured there).
     Returns:
@@ -301,8 +303,9 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
     """
     _positive_int("max_new_tokens", max_new_tokens)
     check_copy_draft(copy_draft)
-    if draft_gate not in (None, True, False):
-        raise ValueError(f"draft_gate must be True, False or None (the measured default), got {draft_gate!r}")
+    if draft_gate not in (None, True, False) and not isinstance(draft_gate, DraftCosts):
+        raise ValueError(f"draft_gate must be True, False, None (the measured default) or a DraftCosts (this "
+                         f"machine's prices: bench/round_costs.py), got {draft_gate!r}")
     check_threshold(threshold)
     check_max_draft(max_draft)
     if adapter is None:
@@ -400,7 +403,10 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
             draft_gate = DRAFT_GATE_DEFAULT[(cuda, sampling is not None)]
         if draft_gate and adapter_gamma > 0:
             rest = _copy_rounds(engine, mode, 0) if copying else None   # a resting round still copies
-            rounds = GatedRounds(rounds, costs_for(engine.spec.device.type, sampling is not None), rest)
+            costs = draft_gate if isinstance(draft_gate, DraftCosts) else \
+                costs_for(engine.spec.device.type, sampling is not None)
+            # greedy, the rounds' own times weigh in (the output cannot change); sampled, counts alone
+            rounds = GatedRounds(rounds, costs, rest, timed=sampling is None)
             rounds.prepare()  # the resting rounds' graphs: before the seed, as above
         engine.seed(seed)
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)

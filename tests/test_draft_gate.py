@@ -20,14 +20,16 @@ from test_sampling import PROMPT, SAMPLES, P_VALUE, VOCAB, chi_square_three_toke
 COSTS = DraftCosts(head=0.05, step=0.1, row=0.1)
 
 
-def run_gate(gate: DraftGate, outcome, rounds: int):
-    """Drive the policy for `rounds` rounds; outcome(i) -> (accepted, drafted) of the i-th speculative round.
-    Returns the choices (True: speculative)."""
+def run_gate(gate: DraftGate, outcome, rounds: int, rest_seconds: float = 1.0):
+    """Drive the policy for `rounds` rounds; outcome(i) -> (accepted, drafted[, seconds]) of the i-th speculative
+    round; a resting round takes rest_seconds. Returns the choices (True: speculative)."""
     choices = []
     for _ in range(rounds):
         speculate = gate.speculate()
         if speculate:
             gate.record(*outcome(sum(choices)))
+        else:
+            gate.record_rest(rest_seconds)
         choices.append(speculate)
     return choices
 
@@ -69,6 +71,20 @@ def test_the_break_even_follows_the_costs():
     gpu, cpu = DraftGate(draft_gate.costs_for("cuda", False)), DraftGate(draft_gate.costs_for("cpu", True))
     assert all(run_gate(gpu, lambda i: (1, 4), 300))
     assert sum(run_gate(cpu, lambda i: (1, 4), 300)) < 30
+
+
+def test_timed_the_gate_follows_the_rounds_own_times():
+    """Greedy (timed): once a resting round has been timed, the measured times decide, whatever the table says.
+    1 accepted of 4 drafted in 1.5 s against 1 s a resting round: 2 tokens / 1.5 s beat 1 / 1 s, so it drafts
+    although a CPU's sampled prices (extra 1.21 plain steps) would rest; at 2.5 s a round it rests."""
+    costs = draft_gate.costs_for("cpu", True)
+    fast, slow = DraftGate(costs, timed=True), DraftGate(costs, timed=True)
+    fast_choices = run_gate(fast, lambda i: (1, 4, 1.5), 300)
+    assert not all(fast_choices[:20]), "the table decides until a resting round is timed"
+    assert all(fast_choices[-250:])
+    assert sum(run_gate(slow, lambda i: (1, 4, 2.5), 300)) < 30
+    untimed = DraftGate(costs)
+    assert sum(run_gate(untimed, lambda i: (1, 4, 1.5), 300)) < 30, "sampled: counts alone"
 
 
 def test_every_measured_setting_has_costs():
@@ -198,8 +214,21 @@ def test_the_default_follows_the_measured_table(small, monkeypatch):
 
 def test_a_bad_draft_gate_is_named(small):
     model, adapter = small
-    with pytest.raises(ValueError, match="draft_gate must be True, False or None"):
+    with pytest.raises(ValueError, match="draft_gate must be True, False, None .* or a DraftCosts"):
         kx.speculative_generate(model, PROMPT, adapter=adapter, draft_gate="yes")
+
+
+@torch.inference_mode()
+def test_draft_gate_takes_this_machines_costs(small, monkeypatch):
+    """A DraftCosts turns the gate on with those prices: free drafts never rest (sampled: counts alone),
+    drafts priced at a plain step each always do after the warm-up."""
+    model, adapter = small
+    kw = dict(adapter=adapter, max_new_tokens=40, eos_token_id=[], do_sample=True, seed=1, threshold=0.0,
+              max_draft=3, copy_draft=False)
+    free = kx.speculative_generate(model, PROMPT, draft_gate=DraftCosts(head=0.0, step=0.0, row=0.0), **kw)
+    dear = kx.speculative_generate(model, PROMPT, draft_gate=DraftCosts(head=1.0, step=1.0, row=1.0), **kw)
+    assert free.stats.draft_gate and dear.stats.draft_gate
+    assert free.stats.rested == 0 and dear.stats.rested > dear.stats.rounds // 2
 
 
 # ---- GPU: the resting round's graphs ------------------------------------------------------------------------

@@ -12,15 +12,17 @@ step. The gate lets such stretches run *resting* rounds instead:
 While resting it probes (one speculative round) after `gap` resting rounds, and doubles the gap after each probe
 that loses (up to MAX_GAP): text whose drafts start to land again is found within a few dozen tokens.
 
-The gate decides from token counts alone, never a clock: a seed gives the same tokens run to run, and greedy
-output is the target's whatever it decides (verification decides every token; a resting round is the same
-one-position verification a round without drafts runs). What a speculative round costs beyond a resting one,
-in plain steps (DraftCosts):
+Greedy output is the target's whatever the gate decides (verification decides every token; a resting round
+is the same one-position verification a round without drafts runs), so greedy, the gate weighs the rounds'
+own times: speculating pays while a speculative round's tokens (accepted + 1) per second beat a resting
+round's one token per its time. Sampled tokens depend on which rounds ran, so there the gate decides from token
+counts alone, never a clock, and a seed gives the same tokens run to run. It prices a speculative round beyond
+a resting one in plain steps (DraftCosts; also greedy until a resting round has been timed):
 
     head + drafted * (step + row)        head: the draft head of step 0; step: each further draft step;
                                          row: each further verified position
-against the `accepted` tokens it gains. Speculating pays while the recent mean accepted exceeds that cost at
-the recent mean drafted.
+against the `accepted` tokens it gains. The CPU's prices vary between machines by 2-3x (multi-row GEMMs
+above all): bench/round_costs.py measures a machine's, and draft_gate= takes them as a DraftCosts.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -46,8 +48,9 @@ class DraftCosts:
 #                  1 / 7 positions 624 / 899 µs: 46 µs a further position
 #   cuda, sampled  H100, 80eb2b7 (mt_bench_sampled_h100_80eb2b7, 899-round turns): ~118 µs a sampled draft
 #                  step (the head ~58) against a ~790 µs plain sampled step; a further verified position ~50 µs
-#   cpu            bench/round_costs.py (bench/results/round_costs_cpu.json: fp32, one thread, a plain step
-#                  56 / 60 ms greedy / sampled; verifying 7 positions costs 1.9 plain steps)
+#   cpu            bench/round_costs.py on the 2-core development VM (AVX2, fp32, one thread; three runs at
+#                  fd846c6..687fde3 gave head 0.031-0.054, step 0.10-0.13, row 0.12-0.16, the last in
+#                  bench/results/round_costs_cpu.json): verifying 7 positions costs 1.9 plain steps there
 MEASURED_COSTS = {
     ("cuda", False): DraftCosts(head=0.015, step=0.108, row=0.069),
     ("cuda", True): DraftCosts(head=0.075, step=0.15, row=0.065),
@@ -62,16 +65,19 @@ def costs_for(device_type: str, sampled: bool) -> DraftCosts:
 
 class DraftGate:
     """The policy alone (no engine): speculate() before issuing a round, record() after reading a speculative
-    round's result. Estimates are exponential moving averages over speculative rounds (weight DECAY)."""
+    round's result, record_rest() after a resting one's. Estimates are exponential moving averages (weight
+    DECAY). timed: weigh the rounds' seconds (greedy), else the costs alone."""
     DECAY = 0.125
     WARMUP = 4          # speculative rounds seen before the first decision to rest
     FIRST_GAP = 4       # resting rounds before the first probe
     MAX_GAP = 32
 
-    def __init__(self, costs: DraftCosts):
-        self.costs = costs
+    def __init__(self, costs: DraftCosts, timed: bool = False):
+        self.costs, self.timed = costs, timed
         self.accepted = 0.0     # recent mean drafts accepted per speculative round
         self.drafted = 0.0      # recent mean drafts proposed per speculative round
+        self.spec_s = 0.0       # recent mean seconds of a speculative round
+        self.rest_s = None      # ... of a resting round (None: none timed yet)
         self.seen = 0
         self.resting = False
         self.gap = self.FIRST_GAP
@@ -86,12 +92,20 @@ class DraftGate:
         return False
 
     def pays(self) -> bool:
-        return self.seen < self.WARMUP or self.accepted > self.costs.extra(self.drafted)
+        if self.seen < self.WARMUP:
+            return True
+        if self.timed and self.rest_s is not None and self.spec_s > 0:
+            return (1 + self.accepted) * self.rest_s > self.spec_s    # tokens per second, both kinds
+        return self.accepted > self.costs.extra(self.drafted)
 
-    def record(self, accepted: int, drafted: int):
+    def record_rest(self, seconds: float):
+        self.rest_s = seconds if self.rest_s is None else self.rest_s + self.DECAY * (seconds - self.rest_s)
+
+    def record(self, accepted: int, drafted: int, seconds: float = 0.0):
         w = 1.0 if self.seen == 0 else self.DECAY
         self.accepted += w * (accepted - self.accepted)
         self.drafted += w * (drafted - self.drafted)
+        self.spec_s += w * (seconds - self.spec_s)
         self.seen += 1
         if self.pays():
             self.resting, self.gap = False, self.FIRST_GAP
@@ -136,9 +150,9 @@ class GatedRounds(Rounds):
     `sources` / `copied` follow the rounds read (a resting round without copies: "rest", 0)."""
     WEIGHED = ("adapter", "mixed")
 
-    def __init__(self, inner: Rounds, costs: DraftCosts, rest: Rounds = None):
+    def __init__(self, inner: Rounds, costs: DraftCosts, rest: Rounds = None, timed: bool = False):
         super().__init__(inner.engine, inner.gamma)
-        self.inner, self.gate = inner, DraftGate(costs)
+        self.inner, self.gate = inner, DraftGate(costs, timed)
         self.mode, self.pipelined = inner.mode, inner.pipelined
         self.rest = rest if rest is not None else RestingRounds(inner.engine, use_graphs=inner.mode == "graphs")
         self.issued = deque()              # per round issued and not yet read: speculative or not
@@ -165,7 +179,9 @@ class GatedRounds(Rounds):
         if rounds is self.rest and source == "plain":   # the copy-only twin found no match
             source = "rest"
         if source in self.WEIGHED:
-            self.gate.record(result.accepted, result.drafted)
+            self.gate.record(result.accepted, result.drafted, result.seconds)
+        elif source == "rest":
+            self.gate.record_rest(result.seconds)
         self.sources.append(source)
         self.copied.append(rounds.copied[-1] if own else 0)
 

@@ -33,6 +33,7 @@ class RoundResult:
     drafted: int             # drafts proposed
     committed: List[int]     # the accepted drafts, then the target's token: accepted + 1 tokens
     copied: int = 0          # drafts copied from the sequence (captured copy rounds; 0: the adapter's)
+    seconds: float = 0.0     # the round's time on the device (GPU: its events; CPU: wall time), set by the runner
 
 
 class Report:
@@ -265,6 +266,7 @@ class Clock:
         self.cuda = cuda
         self.totals = {}
         self.pending = [[] for _ in range(slots)]
+        self.unsettled = [0.0] * slots   # CPU: a slot's seconds since its last settle
         self.events = [[torch.cuda.Event(enable_timing=True) for _ in range(self.MARKS)] for _ in range(slots)] \
             if cuda else []
 
@@ -280,13 +282,18 @@ class Clock:
             self.pending[slot].append((name, start, end))
         else:
             self.totals[name] = self.totals.get(name, 0.0) + (end - start)
+            self.unsettled[slot] += end - start
 
-    def settle(self, slot: int):
+    def settle(self, slot: int) -> float:
         """Add the slot's spans to the totals; its round must have completed (then its events may be
-        recorded again)."""
+        recorded again). Returns the seconds they span."""
+        spent, self.unsettled[slot] = self.unsettled[slot], 0.0
         for name, start, end in self.pending[slot]:
-            self.totals[name] = self.totals.get(name, 0.0) + start.elapsed_time(end) / 1e3
+            seconds = start.elapsed_time(end) / 1e3
+            self.totals[name] = self.totals.get(name, 0.0) + seconds
+            spent += seconds
         self.pending[slot].clear()
+        return spent
 
     def total(self, name: str) -> float:
         return self.totals.get(name, 0.0)
@@ -349,8 +356,9 @@ class RoundRunner:
             if self.cuda:
                 self.ready[slot].synchronize()
             self.host_syncs += 1
-            self.clock.settle(slot)
+            spent = self.clock.settle(slot)
             result = Report.read(self.report_host[slot, 0].tolist())
+            result.seconds = spent
             self.rounds.observe(result)
             yield result
 
