@@ -87,6 +87,12 @@ def test_timed_the_gate_follows_the_rounds_own_times():
     assert sum(run_gate(untimed, lambda i: (1, 4, 1.5), 300)) < 30, "sampled: counts alone"
 
 
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_bad_costs_are_named(bad):
+    with pytest.raises(ValueError, match="DraftCosts.step must be a finite number >= 0"):
+        DraftCosts(head=0.0, step=bad, row=0.0)
+
+
 def test_every_measured_setting_has_costs():
     for device in ("cpu", "cuda"):
         for sampled in (False, True):

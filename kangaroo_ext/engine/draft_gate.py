@@ -38,6 +38,12 @@ class DraftCosts:
     step: float
     row: float
 
+    def __post_init__(self):
+        for name in ("head", "step", "row"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"DraftCosts.{name} must be a finite number >= 0 (plain steps), got {value!r}")
+
     def extra(self, drafted: float) -> float:
         return self.head + drafted * (self.step + self.row)
 
