@@ -243,16 +243,20 @@ def test_draft_gate_takes_this_machines_costs(small, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_gated_graph_rounds_equal_plain_decoding_on_the_gpu(dtype):
-    """Captured resting rounds beside the captured speculative ones (greedy: copy rounds too): the tokens of
-    plain decoding, fp32 and bf16 (a resting round is the one-position verification a round without drafts
-    runs)."""
+def test_gated_graph_rounds_equal_plain_decoding_on_the_gpu(dtype, monkeypatch):
+    """Captured resting rounds beside the captured speculative ones, alternating (with copied drafts on, the
+    resting round is the captured copy-only round): the tokens of plain decoding, fp32 and bf16 (a resting
+    round is the one-position verification a round without drafts runs)."""
+    rest_every_other_round(monkeypatch)
     model = copy.deepcopy(tiny_model("llama", layers=6, hidden=128, heads=4, kv_heads=2, vocab=300)).to(dtype).cuda()
+    rested = 0
     for i, p in enumerate(prompts(4, vocab=300, seed=5)):
         plain = kx.generate(model, p, max_new_tokens=48, eos_token_id=[]).sequences
         adapter = kx.Adapter.for_model(model, exit_layer=2, init="random", seed=i)
-        out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=48, threshold=0.0, max_draft=4,
-                                      eos_token_id=[], draft_gate=True)
-        assert out.stats.mode == "graphs"
-        assert torch.equal(out.sequences, plain), i
-        assert out.stats.rested > 0
+        for copy_draft in (True, False):
+            out = kx.speculative_generate(model, p, adapter=adapter, max_new_tokens=48, threshold=0.0, max_draft=4,
+                                          eos_token_id=[], draft_gate=True, copy_draft=copy_draft)
+            assert out.stats.mode == "graphs" and out.stats.copy_draft == copy_draft
+            assert torch.equal(out.sequences, plain), (i, copy_draft)
+            rested += out.stats.rested
+    assert rested > 0, "no resting round ran"
