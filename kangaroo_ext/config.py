@@ -76,8 +76,8 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "captured CUDA graph (kangaroo_ext/engine/prefill.py), instead of one eager pass whose ~12 launches a "
          "layer the host issues one by one: an eager prefill took 7 to 43 ms whatever the prompt's length (H100, "
          "15ee133). stats.prefill_kernel says which ran, stats.prefill_graphs_off why not. Its GPU tests pass (H100, "
-         "b3cd0f3: 16 / 64 / 256 tokens 1.3 / 1.7 / 2.5 ms against 5.1 / 8.2 / 7.8 eager); off until it goes eager "
-         "past ~512 tokens (1,024: 11.0 against 7.6 ms) and MT-bench has run with it on"),
+         "b3cd0f3: 16 / 64 / 256 tokens 1.3 / 1.7 / 2.5 ms against 5.1 / 8.2 / 7.8 eager); prompts past 640 "
+         "tokens stay eager (1,024: 11.0 against 7.6 ms); off until MT-bench has run with it on"),
     Knob("KANGAROO_TRITON_ATTENTION", "flag", "run",
          "on a GPU in bf16 / fp16, the engine's attention (decode, draft, verify and prefill steps) runs the Triton "
          "kernel (triton_kernels/attention.py: tensor-core dots, so a verify step's rows cost little more than one; "

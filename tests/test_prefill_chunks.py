@@ -137,6 +137,16 @@ def test_the_switch_says_why_prefill_is_eager(monkeypatch):
     assert engine.prepare_prefill(False) == (0.0, engine.prefill_graphs_off())
 
 
+def test_long_prompts_stay_eager(monkeypatch):
+    """Past MAX_CAPTURED_TOKENS one eager pass costs no more than captured chunks: the switch's reason says so."""
+    from kangaroo_ext.engine import prefill
+    engine = _engine(tiny_model("llama", layers=4), 64, False)
+    monkeypatch.setattr(prefill, "graphs_off", lambda e: "")
+    assert engine.prefill_graphs_off(prefill.MAX_CAPTURED_TOKENS) == ""
+    why = engine.prefill_graphs_off(prefill.MAX_CAPTURED_TOKENS + 1)
+    assert f"a prompt of {prefill.MAX_CAPTURED_TOKENS + 1} tokens" in why and "eager" in why
+
+
 def test_a_failed_capture_leaves_the_prefill_eager_and_says_why(monkeypatch):
     """A capture error (as conditional.py recognises one) while capturing the chunks: the prefill stays eager,
     and why is the reason; any other error propagates."""

@@ -333,9 +333,9 @@ class Engine:
                 prompt_prefill.prefill_eager(self, prompt[:, :-1], speculative)
                 self.cache_len.fill_(T - 1)
 
-    def prefill_graphs_off(self) -> str:
-        """Why prefill does not run captured chunks here ('' where it does; KANGAROO_PREFILL_GRAPHS)."""
-        return prompt_prefill.graphs_off(self)
+    def prefill_graphs_off(self, n_tokens: int = 0) -> str:
+        """Why prefill of n_tokens does not run captured chunks here ('' where it does; KANGAROO_PREFILL_GRAPHS)."""
+        return prompt_prefill.graphs_off(self) or prompt_prefill.length_off(n_tokens)
 
     def prepare_prefill(self, speculative: bool) -> Tuple[float, str]:
         """Capture the prefill chunks for the next prefill(captured=True): (seconds, '' or why it stays eager)."""

@@ -28,6 +28,10 @@ from . import conditional
 
 SWITCH = "KANGAROO_PREFILL_GRAPHS"
 CHUNK_SIZES = (16, 64, 256)  # one graph each; ceil(n / 256) replays a prompt where the cache has room past it
+# Longer prompts go eager: one pass's GEMMs cost about the same at 256 and 1,024 rows, captured chunks a replay
+# each (H100, b3cd0f3, bench/prefill_price.py: 256 tokens 2.5 ms captured, 7.8 eager; 1,024 tokens 11.0 ms
+# captured, 7.6 eager); up to 640 tokens (two full chunks and a padded one) they still cost no more.
+MAX_CAPTURED_TOKENS = 640
 
 
 def chunk_plan(n: int, start: int, capacity: int, sizes: Tuple[int, ...] = CHUNK_SIZES) -> List[Tuple[int, int]]:
@@ -138,6 +142,14 @@ def graphs_off(engine) -> str:
         return f"captured prefill chunks need a CUDA device, got {engine.spec.device}"
     if engine.capacity < min(CHUNK_SIZES):
         return f"the cache holds {engine.capacity} positions, fewer than the smallest chunk ({min(CHUNK_SIZES)})"
+    return ""
+
+
+def length_off(n_tokens: int) -> str:
+    """Why a prompt of n_tokens (those prefill feeds: all but the last) goes eager ('' where chunks pay)."""
+    if n_tokens > MAX_CAPTURED_TOKENS:
+        return (f"a prompt of {n_tokens} tokens: past {MAX_CAPTURED_TOKENS}, one eager pass costs no more than "
+                "captured chunks (MAX_CAPTURED_TOKENS)")
     return ""
 
 

@@ -319,7 +319,7 @@ class RoundRunner:
 
     def prefill(self, prompt: torch.Tensor):
         # in captured chunks where the rounds replay graphs and the engine can (Engine.prefill_graphs_off)
-        self.prefill_off = self.engine.prefill_graphs_off() if self.rounds.mode == "graphs" else \
+        self.prefill_off = self.engine.prefill_graphs_off(prompt.shape[1] - 1) if self.rounds.mode == "graphs" else \
             f"the rounds run in mode {self.rounds.mode!r}, without graphs"
         if not self.prefill_off:  # before the clock and the prompt: capturing writes the cache
             seconds, self.prefill_off = self.engine.prepare_prefill(self.rounds.speculative)
