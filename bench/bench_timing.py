@@ -1,4 +1,5 @@
-"""GPU timing for the microbenchmarks; shared by the pytest-benchmark suite and kernel_report.py.
+"""GPU timing for the microbenchmarks; shared by the pytest-benchmark suite and kernel_report.py (and a CPU
+twin for engine steps timed on the CPU, cpu_seconds_each).
 
 Every number is GPU time from CUDA events, after a warm-up, as the median of repeats:
   - an op: a CUDA graph holding N back-to-back launches, timed per replay, divided by N (per launch,
@@ -7,6 +8,7 @@ Every number is GPU time from CUDA events, after a warm-up, as the median of rep
 """
 import collections
 import statistics
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -91,6 +93,23 @@ def us_each(fn: Callable[[], object], setup: Optional[Callable[[], object]] = No
         b.record()
         pairs.append((a, b))
     return _median_ms(pairs) * 1e3
+
+
+def cpu_seconds_each(fn: Callable[[], object], setup: Optional[Callable[[], object]] = None, warmup: int = 2,
+                     repeats: int = 15) -> float:
+    """us_each's CPU twin: median wall time of fn() alone, in seconds; setup() runs before each call, untimed."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = []
+    for _ in range(repeats):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class BurstTarget:

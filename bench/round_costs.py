@@ -4,9 +4,9 @@ machines (multi-row GEMMs above all); pass yours as speculative_generate(..., dr
 
     python bench/round_costs.py [--threads 1] [--out bench/results/round_costs_cpu.json]
 
-Each price is the median wall time of REPEATS eager calls of the engine's own steps (host mode, the CPU's),
-after warm-up, at the cache length a real generation of the default model left, the decode state restored
-before every call:
+Each price is the median wall time of 15 eager calls of the engine's own steps (host mode, the CPU's;
+bench_timing.cpu_seconds_each), after warm-up, at the cache length a real generation of the default model
+left, the decode state restored before every call:
 
     plain      Engine.plain_step
     rest       a resting round: draft step 0 without the head, then verification of one position
@@ -17,10 +17,8 @@ before every call:
 (A GPU's prices come from bench/round_price.py's captured graphs: see draft_gate.MEASURED_COSTS.)
 """
 import argparse
-import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -28,26 +26,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bench_timing  # noqa: E402
 import kangaroo_ext as kx  # noqa: E402
 from kangaroo_ext import io  # noqa: E402
 from kangaroo_ext.engine.engine import Sampling, engine_for  # noqa: E402
 
 GAMMA = 6
-REPEATS = 15
 PROMPT = "Explain how a refrigerator keeps food cold, step by step."
-
-
-def median_s(fn, setup, repeats: int = REPEATS) -> float:
-    for _ in range(2):
-        setup()
-        fn()
-    times = []
-    for _ in range(repeats):
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -76,12 +61,13 @@ def measure(model, adapter, tokenizer, sampled: bool) -> dict:
         restore()
         e.draft_step(0, GAMMA)
 
-    t = {"plain": median_s(e.plain_step, restore), "rest": median_s(rest, restore),
-         "step0": median_s(lambda: e.draft_step(0, GAMMA), restore),
-         "step0_headless": median_s(lambda: e.draft_step(0, 0), restore),
-         "step": median_s(lambda: e.draft_step(1, GAMMA), step1_setup)}
+    each = bench_timing.cpu_seconds_each
+    t = {"plain": each(e.plain_step, restore), "rest": each(rest, restore),
+         "step0": each(lambda: e.draft_step(0, GAMMA), restore),
+         "step0_headless": each(lambda: e.draft_step(0, 0), restore),
+         "step": each(lambda: e.draft_step(1, GAMMA), step1_setup)}
     for n in (1, GAMMA + 1):
-        t[f"verify_{n}"] = median_s(lambda n=n: e.verify(n), lambda n=n: restore(n - 1))
+        t[f"verify_{n}"] = each(lambda n=n: e.verify(n), lambda n=n: restore(n - 1))
     p = t["plain"]
     return {"seconds": t, "cache_len": int(saved["cache_len"][0]),
             "costs_in_plain_steps": {"head": (t["step0"] - t["step0_headless"]) / p, "step": t["step"] / p,

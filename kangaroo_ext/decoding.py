@@ -53,7 +53,6 @@ class DecodeStats:
     draft_sources: List[str] = field(default_factory=list)  # per round: "copy", "mixed", "adapter", "plain", "rest"
     copied: List[int] = field(default_factory=list)         # per round: drafts copied (mixed: the rest: adapter's)
     draft_gate: bool = False              # rounds could rest (no drafts) where drafting did not pay: draft_gate.py
-    rested: int = 0                       # rounds that rested: a plain step's work plus the adapter's blocks
     draft_kernel: str = ""                # graphs mode: "persistent" (one launch a draft phase) or "per-op"
     draft_kernel_off: str = ""            # why the persistent draft kernel did not run ("" where it did)
     plain_kernel: str = ""                # plain decoding on a GPU: "persistent" (one launch a step) or "per-op"
@@ -71,6 +70,11 @@ class DecodeStats:
     def mean_accepted(self) -> float:
         """τ: tokens committed per verify step, bonus included (plain decoding = 1.0)."""
         return (sum(self.accepted) + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def rested(self) -> int:
+        """Rounds that rested (draft_gate): a plain step's work plus the adapter's blocks."""
+        return self.draft_sources.count("rest")
 
     @property
     def host_syncs_per_round(self) -> float:
@@ -303,9 +307,7 @@ def speculative_generate(model, input_ids: Union[torch.Tensor, Sequence[int]], a
     """
     _positive_int("max_new_tokens", max_new_tokens)
     check_copy_draft(copy_draft)
-    if draft_gate not in (None, True, False) and not isinstance(draft_gate, DraftCosts):
-        raise ValueError(f"draft_gate must be True, False, None (the measured default) or a DraftCosts (this "
-                         f"machine's prices: bench/round_costs.py), got {draft_gate!r}")
+    check_draft_gate(draft_gate)
     check_threshold(threshold)
     check_max_draft(max_draft)
     if adapter is None:
@@ -366,6 +368,12 @@ def check_copy_draft(copy_draft):
                          f"mode), got {copy_draft!r}")
 
 
+def check_draft_gate(draft_gate):
+    if not (draft_gate is None or draft_gate is True or draft_gate is False or isinstance(draft_gate, DraftCosts)):
+        raise ValueError(f"draft_gate must be True, False, None (the measured default) or a DraftCosts (this "
+                         f"machine's prices: bench/round_costs.py), got {draft_gate!r}")
+
+
 def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode, gamma, threshold=None,
          adapter=None, adaptive_draft=True, sampling=None, seed=0, copy_draft=False,
          draft_gate=False) -> GenerationOutput:
@@ -412,8 +420,6 @@ def _run(engine, model, input_ids, max_new_tokens, eos_token_id, streamer, mode,
         new_tokens, stats = _decode(engine, rounds, prompt, max_new_tokens, set(eos), streamer)
     if copying or isinstance(rounds, GatedRounds):
         stats.draft_sources, stats.copied = rounds.sources[:stats.rounds], rounds.copied[:stats.rounds]
-    stats.draft_gate = isinstance(rounds, GatedRounds)
-    stats.rested = stats.draft_sources.count("rest")
     stats.copy_draft_off = copy_off
     if mode == "graphs" and adapter_gamma > 0:
         stats.draft_kernel_off = engine.persistent_draft_off(adapter_gamma)

@@ -98,8 +98,7 @@ def test_every_measured_setting_has_costs():
         for sampled in (False, True):
             c = draft_gate.costs_for(device, sampled)
             assert 0 < c.head < 1 and 0 < c.step < 1 and 0 < c.row < 1
-    for key in decoding.DRAFT_GATE_DEFAULT:
-        assert key in {(cuda, s) for cuda in (False, True) for s in (False, True)}
+    assert set(decoding.DRAFT_GATE_DEFAULT) == {(cuda, s) for cuda in (False, True) for s in (False, True)}
 
 
 # ---- end to end (CPU, fp32) -------------------------------------------------------------------------------

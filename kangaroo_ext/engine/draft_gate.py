@@ -164,7 +164,10 @@ class GatedRounds(Rounds):
         self.issued = deque()              # per round issued and not yet read: speculative or not
         self.sources: List[str] = []
         self.copied: List[int] = []
-        self.syncs = 0
+
+    @property
+    def syncs(self) -> int:  # the host-side draft loops' confidence reads (HostRounds), both kinds of round
+        return getattr(self.inner, "syncs", 0) + getattr(self.rest, "syncs", 0)
 
     def prepare(self):
         """The resting rounds' graphs (the wrapped rounds come prepared: start_rounds)."""
@@ -175,7 +178,6 @@ class GatedRounds(Rounds):
         speculate = self.gate.speculate()
         self.issued.append(speculate)
         (self.inner if speculate else self.rest).issue(clock, slot)
-        self.syncs = getattr(self.inner, "syncs", 0) + getattr(self.rest, "syncs", 0)
 
     def observe(self, result: RoundResult):
         rounds = self.inner if self.issued.popleft() else self.rest
